@@ -1,0 +1,8 @@
+//! vbd: a block server for virtual machines. See DESIGN.md for the layers:
+//! `server` (io_uring reactors) → `nbd` (sans-IO protocol) → `volume`
+//! (block stores).
+
+pub mod cli;
+pub mod nbd;
+pub mod server;
+pub mod volume;

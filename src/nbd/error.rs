@@ -1,0 +1,58 @@
+//! Errors of the NBD layer: the error codes sent to clients, and the framing
+//! faults that end a connection.
+
+use thiserror::Error;
+
+/// An error code a reply carries (`NBD_E*`); the spec restricts them to these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ErrorCode {
+    Perm = 1,
+    Io = 5,
+    NoMem = 12,
+    Inval = 22,
+    NoSpc = 28,
+    Overflow = 75,
+    NotSup = 95,
+    Shutdown = 108,
+}
+
+impl ErrorCode {
+    /// The value on the wire.
+    pub fn wire(self) -> u32 {
+        self as u32
+    }
+
+    /// Maps an errno from the kernel to the nearest code the spec allows.
+    pub fn from_errno(errno: i32) -> Self {
+        match errno {
+            libc::EPERM | libc::EACCES | libc::EROFS => ErrorCode::Perm,
+            libc::ENOMEM => ErrorCode::NoMem,
+            libc::EINVAL => ErrorCode::Inval,
+            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => ErrorCode::NoSpc,
+            libc::EOVERFLOW => ErrorCode::Overflow,
+            libc::EOPNOTSUPP => ErrorCode::NotSup,
+            libc::ESHUTDOWN => ErrorCode::Shutdown,
+            _ => ErrorCode::Io,
+        }
+    }
+}
+
+/// Input that cannot be answered with an error reply: the connection must end.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("client flags {0:#x} carry bits this server did not offer")]
+    BadClientFlags(u32),
+    #[error("option header has magic {0:#018x}, expected IHAVEOPT")]
+    BadOptionMagic(u64),
+    #[error("NBD_OPT_EXPORT_NAME for unknown export {0:?}")]
+    UnknownExport(String),
+    #[error("NBD_OPT_EXPORT_NAME with a name of {0} bytes (limit 4096)")]
+    ExportNameTooLong(u64),
+    #[error("more than {0} options during the handshake")]
+    TooManyOptions(usize),
+    #[error("request header has magic {0:#010x}, expected {1:#010x}")]
+    BadRequestMagic(u32, u32),
+    #[error("request carries a payload of {0} bytes, over the {1}-byte limit")]
+    PayloadTooLarge(u64, u64),
+}

@@ -1,0 +1,318 @@
+//! Transmission-phase requests: a streaming decoder that turns bytes into
+//! request and payload events, and the checks that decide each request's
+//! error code before any backend sees it.
+
+use super::error::{ErrorCode, ProtocolError};
+use super::session::{ReplyMode, Session};
+use super::wire::*;
+
+/// Size of a compact request header.
+pub const COMPACT_HEADER: usize = 28;
+/// Size of an extended request header.
+pub const EXTENDED_HEADER: usize = 32;
+
+/// A decoded request header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub cookie: u64,
+    pub flags: u16,
+    /// Raw command number; see [`Command::from_wire`].
+    pub command: u16,
+    pub offset: u64,
+    /// Effect length: bytes to read, write, trim, zero or describe.
+    pub length: u64,
+    /// Bytes of payload that follow the header on the wire.
+    pub payload: u64,
+}
+
+/// Commands this server knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Read,
+    Write,
+    Disc,
+    Flush,
+    Trim,
+    Cache,
+    WriteZeroes,
+    BlockStatus,
+}
+
+impl Command {
+    /// The command for a wire number, if it is one we know.
+    pub fn from_wire(v: u16) -> Option<Self> {
+        Some(match v {
+            CMD_READ => Command::Read,
+            CMD_WRITE => Command::Write,
+            CMD_DISC => Command::Disc,
+            CMD_FLUSH => Command::Flush,
+            CMD_TRIM => Command::Trim,
+            CMD_CACHE => Command::Cache,
+            CMD_WRITE_ZEROES => Command::WriteZeroes,
+            CMD_BLOCK_STATUS => Command::BlockStatus,
+            _ => return None,
+        })
+    }
+
+    /// Whether the command changes the export's contents.
+    pub fn writes(self) -> bool {
+        matches!(self, Command::Write | Command::Trim | Command::WriteZeroes)
+    }
+}
+
+/// One step of decoded input.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A request header; if `payload > 0`, `Payload` events follow.
+    Request(Request),
+    /// Part of the current request's payload; `last` marks the final part.
+    Payload { data: &'a [u8], last: bool },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum State {
+    Header,
+    Payload { remaining: u64 },
+}
+
+/// Streaming request decoder for one connection.
+#[derive(Debug)]
+pub struct Decoder {
+    extended: bool,
+    max_payload: u64,
+    state: State,
+}
+
+impl Decoder {
+    /// A decoder for the session's header style; payloads over `max_payload`
+    /// end the connection, since they cannot be buffered safely.
+    pub fn new(mode: ReplyMode, max_payload: u64) -> Self {
+        Decoder {
+            extended: mode == ReplyMode::Extended,
+            max_payload,
+            state: State::Header,
+        }
+    }
+
+    /// Bytes a header needs.
+    pub fn header_len(&self) -> usize {
+        if self.extended {
+            EXTENDED_HEADER
+        } else {
+            COMPACT_HEADER
+        }
+    }
+
+    /// Whether the decoder is between requests.
+    pub fn at_boundary(&self) -> bool {
+        matches!(self.state, State::Header)
+    }
+
+    /// Payload bytes still expected for the current request.
+    pub fn payload_remaining(&self) -> u64 {
+        match self.state {
+            State::Header => 0,
+            State::Payload { remaining } => remaining,
+        }
+    }
+
+    /// Decodes the next event from `input`, returning the bytes it used.
+    /// `(0, None)` means more input is needed.
+    pub fn next<'a>(
+        &mut self,
+        input: &'a [u8],
+    ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
+        match self.state {
+            State::Header => {
+                let len = self.header_len();
+                if input.len() < len {
+                    return Ok((0, None));
+                }
+                let req = self.decode_header(&input[..len])?;
+                if req.payload > self.max_payload {
+                    return Err(ProtocolError::PayloadTooLarge(
+                        req.payload,
+                        self.max_payload,
+                    ));
+                }
+                if req.payload > 0 {
+                    self.state = State::Payload {
+                        remaining: req.payload,
+                    };
+                }
+                Ok((len, Some(Event::Request(req))))
+            }
+            State::Payload { remaining } => {
+                if input.is_empty() {
+                    return Ok((0, None));
+                }
+                let take = remaining.min(input.len() as u64) as usize;
+                let left = remaining - take as u64;
+                self.state = if left == 0 {
+                    State::Header
+                } else {
+                    State::Payload { remaining: left }
+                };
+                let ev = Event::Payload {
+                    data: &input[..take],
+                    last: left == 0,
+                };
+                Ok((take, Some(ev)))
+            }
+        }
+    }
+
+    /// Records that `n` payload bytes were consumed outside `next` (received
+    /// straight into a request buffer); returns whether the payload is done.
+    pub fn skip_payload(&mut self, n: u64) -> bool {
+        if let State::Payload { remaining } = self.state {
+            let left = remaining.saturating_sub(n);
+            self.state = if left == 0 {
+                State::Header
+            } else {
+                State::Payload { remaining: left }
+            };
+            left == 0
+        } else {
+            true
+        }
+    }
+
+    fn decode_header(&self, h: &[u8]) -> Result<Request, ProtocolError> {
+        let magic = be(&h[0..4]) as u32;
+        let flags = be(&h[4..6]) as u16;
+        let command = be(&h[6..8]) as u16;
+        let cookie = be(&h[8..16]);
+        let offset = be(&h[16..24]);
+        let expected = if self.extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        if magic != expected {
+            return Err(ProtocolError::BadRequestMagic(magic, expected));
+        }
+        let length = if self.extended {
+            be(&h[24..32])
+        } else {
+            be(&h[24..28])
+        };
+        // WRITE always carries its length as payload; with extended headers a
+        // client may also attach a payload to other commands (PAYLOAD_LEN).
+        let payload =
+            if command == CMD_WRITE || (self.extended && flags & CMD_FLAG_PAYLOAD_LEN != 0) {
+                length
+            } else {
+                0
+            };
+        Ok(Request {
+            cookie,
+            flags,
+            command,
+            offset,
+            length,
+            payload,
+        })
+    }
+}
+
+/// Big-endian integer of up to eight bytes.
+fn be(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0, |acc, &b| (acc << 8) | u64::from(b))
+}
+
+/// Why a request is refused, with a message for the client's user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: &'static str,
+}
+
+fn refuse(code: ErrorCode, message: &'static str) -> Refusal {
+    Refusal { code, message }
+}
+
+/// Checks a request against the session, returning its command if the
+/// backend should run it, or the error the client must get.
+pub fn check(req: &Request, s: &Session) -> Result<Command, Refusal> {
+    use ErrorCode::*;
+    let Some(cmd) = Command::from_wire(req.command) else {
+        return Err(refuse(Inval, "unknown command"));
+    };
+    let mut allowed = 0;
+    if s.has(FLAG_SEND_FUA) {
+        allowed |= CMD_FLAG_FUA;
+    }
+    match cmd {
+        Command::Read if s.has(FLAG_SEND_DF) => allowed |= CMD_FLAG_DF,
+        Command::Write if s.mode == ReplyMode::Extended => allowed |= CMD_FLAG_PAYLOAD_LEN,
+        Command::WriteZeroes => {
+            allowed |= CMD_FLAG_NO_HOLE;
+            if s.has(FLAG_SEND_FAST_ZERO) {
+                allowed |= CMD_FLAG_FAST_ZERO;
+            }
+        }
+        Command::BlockStatus => allowed |= CMD_FLAG_REQ_ONE,
+        _ => {}
+    }
+    if req.flags & !allowed != 0 {
+        return Err(refuse(Inval, "command flag not valid for this command"));
+    }
+    if req.payload > 0 && cmd != Command::Write {
+        return Err(refuse(Inval, "payload not supported for this command"));
+    }
+    if cmd.writes() && s.has(FLAG_READ_ONLY) {
+        return Err(refuse(Perm, "export is read-only"));
+    }
+    let advertised = match cmd {
+        Command::Flush => s.has(FLAG_SEND_FLUSH),
+        Command::Trim => s.has(FLAG_SEND_TRIM),
+        Command::WriteZeroes => s.has(FLAG_SEND_WRITE_ZEROES),
+        _ => true,
+    };
+    if !advertised {
+        return Err(refuse(Inval, "command not advertised for this export"));
+    }
+    if cmd == Command::BlockStatus && s.base_allocation.is_none() {
+        return Err(refuse(Inval, "no metadata context was negotiated"));
+    }
+    match cmd {
+        Command::Disc => return Ok(cmd),
+        Command::Flush => {
+            if req.offset != 0 || req.length != 0 {
+                return Err(refuse(Inval, "flush offset and length must be zero"));
+            }
+            return Ok(cmd);
+        }
+        _ => {}
+    }
+    let size = s.export.size;
+    if req.offset > size || req.length > size - req.offset {
+        let code = if matches!(cmd, Command::Write | Command::WriteZeroes) {
+            NoSpc
+        } else {
+            Inval
+        };
+        return Err(refuse(code, "request extends beyond the end of the export"));
+    }
+    let b = &s.export.block;
+    let min = u64::from(b.minimum.max(1));
+    if !req.offset.is_multiple_of(min) || !req.length.is_multiple_of(min) {
+        return Err(refuse(
+            Inval,
+            "request is not aligned to the minimum block size",
+        ));
+    }
+    if matches!(cmd, Command::Read | Command::Write | Command::Cache)
+        && req.length > u64::from(b.maximum)
+    {
+        return Err(refuse(
+            Inval,
+            "request is longer than the maximum block size",
+        ));
+    }
+    if cmd == Command::BlockStatus && req.length == 0 {
+        return Err(refuse(Inval, "block status of zero bytes"));
+    }
+    Ok(cmd)
+}

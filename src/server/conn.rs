@@ -1,0 +1,691 @@
+//! One client connection on one core: the handshake, request decoding,
+//! dispatch to the export's volume, and batched replies. Socket I/O goes
+//! through the core's ring; event handlers only record what happened and
+//! `pump` decides what to submit next, so replies completed together leave
+//! in one `sendmsg`.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::task::Poll;
+
+use io_uring::{IoUring, opcode, types};
+use tracing::{debug, info, warn};
+
+use super::registry::{Export, Registry};
+use super::token::{Kind, Token};
+use crate::nbd::reply::{self, Header};
+use crate::nbd::request::{self, Command, Decoder, Event, Refusal, Request};
+use crate::nbd::wire::{CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE};
+use crate::nbd::{ErrorCode, Handshake, HandshakeConfig, Progress, Session};
+use crate::volume::ring::{RemoteSink, push_sqe};
+use crate::volume::{Ctx, Io, IoFlags, Op, VolumeError, Wake};
+
+/// Limits for each connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnConfig {
+    /// Requests in flight at once; more wait in the socket.
+    pub max_inflight: usize,
+    /// Bytes of request data held at once before reading stops.
+    pub max_buffered: u64,
+    /// Buffer capacity kept for reuse after requests finish.
+    pub retain: u64,
+    /// Receive buffer size.
+    pub rbuf: usize,
+    pub handshake: HandshakeConfig,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            max_inflight: 512,
+            max_buffered: 256 << 20,
+            retain: 64 << 20,
+            rbuf: 256 << 10,
+            handshake: HandshakeConfig::default(),
+        }
+    }
+}
+
+/// What a connection handler may use besides its own state.
+pub struct Env<'a> {
+    pub ring: &'a mut IoUring,
+    pub sink: &'a RemoteSink,
+    pub registry: &'a Registry,
+    pub cfg: &'a ConnConfig,
+    /// This connection's index on its core.
+    pub id: usize,
+}
+
+/// Most iovecs in one sendmsg (IOV_MAX is 1024).
+const MAX_IOV: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Receiving a WRITE payload (or discarding one we refused).
+    Payload,
+    /// The volume is working on it.
+    Running,
+    /// Reply queued or being sent.
+    Replying,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Tail {
+    None,
+    Message(&'static str),
+    /// The request buffer (read data).
+    Data,
+    /// The slot's encoded reply (block status).
+    Aux,
+}
+
+struct Slot {
+    io: Io,
+    state: SlotState,
+    cookie: u64,
+    offset: u64,
+    command: Option<Command>,
+    req_one: bool,
+    refusal: Option<Refusal>,
+    /// Payload bytes received so far.
+    filled: usize,
+    header: Header,
+    tail: Tail,
+    aux: Vec<u8>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            io: Io::new(),
+            state: SlotState::Free,
+            cookie: 0,
+            offset: 0,
+            command: None,
+            req_one: false,
+            refusal: None,
+            filled: 0,
+            header: reply::ok(crate::nbd::ReplyMode::Simple, 0, 0),
+            tail: Tail::None,
+            aux: Vec::new(),
+        }
+    }
+
+    fn parts(&self) -> [&[u8]; 2] {
+        let tail: &[u8] = match self.tail {
+            Tail::None => &[],
+            Tail::Message(m) => m.as_bytes(),
+            Tail::Data => self.io.buf.as_slice(),
+            Tail::Aux => &self.aux,
+        };
+        [self.header.as_bytes(), tail]
+    }
+
+    fn reply_len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+}
+
+struct Tx {
+    session: Session,
+    decoder: Decoder,
+    export: Arc<Export>,
+}
+
+enum Phase {
+    Handshake(Handshake),
+    Transmission(Box<Tx>),
+}
+
+/// Counters reported when the connection closes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnStats {
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+/// A client connection.
+pub struct Conn {
+    fd: OwnedFd,
+    pub generation: u16,
+    pub peer: String,
+    phase: Phase,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    recv_pending: bool,
+    send_pending: bool,
+    cancel_pending: bool,
+    /// No more input will be read (EOF, DISC, abort, error or shutdown).
+    stop_reading: bool,
+    /// The connection is being torn down; unsent replies are dropped.
+    broken: bool,
+    hs_out: Vec<u8>,
+    hs_sent: usize,
+    outq: VecDeque<u16>,
+    /// Bytes of the head of `outq` already sent.
+    out_sent: usize,
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    payload_slot: Option<u16>,
+    inflight_io: usize,
+    buffered: u64,
+    retained: u64,
+    retain: u64,
+    pub stats: ConnStats,
+}
+
+impl Conn {
+    /// A new connection; the greeting is queued for the first `pump`.
+    pub fn new(fd: OwnedFd, peer: String, generation: u16, cfg: &ConnConfig) -> Box<Self> {
+        let mut hs_out = Vec::new();
+        let hs = Handshake::new(cfg.handshake, &mut hs_out);
+        // SAFETY: an all-zero msghdr is a valid empty message.
+        let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        Box::new(Conn {
+            fd,
+            generation,
+            peer,
+            phase: Phase::Handshake(hs),
+            rbuf: vec![0u8; cfg.rbuf].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            recv_pending: false,
+            send_pending: false,
+            cancel_pending: false,
+            stop_reading: false,
+            broken: false,
+            hs_out,
+            hs_sent: 0,
+            outq: VecDeque::new(),
+            out_sent: 0,
+            iov: Vec::with_capacity(MAX_IOV),
+            msg,
+            slots: Vec::new(),
+            free: Vec::new(),
+            payload_slot: None,
+            inflight_io: 0,
+            buffered: 0,
+            retained: 0,
+            retain: cfg.retain,
+            stats: ConnStats::default(),
+        })
+    }
+
+    /// The export this connection is attached to, once in transmission.
+    pub fn export_name(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Transmission(tx) => Some(&tx.export.name),
+            Phase::Handshake(_) => None,
+        }
+    }
+
+    /// Whether every submitted operation has completed and nothing is left to do.
+    pub fn finished(&self) -> bool {
+        self.stop_reading
+            && !self.recv_pending
+            && !self.send_pending
+            && !self.cancel_pending
+            && self.inflight_io == 0
+            && (self.broken || (self.outq.is_empty() && self.hs_sent >= self.hs_out.len()))
+    }
+
+    /// Stops reading new requests; in-flight ones finish and are answered.
+    pub fn stop(&mut self) {
+        self.stop_reading = true;
+    }
+
+    /// Ends the connection at once: the peer gets no more replies.
+    fn hard_disconnect(&mut self) {
+        self.stop_reading = true;
+        self.broken = true;
+        // Completes any pending recv and send immediately.
+        // SAFETY: shutdown on a descriptor we own.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    /// A recv completed with `res`.
+    pub fn on_recv(&mut self, res: i32) {
+        self.recv_pending = false;
+        if res > 0 {
+            self.rend += res as usize;
+        } else if res == 0 {
+            self.stop_reading = true;
+        } else if res != -libc::ECANCELED {
+            debug!(peer = %self.peer, error = %std::io::Error::from_raw_os_error(-res), "recv failed");
+            self.hard_disconnect();
+        }
+    }
+
+    /// A cancel completed.
+    pub fn on_cancel(&mut self) {
+        self.cancel_pending = false;
+    }
+
+    /// A sendmsg completed with `res`.
+    pub fn on_send(&mut self, res: i32) {
+        self.send_pending = false;
+        if res < 0 {
+            if !self.broken {
+                debug!(peer = %self.peer, error = %std::io::Error::from_raw_os_error(-res), "send failed");
+            }
+            self.hard_disconnect();
+            return;
+        }
+        let mut n = res as usize;
+        if self.hs_sent < self.hs_out.len() {
+            self.hs_sent += n;
+            if self.hs_sent >= self.hs_out.len() {
+                self.hs_out = Vec::new();
+                self.hs_sent = 0;
+            }
+            return;
+        }
+        n += self.out_sent;
+        while let Some(&s) = self.outq.front() {
+            let len = self.slots[s as usize].reply_len();
+            if n < len {
+                break;
+            }
+            n -= len;
+            self.outq.pop_front();
+            self.release(s);
+        }
+        self.out_sent = n;
+    }
+
+    /// The volume finished (or advanced) the work queued for `slot`.
+    pub fn on_io(&mut self, slot: u16, wake: Wake, env: &mut Env<'_>) {
+        let Phase::Transmission(tx) = &self.phase else {
+            return;
+        };
+        let Some(s) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        if s.state != SlotState::Running {
+            warn!(peer = %self.peer, slot, "completion for an idle request slot ignored");
+            return;
+        }
+        let token = Token::encode(Kind::Io, env.id, slot, self.generation);
+        let poll =
+            tx.export
+                .volume
+                .resume(&mut s.io, wake, &mut Ctx::new(env.ring, token, env.sink));
+        if let Poll::Ready(r) = poll {
+            self.inflight_io -= 1;
+            self.complete(slot, r);
+        }
+    }
+
+    /// Parses buffered input, then submits whatever sends, receives or
+    /// cancels the connection now needs.
+    pub fn pump(&mut self, env: &mut Env<'_>) {
+        if !self.broken {
+            self.process_input(env);
+        }
+        self.submit_send(env);
+        self.submit_recv(env);
+        if self.stop_reading && self.recv_pending && !self.cancel_pending {
+            let target = Token::encode(Kind::Recv, env.id, 0, self.generation);
+            let entry = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(Token::encode(Kind::Cancel, env.id, 0, self.generation));
+            if push_sqe(env.ring, entry).is_ok() {
+                self.cancel_pending = true;
+            }
+        }
+    }
+
+    fn process_input(&mut self, env: &mut Env<'_>) {
+        loop {
+            let input = &self.rbuf[self.rstart..self.rend];
+            match &mut self.phase {
+                Phase::Handshake(hs) => {
+                    if input.is_empty() || self.stop_reading {
+                        return;
+                    }
+                    match hs.feed(input, env.registry, &mut self.hs_out) {
+                        Err(e) => {
+                            warn!(peer = %self.peer, "handshake failed: {e}; disconnecting");
+                            self.hard_disconnect();
+                            return;
+                        }
+                        Ok((n, progress)) => {
+                            self.rstart += n;
+                            match progress {
+                                Progress::NeedMore => return,
+                                Progress::Close => {
+                                    debug!(peer = %self.peer, "client aborted the handshake");
+                                    self.stop_reading = true;
+                                    return;
+                                }
+                                Progress::Transmission(session) => {
+                                    self.enter_transmission(session, env)
+                                }
+                            }
+                        }
+                    }
+                }
+                Phase::Transmission(tx) => {
+                    if self.broken {
+                        return;
+                    }
+                    if tx.decoder.at_boundary() {
+                        // Requests already received are served even when
+                        // stopping; a DISC ends the input for good.
+                        if self.free.is_empty() || self.buffered >= env.cfg.max_buffered {
+                            return;
+                        }
+                    }
+                    let (n, event) = match tx.decoder.next(input) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            warn!(peer = %self.peer, "protocol violation: {e}; disconnecting");
+                            self.hard_disconnect();
+                            return;
+                        }
+                    };
+                    match event {
+                        None => return,
+                        Some(Event::Request(req)) => {
+                            self.rstart += n;
+                            if !self.on_request(req, env) {
+                                return;
+                            }
+                        }
+                        Some(Event::Payload { data, last }) => {
+                            if let Some(s) = self.payload_slot {
+                                let slot = &mut self.slots[s as usize];
+                                if slot.refusal.is_none() {
+                                    slot.io.buf.as_mut_slice()[slot.filled..slot.filled + n]
+                                        .copy_from_slice(data);
+                                }
+                                slot.filled += n;
+                                self.rstart += n;
+                                if last {
+                                    self.payload_slot = None;
+                                    self.stats.bytes_written += slot.filled as u64;
+                                    self.run(s, env);
+                                }
+                            } else {
+                                self.rstart += n;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn enter_transmission(&mut self, session: Session, env: &mut Env<'_>) {
+        let Some(export) = env.registry.get(session.export.id) else {
+            warn!(peer = %self.peer, export = %session.export.name, "export was removed during the handshake; disconnecting");
+            self.hard_disconnect();
+            return;
+        };
+        info!(peer = %self.peer, export = %export.name, mode = ?session.mode, "client attached");
+        let max_payload = u64::from(session.export.block.maximum);
+        let decoder = Decoder::new(session.mode, max_payload);
+        let n = env.cfg.max_inflight.clamp(1, u16::MAX as usize);
+        self.slots = (0..n).map(|_| Slot::new()).collect();
+        self.free = (0..n as u16).rev().collect();
+        self.phase = Phase::Transmission(Box::new(Tx {
+            session,
+            decoder,
+            export,
+        }));
+    }
+
+    /// Takes a decoded request; returns false when input must stop.
+    fn on_request(&mut self, req: Request, env: &mut Env<'_>) -> bool {
+        let Phase::Transmission(tx) = &self.phase else {
+            return false;
+        };
+        self.stats.requests += 1;
+        let checked = request::check(&req, &tx.session);
+        if checked == Ok(Command::Disc) {
+            debug!(peer = %self.peer, "client sent NBD_CMD_DISC");
+            self.stop_reading = true;
+            return false;
+        }
+        let Some(s) = self.free.pop() else {
+            return false;
+        };
+        let slot = &mut self.slots[s as usize];
+        slot.cookie = req.cookie;
+        slot.offset = req.offset;
+        slot.filled = 0;
+        slot.req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        slot.command = checked.ok();
+        slot.refusal = checked.err();
+        if let Ok(cmd) = checked {
+            let op = match cmd {
+                Command::Read => Op::Read,
+                Command::Write => Op::Write,
+                Command::Flush => Op::Flush,
+                Command::Trim => Op::Trim,
+                Command::Cache => Op::Cache,
+                Command::WriteZeroes => Op::WriteZeroes,
+                Command::BlockStatus | Command::Disc => Op::BlockStatus,
+            };
+            let flags = IoFlags {
+                fua: req.flags & CMD_FLAG_FUA != 0,
+                no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
+                fast_zero: req.flags & CMD_FLAG_FAST_ZERO != 0,
+            };
+            let before = slot.io.buf.capacity() as u64;
+            slot.io.prepare(op, req.offset, req.length, flags);
+            self.retained += (slot.io.buf.capacity() as u64).saturating_sub(before);
+            self.buffered += slot.io.buf.len() as u64;
+        }
+        if req.payload > 0 {
+            slot.state = SlotState::Payload;
+            self.payload_slot = Some(s);
+        } else {
+            self.run(s, env);
+        }
+        true
+    }
+
+    /// Starts a request whose input is complete, or answers its refusal.
+    fn run(&mut self, s: u16, env: &mut Env<'_>) {
+        let Phase::Transmission(tx) = &self.phase else {
+            return;
+        };
+        let slot = &mut self.slots[s as usize];
+        if let Some(refusal) = slot.refusal {
+            debug!(peer = %self.peer, code = ?refusal.code, "request refused: {}", refusal.message);
+            self.reply_error(s, refusal.code, refusal.message);
+            return;
+        }
+        slot.state = SlotState::Running;
+        let token = Token::encode(Kind::Io, env.id, s, self.generation);
+        match tx
+            .export
+            .volume
+            .start(&mut slot.io, &mut Ctx::new(env.ring, token, env.sink))
+        {
+            Poll::Ready(r) => self.complete(s, r),
+            Poll::Pending => self.inflight_io += 1,
+        }
+    }
+
+    fn complete(&mut self, s: u16, result: Result<(), VolumeError>) {
+        let Phase::Transmission(tx) = &self.phase else {
+            return;
+        };
+        let mode = tx.session.mode;
+        let context = tx.session.base_allocation.unwrap_or(0);
+        let slot = &mut self.slots[s as usize];
+        match result {
+            Err(e) => {
+                let (code, message) = describe(&e);
+                if code == ErrorCode::NotSup {
+                    debug!(peer = %self.peer, "{e}");
+                } else {
+                    warn!(peer = %self.peer, export = %tx.export.name, "request failed: {e}");
+                }
+                self.reply_error(s, code, message);
+                return;
+            }
+            Ok(()) => match slot.command {
+                Some(Command::Read) => {
+                    slot.header = reply::read_data(mode, slot.cookie, slot.offset, slot.io.len);
+                    slot.tail = Tail::Data;
+                    self.stats.bytes_read += slot.io.len;
+                }
+                Some(Command::BlockStatus) => {
+                    slot.aux.clear();
+                    reply::block_status(
+                        mode,
+                        slot.cookie,
+                        slot.offset,
+                        slot.io.len,
+                        slot.req_one,
+                        context,
+                        &slot.io.extents,
+                        &mut slot.aux,
+                    );
+                    slot.header = Header::default();
+                    slot.tail = Tail::Aux;
+                }
+                _ => {
+                    slot.header = reply::ok(mode, slot.cookie, slot.offset);
+                    slot.tail = Tail::None;
+                }
+            },
+        }
+        slot.state = SlotState::Replying;
+        self.outq.push_back(s);
+    }
+
+    fn reply_error(&mut self, s: u16, code: ErrorCode, message: &'static str) {
+        let Phase::Transmission(tx) = &self.phase else {
+            return;
+        };
+        self.stats.errors += 1;
+        let slot = &mut self.slots[s as usize];
+        let (header, message) =
+            reply::error(tx.session.mode, slot.cookie, slot.offset, code, message);
+        slot.header = header;
+        slot.tail = Tail::Message(message);
+        slot.state = SlotState::Replying;
+        self.outq.push_back(s);
+    }
+
+    fn release(&mut self, s: u16) {
+        let slot = &mut self.slots[s as usize];
+        self.buffered = self.buffered.saturating_sub(slot.io.buf.len() as u64);
+        if self.retained > self.retain {
+            // Over budget: let this buffer go rather than pin memory.
+            self.retained = self.retained.saturating_sub(slot.io.buf.capacity() as u64);
+            slot.io.buf.shrink_above(0);
+        }
+        slot.state = SlotState::Free;
+        slot.tail = Tail::None;
+        self.free.push(s);
+    }
+
+    fn submit_send(&mut self, env: &mut Env<'_>) {
+        if self.send_pending || self.broken {
+            return;
+        }
+        self.iov.clear();
+        if self.hs_sent < self.hs_out.len() {
+            let rest = &self.hs_out[self.hs_sent..];
+            self.iov.push(libc::iovec {
+                iov_base: rest.as_ptr() as *mut _,
+                iov_len: rest.len(),
+            });
+        } else {
+            let mut skip = self.out_sent;
+            for &s in &self.outq {
+                if self.iov.len() + 2 > MAX_IOV {
+                    break;
+                }
+                for part in self.slots[s as usize].parts() {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    let part = &part[skip..];
+                    skip = 0;
+                    self.iov.push(libc::iovec {
+                        iov_base: part.as_ptr() as *mut _,
+                        iov_len: part.len(),
+                    });
+                }
+            }
+        }
+        if self.iov.is_empty() {
+            return;
+        }
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = self.iov.len();
+        let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &self.msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(Token::encode(Kind::Send, env.id, 0, self.generation));
+        match push_sqe(env.ring, entry) {
+            Ok(()) => self.send_pending = true,
+            Err(e) => {
+                warn!(peer = %self.peer, "cannot queue a send: {e}; disconnecting");
+                self.hard_disconnect();
+            }
+        }
+    }
+
+    fn submit_recv(&mut self, env: &mut Env<'_>) {
+        if self.recv_pending || self.stop_reading || self.broken {
+            return;
+        }
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        } else if self.rstart > 0 && self.rbuf.len() - self.rend < self.rbuf.len() / 4 {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+        let space = self.rbuf.len() - self.rend;
+        if space == 0 {
+            // Full of requests waiting for free slots; reading resumes as they finish.
+            return;
+        }
+        let ptr = self.rbuf[self.rend..].as_mut_ptr();
+        let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, space as u32)
+            .build()
+            .user_data(Token::encode(Kind::Recv, env.id, 0, self.generation));
+        match push_sqe(env.ring, entry) {
+            Ok(()) => self.recv_pending = true,
+            Err(e) => {
+                warn!(peer = %self.peer, "cannot queue a receive: {e}; disconnecting");
+                self.hard_disconnect();
+            }
+        }
+    }
+}
+
+/// The NBD error for a volume error, with a message for the client's user.
+fn describe(e: &VolumeError) -> (ErrorCode, &'static str) {
+    match e {
+        VolumeError::NoSpace => (ErrorCode::NoSpc, "no space left in the volume's storage"),
+        VolumeError::NotSupported => (ErrorCode::NotSup, "zeroing this range would not be fast"),
+        VolumeError::ReadOnly => (ErrorCode::Perm, "export is read-only"),
+        VolumeError::OutOfRange { .. } => (
+            ErrorCode::Inval,
+            "request extends beyond the end of the export",
+        ),
+        VolumeError::Shutdown => (ErrorCode::Shutdown, "server is shutting down"),
+        VolumeError::Os { .. } | VolumeError::Backend(_) => (
+            ErrorCode::from_errno(e.errno()),
+            "the volume's storage reported an error",
+        ),
+    }
+}

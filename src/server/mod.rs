@@ -1,0 +1,223 @@
+//! The engine: one thread per core, each with its own io_uring, serving the
+//! exports in a shared [`Registry`] on Unix and TCP listeners.
+
+pub mod conn;
+pub mod listener;
+pub mod reactor;
+pub mod registry;
+pub mod signals;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::unbounded;
+use thiserror::Error;
+use tracing::{info, warn};
+
+pub use conn::ConnConfig;
+pub use listener::{ListenError, Listener, SocketTuning};
+use reactor::{CoreHandle, CoreMsg, CoreSetup};
+pub use registry::{Export, Registry, RegistryError};
+
+use crate::volume::ring::RemoteSink;
+use crate::volume::sync::SyncDriver;
+use crate::volume::{IoFlags, Op, Waker};
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub unix: Vec<PathBuf>,
+    pub tcp: Vec<SocketAddr>,
+    /// Reactor threads; 0 means one per available core.
+    pub threads: usize,
+    pub tuning: SocketTuning,
+    pub conn: ConnConfig,
+    /// Permission bits of Unix sockets.
+    pub socket_mode: u32,
+    /// Submission queue entries per core.
+    pub ring_entries: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            unix: Vec::new(),
+            tcp: Vec::new(),
+            threads: 0,
+            tuning: SocketTuning::default(),
+            conn: ConnConfig::default(),
+            socket_mode: 0o600,
+            ring_entries: 1024,
+        }
+    }
+}
+
+/// Why the server could not start or stopped badly.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("no listener configured: give --unix PATH or --tcp ADDR")]
+    NoListener,
+    #[error("cannot set up core {core}: {source}")]
+    Core {
+        core: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("core {0} panicked")]
+    Panicked(usize),
+}
+
+/// A running server.
+pub struct Server {
+    registry: Arc<Registry>,
+    cores: Vec<CoreHandle>,
+    threads: Vec<JoinHandle<std::io::Result<()>>>,
+    addresses: Vec<String>,
+    socket_paths: Vec<PathBuf>,
+}
+
+impl Server {
+    /// Binds every listener, then starts the cores.
+    pub fn start(cfg: ServerConfig, registry: Arc<Registry>) -> Result<Server, ServerError> {
+        if cfg.unix.is_empty() && cfg.tcp.is_empty() {
+            return Err(ServerError::NoListener);
+        }
+        let mut listeners = Vec::new();
+        for path in &cfg.unix {
+            listeners.push(Listener::unix(path, cfg.socket_mode)?);
+        }
+        for addr in &cfg.tcp {
+            listeners.push(Listener::tcp(*addr)?);
+        }
+        let addresses: Vec<String> = listeners.iter().map(|l| l.addr.clone()).collect();
+        let socket_paths: Vec<PathBuf> = listeners.iter().filter_map(|l| l.path.clone()).collect();
+        let n = if cfg.threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            cfg.threads
+        };
+        let mut handles = Vec::new();
+        let mut parts = Vec::new();
+        for core in 0..n {
+            let (tx, rx) = unbounded();
+            let (rtx, remote_rx) = unbounded();
+            let waker =
+                Arc::new(Waker::new().map_err(|source| ServerError::Core { core, source })?);
+            handles.push(CoreHandle {
+                tx,
+                waker: waker.clone(),
+            });
+            parts.push((
+                rx,
+                remote_rx,
+                RemoteSink {
+                    tx: rtx,
+                    waker: waker.clone(),
+                },
+                waker,
+            ));
+        }
+        let mut threads = Vec::new();
+        let mut listeners = Some(listeners);
+        for (core, (rx, remote_rx, sink, waker)) in parts.into_iter().enumerate() {
+            let setup = CoreSetup {
+                index: core,
+                rx,
+                remote_rx,
+                sink,
+                waker,
+                peers: handles.clone(),
+                // Core 0 accepts and hands connections round-robin to all.
+                listeners: if core == 0 {
+                    listeners.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+                registry: registry.clone(),
+                conn: cfg.conn,
+                tuning: cfg.tuning,
+                ring_entries: cfg.ring_entries,
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("vbd-core-{core}"))
+                .spawn(move || {
+                    let r = reactor::run(setup);
+                    if let Err(e) = &r {
+                        tracing::error!(core, "reactor failed: {e}");
+                    }
+                    r
+                })
+                .map_err(|source| ServerError::Core { core, source })?;
+            threads.push(t);
+        }
+        info!(cores = n, listeners = ?addresses, "serving");
+        Ok(Server {
+            registry,
+            cores: handles,
+            threads,
+            addresses,
+            socket_paths,
+        })
+    }
+
+    /// The exports being served.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Where the server listens (socket paths and TCP addresses).
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    /// Stops accepting, lets in-flight requests finish, closes connections,
+    /// flushes every volume and removes the socket files.
+    pub fn stop(self) -> Result<(), ServerError> {
+        info!("stopping: finishing in-flight requests");
+        for core in &self.cores {
+            core.send(CoreMsg::Stop);
+        }
+        let mut result = Ok(());
+        for (i, t) in self.threads.into_iter().enumerate() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => result = Err(ServerError::Core { core: i, source }),
+                Err(_) => result = Err(ServerError::Panicked(i)),
+            }
+        }
+        flush_all(&self.registry);
+        for p in &self.socket_paths {
+            if let Err(e) = std::fs::remove_file(p) {
+                warn!(path = %p.display(), "cannot remove socket: {e}");
+            }
+        }
+        info!("stopped");
+        result
+    }
+}
+
+/// Flushes every export's volume, logging failures.
+pub fn flush_all(registry: &Registry) {
+    let mut driver = match SyncDriver::new() {
+        Ok(d) => d,
+        Err(e) => {
+            warn!("cannot flush volumes: {e}");
+            return;
+        }
+    };
+    for export in registry.all() {
+        if export.read_only {
+            continue;
+        }
+        if let Err(e) = driver.op(&*export.volume, Op::Flush, 0, 0, IoFlags::default()) {
+            warn!(export = %export.name, "final flush failed: {e}");
+        }
+    }
+}

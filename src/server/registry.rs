@@ -1,0 +1,167 @@
+//! The exports a server offers: named volumes with their policy. Shared by
+//! every core; read at handshake time only, never per request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use thiserror::Error;
+
+use crate::nbd::{self, BlockSizes, ExportInfo, Features};
+use crate::volume::Volume;
+
+/// A named volume as clients see it.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub volume: Arc<dyn Volume>,
+    pub read_only: bool,
+    pub info: ExportInfo,
+}
+
+/// Why an export could not be added.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("an export named {0:?} already exists; export names must be unique")]
+    Duplicate(String),
+    #[error("export name {0:?} is invalid: use 1-256 bytes of letters, digits, '-', '_' or '.'")]
+    BadName(String),
+    #[error("no export named {0:?}")]
+    Missing(String),
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Indexed by export id; ids are never reused, so a stale id finds nothing.
+    by_id: Vec<Option<Arc<Export>>>,
+    by_name: HashMap<String, usize>,
+    default: Option<usize>,
+}
+
+/// All exports of one server.
+#[derive(Default)]
+pub struct Registry {
+    inner: RwLock<Inner>,
+}
+
+/// Whether `name` is acceptable as an export name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name != "."
+        && name != ".."
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an export; the first one added is also the default (empty name).
+    pub fn add(
+        &self,
+        name: &str,
+        volume: Arc<dyn Volume>,
+        read_only: bool,
+    ) -> Result<Arc<Export>, RegistryError> {
+        if !valid_name(name) {
+            return Err(RegistryError::BadName(name.to_owned()));
+        }
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if inner.by_name.contains_key(name) {
+            return Err(RegistryError::Duplicate(name.to_owned()));
+        }
+        let id = inner.by_id.len();
+        let caps = volume.caps();
+        let read_only = read_only || caps.read_only;
+        let features = Features {
+            read_only,
+            flush: caps.flush,
+            fua: caps.fua,
+            trim: caps.trim,
+            write_zeroes: caps.write_zeroes,
+            fast_zero: caps.fast_zero,
+            cache: caps.cache,
+            multi_conn: caps.multi_conn,
+            rotational: false,
+        };
+        let description = format!("vbd export: {}", volume.describe());
+        let info = ExportInfo {
+            id,
+            name: name.to_owned(),
+            description: description.clone(),
+            size: volume.size(),
+            flags: features.flags(),
+            block: BlockSizes::default(),
+        };
+        let export = Arc::new(Export {
+            name: name.to_owned(),
+            description,
+            volume,
+            read_only,
+            info,
+        });
+        inner.by_id.push(Some(export.clone()));
+        inner.by_name.insert(name.to_owned(), id);
+        if inner.default.is_none() {
+            inner.default = Some(id);
+        }
+        Ok(export)
+    }
+
+    /// Removes an export; open connections keep their volume until they close.
+    pub fn remove(&self, name: &str) -> Result<Arc<Export>, RegistryError> {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let id = inner
+            .by_name
+            .remove(name)
+            .ok_or_else(|| RegistryError::Missing(name.to_owned()))?;
+        if inner.default == Some(id) {
+            inner.default = None;
+        }
+        inner.by_id[id]
+            .take()
+            .ok_or_else(|| RegistryError::Missing(name.to_owned()))
+    }
+
+    /// The export with this id, if it still exists.
+    pub fn get(&self, id: usize) -> Option<Arc<Export>> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.by_id.get(id).cloned().flatten()
+    }
+
+    /// The export with this name, if any.
+    pub fn by_name(&self, name: &str) -> Option<Arc<Export>> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let id = *inner.by_name.get(name)?;
+        inner.by_id.get(id).cloned().flatten()
+    }
+
+    /// Every export, in the order they were added.
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.by_id.iter().flatten().cloned().collect()
+    }
+}
+
+impl nbd::Exports for Registry {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let id = if name.is_empty() {
+            inner.default?
+        } else {
+            *inner.by_name.get(name)?
+        };
+        inner.by_id.get(id)?.as_ref().map(|e| e.info.clone())
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.all()
+            .iter()
+            .map(|e| (e.name.clone(), e.description.clone()))
+            .collect()
+    }
+}

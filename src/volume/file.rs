@@ -1,0 +1,450 @@
+//! A volume in a local file or block device, driven through the calling
+//! core's io_uring: O_DIRECT for aligned requests, RWF_DSYNC for FUA,
+//! fdatasync for FLUSH, fallocate for TRIM and WRITE_ZEROES, and
+//! SEEK_HOLE/SEEK_DATA for block status.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+
+use io_uring::{opcode, types};
+use thiserror::Error;
+use tracing::{debug, info};
+
+use super::buf::ALIGN;
+use super::{Caps, Ctx, Extent, Io, Op, Volume, VolumeError, Wake};
+
+/// Largest chunk of one read or write SQE (the kernel caps I/O near 2 GiB).
+const MAX_CHUNK: u64 = 1 << 30;
+
+/// Zeroes for the WRITE_ZEROES fallback where fallocate is unsupported.
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+/// Why a file could not be opened as a volume.
+#[derive(Debug, Error)]
+pub enum FileError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} does not exist; give size= to create it")]
+    Missing { path: PathBuf },
+    #[error(
+        "{path} is {actual} bytes but size={wanted} was given; omit size= to use the file as it is"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        actual: u64,
+        wanted: u64,
+    },
+    #[error("{path} is locked by another process (is another vbd serving it?)")]
+    Locked { path: PathBuf },
+}
+
+/// How to open a file volume.
+#[derive(Clone, Debug, Default)]
+pub struct FileOptions {
+    pub read_only: bool,
+    /// Create the file with this size if missing; must match if present.
+    pub size: Option<u64>,
+    /// Try O_DIRECT for aligned requests (default on).
+    pub no_direct: bool,
+}
+
+/// A file-backed volume.
+pub struct FileVolume {
+    path: PathBuf,
+    file: File,
+    direct: Option<File>,
+    direct_ok: AtomicBool,
+    size: u64,
+    read_only: bool,
+    punch_ok: AtomicBool,
+    zero_range_ok: AtomicBool,
+}
+
+// Stages of multi-step operations.
+const STAGE_MAIN: u8 = 0;
+const STAGE_FSYNC: u8 = 1;
+const STAGE_WRITE_ZEROES: u8 = 2;
+
+impl FileVolume {
+    /// Opens (or creates) the file at `path`.
+    pub fn open(path: &Path, opts: &FileOptions) -> Result<Self, FileError> {
+        let open_err = |source| FileError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let exists = path.exists();
+        if !exists && opts.size.is_none() {
+            return Err(FileError::Missing {
+                path: path.to_owned(),
+            });
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true)
+            .write(!opts.read_only)
+            .create(!opts.read_only && opts.size.is_some());
+        let mut file = oo.open(path).map_err(open_err)?;
+        let lock = if opts.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            return Err(FileError::Locked {
+                path: path.to_owned(),
+            });
+        }
+        let mut size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+        if let Some(wanted) = opts.size {
+            if !exists || size == 0 {
+                file.set_len(wanted).map_err(open_err)?;
+                size = wanted;
+            } else if size != wanted {
+                return Err(FileError::SizeMismatch {
+                    path: path.to_owned(),
+                    actual: size,
+                    wanted,
+                });
+            }
+        }
+        let direct = if opts.no_direct {
+            None
+        } else {
+            match oo.create(false).custom_flags(libc::O_DIRECT).open(path) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    info!(path = %path.display(), error = %e, "O_DIRECT unavailable; using the page cache");
+                    None
+                }
+            }
+        };
+        Ok(FileVolume {
+            path: path.to_owned(),
+            direct_ok: AtomicBool::new(direct.is_some()),
+            file,
+            direct,
+            size,
+            read_only: opts.read_only,
+            punch_ok: AtomicBool::new(true),
+            zero_range_ok: AtomicBool::new(true),
+        })
+    }
+
+    /// The descriptor for the next chunk: O_DIRECT when everything is aligned.
+    fn fd_for(&self, offset: u64, len: u64, ptr: *const u8) -> (types::Fd, bool) {
+        let aligned = offset.is_multiple_of(ALIGN as u64)
+            && len.is_multiple_of(ALIGN as u64)
+            && (ptr as usize).is_multiple_of(ALIGN);
+        match &self.direct {
+            Some(d) if aligned && self.direct_ok.load(Ordering::Relaxed) => {
+                (types::Fd(d.as_raw_fd()), true)
+            }
+            _ => (types::Fd(self.file.as_raw_fd()), false),
+        }
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.file.as_raw_fd())
+    }
+
+    /// Queues the next read or write chunk of `io` (from `io.done`).
+    fn submit_rw(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Result<(), VolumeError> {
+        let off = io.offset + io.done;
+        let len = (io.len - io.done).min(MAX_CHUNK);
+        // SAFETY (pointer validity): io.buf is len bytes and not resized
+        // while the request is pending.
+        let ptr = unsafe { io.buf.as_mut_ptr().add(io.done as usize) };
+        let (fd, direct) = self.fd_for(off, len, ptr);
+        io.stage = if direct { 1 } else { 0 } | (io.stage & !1);
+        let entry = if io.op == Op::Read {
+            opcode::Read::new(fd, ptr, len as u32).offset(off).build()
+        } else {
+            let flags = if io.flags.fua { libc::RWF_DSYNC } else { 0 };
+            opcode::Write::new(fd, ptr, len as u32)
+                .offset(off)
+                .rw_flags(flags)
+                .build()
+        };
+        ctx.push(entry)
+    }
+
+    fn rw_done(&self, io: &mut Io, res: i32, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        let write = io.op == Op::Write;
+        let op = if write { "write" } else { "read" };
+        if res == -libc::EINVAL && io.stage & 1 == 1 {
+            // The filesystem refused this O_DIRECT request: stop trying.
+            self.direct_ok.store(false, Ordering::Relaxed);
+            debug!(path = %self.path.display(), "O_DIRECT refused; using the page cache");
+            return self.continue_rw(io, ctx);
+        }
+        if res == -libc::EINTR || res == -libc::EAGAIN {
+            return self.continue_rw(io, ctx);
+        }
+        if res < 0 {
+            return Poll::Ready(Err(VolumeError::from_errno(op, -res)));
+        }
+        if res == 0 {
+            if write {
+                return Poll::Ready(Err(VolumeError::from_errno(op, libc::EIO)));
+            }
+            // The file shrank under us: what is gone reads as zeroes.
+            io.buf.as_mut_slice()[io.done as usize..].fill(0);
+            return Poll::Ready(Ok(()));
+        }
+        io.done += res as u64;
+        if io.done >= io.len {
+            return Poll::Ready(Ok(()));
+        }
+        self.continue_rw(io, ctx)
+    }
+
+    fn continue_rw(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        match self.submit_rw(io, ctx) {
+            Ok(()) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn submit_fsync(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        io.stage = STAGE_FSYNC;
+        let entry = opcode::Fsync::new(self.fd())
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        match ctx.push(entry) {
+            Ok(()) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Fallocate mode for trim or zeroing, if the filesystem still allows it.
+    fn zero_mode(&self, io: &Io) -> Option<i32> {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        if io.op == Op::WriteZeroes && io.flags.no_hole {
+            self.zero_range_ok
+                .load(Ordering::Relaxed)
+                .then_some(libc::FALLOC_FL_ZERO_RANGE | keep)
+        } else {
+            self.punch_ok
+                .load(Ordering::Relaxed)
+                .then_some(libc::FALLOC_FL_PUNCH_HOLE | keep)
+        }
+    }
+
+    fn start_zeroing(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        match self.zero_mode(io) {
+            Some(mode) => {
+                io.stage = STAGE_MAIN;
+                let entry = opcode::Fallocate::new(self.fd(), io.len)
+                    .offset(io.offset)
+                    .mode(mode)
+                    .build();
+                match ctx.push(entry) {
+                    Ok(()) => Poll::Pending,
+                    Err(e) => Poll::Ready(Err(e)),
+                }
+            }
+            None => self.zeroing_unsupported(io, ctx),
+        }
+    }
+
+    /// fallocate cannot do it: trims are advisory and succeed; zeroing
+    /// writes real zeroes, unless the client asked for fast zeroing only.
+    fn zeroing_unsupported(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        if io.op == Op::Trim {
+            return self.after_change(io, ctx);
+        }
+        if io.flags.fast_zero {
+            return Poll::Ready(Err(VolumeError::NotSupported));
+        }
+        io.stage = STAGE_WRITE_ZEROES;
+        self.write_zeroes_chunk(io, ctx)
+    }
+
+    fn write_zeroes_chunk(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        if io.done >= io.len {
+            return self.after_change(io, ctx);
+        }
+        let n = (io.len - io.done).min(ZEROES.len() as u64) as u32;
+        let flags = if io.flags.fua { libc::RWF_DSYNC } else { 0 };
+        let entry = opcode::Write::new(self.fd(), ZEROES.as_ptr(), n)
+            .offset(io.offset + io.done)
+            .rw_flags(flags)
+            .build();
+        match ctx.push(entry) {
+            Ok(()) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// After a trim or zeroing: FUA needs the metadata change on disk too.
+    fn after_change(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        if io.flags.fua && io.stage != STAGE_WRITE_ZEROES {
+            self.submit_fsync(io, ctx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn block_status(&self, io: &mut Io) {
+        let fd = self.file.as_raw_fd();
+        let end = io.offset + io.len;
+        let mut pos = io.offset;
+        while pos < end && io.extents.len() < super::MAX_EXTENTS {
+            // SAFETY: lseek on our own descriptor has no memory effects.
+            let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+            let (len, hole) = if data < 0 {
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                if errno == Some(libc::ENXIO) {
+                    // No data after pos: the rest is one hole.
+                    (end - pos, true)
+                } else {
+                    // SEEK_DATA unsupported: describe the rest as data.
+                    (end - pos, false)
+                }
+            } else if data as u64 > pos {
+                (data as u64 - pos, true)
+            } else {
+                // SAFETY: as above.
+                let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
+                let next = if hole < 0 { self.size } else { hole as u64 };
+                (next.max(pos + 1) - pos, false)
+            };
+            let len = len.min(end - pos);
+            io.extents.push(Extent {
+                len,
+                hole,
+                zero: hole,
+            });
+            pos += len;
+        }
+    }
+}
+
+impl Volume for FileVolume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+            read_only: self.read_only,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("file {}", self.path.display())
+    }
+
+    fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        if io.op != Op::Flush && (io.offset > self.size || io.len > self.size - io.offset) {
+            return Poll::Ready(Err(VolumeError::OutOfRange {
+                offset: io.offset,
+                len: io.len,
+            }));
+        }
+        if self.read_only && matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes) {
+            return Poll::Ready(Err(VolumeError::ReadOnly));
+        }
+        match io.op {
+            Op::Read | Op::Write => {
+                if io.len == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                io.stage = STAGE_MAIN;
+                self.continue_rw(io, ctx)
+            }
+            Op::Flush => self.submit_fsync(io, ctx),
+            Op::Trim | Op::WriteZeroes => {
+                if io.len == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                self.start_zeroing(io, ctx)
+            }
+            Op::BlockStatus => {
+                self.block_status(io);
+                Poll::Ready(Ok(()))
+            }
+            Op::Cache => {
+                let entry = opcode::Fadvise::new(
+                    self.fd(),
+                    io.len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+                .offset(io.offset)
+                .build();
+                match ctx.push(entry) {
+                    Ok(()) => Poll::Pending,
+                    Err(e) => Poll::Ready(Err(e)),
+                }
+            }
+        }
+    }
+
+    fn resume(&self, io: &mut Io, wake: Wake, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        let Wake::Cqe(res) = wake else {
+            return Poll::Ready(Err(VolumeError::Backend(
+                "file volume got a remote completion".into(),
+            )));
+        };
+        match io.op {
+            Op::Read | Op::Write => self.rw_done(io, res, ctx),
+            Op::Flush => Poll::Ready(if res < 0 {
+                Err(VolumeError::from_errno("fdatasync", -res))
+            } else {
+                Ok(())
+            }),
+            // Prefetch is a hint; its failure changes nothing.
+            Op::Cache => Poll::Ready(Ok(())),
+            Op::BlockStatus => Poll::Ready(Ok(())),
+            Op::Trim | Op::WriteZeroes => match io.stage {
+                STAGE_FSYNC => Poll::Ready(if res < 0 {
+                    Err(VolumeError::from_errno("fdatasync", -res))
+                } else {
+                    Ok(())
+                }),
+                STAGE_WRITE_ZEROES => {
+                    if res <= 0 {
+                        return Poll::Ready(Err(VolumeError::from_errno(
+                            "write",
+                            if res == 0 { libc::EIO } else { -res },
+                        )));
+                    }
+                    io.done += res as u64;
+                    self.write_zeroes_chunk(io, ctx)
+                }
+                _ => {
+                    if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
+                        let flag = if io.op == Op::WriteZeroes && io.flags.no_hole {
+                            &self.zero_range_ok
+                        } else {
+                            &self.punch_ok
+                        };
+                        flag.store(false, Ordering::Relaxed);
+                        info!(path = %self.path.display(), "fallocate unsupported here; falling back");
+                        return self.zeroing_unsupported(io, ctx);
+                    }
+                    if res < 0 {
+                        return Poll::Ready(Err(VolumeError::from_errno("fallocate", -res)));
+                    }
+                    self.after_change(io, ctx)
+                }
+            },
+        }
+    }
+}

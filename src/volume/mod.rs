@@ -1,0 +1,183 @@
+//! The block store: a `Volume` is a byte range with the operations NBD
+//! needs. Backends complete work inline, on the calling core's io_uring, or
+//! on another thread that wakes that core (see [`ring`]).
+
+pub mod buf;
+pub mod file;
+pub mod memory;
+pub mod ring;
+pub mod sync;
+
+use std::task::Poll;
+
+pub use buf::AlignedBuf;
+pub use ring::{Completer, Ctx, RemoteDone, Wake, Waker};
+use thiserror::Error;
+
+/// Most extents one block-status call returns; clients ask again for the rest.
+pub const MAX_EXTENTS: usize = 1024;
+
+/// An operation on a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    BlockStatus,
+    Cache,
+}
+
+/// Modifiers of an operation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoFlags {
+    /// Persist before completing (NBD FUA).
+    pub fua: bool,
+    /// WRITE_ZEROES must leave the range allocated.
+    pub no_hole: bool,
+    /// WRITE_ZEROES must fail with `NotSupported` unless it is cheap.
+    pub fast_zero: bool,
+}
+
+/// A run of bytes with one allocation state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Not allocated in the backing store.
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+}
+
+/// One request's state, owned by the server and lent to the backend until
+/// it completes. Buffers are reused between requests.
+#[derive(Debug)]
+pub struct Io {
+    pub op: Op,
+    pub offset: u64,
+    pub len: u64,
+    pub flags: IoFlags,
+    /// Destination of a read, source of a write; `len` bytes long for both.
+    pub buf: AlignedBuf,
+    /// Filled by block status.
+    pub extents: Vec<Extent>,
+    /// Backend-private progress (bytes done), reset by `prepare`.
+    pub done: u64,
+    /// Backend-private stage, reset by `prepare`.
+    pub stage: u8,
+}
+
+impl Io {
+    /// An idle request with no buffer yet.
+    pub fn new() -> Self {
+        Io {
+            op: Op::Flush,
+            offset: 0,
+            len: 0,
+            flags: IoFlags::default(),
+            buf: AlignedBuf::new(),
+            extents: Vec::new(),
+            done: 0,
+            stage: 0,
+        }
+    }
+
+    /// Sets up the request; sizes the buffer for reads and writes.
+    pub fn prepare(&mut self, op: Op, offset: u64, len: u64, flags: IoFlags) {
+        self.op = op;
+        self.offset = offset;
+        self.len = len;
+        self.flags = flags;
+        self.done = 0;
+        self.stage = 0;
+        self.extents.clear();
+        let data = matches!(op, Op::Read | Op::Write);
+        self.buf.set_len(if data { len as usize } else { 0 });
+    }
+}
+
+impl Default for Io {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a volume supports; the server turns it into NBD transmission flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub flush: bool,
+    pub fua: bool,
+    pub trim: bool,
+    pub write_zeroes: bool,
+    pub fast_zero: bool,
+    pub cache: bool,
+    /// Every connection sees the same data and one flush covers all.
+    pub multi_conn: bool,
+    pub read_only: bool,
+}
+
+/// Why a volume operation failed.
+#[derive(Debug, Error)]
+pub enum VolumeError {
+    #[error("{op} failed: {source}")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not enough space")]
+    NoSpace,
+    #[error("operation not supported quickly")]
+    NotSupported,
+    #[error("volume is read-only")]
+    ReadOnly,
+    #[error("range {offset}+{len} is outside the volume")]
+    OutOfRange { offset: u64, len: u64 },
+    #[error("volume is shutting down")]
+    Shutdown,
+    #[error("{0}")]
+    Backend(String),
+}
+
+impl VolumeError {
+    /// An error from a raw `-errno` result, as io_uring reports them.
+    pub fn from_errno(op: &'static str, errno: i32) -> Self {
+        VolumeError::Os {
+            op,
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    /// The errno closest to this error, for protocols that speak errno.
+    pub fn errno(&self) -> i32 {
+        match self {
+            VolumeError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            VolumeError::NoSpace => libc::ENOSPC,
+            VolumeError::NotSupported => libc::EOPNOTSUPP,
+            VolumeError::ReadOnly => libc::EPERM,
+            VolumeError::OutOfRange { .. } => libc::EINVAL,
+            VolumeError::Shutdown => libc::ESHUTDOWN,
+            VolumeError::Backend(_) => libc::EIO,
+        }
+    }
+}
+
+/// A block store the server can export.
+///
+/// `start` begins an operation; it either completes at once or returns
+/// `Pending` after queueing exactly one piece of work through `ctx`, whose
+/// result comes back through `resume`. The server never touches `io` while
+/// it is pending.
+pub trait Volume: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// What the volume supports.
+    fn caps(&self) -> Caps;
+    /// A short description for logs and `NBD_INFO_DESCRIPTION`.
+    fn describe(&self) -> String;
+    /// Begins `io`.
+    fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>>;
+    /// Continues `io` after the work it queued finished.
+    fn resume(&self, io: &mut Io, wake: Wake, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>>;
+}

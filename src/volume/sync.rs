@@ -1,0 +1,115 @@
+//! Drives volume operations to completion on a private ring, blocking the
+//! calling thread: for tests, tools and shutdown, never for the data path.
+
+use std::sync::Arc;
+use std::task::Poll;
+
+use crossbeam_channel::{Receiver, unbounded};
+use io_uring::IoUring;
+
+use super::ring::{RemoteDone, RemoteSink};
+use super::{Ctx, Io, IoFlags, Op, Volume, VolumeError, Wake, Waker};
+
+/// A private ring for running one operation at a time.
+pub struct SyncDriver {
+    ring: IoUring,
+    sink: RemoteSink,
+    rx: Receiver<RemoteDone>,
+}
+
+const TOKEN: u64 = 1;
+
+impl SyncDriver {
+    /// A driver with a small ring of its own.
+    pub fn new() -> std::io::Result<Self> {
+        let (tx, rx) = unbounded();
+        Ok(SyncDriver {
+            ring: IoUring::new(8)?,
+            sink: RemoteSink {
+                tx,
+                waker: Arc::new(Waker::new()?),
+            },
+            rx,
+        })
+    }
+
+    /// Runs `io` to completion.
+    pub fn run(&mut self, vol: &dyn Volume, io: &mut Io) -> Result<(), VolumeError> {
+        let mut poll = vol.start(io, &mut Ctx::new(&mut self.ring, TOKEN, &self.sink));
+        loop {
+            if let Poll::Ready(r) = poll {
+                return r;
+            }
+            let wake = self.wait()?;
+            poll = vol.resume(io, wake, &mut Ctx::new(&mut self.ring, TOKEN, &self.sink));
+        }
+    }
+
+    fn wait(&mut self) -> Result<Wake, VolumeError> {
+        loop {
+            if let Ok(done) = self.rx.try_recv() {
+                return Ok(Wake::Remote(done.result));
+            }
+            if let Some(cqe) = self.ring.completion().next() {
+                return Ok(Wake::Cqe(cqe.result()));
+            }
+            // Remote completions do not post CQEs here, so poll briefly.
+            self.ring.submit_and_wait(0).map_err(|e| VolumeError::Os {
+                op: "io_uring submit",
+                source: e,
+            })?;
+            if self.ring.completion().is_empty() {
+                match self.rx.recv_timeout(std::time::Duration::from_millis(1)) {
+                    Ok(done) => return Ok(Wake::Remote(done.result)),
+                    Err(_) => continue,
+                }
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub fn read(
+        &mut self,
+        vol: &dyn Volume,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, VolumeError> {
+        let mut io = Io::new();
+        io.prepare(Op::Read, offset, len as u64, IoFlags::default());
+        self.run(vol, &mut io)?;
+        Ok(io.buf.as_slice().to_vec())
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(
+        &mut self,
+        vol: &dyn Volume,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let mut io = Io::new();
+        let flags = IoFlags {
+            fua,
+            ..IoFlags::default()
+        };
+        io.prepare(Op::Write, offset, data.len() as u64, flags);
+        io.buf.as_mut_slice().copy_from_slice(data);
+        self.run(vol, &mut io)
+    }
+
+    /// Runs an operation without data (flush, trim, zeroes, cache, block status).
+    pub fn op(
+        &mut self,
+        vol: &dyn Volume,
+        op: Op,
+        offset: u64,
+        len: u64,
+        flags: IoFlags,
+    ) -> Result<Io, VolumeError> {
+        let mut io = Io::new();
+        io.prepare(op, offset, len, flags);
+        self.run(vol, &mut io)?;
+        Ok(io)
+    }
+}
