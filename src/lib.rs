@@ -3,6 +3,7 @@
 //! (block stores).
 
 pub mod cli;
+pub mod control;
 pub mod nbd;
 pub mod server;
 pub mod volume;

@@ -1,0 +1,6 @@
+//! The control plane: a small tokio runtime beside the reactors for the
+//! slow, asynchronous work (QMP, object-store traffic, the control API).
+//! The data path never blocks on it; results come back to the reactors
+//! through [`crate::volume::Completer`].
+
+pub mod runtime;
