@@ -164,7 +164,8 @@ impl FileVolume {
         // while the request is pending.
         let ptr = unsafe { io.buf.as_mut_ptr().add(io.done as usize) };
         let (fd, direct) = self.fd_for(off, len, ptr);
-        io.stage = if direct { 1 } else { 0 } | (io.stage & !1);
+        // Remember which descriptor this chunk went to, for the EINVAL fallback.
+        io.stage = u8::from(direct);
         let entry = if io.op == Op::Read {
             opcode::Read::new(fd, ptr, len as u32).offset(off).build()
         } else {
