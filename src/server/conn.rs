@@ -153,6 +153,8 @@ pub struct Conn {
     fd: OwnedFd,
     pub generation: u16,
     pub peer: String,
+    /// Already on the core's list of connections to pump this round.
+    pub queued: bool,
     phase: Phase,
     rbuf: Box<[u8]>,
     rstart: usize,
@@ -192,6 +194,7 @@ impl Conn {
             fd,
             generation,
             peer,
+            queued: false,
             phase: Phase::Handshake(hs),
             rbuf: vec![0u8; cfg.rbuf].into_boxed_slice(),
             rstart: 0,

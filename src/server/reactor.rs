@@ -163,8 +163,11 @@ impl Reactor {
     }
 
     fn mark(&mut self, conn: usize) {
-        if !self.dirty.contains(&conn) {
-            self.dirty.push(conn);
+        if let Some(c) = self.conns.get_mut(conn) {
+            if !c.queued {
+                c.queued = true;
+                self.dirty.push(conn);
+            }
         }
     }
 
@@ -184,6 +187,7 @@ impl Reactor {
         while let Some(id) = self.dirty.pop() {
             let (conn, mut env) = self.env(id);
             let Some(conn) = conn else { continue };
+            conn.queued = false;
             conn.pump(&mut env);
             if conn.finished() {
                 let conn = self.conns.remove(id);
