@@ -163,11 +163,11 @@ impl Reactor {
     }
 
     fn mark(&mut self, conn: usize) {
-        if let Some(c) = self.conns.get_mut(conn) {
-            if !c.queued {
-                c.queued = true;
-                self.dirty.push(conn);
-            }
+        if let Some(c) = self.conns.get_mut(conn)
+            && !c.queued
+        {
+            c.queued = true;
+            self.dirty.push(conn);
         }
     }
 
