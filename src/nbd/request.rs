@@ -103,6 +103,14 @@ impl Decoder {
         }
     }
 
+    fn magic(&self) -> u32 {
+        if self.extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        }
+    }
+
     /// Whether the decoder is between requests.
     pub fn at_boundary(&self) -> bool {
         matches!(self.state, State::Header)
@@ -125,6 +133,15 @@ impl Decoder {
         match self.state {
             State::Header => {
                 let len = self.header_len();
+                // Check the magic as soon as it is here, so a client speaking
+                // the wrong header style is told at once, not left waiting.
+                if input.len() >= 4 {
+                    let magic = be(&input[..4]) as u32;
+                    let expected = self.magic();
+                    if magic != expected {
+                        return Err(ProtocolError::BadRequestMagic(magic, expected));
+                    }
+                }
                 if input.len() < len {
                     return Ok((0, None));
                 }
@@ -184,11 +201,7 @@ impl Decoder {
         let command = be(&h[6..8]) as u16;
         let cookie = be(&h[8..16]);
         let offset = be(&h[16..24]);
-        let expected = if self.extended {
-            EXTENDED_REQUEST_MAGIC
-        } else {
-            REQUEST_MAGIC
-        };
+        let expected = self.magic();
         if magic != expected {
             return Err(ProtocolError::BadRequestMagic(magic, expected));
         }
