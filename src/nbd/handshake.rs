@@ -460,3 +460,244 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.take(len)?).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::export::BlockSizes;
+
+    struct One;
+    impl Exports for One {
+        fn lookup(&self, name: &str) -> Option<ExportInfo> {
+            (name.is_empty() || name == "disk").then(|| ExportInfo {
+                id: 3,
+                name: "disk".into(),
+                description: "a disk".into(),
+                size: 1 << 30,
+                flags: FLAG_SEND_FLUSH,
+                block: BlockSizes::default(),
+            })
+        }
+        fn list(&self) -> Vec<(String, String)> {
+            vec![("disk".into(), "a disk".into())]
+        }
+    }
+
+    fn opt(o: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&o.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn start() -> (Handshake, Vec<u8>) {
+        let mut out = Vec::new();
+        let mut hs = Handshake::new(HandshakeConfig::default(), &mut out);
+        assert_eq!(
+            out,
+            [
+                &b"NBDMAGICIHAVEOPT"[..],
+                &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()
+            ]
+            .concat()
+        );
+        out.clear();
+        let r = hs.feed(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes(), &One, &mut out);
+        assert_eq!(r, Ok((4, Progress::NeedMore)));
+        (hs, out)
+    }
+
+    /// Splits option replies into (option, type, data).
+    fn replies(mut out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !out.is_empty() {
+            assert_eq!(be_u64(out, 0), Some(REPLY_MAGIC));
+            let len = be_u32(out, 16).unwrap() as usize;
+            v.push((
+                be_u32(out, 8).unwrap(),
+                be_u32(out, 12).unwrap(),
+                out[20..20 + len].to_vec(),
+            ));
+            out = &out[20 + len..];
+        }
+        v
+    }
+
+    #[test]
+    fn export_name_sends_size_flags_and_zeroes() {
+        let (mut hs, mut out) = start();
+        let (n, p) = hs
+            .feed(&opt(OPT_EXPORT_NAME, b"disk"), &One, &mut out)
+            .unwrap();
+        assert_eq!(n, 20);
+        let Progress::Transmission(s) = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(s.mode, ReplyMode::Simple);
+        assert_eq!(s.flags, FLAG_SEND_FLUSH | FLAG_HAS_FLAGS);
+        assert_eq!(out.len(), 8 + 2 + 124);
+        assert_eq!(be_u64(&out, 0), Some(1 << 30));
+        assert!(out[10..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn partial_input_is_not_consumed() {
+        let (mut hs, mut out) = start();
+        let msg = opt(OPT_LIST, &[]);
+        for cut in 0..msg.len() {
+            assert_eq!(
+                hs.feed(&msg[..cut], &One, &mut out),
+                Ok((0, Progress::NeedMore))
+            );
+        }
+        assert_eq!(hs.feed(&msg, &One, &mut out), Ok((16, Progress::NeedMore)));
+        let r = replies(&out);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].1, REP_SERVER);
+        assert_eq!(&r[0].2[4..8], b"disk");
+        assert_eq!(r[1], (OPT_LIST, REP_ACK, vec![]));
+    }
+
+    #[test]
+    fn go_with_structured_replies_and_meta_context() {
+        let (mut hs, mut out) = start();
+        let mut input = opt(OPT_STRUCTURED_REPLY, &[]);
+        let mut meta = 4u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(b"disk");
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(b"base:allocation");
+        input.extend(opt(OPT_SET_META_CONTEXT, &meta));
+        let mut go = 0u32.to_be_bytes().to_vec();
+        go.extend_from_slice(&1u16.to_be_bytes());
+        go.extend_from_slice(&INFO_NAME.to_be_bytes());
+        input.extend(opt(OPT_GO, &go));
+        let (n, p) = hs.feed(&input, &One, &mut out).unwrap();
+        assert_eq!(n, input.len());
+        let Progress::Transmission(s) = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(s.mode, ReplyMode::Structured);
+        assert_eq!(s.base_allocation, Some(BASE_ALLOCATION_ID));
+        assert_ne!(s.flags & FLAG_SEND_DF, 0);
+        let r = replies(&out);
+        let types: Vec<u32> = r.iter().map(|x| x.1).collect();
+        // ACK; META_CONTEXT, ACK; INFO export, INFO name, INFO block size, ACK.
+        assert_eq!(
+            types,
+            [
+                REP_ACK,
+                REP_META_CONTEXT,
+                REP_ACK,
+                REP_INFO,
+                REP_INFO,
+                REP_INFO,
+                REP_ACK
+            ]
+        );
+        assert_eq!(
+            r[1].2,
+            [&BASE_ALLOCATION_ID.to_be_bytes()[..], b"base:allocation"].concat()
+        );
+        assert_eq!(r[4].2, [&INFO_NAME.to_be_bytes()[..], b"disk"].concat());
+    }
+
+    #[test]
+    fn meta_context_for_another_export_is_not_kept() {
+        let (mut hs, mut out) = start();
+        hs.feed(&opt(OPT_STRUCTURED_REPLY, &[]), &One, &mut out)
+            .unwrap();
+        let mut meta = 7u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(b"missing");
+        meta.extend_from_slice(&0u32.to_be_bytes());
+        out.clear();
+        hs.feed(&opt(OPT_SET_META_CONTEXT, &meta), &One, &mut out)
+            .unwrap();
+        assert_eq!(replies(&out)[0].1, REP_ERR_UNKNOWN);
+        let (_, p) = hs.feed(&opt(OPT_EXPORT_NAME, b""), &One, &mut out).unwrap();
+        let Progress::Transmission(s) = p else {
+            panic!()
+        };
+        assert_eq!(s.base_allocation, None);
+    }
+
+    #[test]
+    fn refusals() {
+        let (mut hs, mut out) = start();
+        for (o, data, want) in [
+            (OPT_STARTTLS, &b""[..], REP_ERR_POLICY),
+            (OPT_STARTTLS, b"x", REP_ERR_INVALID),
+            (OPT_LIST, b"x", REP_ERR_INVALID),
+            (OPT_STRUCTURED_REPLY, b"x", REP_ERR_INVALID),
+            (OPT_INFO, b"\0\0\0\x05ab", REP_ERR_INVALID),
+            (OPT_SET_META_CONTEXT, b"\0\0\0\0\0\0\0\0", REP_ERR_INVALID),
+            (42, b"whatever", REP_ERR_UNSUP),
+        ] {
+            out.clear();
+            hs.feed(&opt(o, data), &One, &mut out).unwrap();
+            let r = replies(&out);
+            assert_eq!(
+                (r.len(), r[0].0, r[0].1),
+                (1, o, want),
+                "option {o} {data:?}"
+            );
+            assert!(!r[0].2.is_empty(), "errors carry a message");
+        }
+    }
+
+    #[test]
+    fn hard_failures() {
+        let mut out = Vec::new();
+        let mut hs = Handshake::new(HandshakeConfig::default(), &mut out);
+        assert_eq!(
+            hs.feed(&4u32.to_be_bytes(), &One, &mut out),
+            Err(ProtocolError::BadClientFlags(4))
+        );
+        let (mut hs, mut out) = start();
+        assert!(matches!(
+            hs.feed(&[0u8; 16], &One, &mut out),
+            Err(ProtocolError::BadOptionMagic(0))
+        ));
+        let (mut hs, mut out) = start();
+        assert!(matches!(
+            hs.feed(&opt(OPT_EXPORT_NAME, b"nope"), &One, &mut out),
+            Err(ProtocolError::UnknownExport(_))
+        ));
+        let mut out = Vec::new();
+        let mut hs = Handshake::new(HandshakeConfig { max_options: 2 }, &mut out);
+        let mut input = 0u32.to_be_bytes().to_vec();
+        for _ in 0..3 {
+            input.extend(opt(99, &[]));
+        }
+        assert_eq!(
+            hs.feed(&input, &One, &mut out),
+            Err(ProtocolError::TooManyOptions(2))
+        );
+    }
+
+    #[test]
+    fn oversized_option_is_skipped_in_pieces() {
+        let (mut hs, mut out) = start();
+        let mut hdr = IHAVEOPT.to_be_bytes().to_vec();
+        hdr.extend_from_slice(&OPT_LIST.to_be_bytes());
+        hdr.extend_from_slice(&(MAX_OPTION_DATA + 10).to_be_bytes());
+        assert_eq!(hs.feed(&hdr, &One, &mut out), Ok((16, Progress::NeedMore)));
+        let chunk = vec![0u8; 50_000];
+        assert_eq!(
+            hs.feed(&chunk, &One, &mut out),
+            Ok((50_000, Progress::NeedMore))
+        );
+        assert!(out.is_empty());
+        let rest = (MAX_OPTION_DATA + 10 - 50_000) as usize;
+        let mut tail = vec![0u8; rest];
+        tail.extend(opt(OPT_ABORT, &[]));
+        assert_eq!(
+            hs.feed(&tail, &One, &mut out),
+            Ok((tail.len(), Progress::Close))
+        );
+        let r = replies(&out);
+        assert_eq!(r[0].1, REP_ERR_TOO_BIG);
+        assert_eq!(r[1], (OPT_ABORT, REP_ACK, vec![]));
+    }
+}

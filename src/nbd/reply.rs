@@ -208,3 +208,117 @@ pub fn block_status(
         out[at..at + 4].copy_from_slice(&(count as u32).to_be_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simple_replies() {
+        let h = ok(ReplyMode::Simple, 0x0102, 0);
+        assert_eq!(
+            h.as_bytes(),
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
+        let (h, msg) = error(ReplyMode::Simple, 5, 0, ErrorCode::NoSpc, "full");
+        assert_eq!(&h.as_bytes()[4..8], &28u32.to_be_bytes());
+        assert_eq!(msg, "");
+        assert_eq!(
+            read_data(ReplyMode::Simple, 5, 0, 4096).as_bytes().len(),
+            16
+        );
+    }
+
+    #[test]
+    fn structured_replies() {
+        // Structured mode still answers non-READ successes with a simple reply.
+        assert_eq!(ok(ReplyMode::Structured, 1, 0).as_bytes().len(), 16);
+        let h = read_data(ReplyMode::Structured, 9, 4096, 512);
+        let b = h.as_bytes();
+        assert_eq!(b.len(), 28);
+        assert_eq!(&b[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&b[4..6], &REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(&b[6..8], &REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+        assert_eq!(&b[8..16], &9u64.to_be_bytes());
+        assert_eq!(&b[16..20], &(8u32 + 512).to_be_bytes());
+        assert_eq!(&b[20..28], &4096u64.to_be_bytes());
+        // A zero-length read cannot be a data chunk.
+        let b = read_data(ReplyMode::Structured, 9, 0, 0);
+        assert_eq!(&b.as_bytes()[6..8], &REPLY_TYPE_NONE.to_be_bytes());
+        let (h, msg) = error(ReplyMode::Structured, 3, 0, ErrorCode::Inval, "bad");
+        let b = h.as_bytes();
+        assert_eq!(&b[6..8], &REPLY_TYPE_ERROR.to_be_bytes());
+        assert_eq!(&b[16..20], &9u32.to_be_bytes());
+        assert_eq!(&b[20..24], &22u32.to_be_bytes());
+        assert_eq!(&b[24..26], &3u16.to_be_bytes());
+        assert_eq!(msg, "bad");
+    }
+
+    #[test]
+    fn extended_replies_echo_the_offset() {
+        let b = ok(ReplyMode::Extended, 4, 777);
+        let b = b.as_bytes();
+        assert_eq!(b.len(), 32);
+        assert_eq!(&b[..4], &EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&b[6..8], &REPLY_TYPE_NONE.to_be_bytes());
+        assert_eq!(&b[16..24], &777u64.to_be_bytes());
+        assert_eq!(&b[24..32], &0u64.to_be_bytes());
+        let h = read_data(ReplyMode::Extended, 4, 777, 10);
+        assert_eq!(&h.as_bytes()[24..32], &18u64.to_be_bytes());
+        assert_eq!(h.as_bytes().len(), 40);
+    }
+
+    fn ext(len: u64, hole: bool) -> Extent {
+        Extent {
+            len,
+            hole,
+            zero: hole,
+        }
+    }
+
+    #[test]
+    fn block_status_clips_to_the_request() {
+        let extents = [
+            ext(100, true),
+            ext(0, false),
+            ext(1000, false),
+            ext(5000, true),
+        ];
+        let mut out = Vec::new();
+        block_status(
+            ReplyMode::Structured,
+            1,
+            0,
+            1500,
+            false,
+            1,
+            &extents,
+            &mut out,
+        );
+        assert_eq!(&out[16..20], &(4u32 + 3 * 8).to_be_bytes());
+        let descs: Vec<(u32, u32)> = out[24..]
+            .chunks(8)
+            .map(|c| {
+                (
+                    u32::from_be_bytes(c[..4].try_into().unwrap()),
+                    u32::from_be_bytes(c[4..].try_into().unwrap()),
+                )
+            })
+            .collect();
+        assert_eq!(descs, [(100, 3), (1000, 0), (400, 3)]);
+        out.clear();
+        block_status(ReplyMode::Structured, 1, 0, 50, true, 1, &extents, &mut out);
+        assert_eq!(out.len(), 20 + 4 + 8);
+        assert_eq!(&out[24..28], &50u32.to_be_bytes());
+        out.clear();
+        block_status(ReplyMode::Extended, 1, 8, 50, false, 1, &[], &mut out);
+        assert_eq!(&out[6..8], &REPLY_TYPE_BLOCK_STATUS_EXT.to_be_bytes());
+        assert_eq!(&out[16..24], &8u64.to_be_bytes());
+        assert_eq!(
+            &out[36..40],
+            &1u32.to_be_bytes(),
+            "one descriptor when the volume gave none"
+        );
+        assert_eq!(&out[40..48], &50u64.to_be_bytes());
+    }
+}

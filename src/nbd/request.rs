@@ -329,3 +329,209 @@ pub fn check(req: &Request, s: &Session) -> Result<Command, Refusal> {
     }
     Ok(cmd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::export::{BlockSizes, ExportInfo, Features};
+    use crate::nbd::session::BASE_ALLOCATION_ID;
+
+    fn header(extended: bool, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
+        let mut v = if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        }
+        .to_be_bytes()
+        .to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&cmd.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        if extended {
+            v.extend_from_slice(&len.to_be_bytes());
+        } else {
+            v.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        v
+    }
+
+    fn session(mode: ReplyMode, read_only: bool) -> Session {
+        let f = Features {
+            read_only,
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+            rotational: false,
+        };
+        let mut flags = f.flags();
+        if mode != ReplyMode::Simple {
+            flags |= FLAG_SEND_DF;
+        }
+        Session {
+            export: ExportInfo {
+                id: 0,
+                name: "x".into(),
+                description: String::new(),
+                size: 1 << 20,
+                flags,
+                block: BlockSizes::default(),
+            },
+            flags,
+            mode,
+            base_allocation: (mode != ReplyMode::Simple).then_some(BASE_ALLOCATION_ID),
+        }
+    }
+
+    #[test]
+    fn decodes_write_with_payload_in_pieces() {
+        let mut d = Decoder::new(ReplyMode::Simple, 1 << 20);
+        let mut input = header(false, CMD_FLAG_FUA, CMD_WRITE, 9, 512, 6);
+        input.extend_from_slice(b"abcdef");
+        assert_eq!(d.next(&input[..27]), Ok((0, None)));
+        let (n, ev) = d.next(&input).unwrap();
+        assert_eq!(n, 28);
+        assert_eq!(
+            ev,
+            Some(Event::Request(Request {
+                cookie: 9,
+                flags: CMD_FLAG_FUA,
+                command: CMD_WRITE,
+                offset: 512,
+                length: 6,
+                payload: 6
+            }))
+        );
+        assert_eq!(d.payload_remaining(), 6);
+        assert_eq!(
+            d.next(&input[28..32]).unwrap(),
+            (
+                4,
+                Some(Event::Payload {
+                    data: b"abcd",
+                    last: false
+                })
+            )
+        );
+        assert_eq!(
+            d.next(&input[32..]).unwrap(),
+            (
+                2,
+                Some(Event::Payload {
+                    data: b"ef",
+                    last: true
+                })
+            )
+        );
+        assert!(d.at_boundary());
+    }
+
+    #[test]
+    fn extended_headers_carry_64_bit_lengths() {
+        let mut d = Decoder::new(ReplyMode::Extended, 1 << 20);
+        let input = header(true, 0, CMD_TRIM, 1, 0, 8 << 30);
+        let (n, ev) = d.next(&input).unwrap();
+        assert_eq!(n, 32);
+        let Some(Event::Request(r)) = ev else {
+            panic!()
+        };
+        assert_eq!((r.length, r.payload), (8 << 30, 0));
+    }
+
+    #[test]
+    fn framing_errors() {
+        let mut d = Decoder::new(ReplyMode::Simple, 4096);
+        assert_eq!(
+            d.next(&header(true, 0, CMD_READ, 1, 0, 1)),
+            Err(ProtocolError::BadRequestMagic(
+                EXTENDED_REQUEST_MAGIC,
+                REQUEST_MAGIC
+            ))
+        );
+        let mut d = Decoder::new(ReplyMode::Simple, 4096);
+        assert_eq!(
+            d.next(&header(false, 0, CMD_WRITE, 1, 0, 4097)),
+            Err(ProtocolError::PayloadTooLarge(4097, 4096))
+        );
+    }
+
+    fn req(flags: u16, command: u16, offset: u64, length: u64) -> Request {
+        Request {
+            cookie: 1,
+            flags,
+            command,
+            offset,
+            length,
+            payload: if command == CMD_WRITE { length } else { 0 },
+        }
+    }
+
+    #[test]
+    fn check_maps_refusals_to_the_spec_codes() {
+        use ErrorCode::*;
+        let s = session(ReplyMode::Structured, false);
+        let code = |r: Request, s: &Session| check(&r, s).map_err(|e| e.code);
+        let end = 1u64 << 20;
+        assert_eq!(code(req(0, CMD_READ, 0, 4096), &s), Ok(Command::Read));
+        assert_eq!(code(req(0, 42, 0, 0), &s), Err(Inval));
+        assert_eq!(code(req(1 << 7, CMD_READ, 0, 1), &s), Err(Inval));
+        assert_eq!(code(req(CMD_FLAG_NO_HOLE, CMD_READ, 0, 1), &s), Err(Inval));
+        assert_eq!(code(req(0, CMD_READ, end - 1, 2), &s), Err(Inval));
+        assert_eq!(code(req(0, CMD_WRITE, end - 1, 2), &s), Err(NoSpc));
+        assert_eq!(code(req(0, CMD_WRITE_ZEROES, end, 1), &s), Err(NoSpc));
+        assert_eq!(code(req(0, CMD_TRIM, u64::MAX, 2), &s), Err(Inval));
+        assert_eq!(
+            code(req(0, CMD_READ, 0, (32 << 20) + 1), &session_big()),
+            Err(Inval)
+        );
+        assert_eq!(code(req(0, CMD_FLUSH, 0, 1), &s), Err(Inval));
+        assert_eq!(
+            code(req(CMD_FLAG_FUA, CMD_FLUSH, 0, 0), &s),
+            Ok(Command::Flush)
+        );
+        assert_eq!(code(req(0, CMD_BLOCK_STATUS, 0, 0), &s), Err(Inval));
+        assert_eq!(
+            code(req(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, 1), &s),
+            Ok(Command::BlockStatus)
+        );
+        assert_eq!(
+            code(
+                req(
+                    CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                    CMD_WRITE_ZEROES,
+                    0,
+                    end
+                ),
+                &s
+            ),
+            Ok(Command::WriteZeroes)
+        );
+        assert_eq!(
+            code(req(CMD_FLAG_DF, CMD_READ, 0, 1), &s),
+            Ok(Command::Read)
+        );
+        let simple = session(ReplyMode::Simple, false);
+        assert_eq!(code(req(CMD_FLAG_DF, CMD_READ, 0, 1), &simple), Err(Inval));
+        assert_eq!(code(req(0, CMD_BLOCK_STATUS, 0, 1), &simple), Err(Inval));
+        let ro = session(ReplyMode::Simple, true);
+        for cmd in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
+            assert_eq!(code(req(0, cmd, 0, 1), &ro), Err(Perm));
+        }
+        assert_eq!(code(req(0, CMD_READ, 0, 1), &ro), Ok(Command::Read));
+        assert_eq!(code(req(0, CMD_DISC, 5, 5), &s), Ok(Command::Disc));
+        // A payload on anything but WRITE (extended PAYLOAD_LEN) is refused.
+        let mut r = req(0, CMD_READ, 0, 8);
+        r.payload = 8;
+        assert_eq!(code(r, &session(ReplyMode::Extended, false)), Err(Inval));
+    }
+
+    fn session_big() -> Session {
+        let mut s = session(ReplyMode::Structured, false);
+        s.export.size = 1 << 30;
+        s
+    }
+}

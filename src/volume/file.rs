@@ -449,3 +449,162 @@ impl Volume for FileVolume {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::IoFlags;
+    use crate::volume::sync::SyncDriver;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vbd-file-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("disk.img")
+    }
+
+    fn open(path: &Path, size: Option<u64>) -> FileVolume {
+        FileVolume::open(
+            path,
+            &FileOptions {
+                size,
+                ..FileOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn aligned_and_unaligned_io_round_trip() {
+        let path = scratch("rw");
+        let v = open(&path, Some(8 << 20));
+        assert!(v.direct.is_some(), "O_DIRECT works on this filesystem");
+        let mut d = SyncDriver::new().unwrap();
+        let a: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
+        d.write(&v, 4096, &a, false).unwrap();
+        let b: Vec<u8> = (0..3001u32).map(|i| (i * 13) as u8).collect();
+        d.write(&v, 10_001, &b, true).unwrap();
+        let mut want = a.clone();
+        want[10_001 - 4096..10_001 - 4096 + 3001].copy_from_slice(&b);
+        assert_eq!(d.read(&v, 4096, 65536).unwrap(), want);
+        d.op(&v, Op::Flush, 0, 0, IoFlags::default()).unwrap();
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[4096..4096 + 65536],
+            &want[..]
+        );
+        assert!(v.direct_ok.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn trim_zeroes_and_block_status() {
+        let path = scratch("trim");
+        let v = open(&path, Some(4 << 20));
+        let mut d = SyncDriver::new().unwrap();
+        let st = |d: &mut SyncDriver| -> Vec<(u64, bool)> {
+            d.op(&v, Op::BlockStatus, 0, 4 << 20, IoFlags::default())
+                .unwrap()
+                .extents
+                .iter()
+                .map(|e| (e.len, e.hole))
+                .collect()
+        };
+        assert_eq!(st(&mut d), [(4 << 20, true)]);
+        d.write(&v, 1 << 20, &vec![9u8; 1 << 20], false).unwrap();
+        assert_eq!(
+            st(&mut d),
+            [(1 << 20, true), (1 << 20, false), (2 << 20, true)]
+        );
+        d.op(
+            &v,
+            Op::Trim,
+            1 << 20,
+            512 << 10,
+            IoFlags {
+                fua: true,
+                ..IoFlags::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(d.read(&v, 1 << 20, 512 << 10).unwrap(), vec![0; 512 << 10]);
+        assert_eq!(
+            st(&mut d),
+            [(3 << 19, true), (512 << 10, false), (2 << 20, true)]
+        );
+        let nh = IoFlags {
+            no_hole: true,
+            ..IoFlags::default()
+        };
+        d.op(&v, Op::WriteZeroes, (3 << 19) + 7, 1000, nh).unwrap();
+        let r = d.read(&v, 3 << 19, 4096).unwrap();
+        assert!(
+            r[..7].iter().all(|&x| x == 9)
+                && r[7..1007].iter().all(|&x| x == 0)
+                && r[1007..].iter().all(|&x| x == 9)
+        );
+        d.op(&v, Op::Cache, 0, 4 << 20, IoFlags::default()).unwrap();
+    }
+
+    #[test]
+    fn zeroing_falls_back_to_writes_unless_fast_is_required() {
+        let path = scratch("fallback");
+        let v = open(&path, Some(4 << 20));
+        let mut d = SyncDriver::new().unwrap();
+        d.write(&v, 0, &vec![5u8; 3 << 20], false).unwrap();
+        // Pretend the filesystem has no fallocate zeroing.
+        v.zero_range_ok.store(false, Ordering::Relaxed);
+        v.punch_ok.store(false, Ordering::Relaxed);
+        let fast = IoFlags {
+            fast_zero: true,
+            ..IoFlags::default()
+        };
+        assert!(matches!(
+            d.op(&v, Op::WriteZeroes, 0, 1 << 20, fast),
+            Err(VolumeError::NotSupported)
+        ));
+        assert_eq!(
+            d.read(&v, 0, 16).unwrap(),
+            vec![5; 16],
+            "a refused fast zero changes nothing"
+        );
+        d.op(&v, Op::WriteZeroes, 100, (2 << 20) + 5, IoFlags::default())
+            .unwrap();
+        let r = d.read(&v, 0, 3 << 20).unwrap();
+        assert!(r[..100].iter().all(|&x| x == 5));
+        assert!(r[100..100 + (2 << 20) + 5].iter().all(|&x| x == 0));
+        assert!(r[100 + (2 << 20) + 5..].iter().all(|&x| x == 5));
+        // Trim without fallocate is a successful no-op (it is only a hint).
+        d.op(&v, Op::Trim, 0, 4096, IoFlags::default()).unwrap();
+    }
+
+    #[test]
+    fn opening_explains_problems() {
+        let path = scratch("open");
+        assert!(matches!(
+            FileVolume::open(&path, &FileOptions::default()),
+            Err(FileError::Missing { .. })
+        ));
+        let v = open(&path, Some(1 << 20));
+        assert!(matches!(
+            FileVolume::open(&path, &FileOptions::default()),
+            Err(FileError::Locked { .. })
+        ));
+        drop(v);
+        assert!(matches!(
+            FileVolume::open(&path, &FileOptions { size: Some(2 << 20), ..FileOptions::default() }),
+            Err(FileError::SizeMismatch { actual, .. }) if actual == 1 << 20
+        ));
+        let ro = FileVolume::open(
+            &path,
+            &FileOptions {
+                read_only: true,
+                ..FileOptions::default()
+            },
+        )
+        .unwrap();
+        let mut d = SyncDriver::new().unwrap();
+        assert!(matches!(
+            d.write(&ro, 0, b"x", false),
+            Err(VolumeError::ReadOnly)
+        ));
+    }
+}

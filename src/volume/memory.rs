@@ -224,3 +224,80 @@ impl Volume for MemoryVolume {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::IoFlags;
+    use crate::volume::sync::SyncDriver;
+
+    fn status(d: &mut SyncDriver, v: &MemoryVolume, off: u64, len: u64) -> Vec<(u64, bool)> {
+        let io = d
+            .op(v, Op::BlockStatus, off, len, IoFlags::default())
+            .unwrap();
+        io.extents.iter().map(|e| (e.len, e.hole)).collect()
+    }
+
+    #[test]
+    fn sparse_reads_writes_trims() {
+        let v = MemoryVolume::new(1 << 30, false);
+        let mut d = SyncDriver::new().unwrap();
+        assert_eq!(d.read(&v, 12345, 100).unwrap(), vec![0; 100]);
+        assert_eq!(v.allocated_bytes(), 0);
+        // A write spanning a page boundary allocates two pages.
+        let data: Vec<u8> = (0..10_000).map(|i| i as u8).collect();
+        d.write(&v, PAGE as u64 - 5000, &data, false).unwrap();
+        assert_eq!(v.allocated_bytes(), 2 * PAGE as u64);
+        assert_eq!(d.read(&v, PAGE as u64 - 5000, 10_000).unwrap(), data);
+        let page = PAGE as u64;
+        assert_eq!(
+            status(&mut d, &v, 0, 4 * page),
+            [(2 * page, false), (2 * page, true)]
+        );
+        // Trim of a partial page zeroes; of a whole page frees.
+        d.op(&v, Op::Trim, PAGE as u64 - 100, 100, IoFlags::default())
+            .unwrap();
+        assert_eq!(d.read(&v, PAGE as u64 - 100, 100).unwrap(), vec![0; 100]);
+        assert_eq!(v.allocated_bytes(), 2 * PAGE as u64);
+        d.op(&v, Op::Trim, PAGE as u64, PAGE as u64, IoFlags::default())
+            .unwrap();
+        assert_eq!(v.allocated_bytes(), PAGE as u64);
+        assert_eq!(
+            status(&mut d, &v, 0, 4 * PAGE as u64),
+            [(PAGE as u64, false), (3 * PAGE as u64, true)]
+        );
+        // Zeroing with NO_HOLE keeps the range allocated.
+        d.op(
+            &v,
+            Op::WriteZeroes,
+            3 * PAGE as u64,
+            10,
+            IoFlags {
+                no_hole: true,
+                ..IoFlags::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(v.allocated_bytes(), 2 * PAGE as u64);
+        assert_eq!(d.read(&v, 3 * PAGE as u64, 10).unwrap(), vec![0; 10]);
+    }
+
+    #[test]
+    fn unwritten_groups_are_one_hole_and_bounds_are_checked() {
+        let v = MemoryVolume::new(1 << 40, false);
+        let mut d = SyncDriver::new().unwrap();
+        assert_eq!(status(&mut d, &v, 0, 1 << 40), [(1 << 40, true)]);
+        d.write(&v, (1 << 40) - 1, b"z", true).unwrap();
+        assert_eq!(d.read(&v, (1 << 40) - 2, 2).unwrap(), b"\0z");
+        assert!(matches!(
+            d.read(&v, 1 << 40, 1),
+            Err(VolumeError::OutOfRange { .. })
+        ));
+        let ro = MemoryVolume::new(4096, true);
+        assert!(matches!(
+            d.write(&ro, 0, b"x", false),
+            Err(VolumeError::ReadOnly)
+        ));
+        assert!(ro.caps().read_only);
+    }
+}
