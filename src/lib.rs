@@ -5,5 +5,6 @@
 pub mod cli;
 pub mod control;
 pub mod nbd;
+pub mod objstore;
 pub mod server;
 pub mod volume;

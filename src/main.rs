@@ -10,11 +10,15 @@ use clap::{Args, Parser, Subcommand};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use vbd::cli::{Backend, ExportSpec, default_socket, parse_size};
+use vbd::cli::{Backend, CacheSpec, ExportSpec, default_socket, default_store_dir, parse_size};
+use vbd::control::runtime::runtime;
+use vbd::objstore::Store;
 use vbd::server::{ConnConfig, Registry, Server, ServerConfig, SocketTuning, signals};
 use vbd::volume::Volume;
 use vbd::volume::file::{FileOptions, FileVolume};
 use vbd::volume::memory::MemoryVolume;
+use vbd::volume::object::cache::CacheSize;
+use vbd::volume::object::{ObjectError, ObjectOptions, ObjectVolume, admin};
 
 #[derive(Parser)]
 #[command(name = "vbd", version, about = "A block server for virtual machines")]
@@ -30,6 +34,87 @@ struct Cli {
 enum Command {
     /// Serve volumes over NBD until SIGTERM or SIGINT.
     Serve(ServeArgs),
+    /// Create, list, inspect and delete object-store volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Object store tools.
+    #[command(subcommand)]
+    Objstore(ObjstoreCmd),
+}
+
+#[derive(Args)]
+struct StoreArg {
+    /// Object store URL: file:///DIR or s3://BUCKET[/PREFIX] (S3 settings and
+    /// credentials come from AWS_* variables or ~/.aws/credentials).
+    /// Default: the embedded local store.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+}
+
+impl StoreArg {
+    fn url(&self) -> String {
+        self.store
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", default_store_dir().display()))
+    }
+    fn open(&self) -> Result<Store> {
+        let url = self.url();
+        Store::open(&url).with_context(|| format!("opening store {url}"))
+    }
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume (instant, whatever its size).
+    Create {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        /// Size, e.g. 10G or 1T (a multiple of 4 KiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// List volumes.
+    List {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Show a volume's size, storage use and lock holder (as JSON).
+    Info {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+    },
+    /// Delete a volume and all its objects.
+    Delete {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        /// Delete even if a writer lock is held (for a lock left by a lost machine).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ObjstoreCmd {
+    /// Serve a directory over the S3 protocol on loopback (or ADDR).
+    Serve {
+        /// Directory holding the buckets (one subdirectory each).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on; port 0 picks a free port (printed on stdout).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// Buckets to create if missing.
+        #[arg(long, default_value = "vbd")]
+        bucket: Vec<String>,
+        /// AWS-style credentials file whose [default] profile holds the key
+        /// pair clients must sign with; default: AWS_ACCESS_KEY_ID and
+        /// AWS_SECRET_ACCESS_KEY from the environment.
+        #[arg(long)]
+        credentials: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -41,9 +126,10 @@ struct ServeArgs {
     /// Listen on this TCP address, e.g. 127.0.0.1:10809 (repeatable; off unless given).
     #[arg(long, value_name = "ADDR")]
     tcp: Vec<SocketAddr>,
-    /// An export: name=NAME,backend=memory|file[,size=1G][,path=FILE][,read-only][,direct=off]
+    /// An export: name=NAME,backend=memory|file|object[,size=1G][,path=FILE]
+    /// [,store=URL,volume=NAME,cache=SIZE|auto][,read-only][,direct=off]
     /// (repeatable). The first export is also the default (empty name).
-    /// Default: one memory export named "vbd" of 1 GiB.
+    /// Default: a 1 GiB object volume "vbd" in the local store.
     #[arg(long, value_name = "SPEC")]
     export: Vec<ExportSpec>,
     /// Reactor threads (default: one per core).
@@ -61,6 +147,10 @@ struct ServeArgs {
     /// Permission bits of Unix sockets, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Where object volumes keep their write-ahead logs (default:
+    /// /var/lib/vbd/wal as root, else ~/.local/state/vbd/wal).
+    #[arg(long, value_name = "DIR")]
+    wal_dir: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -82,6 +172,8 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Volume(cmd) => volume(cmd),
+        Command::Objstore(cmd) => objstore(cmd),
     };
     if let Err(e) = result {
         eprintln!("vbd: {e:#}");
@@ -89,7 +181,7 @@ fn main() {
     }
 }
 
-fn open_volume(spec: &ExportSpec) -> Result<Arc<dyn Volume>> {
+fn open_volume(spec: &ExportSpec, wal_dir: Option<&PathBuf>) -> Result<Arc<dyn Volume>> {
     Ok(match &spec.backend {
         Backend::Memory { size } => Arc::new(MemoryVolume::new(*size, spec.read_only)),
         Backend::File { path, size, direct } => {
@@ -102,17 +194,142 @@ fn open_volume(spec: &ExportSpec) -> Result<Arc<dyn Volume>> {
                 FileVolume::open(path, &opts).with_context(|| format!("export {:?}", spec.name))?,
             )
         }
+        Backend::Object {
+            store,
+            volume,
+            cache,
+            create,
+        } => {
+            let st = Store::open(store)
+                .with_context(|| format!("export {:?}: store {store}", spec.name))?;
+            if let Some(size) = create {
+                match runtime().block_on(admin::create(&st, volume, *size)) {
+                    Ok(_) => info!(volume, size, "created object volume"),
+                    Err(ObjectError::Exists(_)) => {}
+                    Err(e) => return Err(e).with_context(|| format!("export {:?}", spec.name)),
+                }
+            }
+            let mut opts = ObjectOptions {
+                read_only: spec.read_only,
+                cache: match cache {
+                    CacheSpec::Default => CacheSize::Default,
+                    CacheSpec::Auto => CacheSize::Auto,
+                    CacheSpec::Bytes(b) => CacheSize::Bytes(*b),
+                },
+                ..ObjectOptions::default()
+            };
+            if let Some(d) = wal_dir {
+                opts.wal_root = d.clone();
+            }
+            Arc::new(
+                ObjectVolume::open(st, volume, opts)
+                    .with_context(|| format!("export {:?}", spec.name))?,
+            )
+        }
     })
+}
+
+fn volume(cmd: VolumeCmd) -> Result<()> {
+    let rt = runtime();
+    match cmd {
+        VolumeCmd::Create { store, name, size } => {
+            let d = rt.block_on(admin::create(&store.open()?, &name, size))?;
+            println!(
+                "created volume {} of {} bytes in {}",
+                d.name,
+                d.size,
+                store.url()
+            );
+        }
+        VolumeCmd::List { store } => {
+            for d in rt.block_on(admin::list(&store.open()?))? {
+                println!("{}\t{}", d.name, d.size);
+            }
+        }
+        VolumeCmd::Info { store, name } => {
+            let i = rt.block_on(admin::info(&store.open()?, &name))?;
+            println!("{}", serde_json::to_string_pretty(&i)?);
+        }
+        VolumeCmd::Delete { store, name, force } => {
+            rt.block_on(admin::delete(&store.open()?, &name, force))?;
+            println!("deleted volume {name}");
+        }
+    }
+    Ok(())
+}
+
+fn objstore(cmd: ObjstoreCmd) -> Result<()> {
+    match cmd {
+        ObjstoreCmd::Serve {
+            dir,
+            listen,
+            bucket,
+            credentials,
+        } => serve_s3(dir, listen, bucket, credentials),
+    }
+}
+
+#[cfg(feature = "s3-server")]
+fn serve_s3(
+    dir: PathBuf,
+    listen: SocketAddr,
+    buckets: Vec<String>,
+    credentials: Option<PathBuf>,
+) -> Result<()> {
+    use vbd::objstore::credentials::{self, Credentials};
+    use vbd::objstore::server::{ServeConfig, bind};
+    let credentials = match credentials {
+        Some(path) => credentials::read(&path, "default")?,
+        None => match (
+            std::env::var("AWS_ACCESS_KEY_ID"),
+            std::env::var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            (Ok(a), Ok(s)) if !a.is_empty() && !s.is_empty() => Credentials {
+                access_key_id: a,
+                secret_access_key: s,
+                session_token: None,
+            },
+            _ => bail!(
+                "no credentials for the S3 endpoint: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+                 or pass --credentials FILE (an AWS credentials file with a [default] profile)"
+            ),
+        },
+    };
+    let cfg = ServeConfig {
+        dir,
+        listen,
+        credentials,
+        buckets,
+    };
+    signals::block_termination().context("blocking SIGTERM/SIGINT")?;
+    let rt = runtime();
+    let endpoint = rt.block_on(bind(&cfg))?;
+    println!("http://{}", endpoint.addr);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(endpoint.serve(async {
+        let _ = rx.await;
+    }));
+    let sig = signals::wait_for_termination().context("waiting for SIGTERM/SIGINT")?;
+    info!(signal = sig, "received termination signal");
+    let _ = tx.send(());
+    let _ = rt.block_on(server);
+    Ok(())
+}
+
+#[cfg(not(feature = "s3-server"))]
+fn serve_s3(_: PathBuf, _: SocketAddr, _: Vec<String>, _: Option<PathBuf>) -> Result<()> {
+    bail!("this vbd was built without the s3-server feature; rebuild with default features")
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
     let mut exports = args.export;
     if exports.is_empty() {
-        exports.push(
-            "name=vbd,backend=memory,size=1G"
-                .parse()
-                .map_err(anyhow::Error::msg)?,
+        // The embedded default: a 1 GiB object volume in the local store.
+        let spec = format!(
+            "name=vbd,backend=object,store=file://{},volume=vbd,size=1G",
+            default_store_dir().display()
         );
+        exports.push(spec.parse().map_err(anyhow::Error::msg)?);
     }
     let mut unix = args.unix;
     if unix.is_empty() && args.tcp.is_empty() {
@@ -123,7 +340,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let registry = Arc::new(Registry::new());
     for spec in &exports {
-        let volume = open_volume(spec)?;
+        let volume = open_volume(spec, args.wal_dir.as_ref())?;
         let export = registry.add(&spec.name, volume, spec.read_only)?;
         info!(export = %export.name, size = export.info.size, read_only = export.read_only, "{}", export.description);
     }

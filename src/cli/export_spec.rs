@@ -4,6 +4,14 @@ use std::path::PathBuf;
 
 use super::size::parse_size;
 
+/// How big an object volume's cache is, as given on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheSpec {
+    Default,
+    Auto,
+    Bytes(u64),
+}
+
 /// Which volume backend an export uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -14,6 +22,13 @@ pub enum Backend {
         path: PathBuf,
         size: Option<u64>,
         direct: bool,
+    },
+    Object {
+        store: String,
+        volume: String,
+        cache: CacheSpec,
+        /// Create the volume with this size if it does not exist.
+        create: Option<u64>,
     },
 }
 
@@ -43,6 +58,9 @@ impl std::str::FromStr for ExportSpec {
         let mut path = None;
         let mut read_only = false;
         let mut direct = true;
+        let mut store = None;
+        let mut volume = None;
+        let mut cache = CacheSpec::Default;
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (k, v) = item.split_once('=').unwrap_or((item, ""));
             match k {
@@ -52,36 +70,55 @@ impl std::str::FromStr for ExportSpec {
                 "path" => path = Some(PathBuf::from(v)),
                 "read-only" | "readonly" | "ro" => read_only = parse_bool(k, v)?,
                 "direct" => direct = parse_bool(k, v)?,
+                "store" => store = Some(v.to_owned()),
+                "volume" => volume = Some(v.to_owned()),
+                "cache" => {
+                    cache = match v {
+                        "auto" => CacheSpec::Auto,
+                        "default" => CacheSpec::Default,
+                        _ => CacheSpec::Bytes(parse_size(v)?),
+                    }
+                }
                 _ => {
                     return Err(format!(
-                        "unknown key {k:?} in --export {s:?}; known keys: name, backend, size, path, read-only, direct"
+                        "unknown key {k:?} in --export {s:?}; known keys: name, backend, size, path, read-only, direct, store, volume, cache"
                     ));
                 }
             }
         }
         let name = name.ok_or_else(|| format!("--export {s:?} needs name=NAME"))?;
-        let backend =
-            match backend
-                .as_deref()
-                .unwrap_or(if path.is_some() { "file" } else { "memory" })
-            {
-                "memory" => Backend::Memory {
-                    size: size.ok_or_else(|| {
-                        format!("--export {s:?}: a memory export needs size=, e.g. size=1G")
-                    })?,
-                },
-                "file" => Backend::File {
-                    path: path
-                        .ok_or_else(|| format!("--export {s:?}: a file export needs path=FILE"))?,
-                    size,
-                    direct,
-                },
-                other => {
-                    return Err(format!(
-                        "--export {s:?}: unknown backend {other:?}; use memory or file"
-                    ));
-                }
-            };
+        let default = if path.is_some() {
+            "file"
+        } else if store.is_some() {
+            "object"
+        } else {
+            "memory"
+        };
+        let backend = match backend.as_deref().unwrap_or(default) {
+            "memory" => Backend::Memory {
+                size: size.ok_or_else(|| {
+                    format!("--export {s:?}: a memory export needs size=, e.g. size=1G")
+                })?,
+            },
+            "file" => Backend::File {
+                path: path
+                    .ok_or_else(|| format!("--export {s:?}: a file export needs path=FILE"))?,
+                size,
+                direct,
+            },
+            "object" => Backend::Object {
+                store: store
+                    .ok_or_else(|| format!("--export {s:?}: an object export needs store=URL"))?,
+                volume: volume.unwrap_or_else(|| name.clone()),
+                cache,
+                create: size,
+            },
+            other => {
+                return Err(format!(
+                    "--export {s:?}: unknown backend {other:?}; use memory, file or object"
+                ));
+            }
+        };
         Ok(ExportSpec {
             name,
             backend,
@@ -111,6 +148,40 @@ mod tests {
             }
         );
         assert!(f.read_only);
+    }
+
+    #[test]
+    fn parses_object() {
+        let o: ExportSpec = "name=os,backend=object,store=file:///s,cache=auto"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            o.backend,
+            Backend::Object {
+                store: "file:///s".into(),
+                volume: "os".into(),
+                cache: CacheSpec::Auto,
+                create: None
+            }
+        );
+        let o: ExportSpec = "name=a,store=s3://b,volume=v,cache=64M,size=1T"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            o.backend,
+            Backend::Object {
+                store: "s3://b".into(),
+                volume: "v".into(),
+                cache: CacheSpec::Bytes(64 << 20),
+                create: Some(1 << 40)
+            }
+        );
+        assert!(
+            "name=a,backend=object"
+                .parse::<ExportSpec>()
+                .unwrap_err()
+                .contains("store=")
+        );
     }
 
     #[test]

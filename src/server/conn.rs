@@ -685,6 +685,10 @@ fn describe(e: &VolumeError) -> (ErrorCode, &'static str) {
             ErrorCode::Inval,
             "request extends beyond the end of the export",
         ),
+        VolumeError::Unaligned { .. } => (
+            ErrorCode::Inval,
+            "request is not aligned to the export's block size",
+        ),
         VolumeError::Shutdown => (ErrorCode::Shutdown, "server is shutting down"),
         VolumeError::Os { .. } | VolumeError::Backend(_) => (
             ErrorCode::from_errno(e.errno()),

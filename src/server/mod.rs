@@ -193,6 +193,9 @@ impl Server {
             }
         }
         flush_all(&self.registry);
+        for export in self.registry.all() {
+            export.volume.shutdown();
+        }
         for p in &self.socket_paths {
             if let Err(e) = std::fs::remove_file(p) {
                 warn!(path = %p.display(), "cannot remove socket: {e}");

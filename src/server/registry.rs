@@ -43,16 +43,7 @@ pub struct Registry {
     inner: RwLock<Inner>,
 }
 
-/// Whether `name` is acceptable as an export name.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 256
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && name != "."
-        && name != ".."
-}
+pub use crate::volume::valid_name;
 
 impl Registry {
     /// An empty registry.
@@ -95,7 +86,11 @@ impl Registry {
             description: description.clone(),
             size: volume.size(),
             flags: features.flags(),
-            block: BlockSizes::default(),
+            block: BlockSizes {
+                minimum: volume.block_size().max(1),
+                preferred: volume.block_size().max(4096),
+                ..BlockSizes::default()
+            },
         };
         let export = Arc::new(Export {
             name: name.to_owned(),

@@ -5,6 +5,7 @@
 pub mod buf;
 pub mod file;
 pub mod memory;
+pub mod object;
 pub mod ring;
 pub mod sync;
 
@@ -16,6 +17,18 @@ use thiserror::Error;
 
 /// Most extents one block-status call returns; clients ask again for the rest.
 pub const MAX_EXTENTS: usize = 1024;
+
+/// Whether `name` can name an export or volume: it ends up in object keys,
+/// directory names and URIs, so letters, digits, '-', '_' and '.' only.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name != "."
+        && name != ".."
+}
 
 /// An operation on a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +79,9 @@ pub struct Io {
     pub done: u64,
     /// Backend-private stage, reset by `prepare`.
     pub stage: u8,
+    /// Backend-private scratch (e.g. which parts of a read are still
+    /// missing), reused between requests so it allocates only when it grows.
+    pub aux: Vec<u64>,
 }
 
 impl Io {
@@ -80,6 +96,7 @@ impl Io {
             extents: Vec::new(),
             done: 0,
             stage: 0,
+            aux: Vec::new(),
         }
     }
 
@@ -92,6 +109,7 @@ impl Io {
         self.done = 0;
         self.stage = 0;
         self.extents.clear();
+        self.aux.clear();
         let data = matches!(op, Op::Read | Op::Write);
         self.buf.set_len(if data { len as usize } else { 0 });
     }
@@ -134,6 +152,8 @@ pub enum VolumeError {
     ReadOnly,
     #[error("range {offset}+{len} is outside the volume")]
     OutOfRange { offset: u64, len: u64 },
+    #[error("range {offset}+{len} is not aligned to the volume's {block}-byte blocks")]
+    Unaligned { offset: u64, len: u64, block: u32 },
     #[error("volume is shutting down")]
     Shutdown,
     #[error("{0}")]
@@ -156,7 +176,7 @@ impl VolumeError {
             VolumeError::NoSpace => libc::ENOSPC,
             VolumeError::NotSupported => libc::EOPNOTSUPP,
             VolumeError::ReadOnly => libc::EPERM,
-            VolumeError::OutOfRange { .. } => libc::EINVAL,
+            VolumeError::OutOfRange { .. } | VolumeError::Unaligned { .. } => libc::EINVAL,
             VolumeError::Shutdown => libc::ESHUTDOWN,
             VolumeError::Backend(_) => libc::EIO,
         }
@@ -176,6 +196,13 @@ pub trait Volume: Send + Sync + 'static {
     fn caps(&self) -> Caps;
     /// A short description for logs and `NBD_INFO_DESCRIPTION`.
     fn describe(&self) -> String;
+    /// The smallest unit of I/O: offsets and lengths must be multiples.
+    fn block_size(&self) -> u32 {
+        1
+    }
+    /// Called once when the server stops, after the final flush: a backend
+    /// with background work finishes or hands it off here.
+    fn shutdown(&self) {}
     /// Begins `io`.
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>>;
     /// Continues `io` after the work it queued finished.

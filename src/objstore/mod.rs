@@ -1,0 +1,264 @@
+//! Where objects live: one interface over the `object_store` crate for a
+//! local directory (`file:///var/lib/vbd/objects`) or S3 (`s3://bucket/prefix`,
+//! configured from the environment or an AWS credentials file, never argv),
+//! plus the embedded S3 endpoint (`server`, behind the `s3-server` feature).
+
+pub mod credentials;
+pub mod faults;
+#[cfg(feature = "s3-server")]
+pub mod server;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use thiserror::Error;
+
+pub use faults::Faults;
+
+/// Why a store operation failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store URL {0:?} is not understood: use file:///DIR or s3://BUCKET[/PREFIX]")]
+    BadUrl(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("object {0} does not exist")]
+    NotFound(String),
+    #[error("object {0} already exists")]
+    AlreadyExists(String),
+    #[error("the store does not support conditional writes")]
+    NoConditionalPut,
+    #[error("store operation on {key} failed: {source}")]
+    Backend {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("injected fault on {0}")]
+    Injected(String),
+}
+
+impl StoreError {
+    fn from_os(key: &str, e: object_store::Error) -> Self {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound(key.to_owned()),
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => StoreError::AlreadyExists(key.to_owned()),
+            object_store::Error::NotImplemented { .. }
+            | object_store::Error::NotSupported { .. } => StoreError::NoConditionalPut,
+            source => StoreError::Backend {
+                key: key.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
+/// An object store, with keys relative to the URL's prefix.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+    faults: Option<Arc<Faults>>,
+}
+
+impl Store {
+    /// Opens the store a URL names.
+    pub fn open(url: &str) -> Result<Store, StoreError> {
+        let inner: Arc<dyn ObjectStore> = if let Some(dir) = url.strip_prefix("file://") {
+            if !dir.starts_with('/') {
+                return Err(StoreError::BadUrl(url.to_owned()));
+            }
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Config(format!("cannot create store directory {dir}: {e}"))
+            })?;
+            Arc::new(
+                LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| StoreError::Config(format!("{dir}: {e}")))?,
+            )
+        } else if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StoreError::BadUrl(url.to_owned()));
+            }
+            let s3 = s3_builder(bucket)?
+                .build()
+                .map_err(|e| StoreError::Config(format!("S3 store {url}: {e}")))?;
+            if prefix.trim_matches('/').is_empty() {
+                Arc::new(s3)
+            } else {
+                Arc::new(object_store::prefix::PrefixStore::new(
+                    s3,
+                    prefix.trim_matches('/'),
+                ))
+            }
+        } else {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        };
+        Ok(Store {
+            inner,
+            url: url.to_owned(),
+            faults: None,
+        })
+    }
+
+    /// Wraps any `object_store` implementation (tests use the in-memory one).
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
+        Store {
+            inner,
+            url: url.to_owned(),
+            faults: None,
+        }
+    }
+
+    /// The same store with injected failures (see [`Faults`]).
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> Store {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// The URL the store was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn check(&self, key: &str) -> Result<(), StoreError> {
+        match &self.faults {
+            Some(f) if f.should_fail() => Err(StoreError::Injected(key.to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads a whole object.
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.check(key)?;
+        let r = self
+            .inner
+            .get(&Path::from(key))
+            .await
+            .map_err(|e| StoreError::from_os(key, e))?;
+        r.bytes().await.map_err(|e| StoreError::from_os(key, e))
+    }
+
+    /// Reads a byte range of an object.
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        self.check(key)?;
+        self.inner
+            .get_range(&Path::from(key), range)
+            .await
+            .map_err(|e| StoreError::from_os(key, e))
+    }
+
+    /// Writes an object, replacing any previous one.
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.check(key)?;
+        self.inner
+            .put(&Path::from(key), PutPayload::from(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::from_os(key, e))
+    }
+
+    /// Writes an object only if none exists (`AlreadyExists` otherwise).
+    pub async fn put_new(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.check(key)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        self.inner
+            .put_opts(&Path::from(key), PutPayload::from(data), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::from_os(key, e))
+    }
+
+    /// Deletes an object; deleting a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.check(key)?;
+        match self.inner.delete(&Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::from_os(key, e)),
+        }
+    }
+
+    /// Keys (relative to the store) and sizes under `prefix`, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.check(prefix)?;
+        let p = Path::from(prefix);
+        let mut stream = self.inner.list(Some(&p));
+        let mut out = Vec::new();
+        while let Some(item) = stream.next().await {
+            let meta = item.map_err(|e| StoreError::from_os(prefix, e))?;
+            out.push((meta.location.to_string(), meta.size));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Names directly under `prefix` (one level, like `ls`).
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.check(prefix)?;
+        let p = Path::from(prefix);
+        let r = self
+            .inner
+            .list_with_delimiter(Some(&p))
+            .await
+            .map_err(|e| StoreError::from_os(prefix, e))?;
+        let mut out: Vec<String> = r
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// An S3 client configured from the environment, then from an AWS
+/// credentials file for whatever the environment left out.
+fn s3_builder(bucket: &str) -> Result<AmazonS3Builder, StoreError> {
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_conditional_put(S3ConditionalPut::ETagMatch);
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let endpoint = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT"));
+    if let Some(ep) = &endpoint {
+        b = b.with_endpoint(ep);
+        if ep.starts_with("http://") {
+            b = b.with_allow_http(true);
+        }
+    }
+    if env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .is_none()
+    {
+        b = b.with_region("us-east-1");
+    }
+    if env("AWS_ACCESS_KEY_ID").is_none() {
+        match credentials::from_file()? {
+            Some(c) => {
+                b = b
+                    .with_access_key_id(c.access_key_id)
+                    .with_secret_access_key(c.secret_access_key);
+                if let Some(t) = c.session_token {
+                    b = b.with_token(t);
+                }
+            }
+            None => {
+                return Err(StoreError::Config(
+                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write them to \
+                     ~/.aws/credentials (or the file AWS_SHARED_CREDENTIALS_FILE names)"
+                        .into(),
+                ));
+            }
+        }
+    }
+    Ok(b)
+}

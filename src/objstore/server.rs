@@ -1,0 +1,122 @@
+//! The embedded S3-compatible endpoint: `s3s` over `s3s-fs`, with SigV4
+//! authentication, serving a directory whose subdirectories are buckets.
+//! One node can serve its objects to others, and the tests exercise the
+//! real S3 protocol through it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use super::credentials::Credentials;
+
+/// Why the endpoint could not run.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot prepare the object directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot serve S3 from {path}: {message}")]
+    Backend { path: PathBuf, message: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to serve and how.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub credentials: Credentials,
+    /// Buckets to create (as directories) before serving.
+    pub buckets: Vec<String>,
+}
+
+/// A bound endpoint, ready to serve.
+pub struct Endpoint {
+    listener: TcpListener,
+    service: s3s::service::S3Service,
+    pub addr: SocketAddr,
+}
+
+/// Prepares the directory and binds the listener.
+pub async fn bind(cfg: &ServeConfig) -> Result<Endpoint, ServerError> {
+    let dir_err = |source| ServerError::Dir {
+        path: cfg.dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&cfg.dir).map_err(dir_err)?;
+    for b in &cfg.buckets {
+        std::fs::create_dir_all(cfg.dir.join(b)).map_err(dir_err)?;
+    }
+    let fs = s3s_fs::FileSystem::new(&cfg.dir).map_err(|e| ServerError::Backend {
+        path: cfg.dir.clone(),
+        message: format!("{e:?}"),
+    })?;
+    let mut b = S3ServiceBuilder::new(fs);
+    b.set_auth(SimpleAuth::from_single(
+        cfg.credentials.access_key_id.clone(),
+        cfg.credentials.secret_access_key.clone(),
+    ));
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    Ok(Endpoint {
+        listener,
+        service: b.build(),
+        addr,
+    })
+}
+
+impl Endpoint {
+    /// Serves until `stop` completes.
+    pub async fn serve(self, stop: impl Future<Output = ()>) {
+        let http = ConnBuilder::new(TokioExecutor::new());
+        info!(addr = %self.addr, "S3 endpoint serving");
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let (socket, peer) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!("S3 accept failed: {e}");
+                        continue;
+                    }
+                },
+                () = stop.as_mut() => break,
+            };
+            let conn = http
+                .serve_connection(TokioIo::new(socket), self.service.clone())
+                .into_owned();
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(%peer, "S3 connection ended: {e}");
+                }
+            });
+        }
+        info!("S3 endpoint stopped");
+    }
+}

@@ -1,0 +1,89 @@
+//! Volume administration against a store: create, list, inspect, delete.
+
+use serde::Serialize;
+
+use super::ObjectError;
+use super::layout::{self, Descriptor, Keys};
+use crate::objstore::Store;
+
+/// What `vbd volume info` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeInfo {
+    #[serde(flatten)]
+    pub descriptor: Descriptor,
+    pub chunks: u64,
+    /// Bytes the volume's objects take in the store.
+    pub stored_bytes: u64,
+    pub checkpoints: u64,
+    /// The process holding the writer lock, if any.
+    pub locked_by: Option<String>,
+}
+
+/// Creates an empty volume: only a descriptor, so any size is instant and
+/// costs nothing until written.
+pub async fn create(store: &Store, name: &str, size: u64) -> Result<Descriptor, ObjectError> {
+    layout::create_descriptor(store, name, size).await
+}
+
+/// Every volume in the store.
+pub async fn list(store: &Store) -> Result<Vec<Descriptor>, ObjectError> {
+    let mut out = Vec::new();
+    for name in store.list_dirs("volumes").await? {
+        match layout::read_descriptor(store, &name).await {
+            Ok(d) => out.push(d),
+            Err(ObjectError::NoSuchVolume(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// A volume's descriptor and storage use.
+pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> {
+    let descriptor = layout::read_descriptor(store, name).await?;
+    let keys = Keys::new(name);
+    let objects = store.list(keys.root()).await?;
+    let chunks = objects
+        .iter()
+        .filter(|(k, _)| k.contains("/chunks/"))
+        .count() as u64;
+    let checkpoints = objects
+        .iter()
+        .filter(|(k, _)| k.contains("/checkpoints/"))
+        .count() as u64;
+    let stored_bytes = objects.iter().map(|(_, s)| s).sum();
+    let locked_by = layout::lock_owner(store, name)
+        .await?
+        .map(|o| format!("pid {} on {}", o.pid, o.host));
+    Ok(VolumeInfo {
+        descriptor,
+        chunks,
+        stored_bytes,
+        checkpoints,
+        locked_by,
+    })
+}
+
+/// Deletes a volume's objects; refuses while a writer holds it, unless
+/// `force` (for a lock left by a machine that is gone).
+pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), ObjectError> {
+    layout::read_descriptor(store, name).await?;
+    if let Some(o) = layout::lock_owner(store, name).await?
+        && !force
+    {
+        return Err(ObjectError::Locked {
+            name: name.to_owned(),
+            owner: format!("pid {} on {}", o.pid, o.host),
+        });
+    }
+    let keys = Keys::new(name);
+    // The descriptor goes last, so an interrupted delete can be repeated.
+    let descriptor = keys.descriptor();
+    for (key, _) in store.list(keys.root()).await? {
+        if key != descriptor {
+            store.delete(&key).await?;
+        }
+    }
+    store.delete(&descriptor).await?;
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! Where a volume's pieces live: object keys in the store, the local WAL
+//! directory, the volume descriptor, and the one-writer lock.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::ObjectError;
+use crate::objstore::{Store, StoreError};
+
+/// Keys of one volume's objects.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    root: String,
+}
+
+impl Keys {
+    /// Keys for volume `name`.
+    pub fn new(name: &str) -> Keys {
+        Keys {
+            root: format!("volumes/{name}"),
+        }
+    }
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+    pub fn descriptor(&self) -> String {
+        format!("{}/volume.json", self.root)
+    }
+    pub fn lock(&self) -> String {
+        format!("{}/lock", self.root)
+    }
+    pub fn chunks(&self) -> String {
+        format!("{}/chunks", self.root)
+    }
+    pub fn chunk(&self, id: u64) -> String {
+        format!("{}/chunks/{id:016x}", self.root)
+    }
+    pub fn checkpoints(&self) -> String {
+        format!("{}/checkpoints", self.root)
+    }
+    pub fn checkpoint(&self, id: u64) -> String {
+        format!("{}/checkpoints/{id:016x}", self.root)
+    }
+}
+
+/// The id at the end of a chunk or checkpoint key.
+pub fn id_of(key: &str) -> Option<u64> {
+    u64::from_str_radix(key.rsplit('/').next()?, 16).ok()
+}
+
+/// `volume.json`: what a volume is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub format: u32,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// Whether `name` can name a volume (it becomes part of object keys and a
+/// local directory, so no separators or dot-only names).
+pub fn valid_name(name: &str) -> bool {
+    crate::volume::valid_name(name)
+}
+
+/// Reads a volume's descriptor.
+pub async fn read_descriptor(store: &Store, name: &str) -> Result<Descriptor, ObjectError> {
+    let key = Keys::new(name).descriptor();
+    let bytes = match store.get(&key).await {
+        Ok(b) => b,
+        Err(StoreError::NotFound(_)) => return Err(ObjectError::NoSuchVolume(name.to_owned())),
+        Err(e) => return Err(e.into()),
+    };
+    let d: Descriptor =
+        serde_json::from_slice(&bytes).map_err(|e| ObjectError::Corrupt(format!("{key}: {e}")))?;
+    if d.format != 1 || d.block_size as usize != super::format::BLOCK {
+        return Err(ObjectError::Corrupt(format!(
+            "{key}: format {} with {}-byte blocks is not supported by this vbd",
+            d.format, d.block_size
+        )));
+    }
+    Ok(d)
+}
+
+/// Creates a volume's descriptor; fails if the volume exists.
+pub async fn create_descriptor(
+    store: &Store,
+    name: &str,
+    size: u64,
+) -> Result<Descriptor, ObjectError> {
+    if !valid_name(name) {
+        return Err(ObjectError::BadName(name.to_owned()));
+    }
+    let block = super::format::BLOCK as u64;
+    if size == 0 || !size.is_multiple_of(block) {
+        return Err(ObjectError::BadSize(size));
+    }
+    let d = Descriptor {
+        format: 1,
+        name: name.to_owned(),
+        size,
+        block_size: block as u32,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    let body = serde_json::to_vec_pretty(&d).map_err(|e| ObjectError::Corrupt(e.to_string()))?;
+    let key = Keys::new(name).descriptor();
+    match store.put_new(&key, Bytes::from(body.clone())).await {
+        Ok(()) => Ok(d),
+        Err(StoreError::AlreadyExists(_)) => Err(ObjectError::Exists(name.to_owned())),
+        Err(StoreError::NoConditionalPut) => {
+            // Without conditional writes, check first (racy, but only
+            // between two simultaneous creates of the same name).
+            if store.get(&key).await.is_ok() {
+                return Err(ObjectError::Exists(name.to_owned()));
+            }
+            store.put(&key, Bytes::from(body)).await?;
+            Ok(d)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Local state directory for WAL segments, by default
+/// `/var/lib/vbd/wal` as root, else `$XDG_STATE_HOME/vbd/wal` or
+/// `~/.local/state/vbd/wal`.
+pub fn default_wal_root() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/vbd/wal");
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("vbd/wal");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".local/state/vbd/wal")
+}
+
+/// The WAL directory of one volume: stores get their own subdirectory
+/// (named by a hash of the URL) so equal volume names never collide.
+pub fn wal_dir(root: &Path, store_url: &str, name: &str) -> PathBuf {
+    // FNV-1a: stable across builds and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in store_url.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    root.join(format!("{h:016x}")).join(name)
+}
+
+/// Who holds a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub host: String,
+    pub pid: u32,
+}
+
+impl Owner {
+    /// This process.
+    pub fn me() -> Owner {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        Owner {
+            host,
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// The one-writer lock: an exclusive flock on the local WAL directory and a
+/// lock object in the store naming the owner.
+pub struct WriterLock {
+    _file: File,
+    key: String,
+}
+
+impl WriterLock {
+    /// Takes the lock, replacing a lock object left by a dead process on
+    /// this host.
+    pub async fn take(store: &Store, name: &str, wal: &Path) -> Result<WriterLock, ObjectError> {
+        std::fs::create_dir_all(wal)
+            .map_err(|e| ObjectError::Local(format!("{}: {e}", wal.display())))?;
+        let path = wal.join("lock");
+        let file = File::create(&path)
+            .map_err(|e| ObjectError::Local(format!("{}: {e}", path.display())))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(ObjectError::Locked {
+                name: name.to_owned(),
+                owner: "another vbd process on this host".into(),
+            });
+        }
+        let key = Keys::new(name).lock();
+        let me = Owner::me();
+        let body =
+            Bytes::from(serde_json::to_vec(&me).map_err(|e| ObjectError::Corrupt(e.to_string()))?);
+        match store.put_new(&key, body.clone()).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) | Err(StoreError::NoConditionalPut) => {
+                match store.get(&key).await {
+                    Ok(b) => {
+                        let owner: Option<Owner> = serde_json::from_slice(&b).ok();
+                        match owner {
+                            // We hold the local flock, which every writer on this host
+                            // takes first: a lock object naming this host is left over
+                            // from a process that died.
+                            Some(o) if o.host == me.host => {}
+                            Some(o) => {
+                                return Err(ObjectError::Locked {
+                                    name: name.to_owned(),
+                                    owner: format!("pid {} on {}", o.pid, o.host),
+                                });
+                            }
+                            None => {}
+                        }
+                    }
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                store.put(&key, body).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(WriterLock { _file: file, key })
+    }
+
+    /// Releases the store lock object (the flock goes with the file).
+    pub async fn release(self, store: &Store) -> Result<(), ObjectError> {
+        store.delete(&self.key).await?;
+        Ok(())
+    }
+}
+
+/// Reads the owner named by a volume's lock object, if any.
+pub async fn lock_owner(store: &Store, name: &str) -> Result<Option<Owner>, ObjectError> {
+    match store.get(&Keys::new(name).lock()).await {
+        Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_ids() {
+        let k = Keys::new("os");
+        assert_eq!(k.chunk(255), "volumes/os/chunks/00000000000000ff");
+        assert_eq!(id_of(&k.chunk(255)), Some(255));
+        assert_eq!(id_of("volumes/os/chunks/zz"), None);
+        let a = wal_dir(Path::new("/w"), "file:///a", "os");
+        let b = wal_dir(Path::new("/w"), "file:///b", "os");
+        assert_ne!(a, b);
+        assert!(a.ends_with("os"));
+    }
+}

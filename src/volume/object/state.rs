@@ -1,0 +1,144 @@
+//! The in-memory state of an object volume: the write-ahead layer (records
+//! not yet in a chunk) and the persistent map (what the chunks say).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::extent_map::{ExtentMap, Piece, Span};
+use super::format::{IndexEntry, Kind};
+use super::segment::Segment;
+
+/// Where the newest version of unflushed blocks is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLoc {
+    /// In a WAL segment, at this byte offset.
+    Data {
+        seg: u64,
+        off: u64,
+    },
+    Zero,
+    Hole,
+}
+
+impl Piece for DirtyLoc {
+    fn advance(&self, by: u64) -> Self {
+        match *self {
+            DirtyLoc::Data { seg, off } => DirtyLoc::Data {
+                seg,
+                off: off + by * super::format::BLOCK as u64,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Where the chunks put a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    Chunk { id: u64, block: u32 },
+    Zero,
+    Hole,
+}
+
+impl Piece for Mapping {
+    fn advance(&self, by: u64) -> Self {
+        match *self {
+            Mapping::Chunk { id, block } => Mapping::Chunk {
+                id,
+                block: block + by as u32,
+            },
+            other => other,
+        }
+    }
+}
+
+impl Mapping {
+    /// The mapping an index entry describes, for chunk `id`.
+    pub fn of(id: u64, e: &IndexEntry) -> Mapping {
+        match e.kind {
+            Kind::Data => Mapping::Chunk {
+                id,
+                block: e.data_block,
+            },
+            Kind::Zero => Mapping::Zero,
+            Kind::Hole => Mapping::Hole,
+        }
+    }
+
+    fn chunk(&self) -> u64 {
+        match self {
+            Mapping::Chunk { id, .. } => *id,
+            _ => 0,
+        }
+    }
+}
+
+/// Newest sequence wins; on a tie (a chunk rewritten by garbage collection
+/// keeps its blocks' sequence numbers) the later chunk wins.
+pub fn newer(ns: u64, nv: &Mapping, os: u64, ov: &Mapping) -> bool {
+    ns > os || (ns == os && nv.chunk() > ov.chunk())
+}
+
+/// Records not yet in a chunk, and the segments holding their data.
+pub struct Dirty {
+    pub map: ExtentMap<DirtyLoc>,
+    pub segments: BTreeMap<u64, Arc<Segment>>,
+    /// The segment taking appends; `None` until the next write.
+    pub active: Option<Arc<Segment>>,
+    pub next_seq: u64,
+    pub next_seg: u64,
+    /// Log position just past the last appended byte.
+    pub appended: u64,
+    /// Bytes held in segments not yet uploaded.
+    pub backlog: u64,
+    /// When the last record was appended.
+    pub last_append: std::time::Instant,
+}
+
+/// What a chunk holds, as far as reads and garbage collection care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Byte offset of the first data block in the object.
+    pub data_start: u64,
+    pub data_blocks: u32,
+    /// Data blocks the map still points at.
+    pub live: u64,
+}
+
+/// The map the chunks define.
+#[derive(Default)]
+pub struct Mapped {
+    pub map: ExtentMap<Mapping>,
+    pub chunks: BTreeMap<u64, ChunkInfo>,
+    /// Highest sequence number in any chunk.
+    pub max_seq: u64,
+}
+
+impl Mapped {
+    /// Merges one range into the map, keeping per-chunk live counts.
+    pub fn merge(&mut self, lba: u64, blocks: u64, seq: u64, m: Mapping) {
+        let chunks = &mut self.chunks;
+        let landed = self
+            .map
+            .merge(lba, lba + blocks, seq, m, newer, |lost: &Span<Mapping>| {
+                if let Mapping::Chunk { id, .. } = lost.value
+                    && let Some(c) = chunks.get_mut(&id)
+                {
+                    c.live = c.live.saturating_sub(lost.end - lost.start);
+                }
+            });
+        if let Mapping::Chunk { id, .. } = m
+            && let Some(c) = self.chunks.get_mut(&id)
+        {
+            c.live += landed;
+        }
+        self.max_seq = self.max_seq.max(seq);
+    }
+
+    /// Applies a chunk's index (its info must be registered first).
+    pub fn apply_chunk(&mut self, id: u64, entries: &[IndexEntry]) {
+        for e in entries {
+            self.merge(e.lba, u64::from(e.blocks), e.seq, Mapping::of(id, e));
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! The uploader: packs each sealed, durable WAL segment into a chunk object
+//! (newest version of each block winning), puts it, moves its blocks from
+//! the write-ahead layer into the map and only then deletes the segment.
+//! It also writes checkpoints and garbage-collects sparse chunks. Runs on
+//! the control runtime; store failures are retried until they succeed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{debug, info, warn};
+
+use super::Inner;
+use super::cache::BlockKey;
+use super::format::{self, BLOCK, CHUNK_HEADER, CheckpointEntry, IndexEntry, Kind, SEGMENT_HEADER};
+use super::layout::id_of;
+use super::segment::Segment;
+use super::state::{ChunkInfo, DirtyLoc, Mapping};
+use crate::objstore::StoreError;
+
+/// How long a rewritten or dead chunk stays readable for reads already in flight.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// Runs until the volume stops and nothing is left to upload (or, when the
+/// store is down, until asked to stop).
+pub async fn run(inner: Arc<Inner>) {
+    let mut since_checkpoint = 0u64;
+    let mut doomed: Vec<(u64, Instant)> = Vec::new();
+    loop {
+        let stopping = inner.stopping.load(Ordering::Acquire);
+        match next_segment(&inner) {
+            Some(seg) => {
+                if upload_segment(&inner, &seg).await {
+                    since_checkpoint += 1;
+                    inner.release_backlog_waiters();
+                    continue;
+                }
+                // The store refused; the retry loop only gives up when stopping.
+                if stopping {
+                    break;
+                }
+            }
+            None if stopping && inner.all_uploaded() => break,
+            None => {
+                if since_checkpoint >= inner.opts.checkpoint_every {
+                    if write_checkpoint(&inner).await.is_ok() {
+                        since_checkpoint = 0;
+                    }
+                } else if let Some(d) = collect_garbage(&inner).await {
+                    doomed.extend(d);
+                }
+                delete_doomed(&inner, &mut doomed).await;
+            }
+        }
+        if inner.abort.load(Ordering::Acquire) {
+            return;
+        }
+        tokio::select! {
+            () = inner.upload_wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    if inner.all_uploaded() && since_checkpoint > 0 {
+        let _ = write_checkpoint(&inner).await;
+    }
+    delete_doomed(&inner, &mut doomed).await;
+}
+
+/// The oldest segment, if it is sealed and durable: segments go to the
+/// store strictly in order, which is what makes WAL replay after a crash
+/// able to skip everything at or below the store's highest sequence.
+fn next_segment(inner: &Inner) -> Option<Arc<Segment>> {
+    let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+    let s = d.segments.values().next()?;
+    let ready = s.sealed.load(Ordering::Acquire) && s.synced.load(Ordering::Acquire) >= s.len();
+    ready.then(|| s.clone())
+}
+
+/// Entries and data of the chunk for one segment: each record's blocks
+/// that no later record has overwritten.
+fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
+    let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+    let mut entries = Vec::new();
+    let mut data = Vec::new();
+    let mut pos = SEGMENT_HEADER;
+    let len = seg.len();
+    while pos < len {
+        let Some((h, rec_len)) = seg.bytes(pos, len - pos).and_then(format::decode_record) else {
+            break;
+        };
+        let rec_data = pos + format::WAL_RECORD_HEADER;
+        d.map.for_each_in(h.lba, h.lba + u64::from(h.blocks), |sp| {
+            if sp.seq != h.seq {
+                return;
+            }
+            let blocks = (sp.end - sp.start) as u32;
+            let mut e = IndexEntry {
+                lba: sp.start,
+                seq: h.seq,
+                blocks,
+                data_block: 0,
+                kind: h.kind,
+            };
+            if h.kind == Kind::Data {
+                if let DirtyLoc::Data { seg: sid, off } = sp.value
+                    && sid == seg.id
+                {
+                    debug_assert_eq!(off as usize, rec_data + (sp.start - h.lba) as usize * BLOCK);
+                }
+                e.data_block = (data.len() / BLOCK) as u32;
+                let from = rec_data + (sp.start - h.lba) as usize * BLOCK;
+                data.extend_from_slice(
+                    seg.bytes(from, blocks as usize * BLOCK).unwrap_or_default(),
+                );
+            }
+            entries.push(e);
+        });
+        pos += rec_len;
+    }
+    (entries, data)
+}
+
+async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
+    let (entries, data) = pack(inner, seg);
+    let chunk_id = if entries.is_empty() {
+        None
+    } else {
+        let id = inner.next_chunk.fetch_add(1, Ordering::AcqRel);
+        let body = Bytes::from(format::encode_chunk(id, &entries, &data));
+        let key = inner.keys.chunk(id);
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match inner.store.put(&key, body.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    inner.stats.upload_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(volume = %inner.name, chunk = id, "upload failed, will retry: {e}");
+                    if inner.abort.load(Ordering::Acquire) {
+                        return false;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        Some((
+            id,
+            (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64,
+        ))
+    };
+    {
+        let mut d = inner.dirty.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, data_start)) = chunk_id {
+            m.chunks.insert(
+                id,
+                ChunkInfo {
+                    data_start,
+                    data_blocks: (data.len() / BLOCK) as u32,
+                    live: 0,
+                },
+            );
+            m.apply_chunk(id, &entries);
+        }
+        let mut gone = Vec::new();
+        for e in &entries {
+            d.map.for_each_in(e.lba, e.lba + u64::from(e.blocks), |sp| {
+                if sp.seq == e.seq {
+                    gone.push((sp.start, sp.end));
+                }
+            });
+        }
+        for (s, e) in gone {
+            d.map.remove(s, e, |_| {});
+        }
+        d.segments.remove(&seg.id);
+        d.backlog = d.backlog.saturating_sub(seg.len() as u64);
+        let seq = seg.last_seq.load(Ordering::Acquire);
+        m.max_seq = m.max_seq.max(seq);
+    }
+    if let Some((id, _)) = chunk_id {
+        for e in entries.iter().filter(|e| e.kind == Kind::Data) {
+            for i in 0..e.blocks {
+                let at = (e.data_block + i) as usize * BLOCK;
+                inner.cache.insert(
+                    BlockKey {
+                        chunk: id,
+                        block: e.data_block + i,
+                    },
+                    &data[at..at + BLOCK],
+                );
+            }
+        }
+        inner.stats.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
+        inner
+            .stats
+            .bytes_uploaded
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        debug!(volume = %inner.name, chunk = id, entries = entries.len(), blocks = data.len() / BLOCK, "chunk uploaded");
+    }
+    // Only now, with its data safely in the store, may the segment go.
+    let path = inner.wal.segment_path(seg.id);
+    if let Err(e) = std::fs::remove_file(&path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(path = %path.display(), "cannot remove uploaded WAL segment: {e}");
+    }
+    true
+}
+
+/// Writes the whole map as a checkpoint and prunes all but the two newest.
+pub async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
+    let (id, body) = {
+        let m = inner.map.read().unwrap_or_else(|e| e.into_inner());
+        let Some((&last, _)) = m.chunks.iter().next_back() else {
+            return Ok(());
+        };
+        let mut entries = Vec::with_capacity(m.map.len());
+        for sp in m.map.iter() {
+            let (kind, chunk, block) = match sp.value {
+                Mapping::Chunk { id, block } => (Kind::Data, id, block),
+                Mapping::Zero => (Kind::Zero, 0, 0),
+                Mapping::Hole => (Kind::Hole, 0, 0),
+            };
+            let mut lba = sp.start;
+            while lba < sp.end {
+                let n = (sp.end - lba).min(u64::from(u32::MAX)) as u32;
+                entries.push(CheckpointEntry {
+                    lba,
+                    seq: sp.seq,
+                    blocks: n,
+                    kind,
+                    chunk,
+                    block: if kind == Kind::Data {
+                        block + (lba - sp.start) as u32
+                    } else {
+                        0
+                    },
+                });
+                lba += u64::from(n);
+            }
+        }
+        let table: Vec<(u64, ChunkInfo)> = m.chunks.iter().map(|(&k, &v)| (k, v)).collect();
+        (
+            last,
+            format::encode_checkpoint(last, &entries, &table, m.max_seq),
+        )
+    };
+    inner
+        .store
+        .put(&inner.keys.checkpoint(id), Bytes::from(body))
+        .await?;
+    info!(volume = %inner.name, chunk = id, "checkpoint written");
+    let old = inner.store.list(&inner.keys.checkpoints()).await?;
+    let mut ids: Vec<u64> = old.iter().filter_map(|(k, _)| id_of(k)).collect();
+    ids.sort_unstable();
+    if ids.len() > 2 {
+        for stale in &ids[..ids.len() - 2] {
+            inner.store.delete(&inner.keys.checkpoint(*stale)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites one chunk whose live share fell below the threshold, or marks a
+/// dead one for deletion. Returns chunks to delete after the grace period.
+async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
+    let (victim, info, newest) = {
+        let m = inner.map.read().unwrap_or_else(|e| e.into_inner());
+        let newest = *m.chunks.keys().next_back()?;
+        let threshold = inner.opts.gc_threshold;
+        let (&id, &info) = m.chunks.iter().find(|(id, c)| {
+            **id < newest
+                && c.data_blocks > 0
+                && (c.live as f64) < threshold * f64::from(c.data_blocks)
+        })?;
+        (id, info, newest)
+    };
+    let _ = newest;
+    if info.live == 0 {
+        let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
+        m.chunks.remove(&victim);
+        debug!(volume = %inner.name, chunk = victim, "chunk has no live blocks; deleting");
+        return Some(vec![(victim, Instant::now())]);
+    }
+    match rewrite(inner, victim, info).await {
+        Ok(()) => Some(vec![(victim, Instant::now())]),
+        Err(e) => {
+            warn!(volume = %inner.name, chunk = victim, "garbage collection failed, will retry: {e}");
+            None
+        }
+    }
+}
+
+/// Copies a chunk's live entries (data and zeroes alike, with their
+/// original sequence numbers) into a new chunk that supersedes it.
+async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(), StoreError> {
+    let key = inner.keys.chunk(victim);
+    let head = inner.store.get_range(&key, 0..CHUNK_HEADER as u64).await?;
+    let h = format::decode_chunk_header(&head).map_err(|e| corrupt(&key, e))?;
+    let index = inner
+        .store
+        .get_range(
+            &key,
+            CHUNK_HEADER as u64..(CHUNK_HEADER + h.index_len()) as u64,
+        )
+        .await?;
+    let (entries, _) = format::decode_chunk_index(&h, &index).map_err(|e| corrupt(&key, e))?;
+    // Live pieces: the map still points at exactly this entry.
+    let mut live: Vec<IndexEntry> = Vec::new();
+    {
+        let m = inner.map.read().unwrap_or_else(|e| e.into_inner());
+        for e in &entries {
+            m.map.for_each_in(e.lba, e.lba + u64::from(e.blocks), |sp| {
+                let here = match (e.kind, sp.value) {
+                    (Kind::Data, Mapping::Chunk { id, block }) => {
+                        id == victim
+                            && u64::from(block) == u64::from(e.data_block) + (sp.start - e.lba)
+                    }
+                    (Kind::Zero, Mapping::Zero) | (Kind::Hole, Mapping::Hole) => true,
+                    _ => false,
+                };
+                if here && sp.seq == e.seq {
+                    live.push(IndexEntry {
+                        lba: sp.start,
+                        seq: e.seq,
+                        blocks: (sp.end - sp.start) as u32,
+                        data_block: e.data_block + (sp.start - e.lba) as u32,
+                        kind: e.kind,
+                    });
+                }
+            });
+        }
+    }
+    let mut data = Vec::new();
+    for e in live.iter_mut().filter(|e| e.kind == Kind::Data) {
+        let from = info.data_start + u64::from(e.data_block) * BLOCK as u64;
+        let bytes = inner
+            .store
+            .get_range(&key, from..from + u64::from(e.blocks) * BLOCK as u64)
+            .await?;
+        e.data_block = (data.len() / BLOCK) as u32;
+        data.extend_from_slice(&bytes);
+    }
+    let id = inner.next_chunk.fetch_add(1, Ordering::AcqRel);
+    let body = Bytes::from(format::encode_chunk(id, &live, &data));
+    inner.store.put(&inner.keys.chunk(id), body).await?;
+    let data_start =
+        (CHUNK_HEADER + live.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64;
+    let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
+    m.chunks.insert(
+        id,
+        ChunkInfo {
+            data_start,
+            data_blocks: (data.len() / BLOCK) as u32,
+            live: 0,
+        },
+    );
+    m.apply_chunk(id, &live);
+    m.chunks.remove(&victim);
+    inner.stats.chunks_collected.fetch_add(1, Ordering::Relaxed);
+    info!(volume = %inner.name, from = victim, to = id, blocks = data.len() / BLOCK, "chunk rewritten by garbage collection");
+    Ok(())
+}
+
+async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
+    let mut keep = Vec::new();
+    for (id, since) in doomed.drain(..) {
+        if since.elapsed() < GRACE
+            && !inner.abort.load(Ordering::Acquire)
+            && !inner.stopping.load(Ordering::Acquire)
+        {
+            keep.push((id, since));
+            continue;
+        }
+        if let Err(e) = inner.store.delete(&inner.keys.chunk(id)).await {
+            warn!(volume = %inner.name, chunk = id, "cannot delete garbage chunk, will retry: {e}");
+            keep.push((id, since));
+        }
+    }
+    *doomed = keep;
+}
+
+fn corrupt(key: &str, e: format::FormatError) -> StoreError {
+    StoreError::Backend {
+        key: key.to_owned(),
+        source: object_store::Error::Generic {
+            store: "vbd",
+            source: Box::new(e),
+        },
+    }
+}

@@ -1,0 +1,262 @@
+//! The write-ahead log on local disk: a thread that writes segment bytes to
+//! their files, makes them durable for FLUSH and FUA (one fdatasync serves
+//! every waiter that arrived before it: group commit), seals idle segments
+//! and hands sealed, durable segments to the uploader. Also the replay of
+//! segment files at open.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, warn};
+
+use super::Inner;
+use super::format::{self, RecordHeader, SEGMENT_HEADER};
+use super::segment::Segment;
+use crate::volume::{Completer, VolumeError};
+
+/// How long a segment with data may stay open without new writes.
+const IDLE_SEAL: Duration = Duration::from_secs(1);
+/// How long a segment may take appends before it is sealed anyway.
+const MAX_AGE: Duration = Duration::from_secs(5);
+
+/// Requests to the WAL thread.
+#[derive(Default)]
+pub struct WalCtl {
+    /// (log position that must be durable, who to tell).
+    pub waiters: Vec<(u64, Completer)>,
+    pub wake: bool,
+    pub stop: bool,
+}
+
+/// Shared between writers and the WAL thread.
+pub struct Wal {
+    pub dir: PathBuf,
+    pub ctl: Mutex<WalCtl>,
+    pub cv: Condvar,
+    /// Log position up to which everything is durable.
+    pub synced: std::sync::atomic::AtomicU64,
+}
+
+impl Wal {
+    pub fn new(dir: PathBuf, synced: u64) -> Wal {
+        Wal {
+            dir,
+            ctl: Mutex::new(WalCtl::default()),
+            cv: Condvar::new(),
+            synced: std::sync::atomic::AtomicU64::new(synced),
+        }
+    }
+
+    /// Asks for `pos` to become durable; `done` is completed when it is.
+    pub fn wait(&self, pos: u64, done: Completer) {
+        let mut c = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        c.waiters.push((pos, done));
+        c.wake = true;
+        drop(c);
+        self.cv.notify_one();
+    }
+
+    /// Wakes the thread for a round (a seal or a shutdown step).
+    pub fn kick(&self) {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner()).wake = true;
+        self.cv.notify_one();
+    }
+
+    pub fn segment_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}.wal"))
+    }
+}
+
+/// Runs the WAL thread until stopped.
+pub fn run(inner: Arc<Inner>) {
+    let wal = &inner.wal;
+    let mut last_round = Instant::now();
+    loop {
+        let (waiters, stop) = {
+            let mut c = wal.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            while !c.wake && !c.stop {
+                let (g, t) = wal
+                    .cv
+                    .wait_timeout(c, Duration::from_millis(250))
+                    .unwrap_or_else(|e| e.into_inner());
+                c = g;
+                if t.timed_out() {
+                    break;
+                }
+            }
+            c.wake = false;
+            (std::mem::take(&mut c.waiters), c.stop)
+        };
+        seal_if_idle(&inner);
+        let sync = !waiters.is_empty() || stop || last_round.elapsed() > Duration::from_secs(1);
+        let result = round(&inner, sync);
+        last_round = Instant::now();
+        let synced = wal.synced.load(Ordering::Acquire);
+        let mut later = Vec::new();
+        for (pos, done) in waiters {
+            match &result {
+                Err(e) => done.complete(Err(VolumeError::Backend(e.clone()))),
+                Ok(()) if pos <= synced => done.complete(Ok(None)),
+                Ok(()) => later.push((pos, done)),
+            }
+        }
+        if !later.is_empty() {
+            let mut c = wal.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            c.waiters.extend(later);
+            c.wake = true;
+        }
+        inner.upload_wake.notify_one();
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Seals the active segment if it has sat idle or open too long, so its
+/// data moves on to the store.
+fn seal_if_idle(inner: &Inner) {
+    let mut d = inner.dirty.write().unwrap_or_else(|e| e.into_inner());
+    let Some(active) = d.active.as_ref() else {
+        return;
+    };
+    let has_records = active.len() > SEGMENT_HEADER;
+    let idle = d.last_append.elapsed() > IDLE_SEAL;
+    let old = active.created.elapsed() > MAX_AGE;
+    if has_records && (idle || old) {
+        active.sealed.store(true, Ordering::Release);
+        d.active = None;
+    }
+}
+
+/// Writes every segment's new bytes to its file; with `sync`, makes them
+/// durable and advances the synced position.
+fn round(inner: &Inner, sync: bool) -> Result<(), String> {
+    let (target, segs): (u64, Vec<Arc<Segment>>) = {
+        let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+        (d.appended, d.segments.values().cloned().collect())
+    };
+    let wal = &inner.wal;
+    let mut created = false;
+    for s in &segs {
+        let len = s.len();
+        let written = s.written.load(Ordering::Acquire);
+        if written >= len && !(sync && s.synced.load(Ordering::Acquire) < written) {
+            continue;
+        }
+        let mut f = s.file.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            let path = wal.segment_path(s.id);
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| format!("cannot create WAL segment {}: {e}", path.display()))?;
+            *f = Some(file);
+            created = true;
+        }
+        let Some(file) = f.as_ref() else { continue };
+        if written < len {
+            let bytes = s.bytes(written, len - written).unwrap_or_default();
+            file.write_all_at(bytes, written as u64)
+                .map_err(|e| format!("cannot write WAL segment {:016x}: {e}", s.id))?;
+            s.written.store(len, Ordering::Release);
+        }
+        if sync {
+            file.sync_data()
+                .map_err(|e| format!("cannot sync WAL segment {:016x}: {e}", s.id))?;
+            s.synced.store(len, Ordering::Release);
+        }
+    }
+    if created && sync {
+        // New files must survive a crash too: sync their directory entry.
+        File::open(&wal.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync WAL directory {}: {e}", wal.dir.display()))?;
+    }
+    if sync {
+        wal.synced.fetch_max(target, Ordering::AcqRel);
+    }
+    Ok(())
+}
+
+/// A segment file read back at open.
+pub struct Replayed {
+    pub id: u64,
+    /// The valid prefix of the file.
+    pub bytes: Vec<u8>,
+    /// Valid records: header and data offset in `bytes`.
+    pub records: Vec<(RecordHeader, usize)>,
+}
+
+/// Reads the segment files in `dir`, in order, stopping at the first torn
+/// or corrupt record: everything after it was never acknowledged as durable.
+pub fn replay(dir: &Path) -> Result<Vec<Replayed>, String> {
+    let mut files: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let p = e.path();
+                let stem = p.file_name()?.to_str()?.strip_suffix(".wal")?.to_owned();
+                Some((u64::from_str_radix(&stem, 16).ok()?, p))
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read WAL directory {}: {e}", dir.display())),
+    };
+    files.sort();
+    let mut out = Vec::new();
+    let mut torn = false;
+    let mut last_seq = 0u64;
+    for (id, path) in files {
+        if torn {
+            warn!(segment = %path.display(), "WAL segment after a torn record ignored");
+            out.push(Replayed {
+                id,
+                bytes: format::segment_header(id).to_vec(),
+                records: Vec::new(),
+            });
+            continue;
+        }
+        let data =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        match format::decode_segment_header(&data) {
+            Ok(h) if h == id => {}
+            _ => {
+                error!(segment = %path.display(), "WAL segment header is damaged; its records are ignored");
+                torn = true;
+                out.push(Replayed {
+                    id,
+                    bytes: format::segment_header(id).to_vec(),
+                    records: Vec::new(),
+                });
+                continue;
+            }
+        }
+        let mut pos = SEGMENT_HEADER;
+        let mut records = Vec::new();
+        while pos < data.len() {
+            match format::decode_record(&data[pos..]) {
+                Some((h, len)) if h.seq > last_seq => {
+                    records.push((h, pos + format::WAL_RECORD_HEADER));
+                    last_seq = h.seq;
+                    pos += len;
+                }
+                _ => {
+                    debug!(segment = %path.display(), at = pos, "WAL ends in a torn or stale record");
+                    torn = true;
+                    break;
+                }
+            }
+        }
+        let mut bytes = data;
+        bytes.truncate(pos);
+        out.push(Replayed { id, bytes, records });
+    }
+    Ok(out)
+}
