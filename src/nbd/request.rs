@@ -459,6 +459,22 @@ mod tests {
         );
     }
 
+    #[test]
+    fn wrong_magic_is_reported_before_the_header_is_complete() {
+        let mut d = Decoder::new(ReplyMode::Extended, 1 << 20);
+        let compact = [&REQUEST_MAGIC.to_be_bytes()[..], &[0u8; 24]].concat();
+        assert_eq!(
+            d.next(&compact),
+            Err(ProtocolError::BadRequestMagic(
+                REQUEST_MAGIC,
+                EXTENDED_REQUEST_MAGIC
+            ))
+        );
+        // A right magic still waits for the rest of the header.
+        let mut d = Decoder::new(ReplyMode::Extended, 1 << 20);
+        assert_eq!(d.next(&EXTENDED_REQUEST_MAGIC.to_be_bytes()), Ok((0, None)));
+    }
+
     fn req(flags: u16, command: u16, offset: u64, length: u64) -> Request {
         Request {
             cookie: 1,

@@ -160,6 +160,22 @@ pub fn wal_dir(root: &Path, store_url: &str, name: &str) -> PathBuf {
 pub struct Owner {
     pub host: String,
     pub pid: u32,
+    /// The process's start time (clock ticks since boot), so a reused pid
+    /// is not mistaken for the owner.
+    #[serde(default)]
+    pub started: u64,
+}
+
+/// Start time of a live (non-zombie) process, from /proc/PID/stat.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; fields resume after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 impl Owner {
@@ -168,10 +184,17 @@ impl Owner {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());
+        let pid = std::process::id();
         Owner {
             host,
-            pid: std::process::id(),
+            pid,
+            started: process_start(pid).unwrap_or(0),
         }
+    }
+
+    /// Whether the owner is this host's process that no longer runs.
+    fn is_stale(&self, me: &Owner) -> bool {
+        self.host == me.host && process_start(self.pid) != Some(self.started)
     }
 }
 
@@ -209,10 +232,9 @@ impl WriterLock {
                     Ok(b) => {
                         let owner: Option<Owner> = serde_json::from_slice(&b).ok();
                         match owner {
-                            // We hold the local flock, which every writer on this host
-                            // takes first: a lock object naming this host is left over
-                            // from a process that died.
-                            Some(o) if o.host == me.host => {}
+                            // Left by a process on this host that has died (the
+                            // flock alone cannot tell: WAL directories may differ).
+                            Some(o) if o.is_stale(&me) => {}
                             Some(o) => {
                                 return Err(ObjectError::Locked {
                                     name: name.to_owned(),

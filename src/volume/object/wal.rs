@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing::{debug, error, warn};
 
@@ -74,7 +74,6 @@ impl Wal {
 /// Runs the WAL thread until stopped.
 pub fn run(inner: Arc<Inner>) {
     let wal = &inner.wal;
-    let mut last_round = Instant::now();
     loop {
         let (waiters, stop) = {
             let mut c = wal.ctl.lock().unwrap_or_else(|e| e.into_inner());
@@ -92,9 +91,10 @@ pub fn run(inner: Arc<Inner>) {
             (std::mem::take(&mut c.waiters), c.stop)
         };
         seal_if_idle(&inner);
-        let sync = !waiters.is_empty() || stop || last_round.elapsed() > Duration::from_secs(1);
+        // Sync for waiters, at shutdown, and whenever a sealed segment is
+        // not yet durable: the uploader only takes durable segments.
+        let sync = !waiters.is_empty() || stop || sealed_unsynced(&inner);
         let result = round(&inner, sync);
-        last_round = Instant::now();
         let synced = wal.synced.load(Ordering::Acquire);
         let mut later = Vec::new();
         for (pos, done) in waiters {
@@ -114,6 +114,13 @@ pub fn run(inner: Arc<Inner>) {
             return;
         }
     }
+}
+
+fn sealed_unsynced(inner: &Inner) -> bool {
+    let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+    d.segments
+        .values()
+        .any(|s| s.sealed.load(Ordering::Acquire) && s.synced.load(Ordering::Acquire) < s.len())
 }
 
 /// Seals the active segment if it has sat idle or open too long, so its
