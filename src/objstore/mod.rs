@@ -66,6 +66,8 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     url: String,
     faults: Option<Arc<Faults>>,
+    /// For file:// stores: the directory, so writes can be made durable.
+    local: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -101,10 +103,12 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_owned()));
         };
+        let local = url.strip_prefix("file://").map(std::path::PathBuf::from);
         Ok(Store {
             inner,
             url: url.to_owned(),
             faults: None,
+            local,
         })
     }
 
@@ -114,6 +118,7 @@ impl Store {
             inner,
             url: url.to_owned(),
             faults: None,
+            local: None,
         }
     }
 
@@ -155,14 +160,37 @@ impl Store {
             .map_err(|e| StoreError::from_os(key, e))
     }
 
-    /// Writes an object, replacing any previous one.
+    /// Writes an object, replacing any previous one. Returns once the
+    /// object is durable (the WAL is deleted on the strength of it).
     pub async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         self.check(key)?;
         self.inner
             .put(&Path::from(key), PutPayload::from(data))
             .await
-            .map(|_| ())
-            .map_err(|e| StoreError::from_os(key, e))
+            .map_err(|e| StoreError::from_os(key, e))?;
+        self.make_durable(key).await
+    }
+
+    /// A local directory store writes through the page cache and renames
+    /// into place without syncing; sync the file and its directory so a
+    /// power failure cannot lose an object we were told is stored. (S3
+    /// acknowledges a PUT only once it is durable.)
+    async fn make_durable(&self, key: &str) -> Result<(), StoreError> {
+        let Some(root) = &self.local else {
+            return Ok(());
+        };
+        let path = root.join(key);
+        let sync = move || -> std::io::Result<()> {
+            std::fs::File::open(&path)?.sync_all()?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        tokio::task::spawn_blocking(sync)
+            .await
+            .map_err(|e| StoreError::Config(format!("sync task failed: {e}")))?
+            .map_err(|e| StoreError::Config(format!("cannot make {key} durable: {e}")))
     }
 
     /// Writes an object only if none exists (`AlreadyExists` otherwise).
@@ -175,8 +203,8 @@ impl Store {
         self.inner
             .put_opts(&Path::from(key), PutPayload::from(data), opts)
             .await
-            .map(|_| ())
-            .map_err(|e| StoreError::from_os(key, e))
+            .map_err(|e| StoreError::from_os(key, e))?;
+        self.make_durable(key).await
     }
 
     /// Deletes an object; deleting a missing object is not an error.
