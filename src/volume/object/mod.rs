@@ -681,9 +681,7 @@ async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeE
             .map
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .chunks
-            .get(&r.chunk)
-            .copied();
+            .chunk_info(r.chunk);
         let Some(info) = info else {
             return Err(VolumeError::Backend(format!(
                 "chunk {:016x} is not known",

@@ -110,11 +110,29 @@ pub struct ChunkInfo {
 pub struct Mapped {
     pub map: ExtentMap<Mapping>,
     pub chunks: BTreeMap<u64, ChunkInfo>,
+    /// Chunks garbage collection superseded but has not deleted yet: a read
+    /// that resolved its blocks before the rewrite may still fetch from them.
+    pub retired: BTreeMap<u64, ChunkInfo>,
     /// Highest sequence number in any chunk.
     pub max_seq: u64,
 }
 
 impl Mapped {
+    /// Where a chunk's data lives, whether current or retired.
+    pub fn chunk_info(&self, id: u64) -> Option<ChunkInfo> {
+        self.chunks
+            .get(&id)
+            .or_else(|| self.retired.get(&id))
+            .copied()
+    }
+
+    /// Moves a chunk out of the live table; it stays readable until deleted.
+    pub fn retire(&mut self, id: u64) {
+        if let Some(info) = self.chunks.remove(&id) {
+            self.retired.insert(id, info);
+        }
+    }
+
     /// Merges one range into the map, keeping per-chunk live counts.
     pub fn merge(&mut self, lba: u64, blocks: u64, seq: u64, m: Mapping) {
         let chunks = &mut self.chunks;

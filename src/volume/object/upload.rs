@@ -280,7 +280,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
     let _ = newest;
     if info.live == 0 {
         let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
-        m.chunks.remove(&victim);
+        m.retire(victim);
         debug!(volume = %inner.name, chunk = victim, "chunk has no live blocks; deleting");
         return Some(vec![(victim, Instant::now())]);
     }
@@ -358,7 +358,7 @@ async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(),
         },
     );
     m.apply_chunk(id, &live);
-    m.chunks.remove(&victim);
+    m.retire(victim);
     inner.stats.chunks_collected.fetch_add(1, Ordering::Relaxed);
     info!(volume = %inner.name, from = victim, to = id, blocks = data.len() / BLOCK, "chunk rewritten by garbage collection");
     Ok(())
@@ -374,9 +374,15 @@ async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
             keep.push((id, since));
             continue;
         }
-        if let Err(e) = inner.store.delete(&inner.keys.chunk(id)).await {
-            warn!(volume = %inner.name, chunk = id, "cannot delete garbage chunk, will retry: {e}");
-            keep.push((id, since));
+        match inner.store.delete(&inner.keys.chunk(id)).await {
+            Ok(()) => {
+                let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
+                m.retired.remove(&id);
+            }
+            Err(e) => {
+                warn!(volume = %inner.name, chunk = id, "cannot delete garbage chunk, will retry: {e}");
+                keep.push((id, since));
+            }
         }
     }
     *doomed = keep;
