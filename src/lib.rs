@@ -6,4 +6,5 @@ pub mod cli;
 pub mod control;
 pub mod nbd;
 pub mod server;
+pub mod vm;
 pub mod volume;
