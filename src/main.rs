@@ -11,6 +11,7 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use vbd::cli::{Backend, ExportSpec, default_socket, parse_size};
+use vbd::control::service::{ControlPlane, default_control_socket};
 use vbd::server::{ConnConfig, Registry, Server, ServerConfig, SocketTuning, signals};
 use vbd::volume::Volume;
 use vbd::volume::file::{FileOptions, FileVolume};
@@ -30,6 +31,10 @@ struct Cli {
 enum Command {
     /// Serve volumes over NBD until SIGTERM or SIGINT.
     Serve(ServeArgs),
+    /// Run and manage QEMU VMs through a running `vbd serve`.
+    Vm(vbd::vm::cli::VmArgs),
+    /// Create, list, delete and read volumes of a running `vbd serve`.
+    Volume(vbd::vm::cli::VolumeArgs),
 }
 
 #[derive(Args)]
@@ -61,6 +66,17 @@ struct ServeArgs {
     /// Permission bits of Unix sockets, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Control API socket (mode 0600). Default: control.sock beside the
+    /// first --unix socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Directory for VMs' QMP sockets, pidfiles and logs. Default: vm/
+    /// beside the first --unix socket.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Seconds each VM gets to power off when vbd stops.
+    #[arg(long, default_value_t = 30)]
+    vm_stop_grace: u64,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -82,6 +98,8 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Vm(args) => vbd::vm::cli::run_vm(args).map_err(Into::into),
+        Command::Volume(args) => vbd::vm::cli::run_volume(args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("vbd: {e:#}");
@@ -145,6 +163,21 @@ fn serve(args: ServeArgs) -> Result<()> {
     // Block termination signals before any thread starts, so only sigwait sees them.
     signals::block_termination().context("blocking SIGTERM/SIGINT")?;
     let server = Server::start(cfg.clone(), registry.clone())?;
+    let control = match cfg.unix.first() {
+        Some(nbd) => Some(
+            ControlPlane::start(
+                registry.clone(),
+                nbd.clone(),
+                &args.control.unwrap_or_else(|| default_control_socket(nbd)),
+                args.run_dir.unwrap_or_else(|| nbd.with_file_name("vm")),
+            )
+            .context("starting the control API")?,
+        ),
+        None => {
+            info!("no --unix socket: control API and VMs are off");
+            None
+        }
+    };
     for path in &cfg.unix {
         for e in registry.all() {
             println!("nbd+unix:///{}?socket={}", e.name, path.display());
@@ -157,6 +190,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let sig = signals::wait_for_termination().context("waiting for SIGTERM/SIGINT")?;
     info!(signal = sig, "received termination signal");
+    if let Some(control) = control {
+        control.stop(std::time::Duration::from_secs(args.vm_stop_grace));
+    }
     server.stop()?;
     Ok(())
 }
