@@ -51,6 +51,7 @@ pub enum Source {
 
 /// One volume attached to a VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Disk {
     /// Volume (and export) name; also names the QEMU objects.
     pub name: String,
@@ -110,6 +111,7 @@ pub enum DiskTuning {
 
 /// Everything that describes one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub name: String,
     pub vcpus: u32,

@@ -289,3 +289,20 @@ fn rejects_bad_configs_with_reasons() {
     let none = VmConfig::new("web", 0, 256, vec![]);
     assert!(matches!(argv(&none, &p), Err(ConfigError::NoResources(_))));
 }
+
+#[test]
+fn json_config_uses_defaults_and_rejects_unknown_fields() {
+    let cfg: VmConfig = serde_json::from_str(
+        r#"{"name":"web","vcpus":2,"memory_mib":512,"disks":[{"name":"root","role":"boot"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        cfg,
+        VmConfig::new("web", 2, 512, vec![Disk::export("root", Role::Boot)])
+    );
+    let err = serde_json::from_str::<VmConfig>(
+        r#"{"name":"web","vcpus":2,"memory_mib":512,"disks":[],"iothreads":false}"#,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("iothreads"), "{err}");
+}

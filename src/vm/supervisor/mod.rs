@@ -28,6 +28,9 @@ use crate::control::volumes::VolumeCatalog;
 use crate::server::{Registry, RegistryError};
 use process::{Exit, Process};
 
+/// How long a SIGKILLed QEMU may take to be reaped.
+const SIGKILL_WAIT: Duration = Duration::from_secs(10);
+
 /// Supervisor settings.
 #[derive(Clone, Debug)]
 pub struct SupervisorConfig {
@@ -105,6 +108,10 @@ pub enum SupervisorError {
         "volume name {0:?} cannot name QEMU objects: use a letter first and at most 26 characters"
     )]
     BadVolumeName(String),
+    #[error(
+        "QEMU of VM {vm:?} (pid {pid}) did not exit after SIGKILL; it is stuck in the kernel, check its disks and dmesg"
+    )]
+    Unkillable { vm: String, pid: u32 },
 }
 
 /// Where a VM is in its life.
@@ -503,11 +510,11 @@ impl Supervisor {
             && vm.process.exited().is_none()
         {
             warn!(vm = name, "system_powerdown failed: {e}");
-            self.escalate(&vm).await
+            self.escalate(&vm).await?
         } else if vm.process.wait(grace).await.is_some() {
             StopOutcome::Powerdown
         } else {
-            self.escalate(&vm).await
+            self.escalate(&vm).await?
         };
         vm.wait_cleaned().await;
         self.forget(name, &vm);
@@ -515,16 +522,22 @@ impl Supervisor {
         Ok(outcome)
     }
 
-    async fn escalate(&self, vm: &Vm) -> StopOutcome {
+    async fn escalate(&self, vm: &Vm) -> Result<StopOutcome, SupervisorError> {
         info!(vm = %vm.config.name, "guest did not power off; sending SIGTERM");
         vm.process.signal(libc::SIGTERM);
         if vm.process.wait(self.cfg.sigterm_wait).await.is_some() {
-            return StopOutcome::Sigterm;
+            return Ok(StopOutcome::Sigterm);
         }
         warn!(vm = %vm.config.name, "QEMU ignored SIGTERM; sending SIGKILL");
         vm.process.signal(libc::SIGKILL);
-        vm.process.wait_exit().await;
-        StopOutcome::Sigkill
+        if vm.process.wait(SIGKILL_WAIT).await.is_none() {
+            error!(vm = %vm.config.name, pid = vm.process.pid, "QEMU survived SIGKILL (stuck in the kernel?)");
+            return Err(SupervisorError::Unkillable {
+                vm: vm.config.name.clone(),
+                pid: vm.process.pid,
+            });
+        }
+        Ok(StopOutcome::Sigkill)
     }
 
     fn forget(&self, name: &str, vm: &Arc<Vm>) {
