@@ -33,8 +33,6 @@ enum Command {
     Serve(ServeArgs),
     /// Run and manage QEMU VMs through a running `vbd serve`.
     Vm(vbd::vm::cli::VmArgs),
-    /// Create, list, delete and read volumes of a running `vbd serve`.
-    Volume(vbd::vm::cli::VolumeArgs),
 }
 
 #[derive(Args)]
@@ -99,7 +97,6 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Vm(args) => vbd::vm::cli::run_vm(args).map_err(Into::into),
-        Command::Volume(args) => vbd::vm::cli::run_volume(args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("vbd: {e:#}");

@@ -4,7 +4,7 @@
 //! reads both patterns back. A second scenario kills QEMU mid-run and
 //! checks that vbd reports the crash and cleans up.
 
-mod common;
+mod vm_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{TempDir, wait_for_path};
+use vm_common::{TempDir, wait_for_path};
 
 /// TCG guests are CPU-heavy: run one at a time.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
@@ -102,13 +102,13 @@ impl Serve {
     }
 
     fn volumes(&self) -> String {
-        String::from_utf8(self.ok(&["volume", "list"])).unwrap()
+        String::from_utf8(self.ok(&["vm", "volume", "list"])).unwrap()
     }
 
     /// 4 KiB of the volume at 1 MiB, where the guest writes its pattern.
     fn block(&self, volume: &str) -> Vec<u8> {
         self.ok(&[
-            "volume", "read", volume, "--offset", "1M", "--length", "4096",
+            "vm", "volume", "read", volume, "--offset", "1M", "--length", "4096",
         ])
     }
 }
@@ -204,7 +204,7 @@ fn tag(what: &str) -> String {
 fn guest_boots_from_vbd_writes_hot_attached_disk_and_data_reads_back() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let s = Serve::start(&["name=boot,backend=memory,size=64M"]);
-    s.ok(&["volume", "create", "data", "--size", "32M"]);
+    s.ok(&["vm", "volume", "create", "data", "--size", "32M"]);
     let t = tag("E2E");
     let (serial, vm) = start_guest(&s, "g1", &t);
 
@@ -241,7 +241,7 @@ fn guest_boots_from_vbd_writes_hot_attached_disk_and_data_reads_back() {
 fn killed_qemu_is_reported_as_crashed_and_cleaned_up() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let s = Serve::start(&["name=boot,backend=memory,size=64M"]);
-    s.ok(&["volume", "create", "data", "--size", "32M"]);
+    s.ok(&["vm", "volume", "create", "data", "--size", "32M"]);
     let t = tag("CRASH");
     let (serial, vm) = start_guest(&s, "g2", &t);
     s.ok(&["vm", "attach", "g2", "data"]);

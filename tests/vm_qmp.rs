@@ -3,7 +3,7 @@
 //! failing step leaves nothing behind. QEMU's disks are exports of an
 //! in-process vbd server, as in production.
 
-mod common;
+mod vm_common;
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use vbd::vm::config::{Accel, Disk, DiskTuning, Role, VmConfig};
 use vbd::vm::hotplug::{AttachSpec, HotplugError, attach, detach};
 use vbd::vm::qmp::Qmp;
 
-use common::{Qemu, VbdServer, names};
+use vm_common::{Qemu, VbdServer, names};
 
 const T: Duration = Duration::from_secs(10);
 

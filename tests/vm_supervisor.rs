@@ -3,7 +3,7 @@
 //! QEMU's own words and nothing left behind, volumes held by one VM only,
 //! and the SIGTERM step of a stop when no guest answers the power button.
 
-mod common;
+mod vm_common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use vbd::control::volumes::{CreateVolume, VolumeCatalog};
 use vbd::vm::config::{Accel, Disk, Role, VmConfig};
 use vbd::vm::supervisor::{StopOutcome, Supervisor, SupervisorConfig, SupervisorError, VmState};
 
-use common::{TempDir, VbdServer};
+use vm_common::{TempDir, VbdServer};
 
 fn setup(volumes: &[&str]) -> (VbdServer, Arc<Supervisor>, TempDir) {
     let srv = VbdServer::start(&[]);

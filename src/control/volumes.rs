@@ -46,7 +46,7 @@ pub enum VolumeStoreError {
     BadName(String),
     #[error("a volume named {0:?} already exists; delete it first or pick another name")]
     Exists(String),
-    #[error("no volume named {0:?}; create it first (vbd volume create)")]
+    #[error("no volume named {0:?}; create it first (vbd vm volume create)")]
     Missing(String),
     #[error("unknown volume backend {0:?}; available: {1}")]
     UnknownBackend(String, String),

@@ -1,5 +1,5 @@
-//! `vbd vm …` and `vbd volume …`: thin commands over the control API of a
-//! running `vbd serve`.
+//! `vbd vm …` (including `vbd vm volume …`): thin commands over the
+//! control API of a running `vbd serve`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -88,6 +88,9 @@ pub enum VmCommand {
         #[arg(long, default_value_t = 30.0)]
         wait: f64,
     },
+    /// Create, list, delete and read the volumes VMs use.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
 }
 
 /// `vbd vm run` arguments.
@@ -303,23 +306,18 @@ pub fn run_vm(args: VmArgs) -> Result<(), CliError> {
             )?;
             writeln!(out, "detached {volume} from VM {vm}")?;
         }
+        VmCommand::Volume(cmd) => {
+            drop(out);
+            run_volume(&c, cmd)?;
+        }
     }
     Ok(())
 }
 
-/// `vbd volume` arguments.
-#[derive(Args, Debug)]
-pub struct VolumeArgs {
-    #[command(flatten)]
-    pub control: ControlArg,
-    #[command(subcommand)]
-    pub command: VolumeCommand,
-}
-
-/// Volume subcommands.
+/// `vbd vm volume` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
-    /// Create a volume in the running vbd.
+    /// Create a volume in the running vbd (memory or file backend).
     Create {
         name: String,
         /// memory or file (more backends may be registered).
@@ -348,11 +346,10 @@ pub enum VolumeCommand {
     },
 }
 
-/// Runs a `vbd volume` subcommand.
-pub fn run_volume(args: VolumeArgs) -> Result<(), CliError> {
-    let c = args.control.client();
+/// Runs a `vbd vm volume` subcommand.
+fn run_volume(c: &ControlClient, command: VolumeCommand) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
-    match args.command {
+    match command {
         VolumeCommand::Create {
             name,
             backend,

@@ -71,7 +71,7 @@ pub enum SupervisorError {
     #[error("VM {0:?} is not running; stop it to clear its record, then run it again")]
     NotRunning(String),
     #[error(
-        "no volume or export named {0:?}; create it (vbd volume create) or export it (vbd serve --export)"
+        "no volume or export named {0:?}; create it (vbd vm volume create) or export it (vbd serve --export)"
     )]
     NoVolume(String),
     #[error("volume {volume:?} is in use by VM {vm:?}; detach it or stop that VM first")]
