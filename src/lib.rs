@@ -7,4 +7,5 @@ pub mod control;
 pub mod nbd;
 pub mod objstore;
 pub mod server;
+pub mod vm;
 pub mod volume;

@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use vbd::cli::{Backend, CacheSpec, ExportSpec, default_socket, default_store_dir, parse_size};
 use vbd::control::runtime::runtime;
+use vbd::control::service::{ControlPlane, default_control_socket};
 use vbd::objstore::Store;
 use vbd::server::{ConnConfig, Registry, Server, ServerConfig, SocketTuning, signals};
 use vbd::volume::Volume;
@@ -40,6 +41,8 @@ enum Command {
     /// Object store tools.
     #[command(subcommand)]
     Objstore(ObjstoreCmd),
+    /// Run and manage QEMU VMs through a running `vbd serve`.
+    Vm(vbd::vm::cli::VmArgs),
 }
 
 #[derive(Args)]
@@ -151,6 +154,17 @@ struct ServeArgs {
     /// /var/lib/vbd/wal as root, else ~/.local/state/vbd/wal).
     #[arg(long, value_name = "DIR")]
     wal_dir: Option<PathBuf>,
+    /// Control API socket (mode 0600). Default: control.sock beside the
+    /// first --unix socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Directory for VMs' QMP sockets, pidfiles and logs. Default: vm/
+    /// beside the first --unix socket.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Seconds each VM gets to power off when vbd stops.
+    #[arg(long, default_value_t = 30)]
+    vm_stop_grace: u64,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -174,6 +188,7 @@ fn main() {
         Command::Serve(args) => serve(args),
         Command::Volume(cmd) => volume(cmd),
         Command::Objstore(cmd) => objstore(cmd),
+        Command::Vm(args) => vbd::vm::cli::run_vm(args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("vbd: {e:#}");
@@ -362,6 +377,21 @@ fn serve(args: ServeArgs) -> Result<()> {
     // Block termination signals before any thread starts, so only sigwait sees them.
     signals::block_termination().context("blocking SIGTERM/SIGINT")?;
     let server = Server::start(cfg.clone(), registry.clone())?;
+    let control = match cfg.unix.first() {
+        Some(nbd) => Some(
+            ControlPlane::start(
+                registry.clone(),
+                nbd.clone(),
+                &args.control.unwrap_or_else(|| default_control_socket(nbd)),
+                args.run_dir.unwrap_or_else(|| nbd.with_file_name("vm")),
+            )
+            .context("starting the control API")?,
+        ),
+        None => {
+            info!("no --unix socket: control API and VMs are off");
+            None
+        }
+    };
     for path in &cfg.unix {
         for e in registry.all() {
             println!("nbd+unix:///{}?socket={}", e.name, path.display());
@@ -374,6 +404,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let sig = signals::wait_for_termination().context("waiting for SIGTERM/SIGINT")?;
     info!(signal = sig, "received termination signal");
+    if let Some(control) = control {
+        control.stop(std::time::Duration::from_secs(args.vm_stop_grace));
+    }
     server.stop()?;
     Ok(())
 }

@@ -3,4 +3,9 @@
 //! The data path never blocks on it; results come back to the reactors
 //! through [`crate::volume::Completer`].
 
+pub mod api;
+pub mod client;
+pub mod http;
 pub mod runtime;
+pub mod service;
+pub mod volumes;

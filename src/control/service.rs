@@ -1,0 +1,62 @@
+//! What `vbd serve` runs beside the NBD server: the volume catalog, the VM
+//! supervisor and the control socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::api::{ControlApi, ControlServer, serve};
+use super::runtime::runtime;
+use super::volumes::VolumeCatalog;
+use crate::server::Registry;
+use crate::vm::supervisor::{Supervisor, SupervisorConfig};
+
+/// The running control plane.
+pub struct ControlPlane {
+    pub supervisor: Arc<Supervisor>,
+    pub catalog: Arc<VolumeCatalog>,
+    server: ControlServer,
+}
+
+/// The control socket's default path: beside the NBD socket.
+pub fn default_control_socket(nbd_socket: &Path) -> PathBuf {
+    nbd_socket.with_file_name("control.sock")
+}
+
+impl ControlPlane {
+    /// Starts the control API on `control`; VMs reach their disks through
+    /// `nbd_socket` and keep their run files under `run_dir`.
+    pub fn start(
+        registry: Arc<Registry>,
+        nbd_socket: PathBuf,
+        control: &Path,
+        run_dir: PathBuf,
+    ) -> std::io::Result<ControlPlane> {
+        let catalog = Arc::new(VolumeCatalog::new());
+        let supervisor = Supervisor::new(
+            SupervisorConfig::new(nbd_socket, run_dir),
+            registry.clone(),
+            catalog.clone(),
+        );
+        let api = Arc::new(ControlApi {
+            supervisor: supervisor.clone(),
+            catalog: catalog.clone(),
+            registry,
+        });
+        let server = serve(control, api)?;
+        Ok(ControlPlane {
+            supervisor,
+            catalog,
+            server,
+        })
+    }
+
+    /// Closes the control socket, then stops every VM (each gets `grace`
+    /// to power off) so their exports and sockets are cleaned up before
+    /// the NBD server stops.
+    pub fn stop(self, grace: Duration) {
+        self.server.shutdown();
+        let sup = self.supervisor.clone();
+        runtime().block_on(async move { sup.stop_all(grace).await });
+    }
+}

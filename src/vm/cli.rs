@@ -1,0 +1,460 @@
+//! `vbd vm …` (including `vbd vm volume …`): thin commands over the
+//! control API of a running `vbd serve`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use thiserror::Error;
+
+use super::config::{Accel, Disk, DiskTuning, Role, Source, VmConfig};
+use super::supervisor::{DiskInfo, VmInfo, VmState};
+use crate::cli::{default_socket, parse_size};
+use crate::control::api::{AttachRequest, VolumeListing};
+use crate::control::client::{ClientError, ControlClient};
+use crate::control::service::default_control_socket;
+use crate::control::volumes::{CreateVolume, VolumeInfo};
+
+/// Why a CLI command failed.
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Where to find vbd's control socket.
+#[derive(Args, Debug, Clone)]
+pub struct ControlArg {
+    /// The control socket of `vbd serve` (default: control.sock beside the
+    /// default NBD socket).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+impl ControlArg {
+    fn client(&self) -> ControlClient {
+        let path = self
+            .control
+            .clone()
+            .unwrap_or_else(|| default_control_socket(&default_socket()));
+        ControlClient::new(&path)
+    }
+}
+
+/// `vbd vm` arguments.
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    #[command(flatten)]
+    pub control: ControlArg,
+    #[command(subcommand)]
+    pub command: VmCommand,
+}
+
+/// VM subcommands.
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Start a VM whose disks are vbd volumes.
+    Run(Box<RunArgs>),
+    /// Stop a VM: ACPI power-down, then SIGTERM, then SIGKILL.
+    Stop {
+        name: String,
+        /// Seconds the guest gets to power off before SIGTERM.
+        #[arg(long, default_value_t = 30.0)]
+        grace: f64,
+    },
+    /// List VMs, running and exited.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hot-attach a volume to a running VM.
+    Attach {
+        vm: String,
+        volume: String,
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Hot-detach a volume from a running VM.
+    Detach {
+        vm: String,
+        volume: String,
+        /// Seconds to wait for the guest to release the disk.
+        #[arg(long, default_value_t = 30.0)]
+        wait: f64,
+    },
+    /// Create, list, delete and read the volumes VMs use.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+/// `vbd vm run` arguments.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    pub name: String,
+    /// A disk: NAME[:ROLE][:raw=PATH]; ROLE is boot, data, cloud-init or efi
+    /// (default: boot for the first, data for the rest); raw=PATH has QEMU
+    /// open a raw file itself instead of the vbd export (comparisons only).
+    #[arg(long = "volume", value_name = "SPEC")]
+    pub volumes: Vec<String>,
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// Guest memory, e.g. 512M or 2G.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub memory: u64,
+    #[arg(long, default_value = "q35")]
+    pub machine: String,
+    /// kvm, or tcg where KVM is missing or unusable.
+    #[arg(long, default_value = "kvm")]
+    pub accel: Accel,
+    /// -cpu model (default: host under kvm, max under tcg).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    pub append: Option<String>,
+    /// UEFI code image (e.g. /usr/share/OVMF/OVMF_CODE_4M.fd).
+    #[arg(long)]
+    pub firmware: Option<PathBuf>,
+    /// Empty PCIe root ports for hot-attach.
+    #[arg(long, default_value_t = 4)]
+    pub hotplug_ports: u32,
+    /// Extra -device value (repeatable).
+    #[arg(long = "device", value_name = "DEVICE")]
+    pub devices: Vec<String>,
+    /// QEMU's default block flags (no iothread, host cache, one queue), to
+    /// measure what the tuned ones buy.
+    #[arg(long)]
+    pub untuned: bool,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+}
+
+/// Parses a `--volume` spec; `first` picks the default role.
+pub fn parse_disk(spec: &str, first: bool) -> Result<Disk, String> {
+    // A raw path may itself contain ':', so it is split off first.
+    let (head, source) = match spec.split_once(":raw=") {
+        Some((h, path)) => (h, Source::RawFile(PathBuf::from(path))),
+        None => (spec, Source::Export),
+    };
+    let (name, role) = match head.split_once(':') {
+        Some((n, r)) => (n, r.parse()?),
+        None => (head, if first { Role::Boot } else { Role::Data }),
+    };
+    if name.is_empty() {
+        return Err(format!("--volume {spec:?} needs a volume name"));
+    }
+    Ok(Disk {
+        name: name.to_owned(),
+        role,
+        source,
+    })
+}
+
+impl RunArgs {
+    /// The VM config these arguments describe.
+    pub fn config(&self) -> Result<VmConfig, String> {
+        let disks = self
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| parse_disk(s, i == 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut cfg = VmConfig::new(&self.name, self.vcpus, (self.memory >> 20).max(1), disks);
+        cfg.machine = self.machine.clone();
+        cfg.accel = self.accel;
+        cfg.cpu = self.cpu.clone();
+        cfg.kernel = self.kernel.clone();
+        cfg.initrd = self.initrd.clone();
+        cfg.append = self.append.clone();
+        cfg.firmware = self.firmware.clone();
+        cfg.hotplug_ports = self.hotplug_ports;
+        cfg.extra_devices = self.devices.clone();
+        cfg.tuning = if self.untuned {
+            DiskTuning::Untuned
+        } else {
+            DiskTuning::Tuned
+        };
+        cfg.qemu = self.qemu.clone();
+        Ok(cfg)
+    }
+}
+
+fn state_text(s: &VmState) -> String {
+    match s {
+        VmState::Running => "running".into(),
+        VmState::Stopping => "stopping".into(),
+        VmState::Stopped { reason } => format!("stopped ({reason})"),
+        VmState::Crashed { reason } => format!("CRASHED ({reason})"),
+    }
+}
+
+fn disks_text(d: &[DiskInfo]) -> String {
+    d.iter()
+        .map(|d| match &d.port {
+            Some(p) => format!("{}@{p}", d.volume),
+            None => format!(
+                "{}:{}",
+                d.volume,
+                serde_json::to_value(d.role)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn secs(v: f64, what: &str) -> Result<f64, CliError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(CliError::Usage(format!(
+            "--{what} must be a number of seconds"
+        )))
+    }
+}
+
+/// Runs a `vbd vm` subcommand.
+pub fn run_vm(args: VmArgs) -> Result<(), CliError> {
+    let c = args.control.client();
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        VmCommand::Run(run) => {
+            let cfg = run.config().map_err(CliError::Usage)?;
+            let info: VmInfo = c.call("POST", "/v1/vms", Some(&cfg))?;
+            writeln!(
+                out,
+                "started VM {} (pid {}); serial log {}",
+                info.name,
+                info.pid,
+                info.serial_log.display()
+            )?;
+        }
+        VmCommand::Stop { name, grace } => {
+            let grace = secs(grace, "grace")?;
+            let v: Value =
+                c.call::<(), _>("DELETE", &format!("/v1/vms/{name}?grace={grace}"), None)?;
+            writeln!(
+                out,
+                "stopped VM {name} ({})",
+                v["outcome"].as_str().unwrap_or("?")
+            )?;
+        }
+        VmCommand::List { json } => {
+            let vms: Vec<VmInfo> = c.call::<(), _>("GET", "/v1/vms", None)?;
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&vms).unwrap_or_default()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<16} {:<10} {:>4} {:>7}  {:<30} DISKS",
+                    "NAME", "PID", "CPUS", "MEMORY", "STATE"
+                )?;
+                for v in vms {
+                    writeln!(
+                        out,
+                        "{:<16} {:<10} {:>4} {:>6}M  {:<30} {}",
+                        v.name,
+                        v.pid,
+                        v.vcpus,
+                        v.memory_mib,
+                        state_text(&v.state),
+                        disks_text(&v.disks)
+                    )?;
+                }
+            }
+        }
+        VmCommand::Attach {
+            vm,
+            volume,
+            read_only,
+        } => {
+            let d: DiskInfo = c.call(
+                "POST",
+                &format!("/v1/vms/{vm}/disks"),
+                Some(&AttachRequest { volume, read_only }),
+            )?;
+            writeln!(
+                out,
+                "attached {} to VM {vm} on port {}",
+                d.volume,
+                d.port.unwrap_or_default()
+            )?;
+        }
+        VmCommand::Detach { vm, volume, wait } => {
+            let wait = secs(wait, "wait")?;
+            let _: Value = c.call::<(), _>(
+                "DELETE",
+                &format!("/v1/vms/{vm}/disks/{volume}?wait={wait}"),
+                None,
+            )?;
+            writeln!(out, "detached {volume} from VM {vm}")?;
+        }
+        VmCommand::Volume(cmd) => {
+            drop(out);
+            run_volume(&c, cmd)?;
+        }
+    }
+    Ok(())
+}
+
+/// `vbd vm volume` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a volume in the running vbd (memory or file backend).
+    Create {
+        name: String,
+        /// memory or file (more backends may be registered).
+        #[arg(long, default_value = "memory")]
+        backend: String,
+        /// Size, e.g. 1G (required for memory; creates a missing file).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Backing file (file backend).
+        #[arg(long)]
+        path: Option<PathBuf>,
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List volumes and static exports.
+    List,
+    /// Forget a volume (a file backend's file stays on disk).
+    Delete { name: String },
+    /// Copy bytes of a volume to stdout.
+    Read {
+        name: String,
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        offset: u64,
+        #[arg(long, value_parser = parse_size)]
+        length: u64,
+    },
+}
+
+/// Runs a `vbd vm volume` subcommand.
+fn run_volume(c: &ControlClient, command: VolumeCommand) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        VolumeCommand::Create {
+            name,
+            backend,
+            size,
+            path,
+            read_only,
+        } => {
+            let mut options = serde_json::Map::new();
+            if let Some(p) = path {
+                options.insert("path".into(), Value::from(p.to_string_lossy().into_owned()));
+            }
+            let req = CreateVolume {
+                name,
+                backend,
+                size,
+                read_only,
+                options,
+            };
+            let v: VolumeInfo = c.call("POST", "/v1/volumes", Some(&req))?;
+            writeln!(
+                out,
+                "created volume {} ({} bytes): {}",
+                v.name, v.size, v.description
+            )?;
+        }
+        VolumeCommand::List => {
+            let vols: Vec<VolumeListing> = c.call::<(), _>("GET", "/v1/volumes", None)?;
+            writeln!(
+                out,
+                "{:<20} {:<8} {:>14} {:<8} {:<12} DESCRIPTION",
+                "NAME", "BACKEND", "SIZE", "EXPORTED", "USED BY"
+            )?;
+            for v in vols {
+                writeln!(
+                    out,
+                    "{:<20} {:<8} {:>14} {:<8} {:<12} {}",
+                    v.name,
+                    v.backend,
+                    v.size,
+                    if v.exported { "yes" } else { "no" },
+                    v.used_by.unwrap_or_else(|| "-".into()),
+                    v.description
+                )?;
+            }
+        }
+        VolumeCommand::Delete { name } => {
+            let _: Value = c.call::<(), _>("DELETE", &format!("/v1/volumes/{name}"), None)?;
+            writeln!(out, "deleted volume {name}")?;
+        }
+        VolumeCommand::Read {
+            name,
+            offset,
+            length,
+        } => {
+            let mut done = 0;
+            while done < length {
+                let n = (length - done).min(crate::control::api::MAX_READ);
+                let bytes = c.call_raw(
+                    "GET",
+                    &format!(
+                        "/v1/volumes/{name}/data?offset={}&length={n}",
+                        offset + done
+                    ),
+                    None,
+                )?;
+                out.write_all(&bytes)?;
+                done += n;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        assert_eq!(
+            parse_disk("root", true).unwrap(),
+            Disk::export("root", Role::Boot)
+        );
+        assert_eq!(
+            parse_disk("db", false).unwrap(),
+            Disk::export("db", Role::Data)
+        );
+        assert_eq!(
+            parse_disk("seed:cloud-init", false).unwrap(),
+            Disk::export("seed", Role::CloudInit)
+        );
+        assert_eq!(
+            parse_disk("raw:data:raw=/tmp/a:b.img", true).unwrap(),
+            Disk {
+                name: "raw".into(),
+                role: Role::Data,
+                source: Source::RawFile("/tmp/a:b.img".into())
+            }
+        );
+        assert!(
+            parse_disk("x:tape", false)
+                .unwrap_err()
+                .contains("unknown volume role")
+        );
+        assert!(parse_disk("", false).is_err());
+    }
+}

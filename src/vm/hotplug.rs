@@ -1,0 +1,232 @@
+//! Hot attach and detach of vbd volumes to a running QEMU, as typed QMP
+//! commands. Attach is iothread → block node → device, undone in reverse
+//! if any step fails; detach is the same three in reverse order.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qapi::qmp::{
+    BlockdevCacheOptions, BlockdevOptions, BlockdevOptionsBase, BlockdevOptionsNbd,
+    EventLoopBaseProperties, IothreadProperties, ObjectOptions, SocketAddress, UnixSocketAddress,
+    blockdev_add, blockdev_del, device_add, device_del, object_add, object_del,
+};
+use serde_json::json;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use super::config::{DiskTuning, disk_ids};
+use super::qmp::{Qmp, QmpError};
+
+/// Why a hot attach or detach failed.
+#[derive(Debug, Error)]
+pub enum HotplugError {
+    #[error("hot attach of {volume:?} failed at {step}: {source}{}", rollback_note(.rollback))]
+    Attach {
+        volume: String,
+        step: &'static str,
+        #[source]
+        source: QmpError,
+        /// Rollback steps that failed too (the VM may hold leftovers).
+        rollback: Vec<String>,
+    },
+    #[error("hot detach of {volume:?} failed at {step}: {source}")]
+    Detach {
+        volume: String,
+        step: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error(
+        "the guest did not release {device} within {after:?}; it may lack PCIe hot-plug support or be busy: retry the detach, or stop the VM"
+    )]
+    UnplugTimeout { device: String, after: Duration },
+}
+
+fn rollback_note(r: &[String]) -> String {
+    if r.is_empty() {
+        "; rolled back".into()
+    } else {
+        format!("; rollback also failed: {}", r.join("; "))
+    }
+}
+
+/// What a hot-attached disk looks like.
+#[derive(Clone, Debug)]
+pub struct AttachSpec<'a> {
+    /// Volume and export name.
+    pub volume: &'a str,
+    /// vbd's NBD socket.
+    pub nbd_socket: &'a Path,
+    /// The hot-plug port (`hpN`) to plug into.
+    pub bus: &'a str,
+    /// Queues: the VM's vCPU count.
+    pub queues: u32,
+    pub tuning: DiskTuning,
+    pub read_only: bool,
+}
+
+/// `object-add` of an iothread with QEMU's default polling.
+pub fn iothread_add(id: &str) -> object_add {
+    object_add(ObjectOptions::iothread {
+        id: id.to_owned(),
+        iothread: IothreadProperties {
+            base: EventLoopBaseProperties {
+                aio_max_batch: None,
+                thread_pool_max: None,
+                thread_pool_min: None,
+            },
+            poll_grow: None,
+            poll_max_ns: None,
+            poll_shrink: None,
+        },
+    })
+}
+
+/// `blockdev-add` of an NBD node on vbd's socket; tuned means `cache=none`.
+pub fn nbd_blockdev_add(spec: &AttachSpec<'_>) -> blockdev_add {
+    let cache = (spec.tuning == DiskTuning::Tuned).then_some(BlockdevCacheOptions {
+        direct: Some(true),
+        no_flush: Some(false),
+    });
+    blockdev_add(BlockdevOptions::nbd {
+        base: BlockdevOptionsBase {
+            auto_read_only: None,
+            cache,
+            detect_zeroes: None,
+            discard: None,
+            force_share: None,
+            node_name: Some(disk_ids(spec.volume).node),
+            read_only: spec.read_only.then_some(true),
+        },
+        nbd: BlockdevOptionsNbd {
+            export: Some(spec.volume.to_owned()),
+            open_timeout: None,
+            reconnect_delay: None,
+            tls_creds: None,
+            tls_hostname: None,
+            x_dirty_bitmap: None,
+            server: SocketAddress::unix(UnixSocketAddress {
+                abstract_: None,
+                tight: None,
+                path: spec.nbd_socket.to_string_lossy().into_owned(),
+            }),
+        },
+    })
+}
+
+/// `device_add` of a virtio-blk-pci on the hot-plug port.
+pub fn virtio_blk_add(spec: &AttachSpec<'_>) -> device_add {
+    let ids = disk_ids(spec.volume);
+    let mut props = vec![("drive".to_owned(), json!(ids.node))];
+    match spec.tuning {
+        DiskTuning::Tuned => {
+            props.push(("iothread".to_owned(), json!(ids.iothread)));
+            props.push(("num-queues".to_owned(), json!(spec.queues.max(1))));
+        }
+        DiskTuning::Untuned => props.push(("num-queues".to_owned(), json!(1))),
+    }
+    device_add::new(
+        "virtio-blk-pci",
+        Some(ids.device),
+        Some(spec.bus.to_owned()),
+        props,
+    )
+}
+
+/// Plugs `spec.volume` into the VM; on failure removes whatever it added.
+pub async fn attach(qmp: &Qmp, spec: &AttachSpec<'_>) -> Result<(), HotplugError> {
+    let ids = disk_ids(spec.volume);
+    let tuned = spec.tuning == DiskTuning::Tuned;
+    let fail = |step, source, rollback| HotplugError::Attach {
+        volume: spec.volume.to_owned(),
+        step,
+        source,
+        rollback,
+    };
+    if tuned && let Err(e) = qmp.execute(iothread_add(&ids.iothread)).await {
+        return Err(fail("object-add iothread", e, Vec::new()));
+    }
+    if let Err(e) = qmp.execute(nbd_blockdev_add(spec)).await {
+        let mut rb = Vec::new();
+        if tuned {
+            undo(qmp, object_del { id: ids.iothread }, &mut rb).await;
+        }
+        return Err(fail("blockdev-add nbd", e, rb));
+    }
+    if let Err(e) = qmp.execute(virtio_blk_add(spec)).await {
+        let mut rb = Vec::new();
+        undo(
+            qmp,
+            blockdev_del {
+                node_name: ids.node,
+            },
+            &mut rb,
+        )
+        .await;
+        if tuned {
+            undo(qmp, object_del { id: ids.iothread }, &mut rb).await;
+        }
+        return Err(fail("device_add virtio-blk-pci", e, rb));
+    }
+    info!(volume = spec.volume, bus = spec.bus, "hot-attached");
+    Ok(())
+}
+
+async fn undo<C: qapi::Command>(qmp: &Qmp, cmd: C, failures: &mut Vec<String>) {
+    if let Err(e) = qmp.execute(cmd).await {
+        warn!("rollback step failed: {e}");
+        failures.push(e.to_string());
+    }
+}
+
+/// Unplugs `volume`: asks the guest to release the device, waits up to
+/// `wait` for `DEVICE_DELETED`, then removes the block node and iothread.
+pub async fn detach(
+    qmp: &Qmp,
+    volume: &str,
+    tuning: DiskTuning,
+    wait: Duration,
+) -> Result<(), HotplugError> {
+    let ids = disk_ids(volume);
+    let fail = |step, source| HotplugError::Detach {
+        volume: volume.to_owned(),
+        step,
+        source,
+    };
+    // Subscribe first: the event may arrive before device_del's reply.
+    let mut events = qmp.subscribe();
+    match qmp
+        .execute(device_del {
+            id: ids.device.clone(),
+        })
+        .await
+    {
+        Ok(_) => {}
+        // A retry after a timed-out detach: the unplug is still under way.
+        Err(QmpError::Qemu { desc, .. }) if desc.contains("in progress") => {}
+        Err(e) => return Err(fail("device_del", e)),
+    }
+    let device = ids.device.clone();
+    if events
+        .wait_for(wait, |e| e.deleted_device().as_deref() == Some(&device))
+        .await
+        .is_none()
+    {
+        return Err(HotplugError::UnplugTimeout {
+            device: ids.device,
+            after: wait,
+        });
+    }
+    qmp.execute(blockdev_del {
+        node_name: ids.node,
+    })
+    .await
+    .map_err(|e| fail("blockdev-del", e))?;
+    if tuning == DiskTuning::Tuned {
+        qmp.execute(object_del { id: ids.iothread })
+            .await
+            .map_err(|e| fail("object-del iothread", e))?;
+    }
+    info!(volume, "hot-detached");
+    Ok(())
+}

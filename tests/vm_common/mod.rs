@@ -1,0 +1,182 @@
+//! Helpers shared by the VM integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+use vbd::server::{Registry, Server, ServerConfig};
+use vbd::vm::config::{RunPaths, VmConfig, argv};
+use vbd::vm::qmp::Qmp;
+use vbd::volume::memory::MemoryVolume;
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "vbd-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An in-process vbd NBD server with memory exports.
+pub struct VbdServer {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub registry: Arc<Registry>,
+    server: Option<Server>,
+}
+
+impl VbdServer {
+    pub fn start(exports: &[(&str, u64)]) -> VbdServer {
+        let dir = TempDir::new("srv");
+        let socket = dir.0.join("nbd.sock");
+        let registry = Arc::new(Registry::new());
+        for (name, size) in exports {
+            registry
+                .add(name, Arc::new(MemoryVolume::new(*size, false)), false)
+                .unwrap();
+        }
+        let cfg = ServerConfig {
+            unix: vec![socket.clone()],
+            threads: 1,
+            ..ServerConfig::default()
+        };
+        let server = Server::start(cfg, registry.clone()).unwrap();
+        VbdServer {
+            dir,
+            socket,
+            registry,
+            server: Some(server),
+        }
+    }
+}
+
+impl Drop for VbdServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            let _ = s.stop();
+        }
+    }
+}
+
+/// A QEMU started from a config's argv, killed when dropped.
+pub struct Qemu {
+    pub child: Child,
+    pub paths: RunPaths,
+    pub dir: TempDir,
+}
+
+impl Qemu {
+    pub fn launch(cfg: &VmConfig, srv: &VbdServer, extra: &[&str]) -> Qemu {
+        let dir = TempDir::new("qemu");
+        let paths = RunPaths {
+            nbd_socket: srv.socket.clone(),
+            qmp_socket: dir.0.join("qmp.sock"),
+            pidfile: dir.0.join("qemu.pid"),
+            serial_log: dir.0.join("serial.log"),
+        };
+        let args = argv(cfg, &paths).unwrap();
+        let child = Command::new(&args[0])
+            .args(&args[1..])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 must be installed");
+        let q = Qemu { child, paths, dir };
+        wait_for_path(&q.paths.qmp_socket, Duration::from_secs(20));
+        q
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_path(p: &Path, limit: Duration) {
+    let start = Instant::now();
+    while !p.exists() {
+        assert!(start.elapsed() < limit, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An untyped QMP query: its reply stays JSON so the test reads exactly
+/// what QEMU 7.2 says, independent of the 9.1 schema's structs.
+macro_rules! raw_cmd {
+    ($ty:ident, $name:literal) => {
+        #[derive(Serialize)]
+        #[serde(transparent)]
+        pub struct $ty(pub serde_json::Map<String, Value>);
+        impl qapi::Command for $ty {
+            type Ok = Value;
+            const NAME: &'static str = $name;
+            const ALLOW_OOB: bool = false;
+        }
+    };
+}
+raw_cmd!(QueryIothreads, "query-iothreads");
+raw_cmd!(QueryNodes, "query-named-block-nodes");
+raw_cmd!(QomList, "qom-list");
+
+/// What the VM holds right now, by QEMU id.
+#[derive(Debug)]
+pub struct Names {
+    pub iothreads: Vec<String>,
+    pub nodes: Vec<String>,
+    pub devices: Vec<String>,
+    pub node_info: Vec<Value>,
+}
+
+fn field(v: &Value, k: &str) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x[k].as_str().map(String::from))
+        .collect()
+}
+
+pub async fn names(qmp: &Qmp) -> Names {
+    let empty = serde_json::Map::new();
+    let ioth = qmp.execute(QueryIothreads(empty)).await.unwrap();
+    let mut args = serde_json::Map::new();
+    args.insert("flat".into(), Value::Bool(true));
+    let nodes = qmp.execute(QueryNodes(args)).await.unwrap();
+    let mut args = serde_json::Map::new();
+    args.insert("path".into(), Value::from("/machine/peripheral"));
+    let devs = qmp.execute(QomList(args)).await.unwrap();
+    let devices = devs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"].as_str().unwrap_or("").starts_with("child<"))
+        .filter_map(|p| p["name"].as_str().map(String::from))
+        .collect();
+    Names {
+        iothreads: field(&ioth, "id"),
+        nodes: field(&nodes, "node-name"),
+        devices,
+        node_info: nodes.as_array().unwrap().clone(),
+    }
+}
