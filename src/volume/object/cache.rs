@@ -53,9 +53,15 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Counters live beside the LRU they describe, updated under the lock the
+/// lookup holds anyway: a shared atomic per block would bounce its cache
+/// line between cores on every hit.
 struct Shard {
     lru: LruCache<BlockKey, Box<[u8]>>,
     bytes: u64,
+    hits: u64,
+    misses: u64,
+    evictions: u64,
 }
 
 /// Counters, readable while the cache runs.
@@ -73,9 +79,8 @@ pub struct BlockCache {
     shards: Box<[Mutex<Shard>]>,
     shard_budget: u64,
     budget: u64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    evictions: AtomicU64,
+    /// Lookups in a cache with no budget, which takes no lock.
+    uncached: AtomicU64,
 }
 
 impl BlockCache {
@@ -95,14 +100,15 @@ impl BlockCache {
                     Mutex::new(Shard {
                         lru: LruCache::new_unbounded(),
                         bytes: 0,
+                        hits: 0,
+                        misses: 0,
+                        evictions: 0,
                     })
                 })
                 .collect(),
             shard_budget: budget / shards as u64,
             budget,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
+            uncached: AtomicU64::new(0),
         }
     }
 
@@ -117,20 +123,18 @@ impl BlockCache {
     /// Copies a cached block into `out` (which must be one block long).
     pub fn get_into(&self, k: &BlockKey, out: &mut [u8]) -> bool {
         if self.budget == 0 {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            self.uncached.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         let mut s = self.shard(k).lock().unwrap_or_else(|e| e.into_inner());
         match s.lru.get(k) {
             Some(b) => {
                 out.copy_from_slice(b);
-                drop(s);
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                s.hits += 1;
                 true
             }
             None => {
-                drop(s);
-                self.misses.fetch_add(1, Ordering::Relaxed);
+                s.misses += 1;
                 false
             }
         }
@@ -157,26 +161,24 @@ impl BlockCache {
         }
         s.lru.insert(k, data.into());
         s.bytes += BLOCK as u64;
-        drop(s);
-        if evicted > 0 {
-            self.evictions.fetch_add(evicted, Ordering::Relaxed);
-        }
+        s.evictions += evicted;
     }
 
     /// Current counters.
     pub fn stats(&self) -> CacheStats {
-        let bytes = self
-            .shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).bytes)
-            .sum();
-        CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            evictions: self.evictions.load(Ordering::Relaxed),
-            bytes,
+        let mut t = CacheStats {
+            misses: self.uncached.load(Ordering::Relaxed),
             budget: self.budget,
+            ..CacheStats::default()
+        };
+        for s in self.shards.iter() {
+            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            t.hits += s.hits;
+            t.misses += s.misses;
+            t.evictions += s.evictions;
+            t.bytes += s.bytes;
         }
+        t
     }
 }
 
