@@ -147,6 +147,19 @@ struct ServeArgs {
     /// Requests in flight per connection.
     #[arg(long, default_value_t = 512)]
     max_inflight: usize,
+    /// Open connections at once; more are closed at accept (and logged).
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Request data one connection may hold (write payloads, read replies
+    /// not yet sent) before vbd stops reading from it, e.g. 256M.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    max_buffered: u64,
+    /// Request data all connections together may hold, e.g. 1G.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    max_buffered_total: u64,
+    /// Seconds a client may take to finish negotiating; 0 means no limit.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout: u64,
     /// Permission bits of Unix sockets, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -353,6 +366,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     if args.max_inflight == 0 {
         bail!("--max-inflight must be at least 1");
     }
+    if args.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    if args.max_buffered == 0 || args.max_buffered_total < args.max_buffered {
+        bail!("--max-buffered must be above zero and no more than --max-buffered-total");
+    }
     let registry = Arc::new(Registry::new());
     for spec in &exports {
         let volume = open_volume(spec, args.wal_dir.as_ref())?;
@@ -369,6 +388,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         },
         conn: ConnConfig {
             max_inflight: args.max_inflight,
+            max_connections: args.max_connections,
+            max_buffered: args.max_buffered,
+            max_buffered_total: args.max_buffered_total,
+            handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
             ..ConnConfig::default()
         },
         socket_mode: args.socket_mode,

@@ -8,10 +8,12 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, types};
 use tracing::{debug, info, warn};
 
+use super::limits::{CoreBytes, Gauges};
 use super::registry::{Export, Registry};
 use super::token::{Kind, Token};
 use crate::nbd::reply::{self, Header};
@@ -21,7 +23,7 @@ use crate::nbd::{ErrorCode, Handshake, HandshakeConfig, Progress, Session};
 use crate::volume::ring::{RemoteSink, push_sqe};
 use crate::volume::{Ctx, Io, IoFlags, Op, VolumeError, Wake};
 
-/// Limits for each connection.
+/// Limits for connections, each and all together.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnConfig {
     /// Requests in flight at once; more wait in the socket.
@@ -33,6 +35,13 @@ pub struct ConnConfig {
     /// Receive buffer size.
     pub rbuf: usize,
     pub handshake: HandshakeConfig,
+    /// A client still negotiating after this long is disconnected; zero
+    /// means never.
+    pub handshake_timeout: Duration,
+    /// Open connections at once, over all listeners; more are closed at accept.
+    pub max_connections: usize,
+    /// Bytes of request data all connections together may hold.
+    pub max_buffered_total: u64,
 }
 
 impl Default for ConnConfig {
@@ -43,6 +52,9 @@ impl Default for ConnConfig {
             retain: 64 << 20,
             rbuf: 256 << 10,
             handshake: HandshakeConfig::default(),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_buffered_total: 1 << 30,
         }
     }
 }
@@ -53,6 +65,9 @@ pub struct Env<'a> {
     pub sink: &'a RemoteSink,
     pub registry: &'a Registry,
     pub cfg: &'a ConnConfig,
+    pub gauges: &'a Gauges,
+    /// This core's index.
+    pub core: usize,
     /// This connection's index on its core.
     pub id: usize,
 }
@@ -178,6 +193,11 @@ pub struct Conn {
     payload_slot: Option<u16>,
     inflight_io: usize,
     buffered: u64,
+    /// This core's share of the global buffered-bytes gauge.
+    gauge: Arc<CoreBytes>,
+    /// Input is paused by a buffering limit (logged once per pause).
+    throttled: bool,
+    accepted: Instant,
     retained: u64,
     retain: u64,
     pub stats: ConnStats,
@@ -185,7 +205,13 @@ pub struct Conn {
 
 impl Conn {
     /// A new connection; the greeting is queued for the first `pump`.
-    pub fn new(fd: OwnedFd, peer: String, generation: u16, cfg: &ConnConfig) -> Box<Self> {
+    pub fn new(
+        fd: OwnedFd,
+        peer: String,
+        generation: u16,
+        cfg: &ConnConfig,
+        gauge: Arc<CoreBytes>,
+    ) -> Box<Self> {
         let mut hs_out = Vec::new();
         let hs = Handshake::new(cfg.handshake, &mut hs_out);
         // SAFETY: an all-zero msghdr is a valid empty message.
@@ -215,6 +241,9 @@ impl Conn {
             payload_slot: None,
             inflight_io: 0,
             buffered: 0,
+            gauge,
+            throttled: false,
+            accepted: Instant::now(),
             retained: 0,
             retain: cfg.retain,
             stats: ConnStats::default(),
@@ -237,6 +266,20 @@ impl Conn {
             && !self.cancel_pending
             && self.inflight_io == 0
             && (self.broken || (self.outq.is_empty() && self.hs_sent >= self.hs_out.len()))
+    }
+
+    /// Disconnects a client still negotiating `limit` after it connected;
+    /// returns whether it did.
+    pub fn expire_handshake(&mut self, now: Instant, limit: Duration) -> bool {
+        if !matches!(self.phase, Phase::Handshake(_))
+            || self.broken
+            || now.duration_since(self.accepted) < limit
+        {
+            return false;
+        }
+        warn!(peer = %self.peer, timeout_s = limit.as_secs_f64(), "handshake not finished in time (--handshake-timeout); disconnecting");
+        self.hard_disconnect();
+        true
     }
 
     /// Stops reading new requests; in-flight ones finish and are answered.
@@ -382,7 +425,9 @@ impl Conn {
                     if tx.decoder.at_boundary() {
                         // Requests already received are served even when
                         // stopping; a DISC ends the input for good.
-                        if self.free.is_empty() || self.buffered >= env.cfg.max_buffered {
+                        if self.free.is_empty()
+                            || !may_buffer(&mut self.throttled, self.buffered, &self.peer, env)
+                        {
                             return;
                         }
                     }
@@ -486,6 +531,7 @@ impl Conn {
             slot.io.prepare(op, req.offset, req.length, flags);
             self.retained += (slot.io.buf.capacity() as u64).saturating_sub(before);
             self.buffered += slot.io.buf.len() as u64;
+            self.gauge.add(slot.io.buf.len() as u64);
         }
         if req.payload > 0 {
             slot.state = SlotState::Payload;
@@ -584,7 +630,9 @@ impl Conn {
 
     fn release(&mut self, s: u16) {
         let slot = &mut self.slots[s as usize];
-        self.buffered = self.buffered.saturating_sub(slot.io.buf.len() as u64);
+        let held = (slot.io.buf.len() as u64).min(self.buffered);
+        self.buffered -= held;
+        self.gauge.sub(held);
         if self.retained > self.retain {
             // Over budget: let this buffer go rather than pin memory.
             self.retained = self.retained.saturating_sub(slot.io.buf.capacity() as u64);
@@ -676,6 +724,39 @@ impl Conn {
 }
 
 /// The NBD error for a volume error, with a message for the client's user.
+/// Whether another request's data may be taken in. A connection holding
+/// nothing may always take one, so a well-behaved client keeps moving
+/// however much hostile ones hold.
+fn may_buffer(throttled: &mut bool, buffered: u64, peer: &str, env: &Env<'_>) -> bool {
+    let over = if buffered >= env.cfg.max_buffered {
+        Some("per-connection (--max-buffered)")
+    } else if buffered > 0 && !env.gauges.may_buffer(env.core) {
+        Some("global (--max-buffered-total)")
+    } else {
+        None
+    };
+    match over {
+        None => {
+            *throttled = false;
+            true
+        }
+        Some(which) => {
+            if !*throttled {
+                *throttled = true;
+                info!(peer = %peer, held = buffered, "{which} buffer limit reached; pausing this client's input until its replies drain");
+            }
+            false
+        }
+    }
+}
+
+impl Drop for Conn {
+    /// Gives back what a torn-down connection still held (unsent replies).
+    fn drop(&mut self) {
+        self.gauge.sub(self.buffered);
+    }
+}
+
 fn describe(e: &VolumeError) -> (ErrorCode, &'static str) {
     match e {
         VolumeError::NoSpace => (ErrorCode::NoSpc, "no space left in the volume's storage"),

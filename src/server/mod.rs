@@ -2,7 +2,8 @@
 //! exports in a shared [`Registry`] on Unix and TCP listeners.
 
 pub mod conn;
-pub mod listener;
+pub mod limits;
+mod listener;
 pub mod reactor;
 pub mod registry;
 pub mod signals;
@@ -18,6 +19,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 pub use conn::ConnConfig;
+pub use limits::Gauges;
 pub use listener::{ListenError, Listener, SocketTuning};
 use reactor::{CoreHandle, CoreMsg, CoreSetup};
 pub use registry::{Export, Registry, RegistryError};
@@ -124,6 +126,11 @@ impl Server {
                 waker,
             ));
         }
+        let gauges = Arc::new(Gauges::new(
+            n,
+            cfg.conn.max_connections,
+            cfg.conn.max_buffered_total,
+        ));
         let mut threads = Vec::new();
         let mut listeners = Some(listeners);
         for (core, (rx, remote_rx, sink, waker)) in parts.into_iter().enumerate() {
@@ -142,6 +149,7 @@ impl Server {
                 },
                 registry: registry.clone(),
                 conn: cfg.conn,
+                gauges: gauges.clone(),
                 tuning: cfg.tuning,
                 ring_entries: cfg.ring_entries,
             };

@@ -4,6 +4,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{IoUring, cqueue, opcode, types};
@@ -11,6 +12,7 @@ use slab::Slab;
 use tracing::{debug, info, warn};
 
 use super::conn::{Conn, ConnConfig, Env};
+use super::limits::{Gauges, RateLimitedLog};
 use super::listener::{self, Listener, SocketTuning, Transport};
 use super::registry::Registry;
 use super::token::{Kind, MAX_CONNS, Token};
@@ -56,6 +58,7 @@ pub struct CoreSetup {
     pub listeners: Vec<Listener>,
     pub registry: Arc<Registry>,
     pub conn: ConnConfig,
+    pub gauges: Arc<Gauges>,
     pub tuning: SocketTuning,
     pub ring_entries: u32,
 }
@@ -79,6 +82,11 @@ struct Reactor {
     next_core: usize,
     registry: Arc<Registry>,
     cfg: ConnConfig,
+    gauges: Arc<Gauges>,
+    refusals: RateLimitedLog,
+    /// Period of the handshake-timeout sweep; boxed so its address is
+    /// stable while the kernel holds it.
+    tick: Box<types::Timespec>,
     tuning: SocketTuning,
     logged_tuning: bool,
     stopping: bool,
@@ -117,6 +125,9 @@ pub fn run(setup: CoreSetup) -> std::io::Result<()> {
         next_core: setup.index,
         registry: setup.registry,
         cfg: setup.conn,
+        gauges: setup.gauges,
+        refusals: RateLimitedLog::new(),
+        tick: Box::new(types::Timespec::new().sec(1)),
         tuning: setup.tuning,
         logged_tuning: false,
         stopping: false,
@@ -125,6 +136,9 @@ pub fn run(setup: CoreSetup) -> std::io::Result<()> {
         wake_buf: Box::new(0),
     };
     r.arm_wake()?;
+    if !r.cfg.handshake_timeout.is_zero() {
+        r.arm_timer();
+    }
     for i in 0..r.listeners.len() {
         r.arm_accept(i);
     }
@@ -178,6 +192,8 @@ impl Reactor {
             sink: &self.sink,
             registry: &self.registry,
             cfg: &self.cfg,
+            gauges: &self.gauges,
+            core: self.index,
             id,
         };
         (conn, env)
@@ -191,6 +207,7 @@ impl Reactor {
             conn.pump(&mut env);
             if conn.finished() {
                 let conn = self.conns.remove(id);
+                self.gauges.disconnect();
                 let s = conn.stats;
                 info!(
                     core = self.index,
@@ -213,6 +230,7 @@ impl Reactor {
         };
         match t.kind {
             Kind::Wake => self.on_wake(res),
+            Kind::Timer => self.on_timer(),
             Kind::Accept => self.on_accept(t.conn, res, flags),
             Kind::Recv | Kind::Send | Kind::Cancel | Kind::Io => {
                 let (conn, mut env) = self.env(t.conn);
@@ -271,6 +289,35 @@ impl Reactor {
         }
     }
 
+    fn arm_timer(&mut self) {
+        let entry = opcode::Timeout::new(&*self.tick)
+            .build()
+            .user_data(Token::encode(Kind::Timer, 0, 0, 0));
+        if let Err(e) = push_sqe(&mut self.ring, entry) {
+            warn!(
+                core = self.index,
+                "cannot arm the handshake-timeout sweep: {e}"
+            );
+        }
+    }
+
+    /// Once a second: disconnect clients that have not finished negotiating.
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        let limit = self.cfg.handshake_timeout;
+        let expired: Vec<usize> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(id, c)| c.expire_handshake(now, limit).then_some(id))
+            .collect();
+        for id in expired {
+            self.mark(id);
+        }
+        if !self.stopping {
+            self.arm_timer();
+        }
+    }
+
     fn arm_accept(&mut self, i: usize) {
         let Some(l) = self.listeners[i].listener.as_ref() else {
             return;
@@ -304,6 +351,21 @@ impl Reactor {
             if self.stopping {
                 return;
             }
+            if !self.gauges.try_connect() {
+                if let Some(hidden) = self.refusals.tick() {
+                    warn!(
+                        core = self.index,
+                        limit = self.gauges.max_connections(),
+                        refused_since_last_line = hidden,
+                        "connection limit reached (--max-connections); refusing {peer}"
+                    );
+                }
+                drop(fd);
+                if !more {
+                    self.arm_accept(i);
+                }
+                return;
+            }
             let target = self.next_core % self.peers.len().max(1);
             self.next_core = self.next_core.wrapping_add(1);
             if target == self.index || self.peers.is_empty() {
@@ -330,9 +392,11 @@ impl Reactor {
 
     fn add_conn(&mut self, fd: OwnedFd, transport: Transport, peer: String) {
         if self.stopping {
+            self.gauges.disconnect();
             return;
         }
         if self.conns.len() >= MAX_CONNS {
+            self.gauges.disconnect();
             warn!(
                 core = self.index,
                 "connection limit reached; refusing {peer}"
@@ -343,7 +407,8 @@ impl Reactor {
         listener::log_granted(self.tuning, granted, !self.logged_tuning);
         self.logged_tuning = true;
         self.generation = self.generation.wrapping_add(1);
-        let conn = Conn::new(fd, peer, self.generation, &self.cfg);
+        let gauge = self.gauges.core(self.index);
+        let conn = Conn::new(fd, peer, self.generation, &self.cfg, gauge);
         debug!(core = self.index, peer = %conn.peer, "connection accepted");
         let id = self.conns.insert(conn);
         self.mark(id);

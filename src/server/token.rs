@@ -12,6 +12,7 @@ pub enum Kind {
     Send = 4,
     Io = 5,
     Cancel = 6,
+    Timer = 7,
 }
 
 /// A decoded token.
@@ -44,6 +45,7 @@ impl Token {
             4 => Kind::Send,
             5 => Kind::Io,
             6 => Kind::Cancel,
+            7 => Kind::Timer,
             _ => return None,
         };
         Some(Token {
