@@ -70,16 +70,6 @@ fn read_reply(s: &mut UnixStream, len: usize) -> u64 {
     u64::from_be_bytes(h[8..16].try_into().unwrap())
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
 fn wait_for_log(vbd: &Vbd, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !vbd.log().contains(needle) {
