@@ -10,7 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use vbd::cli::{Backend, CacheSpec, ExportSpec, default_socket, default_store_dir, parse_size};
+use vbd::cli::{
+    Backend, CacheSpec, ExportSpec, default_socket, default_store_dir, parse_group, parse_size,
+};
 use vbd::control::runtime::runtime;
 use vbd::control::service::{ControlPlane, default_control_socket};
 use vbd::objstore::Store;
@@ -163,6 +165,10 @@ struct ServeArgs {
     /// Permission bits of Unix sockets, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Group owning the Unix sockets (name or gid), e.g. with --socket-mode 660
+    /// so a QEMU running as another user in that group may connect.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
     /// Where object volumes keep their write-ahead logs (default:
     /// /var/lib/vbd/wal as root, else ~/.local/state/vbd/wal).
     #[arg(long, value_name = "DIR")]
@@ -395,6 +401,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             ..ConnConfig::default()
         },
         socket_mode: args.socket_mode,
+        socket_group: args.socket_group,
         ..ServerConfig::default()
     };
     // Block termination signals before any thread starts, so only sigwait sees them.

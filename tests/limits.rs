@@ -212,3 +212,33 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
     }
     vbd.assert_running();
 }
+
+#[test]
+fn unix_sockets_are_private_by_default_and_take_a_group() {
+    use std::os::unix::fs::MetadataExt;
+    let vbd = Vbd::start(
+        "sock-default",
+        &["--export", "name=m,backend=memory,size=1M"],
+    );
+    let meta = std::fs::metadata(vbd.socket()).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600, "default socket mode");
+    drop(vbd);
+    // SAFETY: plain getters.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let gid = if euid == 0 { 4242 } else { egid };
+    let gid_arg = gid.to_string();
+    let vbd = Vbd::start(
+        "sock-group",
+        &[
+            "--socket-mode",
+            "660",
+            "--socket-group",
+            &gid_arg,
+            "--export",
+            "name=m,backend=memory,size=1M",
+        ],
+    );
+    let meta = std::fs::metadata(vbd.socket()).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+}

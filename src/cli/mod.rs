@@ -1,9 +1,11 @@
 //! Command-line parsing helpers shared by the `vbd` binary's subcommands.
 
 pub mod export_spec;
+pub mod group;
 pub mod size;
 
 pub use export_spec::{Backend, CacheSpec, ExportSpec};
+pub use group::parse_group;
 pub use size::parse_size;
 
 use std::path::PathBuf;

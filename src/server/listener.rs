@@ -43,9 +43,9 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds a Unix socket at `path` with permission bits `mode`, replacing a
-    /// stale socket file but never a live server's.
-    pub fn unix(path: &Path, mode: u32) -> Result<Self, ListenError> {
+    /// Binds a Unix socket at `path` with permission bits `mode` (and group
+    /// `group`), replacing a stale socket file but never a live server's.
+    pub fn unix(path: &Path, mode: u32, group: Option<u32>) -> Result<Self, ListenError> {
         let io_err = |source| ListenError::Io {
             what: path.display().to_string(),
             source,
@@ -64,6 +64,9 @@ impl Listener {
         }
         let listener = UnixListener::bind(path).map_err(io_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err)?;
+        }
         Ok(Listener {
             fd: listener.into(),
             transport: Transport::Unix,

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub conn: ConnConfig,
     /// Permission bits of Unix sockets.
     pub socket_mode: u32,
+    /// Group owning Unix sockets (default: the server's).
+    pub socket_group: Option<u32>,
     /// Submission queue entries per core.
     pub ring_entries: u32,
 }
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             tuning: SocketTuning::default(),
             conn: ConnConfig::default(),
             socket_mode: 0o600,
+            socket_group: None,
             ring_entries: 1024,
         }
     }
@@ -91,7 +94,7 @@ impl Server {
         }
         let mut listeners = Vec::new();
         for path in &cfg.unix {
-            listeners.push(Listener::unix(path, cfg.socket_mode)?);
+            listeners.push(Listener::unix(path, cfg.socket_mode, cfg.socket_group)?);
         }
         for addr in &cfg.tcp {
             listeners.push(Listener::tcp(*addr)?);
