@@ -15,13 +15,14 @@ use vbd::cli::{
 };
 use vbd::control::runtime::runtime;
 use vbd::control::service::{ControlPlane, default_control_socket};
+use vbd::control::volumes::ObjectBackend;
 use vbd::objstore::Store;
 use vbd::server::{ConnConfig, Registry, Server, ServerConfig, SocketTuning, signals};
 use vbd::volume::Volume;
 use vbd::volume::file::{FileOptions, FileVolume};
 use vbd::volume::memory::MemoryVolume;
 use vbd::volume::object::cache::CacheSize;
-use vbd::volume::object::{ObjectError, ObjectOptions, ObjectVolume, admin};
+use vbd::volume::object::{ObjectOptions, admin};
 
 #[derive(Parser)]
 #[command(name = "vbd", version, about = "A block server for virtual machines")]
@@ -234,15 +235,6 @@ fn open_volume(spec: &ExportSpec, wal_dir: Option<&PathBuf>) -> Result<Arc<dyn V
             cache,
             create,
         } => {
-            let st = Store::open(store)
-                .with_context(|| format!("export {:?}: store {store}", spec.name))?;
-            if let Some(size) = create {
-                match runtime().block_on(admin::create(&st, volume, *size)) {
-                    Ok(_) => info!(volume, size, "created object volume"),
-                    Err(ObjectError::Exists(_)) => {}
-                    Err(e) => return Err(e).with_context(|| format!("export {:?}", spec.name)),
-                }
-            }
             let mut opts = ObjectOptions {
                 read_only: spec.read_only,
                 cache: match cache {
@@ -256,8 +248,8 @@ fn open_volume(spec: &ExportSpec, wal_dir: Option<&PathBuf>) -> Result<Arc<dyn V
                 opts.wal_root = d.clone();
             }
             Arc::new(
-                ObjectVolume::open(st, volume, opts)
-                    .with_context(|| format!("export {:?}", spec.name))?,
+                admin::open_url(store, volume, *create, opts)
+                    .with_context(|| format!("export {:?}: store {store}", spec.name))?,
             )
         }
     })
@@ -414,6 +406,10 @@ fn serve(args: ServeArgs) -> Result<()> {
                 nbd.clone(),
                 &args.control.unwrap_or_else(|| default_control_socket(nbd)),
                 args.run_dir.unwrap_or_else(|| nbd.with_file_name("vm")),
+                vec![Box::new(ObjectBackend {
+                    default_store: format!("file://{}", default_store_dir().display()),
+                    wal_root: args.wal_dir.clone(),
+                })],
             )
             .context("starting the control API")?,
         ),

@@ -553,3 +553,63 @@ fn acknowledged_writes_survive_sigkill_50_rounds() {
     );
     v.stop();
 }
+
+/// The control API creates object volumes too (`vbd vm volume create
+/// --backend object`), and deleting one drains it and drops its lock.
+#[test]
+fn control_api_creates_and_releases_object_volumes() {
+    let e = Env::new("obj-ctl");
+    let store = e.store();
+    let v = serve(
+        "obj-ctl-srv",
+        "name=m,backend=memory,size=1M",
+        &e.wal(0),
+        &[],
+    );
+    let control = v.path("control.sock");
+    let control = control.to_str().unwrap();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["vm", "volume"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--control", control]);
+        vbd_cmd(&all, &[])
+    };
+    let o = ctl(&[
+        "create",
+        "vol1",
+        "--backend",
+        "object",
+        "--store",
+        &store,
+        "--size",
+        "64M",
+    ]);
+    assert!(o.status.success(), "create: {}{}", o.stdout, o.stderr);
+    let o = ctl(&["list"]);
+    assert!(o.stdout.contains("vol1"), "list: {}", o.stdout);
+    let info = json(&vbd_cmd(
+        &["volume", "info", "--store", &store, "vol1"],
+        &[],
+    ));
+    assert_eq!(info["size"], 64 << 20);
+    assert!(
+        !info["locked_by"].is_null(),
+        "the serving vbd holds the writer lock: {info}"
+    );
+    let o = ctl(&["create", "nosize", "--backend", "object", "--store", &store]);
+    assert!(
+        !o.status.success(),
+        "a missing volume without --size is refused"
+    );
+    assert!(o.stderr.contains("does not exist"), "{}", o.stderr);
+    let o = ctl(&["delete", "vol1"]);
+    assert!(o.status.success(), "delete: {}{}", o.stdout, o.stderr);
+    let info = json(&vbd_cmd(
+        &["volume", "info", "--store", &store, "vol1"],
+        &[],
+    ));
+    assert!(
+        info["locked_by"].is_null(),
+        "deleting from the catalog released the lock: {info}"
+    );
+}

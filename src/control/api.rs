@@ -327,7 +327,8 @@ fn delete_volume(api: &ControlApi, name: &str) -> Result<Response, Response> {
             format!("volume {name:?} is in use by VM {vm:?}; detach it or stop the VM first"),
         ));
     }
-    api.catalog.remove(name).map_err(vol_error)?;
+    let volume = api.catalog.remove(name).map_err(vol_error)?;
+    crate::control::volumes::shutdown_detached(volume);
     Ok(ok_json_raw(200, json!({})))
 }
 

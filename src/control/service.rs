@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::api::{ControlApi, ControlServer, serve};
 use super::runtime::runtime;
-use super::volumes::VolumeCatalog;
+use super::volumes::{VolumeBackend, VolumeCatalog};
 use crate::server::Registry;
 use crate::vm::supervisor::{Supervisor, SupervisorConfig};
 
@@ -31,8 +31,13 @@ impl ControlPlane {
         nbd_socket: PathBuf,
         control: &Path,
         run_dir: PathBuf,
+        backends: Vec<Box<dyn VolumeBackend>>,
     ) -> std::io::Result<ControlPlane> {
-        let catalog = Arc::new(VolumeCatalog::new());
+        let mut catalog = VolumeCatalog::new();
+        for b in backends {
+            catalog.register(b);
+        }
+        let catalog = Arc::new(catalog);
         let supervisor = Supervisor::new(
             SupervisorConfig::new(nbd_socket, run_dir),
             registry.clone(),
@@ -58,5 +63,6 @@ impl ControlPlane {
         self.server.shutdown();
         let sup = self.supervisor.clone();
         runtime().block_on(async move { sup.stop_all(grace).await });
+        self.catalog.shutdown_all();
     }
 }

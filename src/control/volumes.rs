@@ -1,5 +1,5 @@
-//! The volumes the control API manages. Each backend (memory, file, and
-//! later object) registers a [`VolumeBackend`] under its name; the catalog
+//! The volumes the control API manages. Each backend (memory, file,
+//! object) registers a [`VolumeBackend`] under its name; the catalog
 //! itself knows nothing about any of them.
 
 use std::collections::BTreeMap;
@@ -14,6 +14,9 @@ use crate::server::registry::valid_name;
 use crate::volume::Volume;
 use crate::volume::file::{FileOptions, FileVolume};
 use crate::volume::memory::MemoryVolume;
+use crate::volume::object::ObjectOptions;
+use crate::volume::object::admin;
+use crate::volume::object::cache::CacheSize;
 
 /// A request to create a volume; backend-specific keys stay in `options`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,6 +93,62 @@ impl VolumeBackend for MemoryBackend {
                 reason: "needs a size, e.g. size=1G".into(),
             })?;
         Ok(Arc::new(MemoryVolume::new(size, req.read_only)))
+    }
+}
+
+/// Object-store volumes: `store` (a URL; default the server's local store),
+/// `cache` (bytes or "auto"); `size` creates the volume when missing.
+pub struct ObjectBackend {
+    /// Store used when the request names none.
+    pub default_store: String,
+    /// Where the volumes' write-ahead logs go (None: the default place).
+    pub wal_root: Option<PathBuf>,
+}
+
+impl VolumeBackend for ObjectBackend {
+    fn name(&self) -> &'static str {
+        "object"
+    }
+    fn create(&self, req: &CreateVolume) -> Result<Arc<dyn Volume>, VolumeStoreError> {
+        let invalid = |reason: &str| VolumeStoreError::Invalid {
+            backend: "object",
+            name: req.name.clone(),
+            reason: reason.into(),
+        };
+        let store = match req.options.get("store") {
+            None => self.default_store.clone(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(invalid("store must be a URL string")),
+        };
+        let cache = match req.options.get("cache") {
+            None => CacheSize::Default,
+            Some(Value::String(s)) if s == "auto" => CacheSize::Auto,
+            Some(Value::String(s)) => CacheSize::Bytes(
+                crate::cli::parse_size(s).map_err(|e| invalid(&format!("cache: {e}")))?,
+            ),
+            Some(Value::Number(n)) => {
+                CacheSize::Bytes(n.as_u64().ok_or_else(|| invalid("cache must be bytes"))?)
+            }
+            Some(_) => return Err(invalid("cache must be a size or \"auto\"")),
+        };
+        let mut opts = ObjectOptions {
+            read_only: req.read_only,
+            cache,
+            ..ObjectOptions::default()
+        };
+        if let Some(d) = &self.wal_root {
+            opts.wal_root = d.clone();
+        }
+        let name = req.name.clone();
+        let size = req.size;
+        let vol = off_runtime(move || admin::open_url(&store, &name, size, opts)).map_err(|e| {
+            VolumeStoreError::Open {
+                backend: "object",
+                name: req.name.clone(),
+                source: Box::new(e),
+            }
+        })?;
+        Ok(Arc::new(vol))
     }
 }
 
@@ -221,6 +280,37 @@ impl VolumeCatalog {
             .remove(name)
             .map(|e| e.volume)
             .ok_or_else(|| VolumeStoreError::Missing(name.to_owned()))
+    }
+
+    /// Removes every volume and lets each finish its background work
+    /// (an object volume drains its WAL to the store and drops its lock).
+    pub fn shutdown_all(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        for (_, e) in all {
+            e.volume.shutdown();
+        }
+    }
+}
+
+/// Shuts a removed volume down off the async threads: an object volume's
+/// drain waits on the control runtime itself.
+pub fn shutdown_detached(volume: Arc<dyn Volume>) {
+    off_runtime(move || volume.shutdown());
+}
+
+/// Runs blocking work that may itself `block_on` the control runtime, on a
+/// plain thread, without stalling the async worker that asked for it.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let run = || {
+        std::thread::scope(|s| match s.spawn(f).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::task::block_in_place(run)
+    } else {
+        run()
     }
 }
 

@@ -317,10 +317,10 @@ pub fn run_vm(args: VmArgs) -> Result<(), CliError> {
 /// `vbd vm volume` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
-    /// Create a volume in the running vbd (memory or file backend).
+    /// Create a volume in the running vbd (memory, file or object backend).
     Create {
         name: String,
-        /// memory or file (more backends may be registered).
+        /// memory, file or object.
         #[arg(long, default_value = "memory")]
         backend: String,
         /// Size, e.g. 1G (required for memory; creates a missing file).
@@ -329,6 +329,12 @@ pub enum VolumeCommand {
         /// Backing file (file backend).
         #[arg(long)]
         path: Option<PathBuf>,
+        /// Store URL (object backend; default: the server's local store).
+        #[arg(long)]
+        store: Option<String>,
+        /// Cache size or "auto" (object backend).
+        #[arg(long)]
+        cache: Option<String>,
         #[arg(long)]
         read_only: bool,
     },
@@ -355,11 +361,19 @@ fn run_volume(c: &ControlClient, command: VolumeCommand) -> Result<(), CliError>
             backend,
             size,
             path,
+            store,
+            cache,
             read_only,
         } => {
             let mut options = serde_json::Map::new();
             if let Some(p) = path {
                 options.insert("path".into(), Value::from(p.to_string_lossy().into_owned()));
+            }
+            if let Some(s) = store {
+                options.insert("store".into(), Value::from(s));
+            }
+            if let Some(c) = cache {
+                options.insert("cache".into(), Value::from(c));
             }
             let req = CreateVolume {
                 name,

@@ -2,8 +2,11 @@
 
 use serde::Serialize;
 
-use super::ObjectError;
+use tracing::info;
+
 use super::layout::{self, Descriptor, Keys};
+use super::{ObjectError, ObjectOptions, ObjectVolume};
+use crate::control::runtime::runtime;
 use crate::objstore::Store;
 
 /// What `vbd volume info` shows.
@@ -23,6 +26,26 @@ pub struct VolumeInfo {
 /// costs nothing until written.
 pub async fn create(store: &Store, name: &str, size: u64) -> Result<Descriptor, ObjectError> {
     layout::create_descriptor(store, name, size).await
+}
+
+/// Opens volume `name` in the store at `url`, first creating it with
+/// `create` bytes if it does not exist yet. One path for `--export` and the
+/// control API, so both treat a store the same way.
+pub fn open_url(
+    url: &str,
+    name: &str,
+    create_size: Option<u64>,
+    opts: ObjectOptions,
+) -> Result<ObjectVolume, ObjectError> {
+    let store = Store::open(url)?;
+    if let Some(size) = create_size {
+        match runtime().block_on(create(&store, name, size)) {
+            Ok(_) => info!(volume = name, size, store = url, "created object volume"),
+            Err(ObjectError::Exists(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    ObjectVolume::open(store, name, opts)
 }
 
 /// Every volume in the store.
