@@ -53,18 +53,47 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Blocks per cache entry. A 64 KiB group costs one hash probe where
+/// 4 KiB blocks cost sixteen, which is what bounds a warm sequential read;
+/// misses fetch whole groups so entries stay full.
+pub const GROUP_BLOCKS: u32 = 16;
+const GROUP_BYTES: u64 = GROUP_BLOCKS as u64 * BLOCK as u64;
+
+/// Which group of which chunk an entry holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GroupKey {
+    chunk: u64,
+    group: u32,
+}
+
+impl GroupKey {
+    fn of(chunk: u64, block: u32) -> Self {
+        GroupKey {
+            chunk,
+            group: block / GROUP_BLOCKS,
+        }
+    }
+}
+
+/// Up to sixteen blocks; `valid` says which are filled.
+struct Group {
+    data: Box<[u8]>,
+    valid: u16,
+}
+
 /// Counters live beside the LRU they describe, updated under the lock the
 /// lookup holds anyway: a shared atomic per block would bounce its cache
 /// line between cores on every hit.
 struct Shard {
-    lru: LruCache<BlockKey, Box<[u8]>>,
+    lru: LruCache<GroupKey, Group>,
     bytes: u64,
     hits: u64,
     misses: u64,
     evictions: u64,
 }
 
-/// Counters, readable while the cache runs.
+/// Counters, readable while the cache runs (hits, misses and evictions
+/// count 4 KiB blocks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
     pub hits: u64,
@@ -74,7 +103,7 @@ pub struct CacheStats {
     pub budget: u64,
 }
 
-/// A sharded, byte-budgeted LRU cache of blocks.
+/// A sharded, byte-budgeted LRU cache of chunk blocks.
 pub struct BlockCache {
     shards: Box<[Mutex<Shard>]>,
     shard_budget: u64,
@@ -112,9 +141,9 @@ impl BlockCache {
         }
     }
 
-    fn shard(&self, k: &BlockKey) -> &Mutex<Shard> {
-        // Fibonacci hashing spreads sequential blocks over all shards.
-        let h = (k.chunk ^ (u64::from(k.block) << 32) ^ u64::from(k.block))
+    fn shard(&self, k: &GroupKey) -> &Mutex<Shard> {
+        // Fibonacci hashing spreads consecutive groups over all shards.
+        let h = (k.chunk ^ (u64::from(k.group) << 32) ^ u64::from(k.group))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let i = (h >> 32) as usize & (self.shards.len() - 1);
         &self.shards[i]
@@ -122,46 +151,101 @@ impl BlockCache {
 
     /// Copies a cached block into `out` (which must be one block long).
     pub fn get_into(&self, k: &BlockKey, out: &mut [u8]) -> bool {
+        let mut hit = true;
+        self.read_run(k.chunk, k.block, out, |_| hit = false);
+        hit
+    }
+
+    /// Fills `out` with consecutive blocks of `chunk` from `block` on,
+    /// calling `missing(i)` for each block `i` of the run it does not hold
+    /// (that part of `out` is left alone). One lock and one probe per group.
+    pub fn read_run(&self, chunk: u64, block: u32, out: &mut [u8], mut missing: impl FnMut(u32)) {
+        let n = (out.len() / BLOCK) as u32;
         if self.budget == 0 {
-            self.uncached.fetch_add(1, Ordering::Relaxed);
-            return false;
+            self.uncached.fetch_add(u64::from(n), Ordering::Relaxed);
+            (0..n).for_each(missing);
+            return;
         }
-        let mut s = self.shard(k).lock().unwrap_or_else(|e| e.into_inner());
-        match s.lru.get(k) {
-            Some(b) => {
-                out.copy_from_slice(b);
-                s.hits += 1;
-                true
+        let mut i = 0;
+        while i < n {
+            let b = block + i;
+            let k = GroupKey::of(chunk, b);
+            let first = b % GROUP_BLOCKS;
+            let count = (GROUP_BLOCKS - first).min(n - i);
+            let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
+            let (mut hits, mut misses) = (0, 0);
+            match s.lru.get(&k) {
+                Some(g) => {
+                    for j in 0..count {
+                        let at = (first + j) as usize;
+                        if g.valid & (1 << at) != 0 {
+                            let dst = (i + j) as usize * BLOCK;
+                            out[dst..dst + BLOCK]
+                                .copy_from_slice(&g.data[at * BLOCK..(at + 1) * BLOCK]);
+                            hits += 1;
+                        } else {
+                            missing(i + j);
+                            misses += 1;
+                        }
+                    }
+                }
+                None => {
+                    (i..i + count).for_each(&mut missing);
+                    misses = u64::from(count);
+                }
             }
-            None => {
-                s.misses += 1;
-                false
-            }
+            s.hits += hits;
+            s.misses += misses;
+            drop(s);
+            i += count;
         }
     }
 
-    /// Inserts a block, evicting least-recently-used blocks of its shard to
-    /// stay within budget.
+    /// Inserts one block.
     pub fn insert(&self, k: BlockKey, data: &[u8]) {
-        if self.shard_budget < BLOCK as u64 || data.len() != BLOCK {
+        self.insert_run(k.chunk, k.block, data);
+    }
+
+    /// Inserts consecutive blocks of `chunk` from `block` on, evicting
+    /// least-recently-used groups of the shard to stay within budget.
+    pub fn insert_run(&self, chunk: u64, block: u32, data: &[u8]) {
+        if self.shard_budget < GROUP_BYTES || !data.len().is_multiple_of(BLOCK) {
             return;
         }
-        let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-        if s.lru.contains_key(&k) {
-            s.lru.get(&k);
-            return;
-        }
-        let mut evicted = 0;
-        while s.bytes + BLOCK as u64 > self.shard_budget {
-            if s.lru.remove_lru().is_none() {
-                break;
+        let n = (data.len() / BLOCK) as u32;
+        let mut i = 0;
+        while i < n {
+            let b = block + i;
+            let k = GroupKey::of(chunk, b);
+            let first = b % GROUP_BLOCKS;
+            let count = (GROUP_BLOCKS - first).min(n - i);
+            let src = &data[i as usize * BLOCK..(i + count) as usize * BLOCK];
+            let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
+            if !s.lru.contains_key(&k) {
+                while s.bytes + GROUP_BYTES > self.shard_budget {
+                    let Some((_, old)) = s.lru.remove_lru() else {
+                        break;
+                    };
+                    s.bytes -= GROUP_BYTES;
+                    s.evictions += u64::from(old.valid.count_ones());
+                }
+                s.lru.insert(
+                    k,
+                    Group {
+                        data: vec![0u8; GROUP_BYTES as usize].into_boxed_slice(),
+                        valid: 0,
+                    },
+                );
+                s.bytes += GROUP_BYTES;
             }
-            s.bytes -= BLOCK as u64;
-            evicted += 1;
+            if let Some(g) = s.lru.get_mut(&k) {
+                let at = first as usize * BLOCK;
+                g.data[at..at + src.len()].copy_from_slice(src);
+                g.valid |= (((1u32 << count) - 1) << first) as u16;
+            }
+            drop(s);
+            i += count;
         }
-        s.lru.insert(k, data.into());
-        s.bytes += BLOCK as u64;
-        s.evictions += evicted;
     }
 
     /// Current counters.
@@ -206,26 +290,49 @@ mod tests {
 
     #[test]
     fn stays_within_budget_and_evicts_least_recent() {
-        // One shard, room for three blocks.
-        let c = BlockCache::with_shards(3 * BLOCK as u64, 1);
-        for b in 0..3 {
-            c.insert(key(b), &[b as u8; BLOCK]);
+        // One shard, room for three groups.
+        let c = BlockCache::with_shards(3 * GROUP_BYTES, 1);
+        let g = |n: u32| key(n * GROUP_BLOCKS);
+        for n in 0..3 {
+            c.insert(g(n), &[n as u8; BLOCK]);
         }
         let mut out = [0u8; BLOCK];
-        // Touch block 0 so block 1 is now the least recently used.
-        assert!(c.get_into(&key(0), &mut out));
+        // Touch group 0 so group 1 is now the least recently used.
+        assert!(c.get_into(&g(0), &mut out));
         assert_eq!(out[0], 0);
-        c.insert(key(3), &[3; BLOCK]);
-        assert!(!c.get_into(&key(1), &mut out), "LRU block evicted");
-        for b in [0, 2, 3] {
-            assert!(c.get_into(&key(b), &mut out));
-            assert_eq!(out, [b as u8; BLOCK]);
+        c.insert(g(3), &[3; BLOCK]);
+        assert!(!c.get_into(&g(1), &mut out), "LRU group evicted");
+        for n in [0, 2, 3] {
+            assert!(c.get_into(&g(n), &mut out));
+            assert_eq!(out, [n as u8; BLOCK]);
         }
         let s = c.stats();
         assert_eq!(
             (s.hits, s.misses, s.evictions, s.bytes),
-            (4, 1, 1, 3 * BLOCK as u64)
+            (4, 1, 1, 3 * GROUP_BYTES)
         );
+    }
+
+    #[test]
+    fn runs_span_groups_and_report_exactly_the_missing_blocks() {
+        let c = BlockCache::with_shards(64 * GROUP_BYTES, 4);
+        // Blocks 10..40 of chunk 7: parts of three groups.
+        let data: Vec<u8> = (10..40u32).flat_map(|b| [b as u8; BLOCK]).collect();
+        c.insert_run(7, 10, &data);
+        let mut out = vec![0xeeu8; 40 * BLOCK];
+        let mut missing = Vec::new();
+        c.read_run(7, 0, &mut out, |i| missing.push(i));
+        assert_eq!(missing, (0..10).collect::<Vec<_>>(), "only 0..10 absent");
+        for b in 10..40 {
+            assert_eq!(out[b * BLOCK], b as u8, "block {b}");
+        }
+        assert_eq!(out[0], 0xee, "missing blocks are left alone");
+        // Another chunk's blocks never answer for this one.
+        let mut missing = 0;
+        c.read_run(8, 10, &mut out[..BLOCK], |_| missing += 1);
+        assert_eq!(missing, 1);
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses), (30, 11));
     }
 
     #[test]
@@ -239,7 +346,7 @@ mod tests {
 
     #[test]
     fn sharded_budget_holds_under_two_threads() {
-        let c = std::sync::Arc::new(BlockCache::new(64 * BLOCK as u64));
+        let c = std::sync::Arc::new(BlockCache::new(64 * GROUP_BYTES));
         let hs: Vec<_> = (0..2)
             .map(|t| {
                 let c = c.clone();
@@ -258,7 +365,7 @@ mod tests {
             h.join().unwrap();
         }
         let s = c.stats();
-        assert!(s.bytes <= 64 * BLOCK as u64);
+        assert!(s.bytes <= 64 * GROUP_BYTES);
         assert_eq!(s.evictions, 20_000 - s.bytes / BLOCK as u64);
     }
 }

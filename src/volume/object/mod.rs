@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use self::cache::{BlockCache, BlockKey, CacheSize, CacheStats};
+use self::cache::{BlockCache, CacheSize, CacheStats, GROUP_BLOCKS};
 use self::format::{BLOCK, Kind, RecordHeader, SEGMENT_HEADER, WAL_RECORD_HEADER};
 use self::layout::{Keys, WriterLock};
 use self::segment::Segment;
@@ -405,20 +405,13 @@ impl ObjectVolume {
                         [(sp.start - lba0) as usize * BLOCK..(sp.end - lba0) as usize * BLOCK]
                         .fill(0),
                     Mapping::Chunk { id, block } => {
-                        for i in 0..(sp.end - sp.start) {
-                            let at = (sp.start + i - lba0) as usize;
-                            let key = BlockKey {
-                                chunk: id,
-                                block: block + i as u32,
-                            };
-                            if inner
-                                .cache
-                                .get_into(&key, &mut buf[at * BLOCK..(at + 1) * BLOCK])
-                            {
-                                continue;
-                            }
-                            push_missing(missing, at as u32, id, key.block);
-                        }
+                        let at = (sp.start - lba0) as usize;
+                        let end = (sp.end - lba0) as usize;
+                        inner
+                            .cache
+                            .read_run(id, block, &mut buf[at * BLOCK..end * BLOCK], |i| {
+                                push_missing(missing, at as u32 + i, id, block + i)
+                            });
                     }
                 }
                 cur = sp.end;
@@ -693,8 +686,15 @@ async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeE
         } else {
             0
         };
-        let n = r.blocks + extra;
-        let from = info.data_start + u64::from(r.block) * BLOCK as u64;
+        // Whole cache groups, so entries stay full and neighbours hit.
+        let lead = r.block % GROUP_BLOCKS;
+        let start = r.block - lead;
+        let end = (r.block + r.blocks + extra)
+            .next_multiple_of(GROUP_BLOCKS)
+            .min(info.data_blocks)
+            .max(r.block + r.blocks);
+        let n = end - start;
+        let from = info.data_start + u64::from(start) * BLOCK as u64;
         let key = inner.keys.chunk(r.chunk);
         let mut attempt = 0;
         let bytes = loop {
@@ -727,17 +727,9 @@ async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeE
                 }
             }
         };
-        for j in 0..n {
-            let at = j as usize * BLOCK;
-            inner.cache.insert(
-                BlockKey {
-                    chunk: r.chunk,
-                    block: r.block + j,
-                },
-                &bytes[at..at + BLOCK],
-            );
-        }
-        out.extend_from_slice(&bytes[..r.blocks as usize * BLOCK]);
+        inner.cache.insert_run(r.chunk, start, &bytes);
+        let lead = lead as usize * BLOCK;
+        out.extend_from_slice(&bytes[lead..lead + r.blocks as usize * BLOCK]);
     }
     Ok(out.freeze())
 }

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use super::Inner;
-use super::cache::BlockKey;
 use super::format::{self, BLOCK, CHUNK_HEADER, CheckpointEntry, IndexEntry, Kind, SEGMENT_HEADER};
 use super::layout::id_of;
 use super::segment::Segment;
@@ -181,16 +180,11 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
     }
     if let Some((id, _)) = chunk_id {
         for e in entries.iter().filter(|e| e.kind == Kind::Data) {
-            for i in 0..e.blocks {
-                let at = (e.data_block + i) as usize * BLOCK;
-                inner.cache.insert(
-                    BlockKey {
-                        chunk: id,
-                        block: e.data_block + i,
-                    },
-                    &data[at..at + BLOCK],
-                );
-            }
+            let at = e.data_block as usize * BLOCK;
+            let len = e.blocks as usize * BLOCK;
+            inner
+                .cache
+                .insert_run(id, e.data_block, &data[at..at + len]);
         }
         inner.stats.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
         inner
