@@ -75,6 +75,36 @@ impl GroupKey {
     }
 }
 
+/// The part of a run that falls in one group: blocks `first..first+count`
+/// of group `key`, which are blocks `i..i+count` of the run.
+struct Piece {
+    key: GroupKey,
+    first: u32,
+    i: u32,
+    count: u32,
+}
+
+/// Splits `n` blocks of `chunk` from `block` on at group boundaries.
+fn pieces(chunk: u64, block: u32, n: u32) -> impl Iterator<Item = Piece> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= n {
+            return None;
+        }
+        let b = block + i;
+        let first = b % GROUP_BLOCKS;
+        let count = (GROUP_BLOCKS - first).min(n - i);
+        let p = Piece {
+            key: GroupKey::of(chunk, b),
+            first,
+            i,
+            count,
+        };
+        i += count;
+        Some(p)
+    })
+}
+
 /// Up to sixteen blocks; `valid` says which are filled.
 struct Group {
     data: Box<[u8]>,
@@ -166,12 +196,13 @@ impl BlockCache {
             (0..n).for_each(missing);
             return;
         }
-        let mut i = 0;
-        while i < n {
-            let b = block + i;
-            let k = GroupKey::of(chunk, b);
-            let first = b % GROUP_BLOCKS;
-            let count = (GROUP_BLOCKS - first).min(n - i);
+        for Piece {
+            key: k,
+            first,
+            i,
+            count,
+        } in pieces(chunk, block, n)
+        {
             let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
             let (mut hits, mut misses) = (0, 0);
             match s.lru.get(&k) {
@@ -196,8 +227,6 @@ impl BlockCache {
             }
             s.hits += hits;
             s.misses += misses;
-            drop(s);
-            i += count;
         }
     }
 
@@ -213,12 +242,13 @@ impl BlockCache {
             return;
         }
         let n = (data.len() / BLOCK) as u32;
-        let mut i = 0;
-        while i < n {
-            let b = block + i;
-            let k = GroupKey::of(chunk, b);
-            let first = b % GROUP_BLOCKS;
-            let count = (GROUP_BLOCKS - first).min(n - i);
+        for Piece {
+            key: k,
+            first,
+            i,
+            count,
+        } in pieces(chunk, block, n)
+        {
             let src = &data[i as usize * BLOCK..(i + count) as usize * BLOCK];
             let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
             if !s.lru.contains_key(&k) {
@@ -243,8 +273,6 @@ impl BlockCache {
                 g.data[at..at + src.len()].copy_from_slice(src);
                 g.valid |= (((1u32 << count) - 1) << first) as u16;
             }
-            drop(s);
-            i += count;
         }
     }
 
