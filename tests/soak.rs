@@ -26,6 +26,8 @@ fn round(uri: &str, seed: u64) {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        // No verify-state files left in the working directory.
+        "--verify_state_save=0",
         &format!("--randseed={seed}"),
         "--group_reporting",
     ]));
