@@ -160,6 +160,10 @@ struct ServeArgs {
     /// Request data all connections together may hold, e.g. 1G.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     max_buffered_total: u64,
+    /// Microseconds a core spins for more requests before it sleeps, after
+    /// serving some; 0 sleeps at once (least CPU, most latency).
+    #[arg(long, value_name = "US", default_value_t = vbd::server::DEFAULT_BUSY_POLL_US)]
+    busy_poll: u64,
     /// Seconds a client may take to finish negotiating; 0 means no limit.
     #[arg(long, default_value_t = 10)]
     handshake_timeout: u64,
@@ -394,6 +398,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         },
         socket_mode: args.socket_mode,
         socket_group: args.socket_group,
+        busy_poll: std::time::Duration::from_micros(args.busy_poll),
         ..ServerConfig::default()
     };
     // Block termination signals before any thread starts, so only sigwait sees them.

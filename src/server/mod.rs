@@ -28,6 +28,9 @@ use crate::volume::ring::RemoteSink;
 use crate::volume::sync::SyncDriver;
 use crate::volume::{IoFlags, Op, Waker};
 
+/// Default busy-poll window of a core, in microseconds.
+pub const DEFAULT_BUSY_POLL_US: u64 = 0;
+
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -43,6 +46,8 @@ pub struct ServerConfig {
     pub socket_group: Option<u32>,
     /// Submission queue entries per core.
     pub ring_entries: u32,
+    /// Spin this long for more work before a core sleeps (see the reactor).
+    pub busy_poll: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +61,7 @@ impl Default for ServerConfig {
             socket_mode: 0o600,
             socket_group: None,
             ring_entries: 1024,
+            busy_poll: std::time::Duration::from_micros(DEFAULT_BUSY_POLL_US),
         }
     }
 }
@@ -155,6 +161,7 @@ impl Server {
                 gauges: gauges.clone(),
                 tuning: cfg.tuning,
                 ring_entries: cfg.ring_entries,
+                busy_poll: cfg.busy_poll,
             };
             let t = std::thread::Builder::new()
                 .name(format!("vbd-core-{core}"))
