@@ -276,11 +276,7 @@ impl Client {
     // ---- handshake ----
 
     fn option(&mut self, opt: u32, data: &[u8]) {
-        let mut m = IHAVEOPT.to_be_bytes().to_vec();
-        m.extend_from_slice(&opt.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        self.send(&m);
+        self.send(&nbd_option(opt, data));
     }
 
     fn opt_reply(&mut self) -> OptReply {

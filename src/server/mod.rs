@@ -7,6 +7,7 @@ mod listener;
 pub mod reactor;
 pub mod registry;
 pub mod signals;
+pub mod tls;
 pub mod token;
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ pub use limits::Gauges;
 pub use listener::{ListenError, Listener, SocketTuning};
 use reactor::{CoreHandle, CoreMsg, CoreSetup};
 pub use registry::{Export, Registry, RegistryError};
+pub use tls::{TlsError, TlsOptions, TlsServer};
 
 use crate::volume::ring::RemoteSink;
 use crate::volume::sync::SyncDriver;
@@ -43,6 +45,8 @@ pub struct ServerConfig {
     pub socket_group: Option<u32>,
     /// Submission queue entries per core.
     pub ring_entries: u32,
+    /// Certificates and policy for STARTTLS; `None` refuses it.
+    pub tls: Option<Arc<TlsServer>>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +60,7 @@ impl Default for ServerConfig {
             socket_mode: 0o600,
             socket_group: None,
             ring_entries: 1024,
+            tls: None,
         }
     }
 }
@@ -155,6 +160,7 @@ impl Server {
                 gauges: gauges.clone(),
                 tuning: cfg.tuning,
                 ring_entries: cfg.ring_entries,
+                tls: cfg.tls.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vbd-core-{core}"))

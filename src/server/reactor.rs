@@ -15,6 +15,7 @@ use super::conn::{Conn, ConnConfig, Env};
 use super::limits::{Gauges, RateLimitedLog};
 use super::listener::{self, Listener, SocketTuning, Transport};
 use super::registry::Registry;
+use super::tls::{ConnTls, TlsServer};
 use super::token::{Kind, MAX_CONNS, Token};
 use crate::volume::ring::{RemoteDone, RemoteSink, push_sqe};
 use crate::volume::{Wake, Waker};
@@ -61,6 +62,7 @@ pub struct CoreSetup {
     pub gauges: Arc<Gauges>,
     pub tuning: SocketTuning,
     pub ring_entries: u32,
+    pub tls: Option<Arc<TlsServer>>,
 }
 
 struct ListenerState {
@@ -88,6 +90,7 @@ struct Reactor {
     /// stable while the kernel holds it.
     tick: Box<types::Timespec>,
     tuning: SocketTuning,
+    tls: Option<Arc<TlsServer>>,
     logged_tuning: bool,
     stopping: bool,
     dirty: Vec<usize>,
@@ -129,6 +132,7 @@ pub fn run(setup: CoreSetup) -> std::io::Result<()> {
         refusals: RateLimitedLog::new(),
         tick: Box::new(types::Timespec::new().sec(1)),
         tuning: setup.tuning,
+        tls: setup.tls,
         logged_tuning: false,
         stopping: false,
         dirty: Vec::new(),
@@ -408,7 +412,8 @@ impl Reactor {
         self.logged_tuning = true;
         self.generation = self.generation.wrapping_add(1);
         let gauge = self.gauges.core(self.index);
-        let conn = Conn::new(fd, peer, self.generation, &self.cfg, gauge);
+        let tls = ConnTls::offer(self.tls.as_ref(), transport);
+        let conn = Conn::new(fd, peer, self.generation, &self.cfg, gauge, tls);
         debug!(core = self.index, peer = %conn.peer, "connection accepted");
         let id = self.conns.insert(conn);
         self.mark(id);
