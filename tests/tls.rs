@@ -138,6 +138,10 @@ impl Pki {
 /// vbd serving a 64 MiB memory export `disk` on a Unix socket and on TCP
 /// with `--tls=MODE`, checking client certificates when `client_ca`.
 fn serve(tag: &str, pki: &Pki, mode: &str, client_ca: bool) -> (Vbd, u16) {
+    serve_with(tag, pki, mode, client_ca, &[])
+}
+
+fn serve_with(tag: &str, pki: &Pki, mode: &str, client_ca: bool, extra: &[&str]) -> (Vbd, u16) {
     let port = free_port();
     let tcp = format!("127.0.0.1:{port}");
     let (cert, key, ca) = (
@@ -160,6 +164,7 @@ fn serve(tag: &str, pki: &Pki, mode: &str, client_ca: bool) -> (Vbd, u16) {
     if client_ca {
         args.extend(["--tls-ca", &ca]);
     }
+    args.extend_from_slice(extra);
     (Vbd::start(tag, &args), port)
 }
 
@@ -436,7 +441,13 @@ impl Raw {
 #[test]
 fn hostile_clients_get_refusals_or_a_clean_disconnect() {
     let pki = Pki::new("tls-hostile");
-    let (mut vbd, port) = serve("tls-hostile", &pki, "require", false);
+    let (mut vbd, port) = serve_with(
+        "tls-hostile",
+        &pki,
+        "require",
+        false,
+        &["--handshake-timeout", "2"],
+    );
     let fixed = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
     let mut go = 4u32.to_be_bytes().to_vec();
     go.extend_from_slice(b"disk");
@@ -490,6 +501,12 @@ fn hostile_clients_get_refusals_or_a_clean_disconnect() {
     assert_eq!(c.reply().1, REP_ACK);
     drop(c);
 
+    // STARTTLS, then silence: the handshake timeout covers TLS too.
+    let mut c = Raw::connect(port, fixed);
+    c.option(OPT_STARTTLS, &[]);
+    assert_eq!(c.reply().1, REP_ACK);
+    c.assert_closed("silent after STARTTLS");
+
     // Still serving, and each failure was logged as a disconnect.
     let out = run(nbdinfo(&nbds(port, &pki.path("with-cert"))).arg("--size"));
     assert_eq!(out.stdout.trim(), SIZE.to_string());
@@ -498,7 +515,51 @@ fn hostile_clients_get_refusals_or_a_clean_disconnect() {
     assert!(log.matches("TLS failed").count() >= 2, "{log}");
     assert!(log.contains("before NBD_OPT_STARTTLS"), "{log}");
     assert!(log.contains("NBD_FLAG_C_FIXED_NEWSTYLE"), "{log}");
+    assert!(log.contains("handshake not finished in time"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn stopping_with_tls_clients_attached_is_clean() {
+    require_python_nbd();
+    let pki = Pki::new("tls-stop");
+    let (mut vbd, port) = serve("tls-stop", &pki, "require", true);
+    // A libnbd client attached over TLS that writes, then idles.
+    let script = r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_certificates(sys.argv[2])
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x42" * 65536, 0)
+h.flush()
+print("attached", flush=True)
+time.sleep(60)
+"#;
+    let uri = format!("nbds://127.0.0.1:{port}/disk");
+    let mut child = Command::new(SYSTEM_PYTHON)
+        .args(["-c", script, &uri, &pki.s("with-cert")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("reading the client's output");
+    assert_eq!(line.trim(), "attached");
+    let out = qemu_io(
+        &["-r"],
+        &["read -P 0x42 0 64k".to_string()],
+        &vbd.uri("disk"),
+    );
+    assert!(out.stdout.contains("read 65536/65536"), "{}", out.stdout);
+    // SIGTERM with the client still attached: vbd closes TLS and exits 0.
+    vbd.stop();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]
