@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -16,8 +16,11 @@ use vbd::cli::{
 use vbd::control::runtime::runtime;
 use vbd::control::service::{ControlPlane, default_control_socket};
 use vbd::control::volumes::ObjectBackend;
+use vbd::nbd::TlsMode;
 use vbd::objstore::Store;
-use vbd::server::{ConnConfig, Registry, Server, ServerConfig, SocketTuning, signals};
+use vbd::server::{
+    ConnConfig, Registry, Server, ServerConfig, SocketTuning, TlsOptions, TlsServer, signals,
+};
 use vbd::volume::Volume;
 use vbd::volume::file::{FileOptions, FileVolume};
 use vbd::volume::memory::MemoryVolume;
@@ -189,6 +192,29 @@ struct ServeArgs {
     /// Seconds each VM gets to power off when vbd stops.
     #[arg(long, default_value_t = 30)]
     vm_stop_grace: u64,
+    /// TLS on TCP listeners (NBD STARTTLS): off, on (offered; plaintext
+    /// clients are served too) or require (plaintext clients are refused).
+    /// Unix sockets offer TLS when it is on but never require it.
+    #[arg(long, value_enum, default_value_t = TlsArg::Off)]
+    tls: TlsArg,
+    /// The server's certificate chain (PEM), for --tls=on|require.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): TLS clients must present a certificate signed
+    /// by one of them (client-certificate authentication).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+}
+
+/// `--tls` values.
+#[derive(Clone, Copy, ValueEnum)]
+enum TlsArg {
+    Off,
+    On,
+    Require,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -374,6 +400,16 @@ fn serve(args: ServeArgs) -> Result<()> {
     if args.max_buffered == 0 || args.max_buffered_total < args.max_buffered {
         bail!("--max-buffered must be above zero and no more than --max-buffered-total");
     }
+    let tls = TlsServer::load(&TlsOptions {
+        mode: match args.tls {
+            TlsArg::Off => TlsMode::Off,
+            TlsArg::On => TlsMode::On,
+            TlsArg::Require => TlsMode::Require,
+        },
+        cert: args.tls_cert,
+        key: args.tls_key,
+        ca: args.tls_ca,
+    })?;
     let registry = Arc::new(Registry::new());
     for spec in &exports {
         let volume = open_volume(spec, args.wal_dir.as_ref())?;
@@ -399,6 +435,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         socket_mode: args.socket_mode,
         socket_group: args.socket_group,
         busy_poll: std::time::Duration::from_micros(args.busy_poll),
+        tls,
         ..ServerConfig::default()
     };
     // Block termination signals before any thread starts, so only sigwait sees them.
@@ -429,8 +466,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     for addr in server.addresses().iter().filter(|a| !a.starts_with('/')) {
-        for e in registry.all() {
-            println!("nbd://{addr}/{}", e.name);
+        for scheme in TlsServer::tcp_schemes(cfg.tls.as_deref()) {
+            for e in registry.all() {
+                println!("{scheme}://{addr}/{}", e.name);
+            }
         }
     }
     let sig = signals::wait_for_termination().context("waiting for SIGTERM/SIGINT")?;

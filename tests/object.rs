@@ -174,12 +174,21 @@ fn volume_cli_and_writer_lock() {
         fails(&["volume", "create", "--store", &store, "a", "--size", "1G"])
             .contains("already exists")
     );
-    assert!(
-        fails(&[
-            "volume", "create", "--store", &store, "../x", "--size", "1G"
-        ])
-        .contains("invalid")
-    );
+    // No name reaches outside the store's volumes/ or the WAL directory.
+    for name in ["../x", "a/b", "", "..", "a/../b", "/etc"] {
+        for args in [
+            &["volume", "create", "--store", &store, name, "--size", "1G"][..],
+            &["volume", "info", "--store", &store, name],
+            &["volume", "delete", "--store", &store, name],
+        ] {
+            let msg = fails(args);
+            assert!(msg.contains("invalid"), "{args:?}: {msg}");
+        }
+        let spec = format!("name=ok,store={store},volume={name}");
+        let sock = e.dir.join("bad.sock").display().to_string();
+        let msg = fails(&["serve", "--unix", &sock, "--export", &spec]);
+        assert!(msg.contains("invalid"), "--export {spec}: {msg}");
+    }
     assert!(
         fails(&["volume", "create", "--store", &store, "c", "--size", "1000"])
             .contains("multiple of 4096")

@@ -276,11 +276,7 @@ impl Client {
     // ---- handshake ----
 
     fn option(&mut self, opt: u32, data: &[u8]) {
-        let mut m = IHAVEOPT.to_be_bytes().to_vec();
-        m.extend_from_slice(&opt.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        self.send(&m);
+        self.send(&nbd_option(opt, data));
     }
 
     fn opt_reply(&mut self) -> OptReply {
@@ -673,6 +669,43 @@ fn unknown_export_via_go_is_unknown_and_via_export_name_disconnects() {
     c.option(OPT_EXPORT_NAME, b"nope");
     c.expect_closed();
     srv.assert_healthy();
+}
+
+#[test]
+fn export_names_cannot_reach_outside_the_registry() {
+    let mut srv = Server::start("raw-name-traversal");
+    let bad = [
+        "../mem", "mem/..", "./mem", "/mem", "mem/", "a/b", "..", ".", "mem\0", "\0",
+    ];
+    let mut c = Client::options(&srv.vbd);
+    for name in bad {
+        c.option_err(OPT_INFO, &go_data(name, &[]), REP_ERR_UNKNOWN);
+        c.option_err(OPT_GO, &go_data(name, &[]), REP_ERR_UNKNOWN);
+    }
+    srv.go_and_check(c, "after hostile names");
+    for name in ["../mem", "a/b", "mem\0"] {
+        let mut c = Client::options(&srv.vbd);
+        c.option(OPT_EXPORT_NAME, name.as_bytes());
+        c.expect_closed();
+    }
+    srv.assert_healthy();
+    // Nor can such a name be configured.
+    for name in ["../x", "a/b", "", ".."] {
+        let spec = format!("name={name},backend=memory,size=1M");
+        let sock = srv.vbd.path("other.sock");
+        let o = vbd_cmd(
+            &[
+                "serve",
+                "--unix",
+                &sock.display().to_string(),
+                "--export",
+                &spec,
+            ],
+            &[],
+        );
+        assert!(!o.status.success(), "--export {spec} should fail");
+        assert!(o.stderr.contains("invalid"), "{spec}: {}", o.stderr);
+    }
 }
 
 #[test]

@@ -354,9 +354,10 @@ mod tests {
             .create(&req(r#"{"name":"a","backend":"file","size":4096}"#))
             .unwrap_err();
         assert!(e.to_string().contains("path"), "{e}");
-        let e = c
-            .create(&req(r#"{"name":"a b","backend":"memory","size":1}"#))
-            .unwrap_err();
-        assert!(matches!(e, VolumeStoreError::BadName(_)));
+        for name in ["a b", "../x", "a/b", "", "..", "a\\u0000b"] {
+            let body = format!(r#"{{"name":"{name}","backend":"memory","size":1}}"#);
+            let e = c.create(&req(&body)).unwrap_err();
+            assert!(matches!(e, VolumeStoreError::BadName(_)), "{name}: {e}");
+        }
     }
 }

@@ -51,6 +51,12 @@ pub enum ProtocolError {
     ExportNameTooLong(u64),
     #[error("more than {0} options during the handshake")]
     TooManyOptions(usize),
+    #[error("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, but this server requires TLS")]
+    TlsRequired,
+    #[error(
+        "client did not set NBD_FLAG_C_FIXED_NEWSTYLE, so it cannot start the TLS this server requires"
+    )]
+    TlsNeedsFixedNewstyle,
     #[error("request header has magic {0:#010x}, expected {1:#010x}")]
     BadRequestMagic(u32, u32),
     #[error("request carries a payload of {0} bytes, over the {1}-byte limit")]

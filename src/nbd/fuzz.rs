@@ -4,7 +4,7 @@
 //! checks invariants; any panic is a bug.
 
 use super::export::{BlockSizes, ExportInfo, Exports, Features};
-use super::handshake::{Handshake, HandshakeConfig, Progress};
+use super::handshake::{Handshake, HandshakeConfig, Progress, TlsMode};
 use super::reply;
 use super::request::{self, Command, Decoder, Event, Request};
 use super::session::{BASE_ALLOCATION_ID, ReplyMode, Session};
@@ -82,14 +82,25 @@ fn check_option_replies(mut out: &[u8], may_end_with_export: bool) {
     }
 }
 
-/// Drives the handshake. Byte 0 picks how the rest is split into reads.
+/// Drives the handshake. Byte 0 picks how the rest is split into reads
+/// (low six bits) and the TLS policy (top two).
 pub fn handshake(data: &[u8]) {
     let Some((&stride, input)) = data.split_first() else {
         return;
     };
+    // After STARTTLS the rest is fed as if it had been decrypted.
+    let tls = match stride >> 6 {
+        0 => TlsMode::Off,
+        1 => TlsMode::On,
+        _ => TlsMode::Require,
+    };
     let stride = usize::from(stride % 64) + 1;
     let mut out = Vec::new();
-    let mut hs = Handshake::new(HandshakeConfig { max_options: 64 }, &mut out);
+    let cfg = HandshakeConfig {
+        max_options: 64,
+        tls,
+    };
+    let mut hs = Handshake::new(cfg, &mut out);
     assert_eq!(out.len(), 18, "greeting");
     let mut pending = Vec::new();
     let mut fed = 0;
@@ -104,7 +115,7 @@ pub fn handshake(data: &[u8]) {
         assert!(n <= pending.len(), "consumed more than was fed");
         pending.drain(..n);
         match progress {
-            Progress::NeedMore => check_option_replies(&out[before..], false),
+            Progress::NeedMore | Progress::StartTls => check_option_replies(&out[before..], false),
             Progress::Close => {
                 check_option_replies(&out[before..], false);
                 return;

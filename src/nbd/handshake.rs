@@ -10,16 +10,32 @@ use super::wire::*;
 /// Option payloads longer than this are skipped, not buffered.
 pub const MAX_OPTION_DATA: u32 = 64 * 1024;
 
-/// Limits for one handshake.
+/// Whether a connection is offered TLS, and whether it must use it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// STARTTLS is refused by policy (the spec's NOTLS mode).
+    #[default]
+    Off,
+    /// STARTTLS is accepted, and plaintext clients are served too.
+    On,
+    /// Nothing but STARTTLS and ABORT is served before TLS (FORCEDTLS).
+    Require,
+}
+
+/// Limits and policy for one handshake.
 #[derive(Clone, Copy, Debug)]
 pub struct HandshakeConfig {
     /// Options a client may send before we hang up (a denial-of-service guard).
     pub max_options: usize,
+    pub tls: TlsMode,
 }
 
 impl Default for HandshakeConfig {
     fn default() -> Self {
-        HandshakeConfig { max_options: 1024 }
+        HandshakeConfig {
+            max_options: 1024,
+            tls: TlsMode::Off,
+        }
     }
 }
 
@@ -32,6 +48,11 @@ pub enum Progress {
     Transmission(Session),
     /// Send the output, then close: the client aborted.
     Close,
+    /// Send the output as it is (it ends with the STARTTLS ACK), then run
+    /// TLS on the connection: every later byte either way goes through it,
+    /// and `feed` takes the decrypted input. Bytes after the consumed ones
+    /// are the client's first TLS records.
+    StartTls,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +70,10 @@ pub struct Handshake {
     cfg: HandshakeConfig,
     state: State,
     no_zeroes: bool,
+    /// The client set NBD_FLAG_C_FIXED_NEWSTYLE; without it TLS is off.
+    fixed: bool,
+    /// STARTTLS succeeded: the input is what TLS decrypted.
+    tls: bool,
     mode: ReplyMode,
     /// Export id for which `base:allocation` was selected.
     meta: Option<usize>,
@@ -59,6 +84,7 @@ enum Outcome {
     Continue,
     Go(Session),
     Abort,
+    StartTls,
 }
 
 impl Handshake {
@@ -71,6 +97,8 @@ impl Handshake {
             cfg,
             state: State::ClientFlags,
             no_zeroes: false,
+            fixed: false,
+            tls: false,
             mode: ReplyMode::Simple,
             meta: None,
             options: 0,
@@ -99,7 +127,13 @@ impl Handshake {
                     if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
                         return Err(ProtocolError::BadClientFlags(flags));
                     }
+                    // Kept across STARTTLS: the flags are no option state.
                     self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+                    self.fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
+                    if !self.fixed && self.cfg.tls == TlsMode::Require {
+                        // Such a client is owed NOTLS mode, which would serve it in plaintext.
+                        return Err(ProtocolError::TlsNeedsFixedNewstyle);
+                    }
                     self.state = State::OptionHeader;
                 }
                 State::OptionHeader => {
@@ -147,6 +181,7 @@ impl Handshake {
                             self.state = State::Finished;
                             return Ok((pos, Progress::Close));
                         }
+                        Outcome::StartTls => return Ok((pos, Progress::StartTls)),
                     }
                 }
                 State::Skip { opt, remaining } => {
@@ -157,7 +192,11 @@ impl Handshake {
                         self.state = State::Skip { opt, remaining };
                         return Ok((pos, Progress::NeedMore));
                     }
-                    rep_err(out, opt, REP_ERR_TOO_BIG, "option data is too long");
+                    if self.tls_required() {
+                        rep_err(out, opt, REP_ERR_TLS_REQD, TLS_REQD);
+                    } else {
+                        rep_err(out, opt, REP_ERR_TOO_BIG, "option data is too long");
+                    }
                     self.state = State::OptionHeader;
                 }
             }
@@ -171,6 +210,14 @@ impl Handshake {
         exports: &dyn Exports,
         out: &mut Vec<u8>,
     ) -> Result<Outcome, ProtocolError> {
+        if self.tls_required() && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                // It cannot be answered with an error, so the spec says hang up.
+                return Err(ProtocolError::TlsRequired);
+            }
+            rep_err(out, opt, REP_ERR_TLS_REQD, TLS_REQD);
+            return Ok(Outcome::Continue);
+        }
         match opt {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data);
@@ -207,17 +254,30 @@ impl Handshake {
                 Ok(Outcome::Continue)
             }
             OPT_STARTTLS => {
-                if !data.is_empty() {
-                    rep_err(out, opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
-                } else {
-                    rep_err(
-                        out,
-                        opt,
+                let (typ, msg) = if !data.is_empty() {
+                    (REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+                } else if self.tls {
+                    (REP_ERR_INVALID, "TLS is already running")
+                } else if self.cfg.tls == TlsMode::Off {
+                    (REP_ERR_POLICY, "TLS is not enabled on this server")
+                } else if !self.fixed {
+                    (
                         REP_ERR_POLICY,
-                        "TLS is not enabled on this server",
-                    );
+                        "TLS needs fixed newstyle negotiation (NBD_FLAG_C_FIXED_NEWSTYLE)",
+                    )
+                } else {
+                    (REP_ACK, "")
+                };
+                rep_maybe_err(out, opt, typ, msg);
+                if typ != REP_ACK {
+                    return Ok(Outcome::Continue);
                 }
-                Ok(Outcome::Continue)
+                // Nothing negotiated in plaintext survives: a man in the
+                // middle could have sent it (CVE-2021-3716 in nbdkit).
+                self.tls = true;
+                self.mode = ReplyMode::Simple;
+                self.meta = None;
+                Ok(Outcome::StartTls)
             }
             OPT_INFO | OPT_GO => self.info_or_go(opt, data, exports, out),
             OPT_STRUCTURED_REPLY => {
@@ -386,6 +446,11 @@ impl Handshake {
         rep(out, opt, REP_ACK, &[]);
     }
 
+    /// Whether options other than STARTTLS and ABORT must be refused now.
+    fn tls_required(&self) -> bool {
+        self.cfg.tls == TlsMode::Require && !self.tls
+    }
+
     fn session(&self, export: ExportInfo) -> Session {
         let mut flags = export.flags | FLAG_HAS_FLAGS;
         if self.mode != ReplyMode::Simple {
@@ -401,6 +466,8 @@ impl Handshake {
         }
     }
 }
+
+const TLS_REQD: &str = "this server requires TLS: send NBD_OPT_STARTTLS first";
 
 fn rep(out: &mut Vec<u8>, opt: u32, typ: u32, parts: &[&[u8]]) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -665,7 +732,11 @@ mod tests {
             Err(ProtocolError::UnknownExport(_))
         ));
         let mut out = Vec::new();
-        let mut hs = Handshake::new(HandshakeConfig { max_options: 2 }, &mut out);
+        let cfg = HandshakeConfig {
+            max_options: 2,
+            ..HandshakeConfig::default()
+        };
+        let mut hs = Handshake::new(cfg, &mut out);
         let mut input = 0u32.to_be_bytes().to_vec();
         for _ in 0..3 {
             input.extend(opt(99, &[]));
@@ -674,6 +745,176 @@ mod tests {
             hs.feed(&input, &One, &mut out),
             Err(ProtocolError::TooManyOptions(2))
         );
+    }
+
+    /// A handshake under `tls` past client flags `flags`.
+    fn start_tls_mode(tls: TlsMode, flags: u32) -> (Handshake, Vec<u8>) {
+        let mut out = Vec::new();
+        let cfg = HandshakeConfig {
+            tls,
+            ..HandshakeConfig::default()
+        };
+        let mut hs = Handshake::new(cfg, &mut out);
+        out.clear();
+        assert_eq!(
+            hs.feed(&flags.to_be_bytes(), &One, &mut out),
+            Ok((4, Progress::NeedMore))
+        );
+        (hs, out)
+    }
+
+    fn go_data(name: &str) -> Vec<u8> {
+        let mut go = (name.len() as u32).to_be_bytes().to_vec();
+        go.extend_from_slice(name.as_bytes());
+        go.extend_from_slice(&0u16.to_be_bytes());
+        go
+    }
+
+    #[test]
+    fn require_refuses_all_but_starttls_and_abort() {
+        let (mut hs, mut out) = start_tls_mode(TlsMode::Require, FLAG_C_FIXED_NEWSTYLE);
+        for (o, data) in [
+            (OPT_LIST, vec![]),
+            (OPT_INFO, go_data("disk")),
+            (OPT_GO, go_data("disk")),
+            (OPT_STRUCTURED_REPLY, vec![]),
+            (OPT_EXTENDED_HEADERS, vec![]),
+            (OPT_LIST_META_CONTEXT, vec![0; 8]),
+            (42, b"whatever".to_vec()),
+        ] {
+            out.clear();
+            assert_eq!(
+                hs.feed(&opt(o, &data), &One, &mut out),
+                Ok((16 + data.len(), Progress::NeedMore))
+            );
+            let r = replies(&out);
+            assert_eq!((r.len(), r[0].0, r[0].1), (1, o, REP_ERR_TLS_REQD), "{o}");
+            assert!(!r[0].2.is_empty(), "errors carry a message");
+        }
+        // An oversized option is skipped and refused the same way.
+        out.clear();
+        let mut big = IHAVEOPT.to_be_bytes().to_vec();
+        big.extend_from_slice(&OPT_LIST.to_be_bytes());
+        big.extend_from_slice(&(MAX_OPTION_DATA + 1).to_be_bytes());
+        big.resize(big.len() + MAX_OPTION_DATA as usize + 1, 0);
+        hs.feed(&big, &One, &mut out).unwrap();
+        assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD);
+        // EXPORT_NAME cannot carry an error: the connection ends.
+        let (mut hs2, mut out2) = start_tls_mode(TlsMode::Require, FLAG_C_FIXED_NEWSTYLE);
+        assert_eq!(
+            hs2.feed(&opt(OPT_EXPORT_NAME, b"disk"), &One, &mut out2),
+            Err(ProtocolError::TlsRequired)
+        );
+        // ABORT is still answered.
+        out.clear();
+        assert_eq!(
+            hs.feed(&opt(OPT_ABORT, &[]), &One, &mut out),
+            Ok((16, Progress::Close))
+        );
+        assert_eq!(replies(&out), [(OPT_ABORT, REP_ACK, vec![])]);
+    }
+
+    #[test]
+    fn starttls_switches_and_the_handshake_goes_on_inside() {
+        let (mut hs, mut out) = start_tls_mode(TlsMode::Require, FLAG_C_FIXED_NEWSTYLE);
+        // Bytes after STARTTLS are TLS records: not consumed.
+        let mut input = opt(OPT_STARTTLS, &[]);
+        input.extend_from_slice(b"\x16\x03\x01 client hello");
+        assert_eq!(
+            hs.feed(&input, &One, &mut out),
+            Ok((16, Progress::StartTls))
+        );
+        assert_eq!(replies(&out), [(OPT_STARTTLS, REP_ACK, vec![])]);
+        // Now the options are served, and a second STARTTLS is invalid.
+        out.clear();
+        hs.feed(&opt(OPT_LIST, &[]), &One, &mut out).unwrap();
+        assert_eq!(replies(&out).last().map(|r| r.1), Some(REP_ACK));
+        out.clear();
+        hs.feed(&opt(OPT_STARTTLS, &[]), &One, &mut out).unwrap();
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+        assert_go_attaches(&mut hs, &mut out);
+    }
+
+    #[test]
+    fn starttls_forgets_plaintext_negotiation() {
+        let (mut hs, mut out) = start_tls_mode(TlsMode::On, FLAG_C_FIXED_NEWSTYLE);
+        let mut meta = 4u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(b"disk");
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(b"base:allocation");
+        let mut input = opt(OPT_STRUCTURED_REPLY, &[]);
+        input.extend(opt(OPT_SET_META_CONTEXT, &meta));
+        input.extend(opt(OPT_STARTTLS, &[]));
+        let (_, p) = hs.feed(&input, &One, &mut out).unwrap();
+        assert_eq!(p, Progress::StartTls);
+        // Without renegotiating, the session is simple with no context.
+        let (_, p) = hs.feed(&opt(OPT_GO, &go_data("")), &One, &mut out).unwrap();
+        let Progress::Transmission(s) = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!((s.mode, s.base_allocation), (ReplyMode::Simple, None));
+        assert_eq!(s.flags & FLAG_SEND_DF, 0);
+    }
+
+    /// GO on `disk` succeeds, with no TLS_REQD among the replies.
+    fn assert_go_attaches(hs: &mut Handshake, out: &mut Vec<u8>) {
+        out.clear();
+        let (_, p) = hs.feed(&opt(OPT_GO, &go_data("disk")), &One, out).unwrap();
+        assert!(matches!(p, Progress::Transmission(_)), "{p:?}");
+        assert!(replies(out).iter().all(|r| r.1 != REP_ERR_TLS_REQD));
+    }
+
+    #[test]
+    fn optional_tls_serves_plaintext_too() {
+        let (mut hs, mut out) = start_tls_mode(TlsMode::On, FLAG_C_FIXED_NEWSTYLE);
+        assert_go_attaches(&mut hs, &mut out);
+    }
+
+    #[test]
+    fn no_zeroes_is_kept_across_starttls() {
+        for (flags, len) in [
+            (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10),
+            (FLAG_C_FIXED_NEWSTYLE, 134),
+        ] {
+            let (mut hs, mut out) = start_tls_mode(TlsMode::Require, flags);
+            hs.feed(&opt(OPT_STARTTLS, &[]), &One, &mut out).unwrap();
+            out.clear();
+            let (_, p) = hs
+                .feed(&opt(OPT_EXPORT_NAME, b"disk"), &One, &mut out)
+                .unwrap();
+            assert!(matches!(p, Progress::Transmission(_)));
+            assert_eq!(out.len(), len, "client flags {flags:#x}");
+        }
+    }
+
+    #[test]
+    fn tls_needs_fixed_newstyle() {
+        let (mut hs, mut out) = start_tls_mode(TlsMode::On, 0);
+        hs.feed(&opt(OPT_STARTTLS, &[]), &One, &mut out).unwrap();
+        assert_eq!(replies(&out)[0].1, REP_ERR_POLICY);
+        let mut out = Vec::new();
+        let cfg = HandshakeConfig {
+            tls: TlsMode::Require,
+            ..HandshakeConfig::default()
+        };
+        let mut hs = Handshake::new(cfg, &mut out);
+        assert_eq!(
+            hs.feed(&FLAG_C_NO_ZEROES.to_be_bytes(), &One, &mut out),
+            Err(ProtocolError::TlsNeedsFixedNewstyle)
+        );
+    }
+
+    #[test]
+    fn starttls_with_data_is_invalid_in_every_mode() {
+        for tls in [TlsMode::Off, TlsMode::On, TlsMode::Require] {
+            let (mut hs, mut out) = start_tls_mode(tls, FLAG_C_FIXED_NEWSTYLE);
+            assert_eq!(
+                hs.feed(&opt(OPT_STARTTLS, b"x"), &One, &mut out),
+                Ok((17, Progress::NeedMore))
+            );
+            assert_eq!(replies(&out)[0].1, REP_ERR_INVALID, "{tls:?}");
+        }
     }
 
     #[test]

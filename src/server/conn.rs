@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::limits::{CoreBytes, Gauges};
 use super::registry::{Export, Registry};
+use super::tls::ConnTls;
 use super::token::{Kind, Token};
 use crate::nbd::reply::{self, Header};
 use crate::nbd::request::{self, Command, Decoder, Event, Refusal, Request};
@@ -183,6 +184,8 @@ pub struct Conn {
     broken: bool,
     hs_out: Vec<u8>,
     hs_sent: usize,
+    /// TLS offered, or running: then socket bytes go through it.
+    tls: ConnTls,
     outq: VecDeque<u16>,
     /// Bytes of the head of `outq` already sent.
     out_sent: usize,
@@ -211,9 +214,16 @@ impl Conn {
         generation: u16,
         cfg: &ConnConfig,
         gauge: Arc<CoreBytes>,
+        (tls, tls_mode): (ConnTls, crate::nbd::TlsMode),
     ) -> Box<Self> {
         let mut hs_out = Vec::new();
-        let hs = Handshake::new(cfg.handshake, &mut hs_out);
+        let hs = Handshake::new(
+            HandshakeConfig {
+                tls: tls_mode,
+                ..cfg.handshake
+            },
+            &mut hs_out,
+        );
         // SAFETY: an all-zero msghdr is a valid empty message.
         let msg: libc::msghdr = unsafe { std::mem::zeroed() };
         Box::new(Conn {
@@ -232,6 +242,7 @@ impl Conn {
             broken: false,
             hs_out,
             hs_sent: 0,
+            tls,
             outq: VecDeque::new(),
             out_sent: 0,
             iov: Vec::with_capacity(MAX_IOV),
@@ -265,7 +276,8 @@ impl Conn {
             && !self.send_pending
             && !self.cancel_pending
             && self.inflight_io == 0
-            && (self.broken || (self.outq.is_empty() && self.hs_sent >= self.hs_out.len()))
+            && (self.broken
+                || (self.outq.is_empty() && self.hs_sent >= self.hs_out.len() && self.tls.idle()))
     }
 
     /// Disconnects a client still negotiating `limit` after it connected;
@@ -300,7 +312,10 @@ impl Conn {
     pub fn on_recv(&mut self, res: i32) {
         self.recv_pending = false;
         if res > 0 {
-            self.rend += res as usize;
+            match &mut self.tls {
+                ConnTls::On(t) => t.received(res as usize),
+                _ => self.rend += res as usize,
+            }
         } else if res == 0 {
             self.stop_reading = true;
         } else if res != -libc::ECANCELED {
@@ -324,7 +339,18 @@ impl Conn {
             self.hard_disconnect();
             return;
         }
-        let mut n = res as usize;
+        if let ConnTls::On(t) = &mut self.tls
+            && t.take_send()
+        {
+            t.sent(res as usize);
+            return;
+        }
+        self.account_sent(res as usize);
+    }
+
+    /// `n` bytes of the handshake output or the queued replies are on their
+    /// way; finished replies free their slots.
+    fn account_sent(&mut self, mut n: usize) {
         if self.hs_sent < self.hs_out.len() {
             self.hs_sent += n;
             if self.hs_sent >= self.hs_out.len() {
@@ -373,7 +399,11 @@ impl Conn {
     /// cancels the connection now needs.
     pub fn pump(&mut self, env: &mut Env<'_>) {
         if !self.broken {
-            self.process_input(env);
+            if matches!(self.tls, ConnTls::On(_)) {
+                self.tls_input(env);
+            } else {
+                self.process_input(env);
+            }
         }
         self.submit_send(env);
         self.submit_recv(env);
@@ -413,6 +443,10 @@ impl Conn {
                                 }
                                 Progress::Transmission(session) => {
                                     self.enter_transmission(session, env)
+                                }
+                                Progress::StartTls => {
+                                    self.start_tls();
+                                    return;
                                 }
                             }
                         }
@@ -467,6 +501,61 @@ impl Conn {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// STARTTLS was acknowledged: what follows the option is ciphertext.
+    fn start_tls(&mut self) {
+        // Input is parsed as soon as it lands, so no receive is in flight
+        // into `rbuf` here; if one were, its bytes would bypass TLS.
+        let r = if self.recv_pending {
+            Err("a receive was in flight".to_string())
+        } else {
+            let early = &self.rbuf[self.rstart..self.rend];
+            self.tls.start(early).map_err(|e| e.to_string())
+        };
+        match r {
+            Ok(()) => {
+                debug!(peer = %self.peer, "STARTTLS: TLS handshake starts");
+                self.rstart = 0;
+                self.rend = 0;
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, "cannot start TLS: {e}; disconnecting");
+                self.hard_disconnect();
+            }
+        }
+    }
+
+    /// Decrypts what TLS received into `rbuf` and parses it, until neither
+    /// makes progress.
+    fn tls_input(&mut self, env: &mut Env<'_>) {
+        loop {
+            let ConnTls::On(t) = &mut self.tls else {
+                return;
+            };
+            if t.raw_prefix(self.hs_sent < self.hs_out.len()) {
+                return;
+            }
+            compact(&mut self.rbuf, &mut self.rstart, &mut self.rend);
+            let done = match t.decrypt(&mut self.rbuf[self.rend..], &self.peer) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(peer = %self.peer, "TLS failed: {e}; disconnecting");
+                    self.stop_reading = true;
+                    return;
+                }
+            };
+            self.rend += done.bytes;
+            if done.closed {
+                debug!(peer = %self.peer, "client closed TLS");
+                self.stop_reading = true;
+            }
+            let before = self.rstart;
+            self.process_input(env);
+            if done.bytes == 0 && self.rstart == before {
+                return;
             }
         }
     }
@@ -674,6 +763,11 @@ impl Conn {
                 }
             }
         }
+        if let ConnTls::On(t) = &mut self.tls
+            && !t.raw_prefix(self.hs_sent < self.hs_out.len())
+        {
+            self.tls_encrypt();
+        }
         if self.iov.is_empty() {
             return;
         }
@@ -684,7 +778,14 @@ impl Conn {
             .build()
             .user_data(Token::encode(Kind::Send, env.id, 0, self.generation));
         match push_sqe(env.ring, entry) {
-            Ok(()) => self.send_pending = true,
+            Ok(()) => {
+                self.send_pending = true;
+                if let ConnTls::On(t) = &mut self.tls
+                    && !t.raw_prefix(self.hs_sent < self.hs_out.len())
+                {
+                    t.start_send();
+                }
+            }
             Err(e) => {
                 warn!(peer = %self.peer, "cannot queue a send: {e}; disconnecting");
                 self.hard_disconnect();
@@ -692,24 +793,64 @@ impl Conn {
         }
     }
 
+    /// Encrypts the plaintext `submit_send` gathered into `iov` and puts
+    /// the ciphertext to send there instead.
+    fn tls_encrypt(&mut self) {
+        let ConnTls::On(t) = &mut self.tls else {
+            return;
+        };
+        // SAFETY: `iov` was just filled from live slices of `hs_out` and
+        // the queued replies, which nothing has changed since.
+        let parts = self
+            .iov
+            .iter()
+            .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+        let had_plaintext = !self.iov.is_empty();
+        let taken = t.encrypt(parts);
+        // TLS failed, or replies came after close_notify: they cannot go out.
+        let stuck = t.failed() || (t.closing() && had_plaintext && taken == 0);
+        self.account_sent(taken);
+        let ConnTls::On(t) = &mut self.tls else {
+            return;
+        };
+        if self.stop_reading
+            && self.inflight_io == 0
+            && self.outq.is_empty()
+            && self.hs_sent >= self.hs_out.len()
+        {
+            t.close();
+        }
+        let wire = t.wire();
+        self.iov.clear();
+        if !wire.is_empty() {
+            self.iov.push(libc::iovec {
+                iov_base: wire.as_ptr() as *mut _,
+                iov_len: wire.len(),
+            });
+        } else if stuck {
+            // What TLS had to say (an alert) is out: end the connection.
+            self.hard_disconnect();
+        }
+    }
+
     fn submit_recv(&mut self, env: &mut Env<'_>) {
         if self.recv_pending || self.stop_reading || self.broken {
             return;
         }
-        if self.rstart == self.rend {
-            self.rstart = 0;
-            self.rend = 0;
-        } else if self.rstart > 0 && self.rbuf.len() - self.rend < self.rbuf.len() / 4 {
-            self.rbuf.copy_within(self.rstart..self.rend, 0);
-            self.rend -= self.rstart;
-            self.rstart = 0;
-        }
-        let space = self.rbuf.len() - self.rend;
+        let (ptr, space) = match &mut self.tls {
+            ConnTls::On(t) => t.recv_space(),
+            _ => {
+                compact(&mut self.rbuf, &mut self.rstart, &mut self.rend);
+                (
+                    self.rbuf[self.rend..].as_mut_ptr(),
+                    self.rbuf.len() - self.rend,
+                )
+            }
+        };
         if space == 0 {
             // Full of requests waiting for free slots; reading resumes as they finish.
             return;
         }
-        let ptr = self.rbuf[self.rend..].as_mut_ptr();
         let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, space as u32)
             .build()
             .user_data(Token::encode(Kind::Recv, env.id, 0, self.generation));
@@ -723,7 +864,19 @@ impl Conn {
     }
 }
 
-/// The NBD error for a volume error, with a message for the client's user.
+/// Makes room at the end of the receive buffer: resets it when empty, or
+/// moves the unparsed tail to the front once little room is left.
+fn compact(rbuf: &mut [u8], rstart: &mut usize, rend: &mut usize) {
+    if *rstart == *rend {
+        *rstart = 0;
+        *rend = 0;
+    } else if *rstart > 0 && rbuf.len() - *rend < rbuf.len() / 4 {
+        rbuf.copy_within(*rstart..*rend, 0);
+        *rend -= *rstart;
+        *rstart = 0;
+    }
+}
+
 /// Whether another request's data may be taken in. A connection holding
 /// nothing may always take one, so a well-behaved client keeps moving
 /// however much hostile ones hold.
@@ -757,6 +910,7 @@ impl Drop for Conn {
     }
 }
 
+/// The NBD error for a volume error, with a message for the client's user.
 fn describe(e: &VolumeError) -> (ErrorCode, &'static str) {
     match e {
         VolumeError::NoSpace => (ErrorCode::NoSpc, "no space left in the volume's storage"),

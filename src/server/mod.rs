@@ -7,6 +7,7 @@ mod listener;
 pub mod reactor;
 pub mod registry;
 pub mod signals;
+pub mod tls;
 pub mod token;
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ pub use limits::Gauges;
 pub use listener::{ListenError, Listener, SocketTuning};
 use reactor::{CoreHandle, CoreMsg, CoreSetup};
 pub use registry::{Export, Registry, RegistryError};
+pub use tls::{TlsError, TlsOptions, TlsServer};
 
 use crate::volume::ring::RemoteSink;
 use crate::volume::sync::SyncDriver;
@@ -48,6 +50,8 @@ pub struct ServerConfig {
     pub ring_entries: u32,
     /// Spin this long for more work before a core sleeps (see the reactor).
     pub busy_poll: std::time::Duration,
+    /// Certificates and policy for STARTTLS; `None` refuses it.
+    pub tls: Option<Arc<TlsServer>>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +66,7 @@ impl Default for ServerConfig {
             socket_group: None,
             ring_entries: 1024,
             busy_poll: std::time::Duration::from_micros(DEFAULT_BUSY_POLL_US),
+            tls: None,
         }
     }
 }
@@ -162,6 +167,7 @@ impl Server {
                 tuning: cfg.tuning,
                 ring_entries: cfg.ring_entries,
                 busy_poll: cfg.busy_poll,
+                tls: cfg.tls.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vbd-core-{core}"))

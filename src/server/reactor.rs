@@ -15,6 +15,7 @@ use super::conn::{Conn, ConnConfig, Env};
 use super::limits::{Gauges, RateLimitedLog};
 use super::listener::{self, Listener, SocketTuning, Transport};
 use super::registry::Registry;
+use super::tls::{ConnTls, TlsServer};
 use super::token::{Kind, MAX_CONNS, Token};
 use crate::volume::ring::{RemoteDone, RemoteSink, push_sqe};
 use crate::volume::{Wake, Waker};
@@ -64,6 +65,7 @@ pub struct CoreSetup {
     /// How long to spin for new completions before sleeping, after a round
     /// that served clients; zero sleeps at once.
     pub busy_poll: Duration,
+    pub tls: Option<Arc<TlsServer>>,
 }
 
 struct ListenerState {
@@ -91,6 +93,7 @@ struct Reactor {
     /// stable while the kernel holds it.
     tick: Box<types::Timespec>,
     tuning: SocketTuning,
+    tls: Option<Arc<TlsServer>>,
     logged_tuning: bool,
     stopping: bool,
     dirty: Vec<usize>,
@@ -137,6 +140,7 @@ pub fn run(setup: CoreSetup) -> std::io::Result<()> {
         refusals: RateLimitedLog::new(),
         tick: Box::new(types::Timespec::new().sec(1)),
         tuning: setup.tuning,
+        tls: setup.tls,
         logged_tuning: false,
         stopping: false,
         dirty: Vec::new(),
@@ -452,7 +456,8 @@ impl Reactor {
         self.logged_tuning = true;
         self.generation = self.generation.wrapping_add(1);
         let gauge = self.gauges.core(self.index);
-        let conn = Conn::new(fd, peer, self.generation, &self.cfg, gauge);
+        let tls = ConnTls::offer(self.tls.as_ref(), transport);
+        let conn = Conn::new(fd, peer, self.generation, &self.cfg, gauge, tls);
         debug!(core = self.index, peer = %conn.peer, "connection accepted");
         let id = self.conns.insert(conn);
         self.mark(id);

@@ -30,6 +30,45 @@ pub fn valid_name(name: &str) -> bool {
         && name != ".."
 }
 
+#[cfg(test)]
+mod tests {
+    use super::valid_name;
+
+    #[test]
+    fn names_cannot_escape_the_store() {
+        for ok in [
+            "a",
+            "vm-1_disk.raw",
+            "A.b-c_d",
+            "..a",
+            "a..",
+            &"x".repeat(256),
+        ] {
+            assert!(valid_name(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "x/..",
+            "a/b",
+            "/a",
+            "a/",
+            "a\\b",
+            "a\0b",
+            "\0",
+            "a b",
+            "a:b",
+            "é",
+            "a\n",
+            &"x".repeat(257),
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+}
+
 /// An operation on a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {

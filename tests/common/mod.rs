@@ -494,7 +494,12 @@ pub fn qemu_io(args: &[&str], commands: &[String], uri: &str) -> Output {
     for c in commands {
         cmd.arg("-c").arg(c);
     }
-    let out = run(cmd.arg(uri));
+    run_qemu_io(cmd.arg(uri))
+}
+
+/// Runs a prepared qemu-io command; fails on any reported failure.
+pub fn run_qemu_io(cmd: &mut Command) -> Output {
+    let out = run(cmd);
     // qemu-io exits non-zero on a failed pattern check, but say why if not.
     assert!(
         !out.stdout.contains("failed") && !out.stderr.contains("failed"),
@@ -556,6 +561,15 @@ pub fn qemu_io_scattered(vbd: &Vbd, export: &str, size: u64) -> Vec<u8> {
         out.stdout
     );
     model
+}
+
+/// An NBD option as a client sends it: magic, option, length, data.
+pub fn nbd_option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut m = vbd::nbd::wire::IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
 }
 
 /// A free TCP port on loopback.

@@ -54,7 +54,8 @@ pub async fn list(store: &Store) -> Result<Vec<Descriptor>, ObjectError> {
     for name in store.list_dirs("volumes").await? {
         match layout::read_descriptor(store, &name).await {
             Ok(d) => out.push(d),
-            Err(ObjectError::NoSuchVolume(_)) => {}
+            // A directory no volume could be named after is not one.
+            Err(ObjectError::NoSuchVolume(_) | ObjectError::BadName(_)) => {}
             Err(e) => return Err(e),
         }
     }

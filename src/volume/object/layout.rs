@@ -71,6 +71,10 @@ pub fn valid_name(name: &str) -> bool {
 
 /// Reads a volume's descriptor.
 pub async fn read_descriptor(store: &Store, name: &str) -> Result<Descriptor, ObjectError> {
+    // Every way into a volume (open, info, delete) comes through here.
+    if !valid_name(name) {
+        return Err(ObjectError::BadName(name.to_owned()));
+    }
     let key = Keys::new(name).descriptor();
     let bytes = match store.get(&key).await {
         Ok(b) => b,
