@@ -13,33 +13,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use vm_common::{TempDir, wait_for_path};
+use vm_common::{TempDir, tag, test_guest, wait_for_path};
 
 /// TCG guests are CPU-heavy: run one at a time.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 const VBD: &str = env!("CARGO_BIN_EXE_vbd");
 
-/// Builds the guest once and caches it under target/ (rebuilt when the
-/// script changes).
+/// The plain test guest (tools/build-guest.sh without options).
 fn guest() -> (PathBuf, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("tools/build-guest.sh");
-    let out = root.join("target/test-guest");
-    let initrd = out.join("initrd.img");
-    let fresh = |p: &Path| {
-        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        matches!((m(p), m(&script)), (Some(a), Some(b)) if a >= b)
-    };
-    if !fresh(&initrd) {
-        let st = Command::new("bash")
-            .arg(&script)
-            .arg(&out)
-            .status()
-            .expect("run tools/build-guest.sh");
-        assert!(st.success(), "tools/build-guest.sh failed");
-    }
-    (out.join("vmlinuz"), initrd)
+    test_guest(&[], "initrd.img")
 }
 
 /// A `vbd serve` process, stopped with SIGTERM when dropped.
@@ -190,14 +173,6 @@ fn start_guest(s: &Serve, name: &str, tag: &str) -> (PathBuf, Value) {
     let serial = PathBuf::from(vm["serial_log"].as_str().unwrap());
     wait_serial(&serial, "VBD-WROTE-VDA", Duration::from_secs(180));
     (serial, vm)
-}
-
-fn tag(what: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros();
-    format!("{what}{}x{t}", std::process::id())
 }
 
 #[test]

@@ -114,6 +114,39 @@ impl Drop for Qemu {
     }
 }
 
+/// The test guest that `tools/build-guest.sh OPTIONS` builds, made once and
+/// cached under target/test-guest (remade when the script changes): the
+/// kernel and the initrd named `initrd` (initrd.img without options).
+pub fn test_guest(options: &[&str], initrd: &str) -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("tools/build-guest.sh");
+    let out = root.join("target/test-guest");
+    let image = out.join(initrd);
+    let fresh = |p: &Path| {
+        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        matches!((m(p), m(&script)), (Some(a), Some(b)) if a >= b)
+    };
+    if !fresh(&image) {
+        let st = Command::new("bash")
+            .arg(&script)
+            .args(options)
+            .arg(&out)
+            .status()
+            .expect("run tools/build-guest.sh");
+        assert!(st.success(), "tools/build-guest.sh {options:?} failed");
+    }
+    (out.join("vmlinuz"), image)
+}
+
+/// A string unique to this test run, for the patterns a guest writes.
+pub fn tag(what: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    format!("{what}{}x{t}", std::process::id())
+}
+
 pub fn wait_for_path(p: &Path, limit: Duration) {
     let start = Instant::now();
     while !p.exists() {
