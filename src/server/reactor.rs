@@ -68,6 +68,9 @@ pub struct CoreSetup {
     pub tls: Option<Arc<TlsServer>>,
 }
 
+/// How often a spinning core offers its CPU to other runnable threads.
+const YIELD_EVERY: Duration = Duration::from_micros(5);
+
 struct ListenerState {
     listener: Option<Listener>,
     armed: bool,
@@ -200,7 +203,7 @@ impl Reactor {
     /// to post a completion or flag task work; returns whether it did.
     /// Sleeping and waking costs more than the gap between a client's
     /// requests, so while traffic flows the core stays awake; once it stops,
-    /// the core sleeps after one window. It yields on every turn so that a
+    /// the core sleeps after one window. It yields every few microseconds so a
     /// client sharing this CPU is not starved by the spin.
     fn poll_briefly(&mut self) -> std::io::Result<bool> {
         match self.ring.submit() {
@@ -209,17 +212,22 @@ impl Reactor {
             Err(e) => return Err(e),
         }
         let start = Instant::now();
+        let mut yielded = start;
         loop {
-            for _ in 0..32 {
+            for _ in 0..64 {
                 if self.ring.submission().taskrun() || !self.ring.completion().is_empty() {
                     return Ok(true);
                 }
                 std::hint::spin_loop();
             }
-            if start.elapsed() >= self.busy_poll {
+            let now = Instant::now();
+            if now.duration_since(start) >= self.busy_poll {
                 return Ok(false);
             }
-            std::thread::yield_now();
+            if now.duration_since(yielded) >= YIELD_EVERY {
+                std::thread::yield_now();
+                yielded = now;
+            }
         }
     }
 
