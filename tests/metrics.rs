@@ -503,6 +503,8 @@ fn qemu_lifecycle_shows_in_vm_metrics_and_status() {
     vm_ok(&c, &["attach", "one", "vb"]);
     let full = vm_cmd(&c, &["attach", "one", "vc"]);
     assert!(!full.status.success(), "a second hot-plug on one port");
+    let cold = vm_cmd(&c, &["detach", "one", "va"]);
+    assert!(!cold.status.success(), "detached a disk attached at launch");
 
     let m = scrape_unix(&vbd);
     assert_eq!(m.get("vbd_vm_starts_total"), 1.0);
@@ -514,6 +516,10 @@ fn qemu_lifecycle_shows_in_vm_metrics_and_status() {
     );
     assert_eq!(
         m.get("vbd_vm_hotplug_total{op=\"attach\",result=\"error\"}"),
+        1.0
+    );
+    assert_eq!(
+        m.get("vbd_vm_hotplug_total{op=\"detach\",result=\"error\"}"),
         1.0
     );
     // QEMU's own NBD connections show per export.
