@@ -134,7 +134,7 @@ fn bump(a: &AtomicU64, n: u64) {
 /// One core's counters for one export, on cache lines of their own.
 #[repr(align(128))]
 #[derive(Default)]
-pub struct CoreMetrics {
+struct CoreMetrics {
     ops: [OpCounters; OPS],
     /// Connections of this core attached to the export.
     attached: AtomicU64,
