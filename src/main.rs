@@ -13,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 use vbd::cli::{
     Backend, CacheSpec, ExportSpec, default_socket, default_store_dir, parse_group, parse_size,
 };
+use vbd::control::metrics::{self, Sources};
 use vbd::control::runtime::runtime;
 use vbd::control::service::{ControlPlane, default_control_socket};
 use vbd::control::volumes::ObjectBackend;
@@ -33,8 +34,19 @@ struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG also works.
     #[arg(long, global = true)]
     log: Option<String>,
+    /// Log line format: text for people, json (one object per line, with
+    /// every field) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -49,6 +61,8 @@ enum Command {
     Objstore(ObjstoreCmd),
     /// Run and manage QEMU VMs through a running `vbd serve`.
     Vm(vbd::vm::cli::VmArgs),
+    /// Show a running `vbd serve`: exports, connections and VMs.
+    Status(vbd::control::status::StatusArgs),
 }
 
 #[derive(Args)]
@@ -207,6 +221,11 @@ struct ServeArgs {
     /// by one of them (client-certificate authentication).
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) over plain HTTP on this TCP
+    /// address, e.g. 127.0.0.1:9190 (off unless given; the control socket
+    /// always serves them too).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// `--tls` values.
@@ -229,16 +248,19 @@ fn main() {
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Volume(cmd) => volume(cmd),
         Command::Objstore(cmd) => objstore(cmd),
         Command::Vm(args) => vbd::vm::cli::run_vm(args).map_err(Into::into),
+        Command::Status(args) => vbd::control::status::run_status(args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("vbd: {e:#}");
@@ -444,7 +466,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let control = match cfg.unix.first() {
         Some(nbd) => Some(
             ControlPlane::start(
-                registry.clone(),
+                server.handle(),
                 nbd.clone(),
                 &args.control.unwrap_or_else(|| default_control_socket(nbd)),
                 args.run_dir.unwrap_or_else(|| nbd.with_file_name("vm")),
@@ -460,6 +482,19 @@ fn serve(args: ServeArgs) -> Result<()> {
             None
         }
     };
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let sources = match &control {
+                Some(c) => c.sources.clone(),
+                None => Arc::new(Sources::server_only(server.handle())),
+            };
+            Some(
+                metrics::serve_tcp(addr, sources)
+                    .with_context(|| format!("starting the metrics listener on {addr}"))?,
+            )
+        }
+        None => None,
+    };
     for path in &cfg.unix {
         for e in registry.all() {
             println!("nbd+unix:///{}?socket={}", e.name, path.display());
@@ -474,6 +509,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let sig = signals::wait_for_termination().context("waiting for SIGTERM/SIGINT")?;
     info!(signal = sig, "received termination signal");
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
     if let Some(control) = control {
         control.stop(std::time::Duration::from_secs(args.vm_stop_grace));
     }

@@ -11,6 +11,8 @@
 //! | DELETE | /v1/vms/{name}?grace=SECS | → {"outcome": StopOutcome} |
 //! | POST | /v1/vms/{name}/disks | AttachRequest → DiskInfo |
 //! | DELETE | /v1/vms/{name}/disks/{volume}?wait=SECS | → {} |
+//! | GET | /v1/status (or /status) | → Status |
+//! | GET | /metrics | → Prometheus text format 0.0.4 |
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,11 +22,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::http::{self, HttpError, Request, Response};
-use super::runtime::runtime;
+use super::metrics::Sources;
+use super::runtime::{StoppableTask, runtime};
 use super::volumes::{CreateVolume, VolumeCatalog, VolumeStoreError};
 use crate::server::Registry;
 use crate::vm::config::VmConfig;
@@ -64,22 +66,20 @@ pub struct ControlApi {
     pub supervisor: Arc<Supervisor>,
     pub catalog: Arc<VolumeCatalog>,
     pub registry: Arc<Registry>,
+    /// What `/metrics` and `/v1/status` read.
+    pub sources: Arc<Sources>,
 }
 
 /// A running control socket.
 pub struct ControlServer {
     path: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    task: StoppableTask,
 }
 
 impl ControlServer {
     /// Stops accepting, and removes the socket file.
-    pub fn shutdown(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = runtime().block_on(&mut self.task);
+    pub fn shutdown(self) {
+        self.task.stop();
         if let Err(e) = std::fs::remove_file(&self.path) {
             warn!(path = %self.path.display(), "cannot remove control socket: {e}");
         }
@@ -110,11 +110,10 @@ pub fn serve(path: &Path, api: Arc<ControlApi>) -> std::io::Result<ControlServer
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     info!(path = %path.display(), "control API listening");
-    let (tx, mut rx) = oneshot::channel();
-    let task = runtime().spawn(async move {
+    let task = StoppableTask::spawn(|mut stop| async move {
         loop {
             tokio::select! {
-                _ = &mut rx => break,
+                _ = &mut stop => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         tokio::spawn(connection(stream, api.clone()));
@@ -129,7 +128,6 @@ pub fn serve(path: &Path, api: Arc<ControlApi>) -> std::io::Result<ControlServer
     });
     Ok(ControlServer {
         path: path.to_owned(),
-        stop: Some(tx),
         task,
     })
 }
@@ -226,6 +224,10 @@ fn seconds(req: &Request, key: &str, default: Duration) -> Result<Duration, Resp
 async fn route(api: &Arc<ControlApi>, req: &Request) -> Response {
     let segs: Vec<&str> = req.segments.iter().map(String::as_str).collect();
     let r = match (req.method.as_str(), segs.as_slice()) {
+        ("GET", ["metrics"]) => Ok(super::metrics::response(&api.sources)),
+        ("GET", ["v1", "status"] | ["status"]) => {
+            Ok(ok_json(200, &super::status::gather(&api.sources).await))
+        }
         ("GET", ["v1", "volumes"]) => Ok(list_volumes(api)),
         ("POST", ["v1", "volumes"]) => create_volume(api, req),
         ("DELETE", ["v1", "volumes", name]) => delete_volume(api, name),
@@ -263,7 +265,9 @@ async fn route(api: &Arc<ControlApi>, req: &Request) -> Response {
                 Err(r) => Err(r),
             }
         }
-        (_, ["v1", "volumes", ..]) | (_, ["v1", "vms", ..]) => Err(error(
+        (_, ["v1", "volumes", ..])
+        | (_, ["v1", "vms", ..])
+        | (_, ["v1", "status"] | ["status"] | ["metrics"]) => Err(error(
             405,
             format!("{} is not allowed on this path", req.method),
         )),

@@ -3,6 +3,8 @@
 use std::sync::OnceLock;
 
 use tokio::runtime::{Builder, Runtime};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
@@ -21,4 +23,33 @@ pub fn runtime() -> &'static Runtime {
             Err(e) => panic!("cannot start the control runtime: {e}"),
         }
     })
+}
+
+/// A task on the control runtime (an accept loop) that runs until stopped.
+pub struct StoppableTask {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl StoppableTask {
+    /// Spawns `body`, which should return once its receiver fires.
+    pub fn spawn<F, Fut>(body: F) -> Self
+    where
+        F: FnOnce(oneshot::Receiver<()>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        StoppableTask {
+            stop: Some(tx),
+            task: runtime().spawn(body(rx)),
+        }
+    }
+
+    /// Tells the task to stop and waits for it.
+    pub fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = runtime().block_on(&mut self.task);
+    }
 }

@@ -6,15 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::api::{ControlApi, ControlServer, serve};
+use super::metrics::Sources;
 use super::runtime::runtime;
 use super::volumes::{VolumeBackend, VolumeCatalog};
-use crate::server::Registry;
+use crate::server::ServerHandle;
 use crate::vm::supervisor::{Supervisor, SupervisorConfig};
 
 /// The running control plane.
 pub struct ControlPlane {
     pub supervisor: Arc<Supervisor>,
     pub catalog: Arc<VolumeCatalog>,
+    /// What metrics and status read, for other listeners to share.
+    pub sources: Arc<Sources>,
     server: ControlServer,
 }
 
@@ -24,10 +27,11 @@ pub fn default_control_socket(nbd_socket: &Path) -> PathBuf {
 }
 
 impl ControlPlane {
-    /// Starts the control API on `control`; VMs reach their disks through
-    /// `nbd_socket` and keep their run files under `run_dir`.
+    /// Starts the control API on `control` for the running NBD server
+    /// `nbd`; VMs reach their disks through `nbd_socket` and keep their run
+    /// files under `run_dir`.
     pub fn start(
-        registry: Arc<Registry>,
+        nbd: ServerHandle,
         nbd_socket: PathBuf,
         control: &Path,
         run_dir: PathBuf,
@@ -38,20 +42,28 @@ impl ControlPlane {
             catalog.register(b);
         }
         let catalog = Arc::new(catalog);
+        let registry = nbd.registry.clone();
         let supervisor = Supervisor::new(
             SupervisorConfig::new(nbd_socket, run_dir),
             registry.clone(),
             catalog.clone(),
         );
+        let sources = Arc::new(Sources {
+            server: nbd,
+            supervisor: Some(supervisor.clone()),
+            catalog: Some(catalog.clone()),
+        });
         let api = Arc::new(ControlApi {
             supervisor: supervisor.clone(),
             catalog: catalog.clone(),
             registry,
+            sources: sources.clone(),
         });
         let server = serve(control, api)?;
         Ok(ControlPlane {
             supervisor,
             catalog,
+            sources,
             server,
         })
     }

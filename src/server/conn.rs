@@ -14,6 +14,7 @@ use io_uring::{IoUring, opcode, types};
 use tracing::{debug, info, warn};
 
 use super::limits::{CoreBytes, Gauges};
+use super::metrics::{ExportHandle, Timer};
 use super::registry::{Export, Registry};
 use super::tls::ConnTls;
 use super::token::{Kind, Token};
@@ -110,6 +111,7 @@ struct Slot {
     header: Header,
     tail: Tail,
     aux: Vec<u8>,
+    timer: Timer,
 }
 
 impl Slot {
@@ -126,6 +128,7 @@ impl Slot {
             header: reply::ok(crate::nbd::ReplyMode::Simple, 0, 0),
             tail: Tail::None,
             aux: Vec::new(),
+            timer: Timer::default(),
         }
     }
 
@@ -148,6 +151,7 @@ struct Tx {
     session: Session,
     decoder: Decoder,
     export: Arc<Export>,
+    metrics: ExportHandle,
 }
 
 enum Phase {
@@ -428,6 +432,7 @@ impl Conn {
                     }
                     match hs.feed(input, env.registry, &mut self.hs_out) {
                         Err(e) => {
+                            env.gauges.note_handshake_failure();
                             warn!(peer = %self.peer, "handshake failed: {e}; disconnecting");
                             self.hard_disconnect();
                             return;
@@ -575,6 +580,7 @@ impl Conn {
         self.phase = Phase::Transmission(Box::new(Tx {
             session,
             decoder,
+            metrics: export.metrics.attach(env.core),
             export,
         }));
     }
@@ -595,6 +601,7 @@ impl Conn {
             return false;
         };
         let slot = &mut self.slots[s as usize];
+        slot.timer = Timer::start(req.command);
         slot.cookie = req.cookie;
         slot.offset = req.offset;
         slot.filled = 0;
@@ -699,6 +706,7 @@ impl Conn {
                 }
             },
         }
+        tx.metrics.done(slot.timer, slot.io.len, true);
         slot.state = SlotState::Replying;
         self.outq.push_back(s);
     }
@@ -709,6 +717,7 @@ impl Conn {
         };
         self.stats.errors += 1;
         let slot = &mut self.slots[s as usize];
+        tx.metrics.done(slot.timer, 0, false);
         let (header, message) =
             reply::error(tx.session.mode, slot.cookie, slot.offset, code, message);
         slot.header = header;
@@ -896,6 +905,7 @@ fn may_buffer(throttled: &mut bool, buffered: u64, peer: &str, env: &Env<'_>) ->
         Some(which) => {
             if !*throttled {
                 *throttled = true;
+                env.gauges.note_pause(buffered < env.cfg.max_buffered);
                 info!(peer = %peer, held = buffered, "{which} buffer limit reached; pausing this client's input until its replies drain");
             }
             false

@@ -29,12 +29,43 @@ impl CoreBytes {
     }
 }
 
-/// Shared gauges checked against the global limits.
+/// Shared gauges checked against the global limits, and counters of the
+/// (rare) times a limit or a handshake turned a client away.
 pub struct Gauges {
     connections: AtomicUsize,
     max_connections: usize,
     buffered: Box<[Arc<CoreBytes>]>,
     max_buffered: u64,
+    events: Events,
+}
+
+/// Counts of connection events; each happens at most once per connection
+/// (or per pause), so shared atomics cost nothing measurable.
+#[derive(Default)]
+struct Events {
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    handshake_failures: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    paused_connection: AtomicU64,
+    paused_global: AtomicU64,
+}
+
+/// What [`Gauges`] have counted since the server started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    /// Connections let in past `--max-connections`.
+    pub accepted: u64,
+    /// Connections closed at accept by `--max-connections`.
+    pub refused: u64,
+    /// Handshakes that ended in a protocol error.
+    pub handshake_failures: u64,
+    /// Clients disconnected by `--handshake-timeout`.
+    pub handshake_timeouts: u64,
+    /// Input pauses by `--max-buffered`.
+    pub paused_connection: u64,
+    /// Input pauses by `--max-buffered-total`.
+    pub paused_global: u64,
 }
 
 impl Gauges {
@@ -47,16 +78,64 @@ impl Gauges {
                 .map(|_| Arc::new(CoreBytes::default()))
                 .collect(),
             max_buffered,
+            events: Events::default(),
         }
     }
 
     /// Counts a new connection, or returns false when the limit is reached.
     pub fn try_connect(&self) -> bool {
-        self.connections
+        let ok = self
+            .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_connections).then_some(n + 1)
             })
-            .is_ok()
+            .is_ok();
+        let e = &self.events;
+        if ok { &e.accepted } else { &e.refused }.fetch_add(1, Ordering::Relaxed);
+        ok
+    }
+
+    /// Counts a handshake that failed with a protocol error.
+    pub fn note_handshake_failure(&self) {
+        self.events
+            .handshake_failures
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts clients disconnected for negotiating too long.
+    pub fn note_handshake_timeouts(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.events
+            .handshake_timeouts
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a connection's input pausing on a buffer limit: the global
+    /// one, or its own.
+    pub fn note_pause(&self, global: bool) {
+        let e = &self.events;
+        if global {
+            &e.paused_global
+        } else {
+            &e.paused_connection
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The event counters so far.
+    pub fn events(&self) -> EventCounts {
+        let e = &self.events;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EventCounts {
+            accepted: get(&e.accepted),
+            refused: get(&e.refused),
+            handshake_failures: get(&e.handshake_failures),
+            handshake_timeouts: get(&e.handshake_timeouts),
+            paused_connection: get(&e.paused_connection),
+            paused_global: get(&e.paused_global),
+        }
     }
 
     /// Uncounts a connection that closed (or was refused after counting).
@@ -147,6 +226,7 @@ mod tests {
         assert!(g.try_connect());
         assert!(g.try_connect());
         assert!(!g.try_connect(), "third connection over a limit of two");
+        assert_eq!((g.events().accepted, g.events().refused), (2, 1));
         g.disconnect();
         assert!(g.try_connect());
         g.disconnect();

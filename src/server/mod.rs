@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod limits;
 mod listener;
+pub mod metrics;
 pub mod reactor;
 pub mod registry;
 pub mod signals;
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::unbounded;
 use thiserror::Error;
@@ -22,6 +24,7 @@ use tracing::{info, warn};
 pub use conn::ConnConfig;
 pub use limits::Gauges;
 pub use listener::{ListenError, Listener, SocketTuning};
+pub use metrics::ConnSummary;
 use reactor::{CoreHandle, CoreMsg, CoreSetup};
 pub use registry::{Export, Registry, RegistryError};
 pub use tls::{TlsError, TlsOptions, TlsServer};
@@ -91,6 +94,8 @@ pub enum ServerError {
 /// A running server.
 pub struct Server {
     registry: Arc<Registry>,
+    gauges: Arc<Gauges>,
+    started: Instant,
     cores: Vec<CoreHandle>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
     addresses: Vec<String>,
@@ -184,6 +189,8 @@ impl Server {
         info!(cores = n, listeners = ?addresses, "serving");
         Ok(Server {
             registry,
+            gauges,
+            started: Instant::now(),
             cores: handles,
             threads,
             addresses,
@@ -199,6 +206,17 @@ impl Server {
     /// Where the server listens (socket paths and TCP addresses).
     pub fn addresses(&self) -> &[String] {
         &self.addresses
+    }
+
+    /// A handle through which the control plane observes the server.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            registry: self.registry.clone(),
+            gauges: self.gauges.clone(),
+            cores: self.cores.clone(),
+            started: self.started,
+            addresses: self.addresses.clone(),
+        }
     }
 
     /// Stops accepting, lets in-flight requests finish, closes connections,
@@ -227,6 +245,46 @@ impl Server {
         }
         info!("stopped");
         result
+    }
+}
+
+/// What the control plane may read of a running server: its exports, its
+/// gauges and its cores, which answer snapshot requests.
+#[derive(Clone)]
+pub struct ServerHandle {
+    pub registry: Arc<Registry>,
+    pub gauges: Arc<Gauges>,
+    cores: Vec<CoreHandle>,
+    /// When the server started.
+    pub started: Instant,
+    /// Where it listens.
+    pub addresses: Vec<String>,
+}
+
+impl ServerHandle {
+    /// Asks every core for its connections and waits up to `timeout` for
+    /// the answers (a core that is stopping may not answer). Blocking: call
+    /// it off the async runtime's workers.
+    pub fn connections(&self, timeout: Duration) -> Vec<ConnSummary> {
+        let (tx, rx) = unbounded();
+        let mut asked = 0;
+        for core in &self.cores {
+            if core.tx.send(CoreMsg::Snapshot(tx.clone())).is_ok() {
+                core.waker.wake();
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        for _ in 0..asked {
+            match rx.recv_deadline(deadline) {
+                Ok(conns) => out.extend(conns),
+                Err(_) => break,
+            }
+        }
+        out.sort_by(|a, b| (a.core, &a.peer).cmp(&(b.core, &b.peer)));
+        out
     }
 }
 

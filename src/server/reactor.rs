@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use super::conn::{Conn, ConnConfig, Env};
 use super::limits::{Gauges, RateLimitedLog};
 use super::listener::{self, Listener, SocketTuning, Transport};
+use super::metrics::{ConnSummary, answer_snapshot};
 use super::registry::Registry;
 use super::tls::{ConnTls, TlsServer};
 use super::token::{Kind, MAX_CONNS, Token};
@@ -30,6 +31,8 @@ pub enum CoreMsg {
     },
     /// Stop accepting, finish in-flight requests, close, exit.
     Stop,
+    /// Reply with a summary of every connection on this core (`vbd status`).
+    Snapshot(Sender<Vec<ConnSummary>>),
 }
 
 /// How other threads reach a core.
@@ -331,6 +334,7 @@ impl Reactor {
                     peer,
                 } => self.add_conn(fd, transport, peer),
                 CoreMsg::Stop => self.stop(),
+                CoreMsg::Snapshot(reply) => answer_snapshot(&reply, self.index, &self.conns),
             }
         }
         while let Ok(done) = self.remote_rx.try_recv() {
@@ -366,6 +370,7 @@ impl Reactor {
             .iter_mut()
             .filter_map(|(id, c)| c.expire_handshake(now, limit).then_some(id))
             .collect();
+        self.gauges.note_handshake_timeouts(expired.len());
         for id in expired {
             self.mark(id);
         }

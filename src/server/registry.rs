@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 
+use super::metrics::ExportMetrics;
 use crate::nbd::{self, BlockSizes, ExportInfo, Features};
 use crate::volume::Volume;
 
@@ -16,6 +17,8 @@ pub struct Export {
     pub volume: Arc<dyn Volume>,
     pub read_only: bool,
     pub info: ExportInfo,
+    /// Request counters, per core.
+    pub metrics: ExportMetrics,
 }
 
 /// Why an export could not be added.
@@ -98,6 +101,7 @@ impl Registry {
             volume,
             read_only,
             info,
+            metrics: ExportMetrics::new(),
         });
         inner.by_id.push(Some(export.clone()));
         inner.by_name.insert(name.to_owned(), id);

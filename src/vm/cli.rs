@@ -37,7 +37,8 @@ pub struct ControlArg {
 }
 
 impl ControlArg {
-    fn client(&self) -> ControlClient {
+    /// A client for the chosen (or default) control socket.
+    pub fn client(&self) -> ControlClient {
         let path = self
             .control
             .clone()
@@ -190,7 +191,8 @@ impl RunArgs {
     }
 }
 
-fn state_text(s: &VmState) -> String {
+/// A VM state as the tables show it.
+pub fn state_text(s: &VmState) -> String {
     match s {
         VmState::Running => "running".into(),
         VmState::Stopping => "stopping".into(),
@@ -199,7 +201,8 @@ fn state_text(s: &VmState) -> String {
     }
 }
 
-fn disks_text(d: &[DiskInfo]) -> String {
+/// A VM's disks as the tables show them: `name:role`, or `name@port` if hot-attached.
+pub fn disks_text(d: &[DiskInfo]) -> String {
     d.iter()
         .map(|d| match &d.port {
             Some(p) => format!("{}@{p}", d.volume),

@@ -12,7 +12,7 @@ use qapi::qmp::{
 };
 use serde_json::json;
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::config::{DiskTuning, disk_ids};
 use super::qmp::{Qmp, QmpError};
@@ -168,7 +168,11 @@ pub async fn attach(qmp: &Qmp, spec: &AttachSpec<'_>) -> Result<(), HotplugError
         }
         return Err(fail("device_add virtio-blk-pci", e, rb));
     }
-    info!(volume = spec.volume, bus = spec.bus, "hot-attached");
+    debug!(
+        volume = spec.volume,
+        bus = spec.bus,
+        "QMP hot-attach steps done"
+    );
     Ok(())
 }
 
@@ -227,6 +231,6 @@ pub async fn detach(
             .await
             .map_err(|e| fail("object-del iothread", e))?;
     }
-    info!(volume, "hot-detached");
+    debug!(volume, "QMP hot-detach steps done");
     Ok(())
 }

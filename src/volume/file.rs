@@ -352,6 +352,10 @@ impl Volume for FileVolume {
         format!("file {}", self.path.display())
     }
 
+    fn backend(&self) -> &'static str {
+        "file"
+    }
+
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         if io.op != Op::Flush && (io.offset > self.size || io.len > self.size - io.offset) {
             return Poll::Ready(Err(VolumeError::OutOfRange {

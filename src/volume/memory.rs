@@ -180,6 +180,10 @@ impl Volume for MemoryVolume {
         format!("memory, {} bytes", self.size)
     }
 
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
     fn start(&self, io: &mut Io, _ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         if io.op != Op::Flush && (io.offset > self.size || io.len > self.size - io.offset) {
             return Poll::Ready(Err(VolumeError::OutOfRange {

@@ -235,6 +235,15 @@ pub trait Volume: Send + Sync + 'static {
     fn caps(&self) -> Caps;
     /// A short description for logs and `NBD_INFO_DESCRIPTION`.
     fn describe(&self) -> String;
+    /// The backend's name (`memory`, `file`, `object`), for status and metrics.
+    fn backend(&self) -> &'static str {
+        "other"
+    }
+    /// Counters of the backend's cache, write-ahead log and store traffic,
+    /// for metrics; `None` for backends that have none.
+    fn counters(&self) -> Option<object::ObjectCounters> {
+        None
+    }
     /// The smallest unit of I/O: offsets and lengths must be multiples.
     fn block_size(&self) -> u32 {
         1

@@ -8,7 +8,7 @@ pub mod process;
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -257,6 +257,50 @@ pub struct Supervisor {
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
     /// Serialises decisions about which VM holds which volume.
     volumes: tokio::sync::Mutex<()>,
+    events: Events,
+}
+
+/// Lifecycle counters, bumped a few times per VM.
+#[derive(Default)]
+struct Events {
+    starts: AtomicU64,
+    start_failures: AtomicU64,
+    powerdowns: AtomicU64,
+    sigterms: AtomicU64,
+    sigkills: AtomicU64,
+    guest_shutdowns: AtomicU64,
+    crashes: AtomicU64,
+    attaches: AtomicU64,
+    attach_failures: AtomicU64,
+    detaches: AtomicU64,
+    detach_failures: AtomicU64,
+}
+
+fn count<T, E>(r: &Result<T, E>, ok: &AtomicU64, failed: &AtomicU64) {
+    if r.is_ok() { ok } else { failed }.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What the supervisor has seen since it started, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEventCounts {
+    /// VMs whose QEMU came up and answered QMP.
+    pub starts: u64,
+    /// Start requests that failed (bad config, missing volume, QEMU did not come up).
+    pub start_failures: u64,
+    /// Stops on request that ended with the guest powering off.
+    pub powerdowns: u64,
+    /// Stops on request that needed SIGTERM.
+    pub sigterms: u64,
+    /// Stops on request that needed SIGKILL.
+    pub sigkills: u64,
+    /// Guests that shut down by themselves.
+    pub guest_shutdowns: u64,
+    /// QEMUs that exited abnormally without being asked.
+    pub crashes: u64,
+    pub attaches: u64,
+    pub attach_failures: u64,
+    pub detaches: u64,
+    pub detach_failures: u64,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
@@ -291,7 +335,27 @@ impl Supervisor {
             catalog,
             vms: Mutex::new(BTreeMap::new()),
             volumes: tokio::sync::Mutex::new(()),
+            events: Events::default(),
         })
+    }
+
+    /// Lifecycle counters so far.
+    pub fn events(&self) -> VmEventCounts {
+        let e = &self.events;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VmEventCounts {
+            starts: get(&e.starts),
+            start_failures: get(&e.start_failures),
+            powerdowns: get(&e.powerdowns),
+            sigterms: get(&e.sigterms),
+            sigkills: get(&e.sigkills),
+            guest_shutdowns: get(&e.guest_shutdowns),
+            crashes: get(&e.crashes),
+            attaches: get(&e.attaches),
+            attach_failures: get(&e.attach_failures),
+            detaches: get(&e.detaches),
+            detach_failures: get(&e.detach_failures),
+        }
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Vm>>> {
@@ -342,6 +406,16 @@ impl Supervisor {
     /// Starts the exports for `config`'s volumes, then QEMU, and returns
     /// once QMP answers.
     pub async fn start(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, SupervisorError> {
+        let name = config.name.clone();
+        let r = self.start_vm(config).await;
+        count(&r, &self.events.starts, &self.events.start_failures);
+        if let Err(e) = &r {
+            warn!(vm = %name, "VM did not start: {e}");
+        }
+        r
+    }
+
+    async fn start_vm(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, SupervisorError> {
         let _g = self.volumes.lock().await;
         let name = config.name.clone();
         if self.vms().get(&name).is_some_and(|old| old.alive()) {
@@ -462,17 +536,20 @@ impl Supervisor {
     /// Records how `vm` ended and releases what it held.
     fn exited(&self, vm: &Vm, exit: Exit) {
         let requested = vm.stopping.load(Ordering::SeqCst);
+        let e = &self.events;
         let state = if requested {
             VmState::Stopped {
                 reason: format!("stopped on request ({exit})"),
             }
         } else if exit.clean() {
-            info!(vm = %vm.config.name, "guest shut down");
+            info!(vm = %vm.config.name, pid = vm.process.pid, "guest shut down");
+            e.guest_shutdowns.fetch_add(1, Ordering::Relaxed);
             VmState::Stopped {
                 reason: "guest shut down".into(),
             }
         } else {
             error!(vm = %vm.config.name, pid = vm.process.pid, %exit, "QEMU crashed");
+            e.crashes.fetch_add(1, Ordering::Relaxed);
             VmState::Crashed {
                 reason: format!("QEMU {exit}"),
             }
@@ -518,7 +595,17 @@ impl Supervisor {
         };
         vm.wait_cleaned().await;
         self.forget(name, &vm);
-        info!(vm = name, ?outcome, "VM stopped");
+        let e = &self.events;
+        let counter = match outcome {
+            StopOutcome::Powerdown => Some(&e.powerdowns),
+            StopOutcome::Sigterm => Some(&e.sigterms),
+            StopOutcome::Sigkill => Some(&e.sigkills),
+            StopOutcome::AlreadyExited => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        info!(vm = name, pid = vm.process.pid, ?outcome, "VM stopped");
         Ok(outcome)
     }
 
@@ -579,6 +666,27 @@ impl Supervisor {
         volume: &str,
         read_only: bool,
     ) -> Result<DiskInfo, SupervisorError> {
+        let r = self.attach_volume(vm_name, volume, read_only).await;
+        count(&r, &self.events.attaches, &self.events.attach_failures);
+        match &r {
+            Ok(d) => info!(
+                vm = vm_name,
+                volume,
+                port = d.port.as_deref().unwrap_or("-"),
+                read_only,
+                "volume hot-attached"
+            ),
+            Err(e) => warn!(vm = vm_name, volume, "hot attach failed: {e}"),
+        }
+        r
+    }
+
+    async fn attach_volume(
+        &self,
+        vm_name: &str,
+        volume: &str,
+        read_only: bool,
+    ) -> Result<DiskInfo, SupervisorError> {
         if !valid_qemu_name(volume) {
             return Err(SupervisorError::BadVolumeName(volume.to_owned()));
         }
@@ -632,6 +740,21 @@ impl Supervisor {
 
     /// Hot-detaches `volume`, waiting up to `wait` for the guest to let go.
     pub async fn detach(
+        &self,
+        vm_name: &str,
+        volume: &str,
+        wait: Duration,
+    ) -> Result<(), SupervisorError> {
+        let r = self.detach_volume(vm_name, volume, wait).await;
+        count(&r, &self.events.detaches, &self.events.detach_failures);
+        match &r {
+            Ok(()) => info!(vm = vm_name, volume, "volume hot-detached"),
+            Err(e) => warn!(vm = vm_name, volume, "hot detach failed: {e}"),
+        }
+        r
+    }
+
+    async fn detach_volume(
         &self,
         vm_name: &str,
         volume: &str,

@@ -245,6 +245,7 @@ pub async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
         .store
         .put(&inner.keys.checkpoint(id), Bytes::from(body))
         .await?;
+    inner.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
     info!(volume = %inner.name, chunk = id, "checkpoint written");
     let old = inner.store.list(&inner.keys.checkpoints()).await?;
     let mut ids: Vec<u64> = old.iter().filter_map(|(k, _)| id_of(k)).collect();
@@ -272,6 +273,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
         (id, info, newest)
     };
     let _ = newest;
+    inner.stats.gc_runs.fetch_add(1, Ordering::Relaxed);
     if info.live == 0 {
         let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
         m.retire(victim);
@@ -281,6 +283,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
     match rewrite(inner, victim, info).await {
         Ok(()) => Some(vec![(victim, Instant::now())]),
         Err(e) => {
+            inner.stats.gc_failures.fetch_add(1, Ordering::Relaxed);
             warn!(volume = %inner.name, chunk = victim, "garbage collection failed, will retry: {e}");
             None
         }
@@ -370,6 +373,7 @@ async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
         }
         match inner.store.delete(&inner.keys.chunk(id)).await {
             Ok(()) => {
+                inner.stats.chunks_deleted.fetch_add(1, Ordering::Relaxed);
                 let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
                 m.retired.remove(&id);
             }

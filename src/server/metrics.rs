@@ -1,0 +1,337 @@
+//! Request metrics kept on the hot path without locks or allocation: every
+//! export has one block of counters per core, written only by that core's
+//! reactor (plain relaxed load and store, no read-modify-write), and summed
+//! only when someone scrapes. Latencies go into fixed log2 buckets.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use serde::{Deserialize, Serialize};
+use slab::Slab;
+
+use super::conn::Conn;
+use crate::nbd::request::Command;
+
+/// Kinds of request, as metrics label them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    BlockStatus,
+    Cache,
+    /// A command number this server does not know (always refused).
+    Other,
+}
+
+/// How many [`OpKind`]s there are.
+pub const OPS: usize = 8;
+
+impl OpKind {
+    /// Every kind, in label order.
+    pub const ALL: [OpKind; OPS] = [
+        OpKind::Read,
+        OpKind::Write,
+        OpKind::Flush,
+        OpKind::Trim,
+        OpKind::WriteZeroes,
+        OpKind::BlockStatus,
+        OpKind::Cache,
+        OpKind::Other,
+    ];
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Read => "read",
+            OpKind::Write => "write",
+            OpKind::Flush => "flush",
+            OpKind::Trim => "trim",
+            OpKind::WriteZeroes => "write_zeroes",
+            OpKind::BlockStatus => "block_status",
+            OpKind::Cache => "cache",
+            OpKind::Other => "other",
+        }
+    }
+
+    /// The kind of a raw NBD command number.
+    pub fn of_wire(command: u16) -> OpKind {
+        match Command::from_wire(command) {
+            Some(Command::Read) => OpKind::Read,
+            Some(Command::Write) => OpKind::Write,
+            Some(Command::Flush) => OpKind::Flush,
+            Some(Command::Trim) => OpKind::Trim,
+            Some(Command::WriteZeroes) => OpKind::WriteZeroes,
+            Some(Command::BlockStatus) => OpKind::BlockStatus,
+            Some(Command::Cache) => OpKind::Cache,
+            Some(Command::Disc) | None => OpKind::Other,
+        }
+    }
+}
+
+/// Latency buckets: bucket `i < BUCKETS - 1` holds requests that took less
+/// than 2^i µs (1 µs to ~33.5 s); the last one holds the rest (+Inf).
+pub const BUCKETS: usize = 27;
+
+/// Upper bound of finite bucket `i`, in microseconds.
+pub fn bucket_bound_us(i: usize) -> u64 {
+    1u64 << i.min(63)
+}
+
+/// The bucket of a latency of `ns` nanoseconds.
+fn bucket(ns: u64) -> usize {
+    let us = ns / 1000;
+    ((u64::BITS - us.leading_zeros()) as usize).min(BUCKETS - 1)
+}
+
+/// When a request started and what it is; kept in its slot until it is answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Timer {
+    start: Instant,
+    op: OpKind,
+}
+
+impl Timer {
+    /// Starts timing a request with raw command number `command`.
+    #[inline]
+    pub fn start(command: u16) -> Timer {
+        Timer {
+            start: Instant::now(),
+            op: OpKind::of_wire(command),
+        }
+    }
+}
+
+impl Default for Timer {
+    fn default() -> Self {
+        Timer {
+            start: Instant::now(),
+            op: OpKind::Other,
+        }
+    }
+}
+
+/// One op kind's counters on one core.
+#[derive(Default)]
+struct OpCounters {
+    buckets: [AtomicU64; BUCKETS],
+    errors: AtomicU64,
+    bytes: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+/// Adds to a counter that only the calling thread writes: a plain load and
+/// store, which is all a single writer needs and much cheaper than a locked add.
+#[inline]
+fn bump(a: &AtomicU64, n: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+/// One core's counters for one export, on cache lines of their own.
+#[repr(align(128))]
+#[derive(Default)]
+struct CoreMetrics {
+    ops: [OpCounters; OPS],
+    /// Connections of this core attached to the export.
+    attached: AtomicU64,
+}
+
+/// A connection's handle on its core's counters for its export. It counts
+/// as an attached connection for as long as it lives; create and drop it
+/// on the core it belongs to (the single writer).
+pub struct ExportHandle(Arc<CoreMetrics>);
+
+impl ExportHandle {
+    /// Records an answered request: `bytes` it covered if it succeeded, or
+    /// an error.
+    #[inline]
+    pub fn done(&self, t: Timer, bytes: u64, ok: bool) {
+        let ns = u64::try_from(t.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let c = &self.0.ops[t.op as usize];
+        bump(&c.buckets[bucket(ns)], 1);
+        bump(&c.sum_ns, ns);
+        if ok {
+            bump(&c.bytes, bytes);
+        } else {
+            bump(&c.errors, 1);
+        }
+    }
+}
+
+impl Drop for ExportHandle {
+    fn drop(&mut self) {
+        let a = &self.0.attached;
+        a.store(
+            a.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// All cores' counters for one export.
+#[derive(Default)]
+pub struct ExportMetrics {
+    /// Indexed by core; locked only when a connection attaches and when
+    /// scraping, never per request.
+    cores: Mutex<Vec<Arc<CoreMetrics>>>,
+}
+
+/// Totals of one op kind over all cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpTotals {
+    /// Requests answered (the histogram's count).
+    pub requests: u64,
+    pub errors: u64,
+    pub bytes: u64,
+    /// Summed latency, in nanoseconds.
+    pub sum_ns: u64,
+    /// Per-bucket (not cumulative) counts.
+    pub buckets: [u64; BUCKETS],
+}
+
+/// Totals of one export over all cores.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportTotals {
+    pub ops: [OpTotals; OPS],
+    /// Connections attached now.
+    pub connections: u64,
+}
+
+impl ExportMetrics {
+    /// Counters with no core yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The handle for a connection on `core` that just attached.
+    pub fn attach(&self, core: usize) -> ExportHandle {
+        let mut cores = self.cores.lock().unwrap_or_else(|e| e.into_inner());
+        while cores.len() <= core {
+            cores.push(Arc::new(CoreMetrics::default()));
+        }
+        let m = cores[core].clone();
+        bump(&m.attached, 1);
+        ExportHandle(m)
+    }
+
+    /// Sums every core's counters.
+    pub fn totals(&self) -> ExportTotals {
+        let cores = self.cores.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = ExportTotals::default();
+        for c in cores.iter() {
+            t.connections += c.attached.load(Ordering::Relaxed);
+            for (o, op) in t.ops.iter_mut().zip(&c.ops) {
+                for (b, v) in o.buckets.iter_mut().zip(&op.buckets) {
+                    *b += v.load(Ordering::Relaxed);
+                }
+                o.errors += op.errors.load(Ordering::Relaxed);
+                o.bytes += op.bytes.load(Ordering::Relaxed);
+                o.sum_ns += op.sum_ns.load(Ordering::Relaxed);
+            }
+        }
+        for o in &mut t.ops {
+            o.requests = o.buckets.iter().sum();
+        }
+        t
+    }
+}
+
+/// One connection as `vbd status` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnSummary {
+    pub core: usize,
+    pub peer: String,
+    /// None while still negotiating.
+    pub export: Option<String>,
+    pub requests: u64,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl ConnSummary {
+    /// What connection `c` on `core` has done so far.
+    pub fn of(core: usize, c: &Conn) -> ConnSummary {
+        ConnSummary {
+            core,
+            peer: c.peer.clone(),
+            export: c.export_name().map(String::from),
+            requests: c.stats.requests,
+            errors: c.stats.errors,
+            bytes_read: c.stats.bytes_read,
+            bytes_written: c.stats.bytes_written,
+        }
+    }
+}
+
+/// Sends the summaries of one core's connections to whoever asked (the
+/// asker may have given up waiting: that is fine).
+pub fn answer_snapshot(reply: &Sender<Vec<ConnSummary>>, core: usize, conns: &Slab<Box<Conn>>) {
+    let _ = reply.send(
+        conns
+            .iter()
+            .map(|(_, c)| ConnSummary::of(core, c))
+            .collect(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::wire::{CMD_READ, CMD_WRITE};
+    use std::time::Duration;
+
+    #[test]
+    fn buckets_are_log2_microseconds() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(999), 0, "under 1 µs");
+        assert_eq!(bucket(1_000), 1, "1 µs is under 2 µs");
+        assert_eq!(bucket(3_999), 2);
+        assert_eq!(bucket(4_000), 3);
+        assert_eq!(bucket(1_000_000), 10, "1 ms is under 1024 µs");
+        assert_eq!(bucket(u64::MAX), BUCKETS - 1);
+        for ns in [0u64, 1_500, 70_000, 3_000_000_000] {
+            let i = bucket(ns);
+            if i < BUCKETS - 1 {
+                assert!(ns / 1000 < bucket_bound_us(i));
+            }
+            if i > 0 {
+                assert!(ns / 1000 >= bucket_bound_us(i - 1));
+            }
+        }
+    }
+
+    #[test]
+    fn cores_sum_and_handles_count_connections() {
+        let m = ExportMetrics::new();
+        let a = m.attach(0);
+        let b = m.attach(3);
+        a.done(Timer::start(CMD_READ), 4096, true);
+        a.done(Timer::start(CMD_READ), 4096, false);
+        let mut t = Timer::start(CMD_WRITE);
+        t.start -= Duration::from_millis(2);
+        b.done(t, 512, true);
+        b.done(Timer::start(0xffff), 0, false);
+        let s = m.totals();
+        assert_eq!(s.connections, 2);
+        let read = s.ops[OpKind::Read as usize];
+        assert_eq!((read.requests, read.errors, read.bytes), (2, 1, 4096));
+        let write = s.ops[OpKind::Write as usize];
+        assert_eq!((write.requests, write.bytes), (1, 512));
+        assert!(write.sum_ns >= 2_000_000);
+        assert_eq!(
+            write.buckets[..11].iter().sum::<u64>(),
+            0,
+            "2 ms is over 1024 µs"
+        );
+        assert_eq!(s.ops[OpKind::Other as usize].errors, 1);
+        drop(a);
+        assert_eq!(m.totals().connections, 1);
+        drop(b);
+        assert_eq!(m.totals().connections, 0);
+    }
+}
