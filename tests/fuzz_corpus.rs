@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use vbd::nbd::wire::*;
+use vbd::volume::object::format::{
+    self as fmt, BLOCK, CHUNK_HEADER, IndexEntry, Kind, RecordHeader, SEGMENT_HEADER,
+};
 
 fn corpus(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -34,6 +37,21 @@ fn replay_handshake_corpus() {
 #[test]
 fn replay_transmission_corpus() {
     replay("transmission", vbd::nbd::fuzz::transmission);
+}
+
+#[test]
+fn replay_wal_record_corpus() {
+    replay("wal_record", vbd::volume::object::fuzz::wal_record);
+}
+
+#[test]
+fn replay_chunk_index_corpus() {
+    replay("chunk_index", vbd::volume::object::fuzz::chunk_index);
+}
+
+#[test]
+fn replay_qmp_reply_corpus() {
+    replay("qmp_reply", vbd::vm::fuzz::qmp_reply);
 }
 
 fn opt(out: &mut Vec<u8>, o: u32, data: &[u8]) {
@@ -191,12 +209,213 @@ fn transmission_seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
+fn record(out: &mut Vec<u8>, seq: u64, lba: u64, blocks: u32, kind: Kind) {
+    let h = RecordHeader {
+        seq,
+        lba,
+        blocks,
+        kind,
+    };
+    let data: Vec<u8> = if kind == Kind::Data {
+        (0..blocks as usize * BLOCK)
+            .map(|i| (i / 7) as u8)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    fmt::encode_record(out, &h, &data);
+}
+
+/// Byte 0 of a WAL seed: bit 0 repairs CRCs, bit 1 adds the segment header,
+/// bits 4-7 are the sequence number the store already has.
+fn wal_record_seeds() -> Vec<Vec<u8>> {
+    let with_header = |opts: u8| {
+        let mut s = vec![opts];
+        s.extend_from_slice(&fmt::segment_header(1));
+        s
+    };
+    let mut seeds = Vec::new();
+    // A good segment: data, hole and zero records.
+    let mut good = with_header(0);
+    record(&mut good, 3, 10, 1, Kind::Data);
+    record(&mut good, 4, 0, 100, Kind::Hole);
+    record(&mut good, 7, 1 << 40, 8, Kind::Zero);
+    record(&mut good, 8, 11, 2, Kind::Data);
+    seeds.push(good.clone());
+    // Records only, the target adds the header; some already in the store.
+    let mut bare = vec![2 | (4 << 4)];
+    record(&mut bare, 2, 5, 1, Kind::Zero);
+    record(&mut bare, 5, 6, 1, Kind::Hole);
+    record(&mut bare, 6, 7, 1, Kind::Data);
+    seeds.push(bare);
+    // Torn tail, flipped data byte (then repaired), flipped header byte.
+    seeds.push(good[..good.len() - 100].to_vec());
+    let mut bad = good.clone();
+    bad[1 + SEGMENT_HEADER + 32 + 17] ^= 0x40;
+    seeds.push(bad.clone());
+    bad[0] = 1;
+    seeds.push(bad);
+    let mut bad = good.clone();
+    bad[1 + SEGMENT_HEADER + 32 + BLOCK + 9] ^= 1;
+    seeds.push(bad);
+    // Stale sequence numbers: the same one twice.
+    let mut stale = with_header(0);
+    record(&mut stale, 9, 0, 1, Kind::Hole);
+    record(&mut stale, 9, 1, 1, Kind::Hole);
+    seeds.push(stale);
+    // Good CRCs on records no writer makes: a wrapping extent, the last
+    // sequence number, an empty extent, an unknown kind, a nonzero pad.
+    let mut odd = with_header(0);
+    record(&mut odd, 1, u64::MAX, 1, Kind::Zero);
+    seeds.push(odd);
+    let mut odd = with_header(0);
+    record(&mut odd, u64::MAX, 0, 1, Kind::Hole);
+    seeds.push(odd);
+    let mut odd = with_header(1);
+    record(&mut odd, 1, 0, 0, Kind::Hole);
+    seeds.push(odd);
+    let mut odd = with_header(1);
+    record(&mut odd, 1, 0, 1, Kind::Hole);
+    let kind_at = 1 + SEGMENT_HEADER + 28;
+    odd[kind_at] = 9;
+    seeds.push(odd.clone());
+    odd[kind_at] = Kind::Zero as u8;
+    odd[kind_at + 2] = 0x80;
+    seeds.push(odd);
+    // Another segment's file; a foreign file.
+    let mut other = vec![0];
+    other.extend_from_slice(&fmt::segment_header(2));
+    record(&mut other, 1, 0, 1, Kind::Hole);
+    seeds.push(other);
+    seeds.push(b"\x00#!/bin/sh\necho not a WAL segment\n".to_vec());
+    seeds
+}
+
+fn entry(lba: u64, seq: u64, blocks: u32, data_block: u32, kind: Kind) -> IndexEntry {
+    IndexEntry {
+        lba,
+        seq,
+        blocks,
+        data_block,
+        kind,
+    }
+}
+
+fn chunk(opts: u8, id: u64, entries: &[IndexEntry], blocks: usize) -> Vec<u8> {
+    let data: Vec<u8> = (0..blocks * BLOCK).map(|i| (i % 251) as u8).collect();
+    let mut s = vec![opts];
+    s.extend_from_slice(&fmt::encode_chunk(id, entries, &data));
+    s
+}
+
+/// Byte 0 of a chunk seed: bit 0 repairs the CRCs.
+fn chunk_index_seeds() -> Vec<Vec<u8>> {
+    let mut seeds = Vec::new();
+    let good = chunk(
+        0,
+        7,
+        &[
+            entry(100, 5, 1, 0, Kind::Data),
+            entry(0, 6, 1000, 0, Kind::Hole),
+            entry(200, 9, 1, 1, Kind::Data),
+            entry(1 << 30, 8, 3, 0, Kind::Zero),
+        ],
+        2,
+    );
+    seeds.push(good.clone());
+    // Index only: zeroes and holes, no data.
+    seeds.push(chunk(
+        0,
+        1,
+        &[entry(0, 1, 1, 0, Kind::Zero), entry(9, 2, 4, 0, Kind::Hole)],
+        0,
+    ));
+    // Data missing from the end; index cut short.
+    seeds.push(good[..good.len() - BLOCK].to_vec());
+    seeds.push(good[..1 + CHUNK_HEADER + 40].to_vec());
+    // Damaged header, damaged index, and the latter repaired.
+    let mut bad = good.clone();
+    bad[1 + 20] ^= 4;
+    seeds.push(bad);
+    let mut bad = good.clone();
+    bad[1 + CHUNK_HEADER + 3] ^= 4;
+    seeds.push(bad.clone());
+    bad[0] = 1;
+    seeds.push(bad);
+    // Good CRCs on indexes no writer makes: data past the chunk's blocks,
+    // an empty extent, a wrapping one.
+    seeds.push(chunk(0, 2, &[entry(0, 1, 2, 1, Kind::Data)], 2));
+    seeds.push(chunk(0, 2, &[entry(0, 1, 0, 0, Kind::Hole)], 0));
+    seeds.push(chunk(0, 2, &[entry(u64::MAX - 1, 1, 2, 0, Kind::Zero)], 0));
+    // Unknown kind, wrong block size, wrong version: CRCs repaired.
+    let mut odd = chunk(1, 3, &[entry(0, 1, 1, 0, Kind::Hole)], 0);
+    odd[1 + CHUNK_HEADER + 24] = 0;
+    seeds.push(odd);
+    let mut odd = good.clone();
+    odd[0] = 1;
+    odd[1 + 53] = 0x20;
+    seeds.push(odd);
+    let mut odd = good.clone();
+    odd[0] = 1;
+    odd[1 + 8] = 2;
+    seeds.push(odd);
+    seeds
+}
+
+/// QMP seeds: what QEMU 7.2 to 9.1 say on the socket, and what they do not.
+fn qmp_reply_seeds() -> Vec<Vec<u8>> {
+    let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 9}, "package": "Debian 1:9.1"}, "capabilities": ["oob"]}}"#;
+    let lines: &[&[&str]] = &[
+        &[greeting, r#"{"return": {}, "id": 1}"#],
+        &[
+            r#"{"return": {"status": "running", "singlestep": false, "running": true}, "id": 2}"#,
+            r#"{"return": {"status": "paused", "running": false}, "id": 3}"#,
+        ],
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "Duplicate ID 'vd1' for device"}, "id": 4}"#,
+            r#"{"error": {"class": "DeviceNotFound", "desc": "Device 'x' not found"}, "id": 5}"#,
+            r#"{"error": "nope", "id": 6}"#,
+        ],
+        &[
+            r#"{"timestamp": {"seconds": 1700000000, "microseconds": 1}, "event": "DEVICE_DELETED", "data": {"device": "vd-data", "path": "/machine/peripheral/vd-data"}}"#,
+            r#"{"timestamp": {"seconds": 1700000000, "microseconds": 2}, "event": "DEVICE_DELETED", "data": {"path": "/machine/peripheral-anon/device[0]/virtio-backend"}}"#,
+            r#"{"timestamp": {"seconds": 1, "microseconds": 3}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#,
+            r#"{"timestamp": {"seconds": 1, "microseconds": 4}, "event": "X_UNKNOWN_EVENT"}"#,
+            r#"{"event": "STOP"}"#,
+        ],
+        &[
+            "",
+            "   \t",
+            "{\"return\": ",
+            "[1, 2, {\"id\": 18446744073709551615}]",
+            r#"{"id": -1, "return": 1e400}"#,
+            r#"{"id": 1.5, "event": null}"#,
+            r#"{"QMP": {"version": 7}}"#,
+            r#""\ud800 lone surrogate""#,
+            "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+        ],
+    ];
+    let mut seeds: Vec<Vec<u8>> = lines
+        .iter()
+        .map(|ls| {
+            ls.iter()
+                .flat_map(|l| format!("{l}\r\n").into_bytes())
+                .collect()
+        })
+        .collect();
+    seeds.push(b"{\"return\": {}, \"id\": 9}\n\xff\xfe\n{\"event\": \"\xc3\x28\"}\n".to_vec());
+    seeds
+}
+
 #[test]
 #[ignore = "regenerates the hand-made seeds in fuzz/corpus"]
 fn write_seeds() {
     for (target, seeds) in [
         ("handshake", handshake_seeds()),
         ("transmission", transmission_seeds()),
+        ("wal_record", wal_record_seeds()),
+        ("chunk_index", chunk_index_seeds()),
+        ("qmp_reply", qmp_reply_seeds()),
     ] {
         let dir = corpus(target);
         std::fs::create_dir_all(&dir).expect("mkdir corpus");
@@ -214,5 +433,14 @@ fn seeds_run_clean() {
     }
     for s in transmission_seeds() {
         vbd::nbd::fuzz::transmission(&s);
+    }
+    for s in wal_record_seeds() {
+        vbd::volume::object::fuzz::wal_record(&s);
+    }
+    for s in chunk_index_seeds() {
+        vbd::volume::object::fuzz::chunk_index(&s);
+    }
+    for s in qmp_reply_seeds() {
+        vbd::vm::fuzz::qmp_reply(&s);
     }
 }

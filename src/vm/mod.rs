@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fuzz;
 pub mod hotplug;
 pub mod qmp;
 pub mod supervisor;

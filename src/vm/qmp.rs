@@ -4,7 +4,9 @@
 //! command waiting for its `id` and copies each event into every
 //! subscriber's unbounded queue. Commands therefore never consume events,
 //! and a subscriber registered before a command sees every event the
-//! command causes.
+//! command causes. Parsing what QEMU sends is sans-IO, in [`message`].
+
+pub mod message;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qapi::qmp::{QMP, QapiCapabilities, qmp_capabilities};
+use qapi::qmp::{QMP, qmp_capabilities};
 use qapi::{Command, Execute};
 use serde_json::Value;
 use thiserror::Error;
@@ -21,6 +23,8 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
+
+use self::message::{Message, classify, decode_reply, parse_greeting, parse_line};
 
 /// Longest QMP message accepted; replies such as `query-qmp-schema` are
 /// large, but a peer must not make us buffer without bound.
@@ -157,15 +161,11 @@ async fn read_message<R: AsyncRead + Unpin>(
                 format!("QMP message longer than {MAX_MESSAGE} bytes"),
             ));
         }
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+        match parse_line(line) {
+            Ok(None) => continue,
+            Ok(Some(v)) => return Ok(Some(v)),
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
         }
-        return serde_json::from_slice(line).map(Some).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("QMP sent invalid JSON: {e}"),
-            )
-        });
     }
 }
 
@@ -191,8 +191,7 @@ impl Qmp {
             .ok_or(QmpError::Closed {
                 command: "greeting",
             })?;
-        let caps: QapiCapabilities = serde_json::from_value(greeting.clone())
-            .map_err(|e| QmpError::Greeting(format!("{e}: {greeting}")))?;
+        let greeting = parse_greeting(&greeting)?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Some(HashMap::new())),
             subscribers: Mutex::new(Vec::new()),
@@ -201,7 +200,7 @@ impl Qmp {
             writer: tokio::sync::Mutex::new(write),
             shared: shared.clone(),
             next_id: AtomicU64::new(1),
-            greeting: caps.QMP,
+            greeting,
             default_timeout: limit,
         };
         let events = qmp.subscribe();
@@ -302,26 +301,6 @@ impl Qmp {
     }
 }
 
-/// Turns a reply object (`return` or `error`) into the command's result.
-fn decode_reply<C: Command>(mut reply: Value) -> Result<C::Ok, QmpError> {
-    let command = C::NAME;
-    if reply.get("error").is_some() {
-        // qapi's Error reads the whole reply object.
-        let e: qapi::Error =
-            serde_json::from_value(reply).map_err(|source| QmpError::Decode { command, source })?;
-        return Err(QmpError::Qemu {
-            command,
-            class: e.class,
-            desc: e.desc,
-        });
-    }
-    let ret = reply
-        .get_mut("return")
-        .map(Value::take)
-        .unwrap_or(Value::Null);
-    serde_json::from_value(ret).map_err(|source| QmpError::Decode { command, source })
-}
-
 impl From<QmpError> for std::io::Error {
     fn from(e: QmpError) -> Self {
         std::io::Error::other(e)
@@ -342,20 +321,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 break;
             }
         };
-        if let Some(name) = msg.get("event").and_then(Value::as_str) {
-            let event = QmpEvent {
-                name: name.to_owned(),
-                data: msg.get("data").cloned().unwrap_or(Value::Null),
-                raw: msg.clone(),
-            };
-            debug!(event = %event.name, "qmp event");
-            let mut subs = shared.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-            subs.retain(|tx| tx.send(event.clone()).is_ok());
-            continue;
-        }
-        let Some(id) = msg.get("id").and_then(Value::as_u64) else {
-            warn!("QMP message without id or event ignored: {msg}");
-            continue;
+        let (id, msg) = match classify(msg) {
+            Message::Event(event) => {
+                debug!(event = %event.name, "qmp event");
+                let mut subs = shared.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+                subs.retain(|tx| tx.send(event.clone()).is_ok());
+                continue;
+            }
+            Message::Reply { id, body } => (id, body),
+            Message::Other(msg) => {
+                warn!("QMP message without id or event ignored: {msg}");
+                continue;
+            }
         };
         let waiter = shared
             .pending

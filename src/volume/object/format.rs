@@ -155,25 +155,55 @@ pub fn record_header_bytes(h: &RecordHeader, data: &[u8]) -> [u8; WAL_RECORD_HEA
     record_header(h, crc32c::crc32c(data), data.len())
 }
 
-/// Decodes the record at the start of `b`: its header and total length.
-/// `None` for a torn or corrupt record (replay stops there).
-pub fn decode_record(b: &[u8]) -> Option<(RecordHeader, usize)> {
-    if b.len() < WAL_RECORD_HEADER || u32_at(b, 0) != WAL_MAGIC {
-        return None;
+/// Decodes and checks the 32-byte header at the start of `b`, without its
+/// CRC (which also covers the data that follows).
+pub fn decode_record_header(b: &[u8]) -> Result<RecordHeader, FormatError> {
+    let what = "WAL record";
+    if b.len() < WAL_RECORD_HEADER {
+        return Err(FormatError::Truncated { what });
     }
-    let kind = Kind::from_u8(b[28])?;
+    if u32_at(b, 0) != WAL_MAGIC {
+        return Err(FormatError::Magic { what });
+    }
+    let kind = Kind::from_u8(b[28]).ok_or(FormatError::Field {
+        what,
+        field: "kind",
+    })?;
     let h = RecordHeader {
         seq: u64_at(b, 8),
         lba: u64_at(b, 16),
         blocks: u32_at(b, 24),
         kind,
     };
-    let total = WAL_RECORD_HEADER.checked_add(h.data_len())?;
-    if b.len() < total || h.blocks == 0 {
-        return None;
+    // No writer produces an empty or wrapping extent; replay and the
+    // uploader compute `lba + blocks` on what is accepted here.
+    if h.blocks == 0 || h.lba.checked_add(u64::from(h.blocks)).is_none() {
+        return Err(FormatError::Field {
+            what,
+            field: "extent",
+        });
+    }
+    // Nor the last sequence number: replay continues after it.
+    if h.seq == u64::MAX {
+        return Err(FormatError::Field { what, field: "seq" });
+    }
+    Ok(h)
+}
+
+/// Decodes the record at the start of `b`: its header and total length.
+/// An error means a torn or corrupt record (replay stops there).
+pub fn decode_record(b: &[u8]) -> Result<(RecordHeader, usize), FormatError> {
+    let what = "WAL record";
+    let h = decode_record_header(b)?;
+    let total = WAL_RECORD_HEADER.saturating_add(h.data_len());
+    if b.len() < total {
+        return Err(FormatError::Truncated { what });
     }
     let crc = record_crc(&b[8..WAL_RECORD_HEADER], &b[WAL_RECORD_HEADER..total]);
-    (crc == u32_at(b, 4)).then_some((h, total))
+    if crc != u32_at(b, 4) {
+        return Err(FormatError::Checksum { what });
+    }
+    Ok((h, total))
 }
 
 /// A segment file's header.
@@ -194,6 +224,60 @@ pub fn decode_segment_header(b: &[u8]) -> Result<u64, FormatError> {
         return Err(FormatError::Magic { what });
     }
     Ok(u64_at(b, 8))
+}
+
+/// The valid part of a WAL segment file, as replay reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SegmentRecords {
+    /// Valid records: header and offset of their data in the file.
+    pub records: Vec<(RecordHeader, usize)>,
+    /// Length of the valid prefix: the header and every valid record.
+    pub valid: usize,
+    /// Why reading stopped before the end of the file, if it did.
+    pub torn: Option<FormatError>,
+}
+
+/// Decodes segment file `id`: its header, then records up to the first
+/// torn, corrupt or stale one (a sequence number not above `after_seq` or
+/// its predecessor's). Everything after that point was never acknowledged
+/// as durable, so it is reported in `torn`, not as an error; only a damaged
+/// header is an error.
+pub fn decode_segment(b: &[u8], id: u64, after_seq: u64) -> Result<SegmentRecords, FormatError> {
+    if decode_segment_header(b)? != id {
+        return Err(FormatError::Field {
+            what: "WAL segment",
+            field: "id",
+        });
+    }
+    let mut last = after_seq;
+    let mut pos = SEGMENT_HEADER;
+    let mut records = Vec::new();
+    let mut torn = None;
+    while pos < b.len() {
+        match decode_record(&b[pos..]) {
+            Ok((h, len)) if h.seq > last => {
+                records.push((h, pos + WAL_RECORD_HEADER));
+                last = h.seq;
+                pos += len;
+            }
+            Ok(_) => {
+                torn = Some(FormatError::Field {
+                    what: "WAL record",
+                    field: "seq",
+                });
+                break;
+            }
+            Err(e) => {
+                torn = Some(e);
+                break;
+            }
+        }
+    }
+    Ok(SegmentRecords {
+        records,
+        valid: pos,
+        torn,
+    })
 }
 
 /// One entry of a chunk index: a run of blocks and where its data is.
@@ -222,6 +306,17 @@ impl ChunkHeader {
     /// Bytes of index (entries and block CRCs) after the header.
     pub fn index_len(&self) -> usize {
         self.entries as usize * INDEX_ENTRY + self.data_blocks as usize * 4
+    }
+
+    /// Checks that the index fits in an object of `len` bytes, so nobody
+    /// fetches or buffers `index_len()` bytes on a damaged header's word.
+    pub fn check_index_fits(&self, len: u64) -> Result<(), FormatError> {
+        if (CHUNK_HEADER + self.index_len()) as u64 > len {
+            return Err(FormatError::Truncated {
+                what: "chunk index",
+            });
+        }
+        Ok(())
     }
 
     /// Where data block `n` starts in the object.
@@ -258,11 +353,20 @@ pub fn encode_chunk(id: u64, entries: &[IndexEntry], data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&crc32c::crc32c(&index).to_le_bytes());
     out.extend_from_slice(&(BLOCK as u32).to_le_bytes());
     out.resize(CHUNK_HEADER, 0);
-    let crc = crc32c::crc32c(&out[16..CHUNK_HEADER]);
-    out[12..16].copy_from_slice(&crc.to_le_bytes());
+    seal_chunk_header(&mut out);
     out.extend_from_slice(&index);
     out.extend_from_slice(data);
     out
+}
+
+/// Where a chunk header keeps the CRC of the index.
+pub(super) const INDEX_CRC_AT: usize = 48;
+
+/// Sets a chunk header's own CRC (of its bytes 16..64); `b` must hold at
+/// least the header.
+pub(super) fn seal_chunk_header(b: &mut [u8]) {
+    let crc = crc32c::crc32c(&b[16..CHUNK_HEADER]);
+    b[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Decodes and checks a chunk header.
@@ -293,7 +397,7 @@ pub fn decode_chunk_header(b: &[u8]) -> Result<ChunkHeader, FormatError> {
         max_seq: u64_at(b, 32),
         entries: u32_at(b, 40),
         data_blocks: u32_at(b, 44),
-        index_crc: u32_at(b, 48),
+        index_crc: u32_at(b, INDEX_CRC_AT),
     })
 }
 
@@ -490,18 +594,21 @@ mod tests {
         let mut out = Vec::new();
         encode_record(&mut out, &h, &data);
         assert_eq!(out.len(), WAL_RECORD_HEADER + 2 * BLOCK);
-        assert_eq!(decode_record(&out), Some((h, out.len())));
+        assert_eq!(decode_record(&out), Ok((h, out.len())));
         assert_eq!(
             &record_header_bytes(&h, &data)[..],
             &out[..WAL_RECORD_HEADER]
         );
         // Torn: any prefix is rejected.
-        assert_eq!(decode_record(&out[..out.len() - 1]), None);
+        assert_eq!(
+            decode_record(&out[..out.len() - 1]),
+            Err(FormatError::Truncated { what: "WAL record" })
+        );
         // Corrupt: any flipped byte is rejected.
         for at in [0, 5, 9, 20, 28, 40, out.len() - 1] {
             let mut bad = out.clone();
             bad[at] ^= 1;
-            assert_eq!(decode_record(&bad), None, "byte {at}");
+            assert!(decode_record(&bad).is_err(), "byte {at}");
         }
         let z = RecordHeader {
             seq: 8,
@@ -511,7 +618,62 @@ mod tests {
         };
         let mut out = Vec::new();
         encode_record(&mut out, &z, &[]);
-        assert_eq!(decode_record(&out), Some((z, WAL_RECORD_HEADER)));
+        assert_eq!(decode_record(&out), Ok((z, WAL_RECORD_HEADER)));
+        // Extents that are empty or wrap, and the last sequence number, are
+        // refused even with a good CRC.
+        for (lba, blocks, seq) in [(0, 0, 1), (u64::MAX, 1, 1), (0, 1, u64::MAX)] {
+            let mut out = Vec::new();
+            let h = RecordHeader {
+                seq,
+                lba,
+                blocks,
+                kind: Kind::Zero,
+            };
+            encode_record(&mut out, &h, &[]);
+            assert!(
+                matches!(decode_record(&out), Err(FormatError::Field { .. })),
+                "{h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn segments_stop_at_the_first_bad_record() {
+        let mut seg = segment_header(5).to_vec();
+        for (seq, kind) in [(3, Kind::Data), (4, Kind::Hole), (9, Kind::Zero)] {
+            let h = RecordHeader {
+                seq,
+                lba: seq * 10,
+                blocks: 1,
+                kind,
+            };
+            let data = if kind == Kind::Data {
+                vec![7u8; BLOCK]
+            } else {
+                Vec::new()
+            };
+            encode_record(&mut seg, &h, &data);
+        }
+        let whole = decode_segment(&seg, 5, 2).unwrap();
+        assert_eq!(whole.valid, seg.len());
+        assert_eq!(whole.torn, None);
+        let seqs: Vec<u64> = whole.records.iter().map(|(h, _)| h.seq).collect();
+        assert_eq!(seqs, [3, 4, 9]);
+        assert_eq!(whole.records[0].1, SEGMENT_HEADER + WAL_RECORD_HEADER);
+        // Records the store already has make the rest stale.
+        let stale = decode_segment(&seg, 5, 3).unwrap();
+        assert_eq!((stale.records.len(), stale.valid), (0, SEGMENT_HEADER));
+        assert!(stale.torn.is_some());
+        // A torn tail keeps the records before it.
+        let torn = decode_segment(&seg[..seg.len() - 1], 5, 0).unwrap();
+        assert_eq!(torn.records.len(), 2);
+        assert_eq!(
+            torn.torn,
+            Some(FormatError::Truncated { what: "WAL record" })
+        );
+        // Another segment's file, or a damaged header, is an error.
+        assert!(decode_segment(&seg, 6, 0).is_err());
+        assert!(decode_segment(&seg[..10], 5, 0).is_err());
     }
 
     #[test]

@@ -34,12 +34,16 @@ pub async fn open(
     };
     let mut mapped = load_map(&store, &keys).await?;
     let store_seq = mapped.max_seq;
+    // A damaged but checksummed index could claim the last sequence number.
+    let next_seq = store_seq
+        .checked_add(1)
+        .ok_or_else(|| ObjectError::Corrupt(format!("{name}: sequence numbers exhausted")))?;
     let next_chunk = mapped.chunks.keys().next_back().map_or(1, |k| k + 1);
     let mut dirty = Dirty {
         map: Default::default(),
         segments: BTreeMap::new(),
         active: None,
-        next_seq: store_seq + 1,
+        next_seq,
         next_seg: 1,
         appended: 0,
         backlog: 0,
@@ -164,18 +168,19 @@ async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, ObjectError> {
             Err(e) => warn!(checkpoint = %key, "unreadable checkpoint skipped: {e}"),
         }
     }
-    let mut chunks: Vec<u64> = store
+    let mut chunks: Vec<(u64, u64)> = store
         .list(&keys.chunks())
         .await?
         .iter()
-        .filter_map(|(k, _)| id_of(k))
-        .filter(|&id| id > base)
+        .filter_map(|(k, size)| Some((id_of(k)?, *size)))
+        .filter(|&(id, _)| id > base)
         .collect();
     chunks.sort_unstable();
-    for id in chunks {
+    for (id, size) in chunks {
         let key = keys.chunk(id);
         let head = store.get_range(&key, 0..CHUNK_HEADER as u64).await?;
         let h = format::decode_chunk_header(&head)
+            .and_then(|h| h.check_index_fits(size).map(|()| h))
             .map_err(|e| ObjectError::Corrupt(format!("{key}: {e}")))?;
         let index = store
             .get_range(

@@ -85,7 +85,10 @@ fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
     let mut pos = SEGMENT_HEADER;
     let len = seg.len();
     while pos < len {
-        let Some((h, rec_len)) = seg.bytes(pos, len - pos).and_then(format::decode_record) else {
+        let Some((h, rec_len)) = seg
+            .bytes(pos, len - pos)
+            .and_then(|b| format::decode_record(b).ok())
+        else {
             break;
         };
         let rec_data = pos + format::WAL_RECORD_HEADER;

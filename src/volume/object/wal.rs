@@ -232,10 +232,10 @@ pub fn replay(dir: &Path) -> Result<Vec<Replayed>, String> {
         }
         let data =
             std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        match format::decode_segment_header(&data) {
-            Ok(h) if h == id => {}
-            _ => {
-                error!(segment = %path.display(), "WAL segment header is damaged; its records are ignored");
+        let seg = match format::decode_segment(&data, id, last_seq) {
+            Ok(seg) => seg,
+            Err(e) => {
+                error!(segment = %path.display(), "WAL segment header is damaged ({e}); its records are ignored");
                 torn = true;
                 out.push(Replayed {
                     id,
@@ -244,26 +244,21 @@ pub fn replay(dir: &Path) -> Result<Vec<Replayed>, String> {
                 });
                 continue;
             }
+        };
+        if let Some(e) = &seg.torn {
+            debug!(segment = %path.display(), at = seg.valid, "WAL ends in a torn or stale record: {e}");
+            torn = true;
         }
-        let mut pos = SEGMENT_HEADER;
-        let mut records = Vec::new();
-        while pos < data.len() {
-            match format::decode_record(&data[pos..]) {
-                Some((h, len)) if h.seq > last_seq => {
-                    records.push((h, pos + format::WAL_RECORD_HEADER));
-                    last_seq = h.seq;
-                    pos += len;
-                }
-                _ => {
-                    debug!(segment = %path.display(), at = pos, "WAL ends in a torn or stale record");
-                    torn = true;
-                    break;
-                }
-            }
+        if let Some((h, _)) = seg.records.last() {
+            last_seq = h.seq;
         }
         let mut bytes = data;
-        bytes.truncate(pos);
-        out.push(Replayed { id, bytes, records });
+        bytes.truncate(seg.valid);
+        out.push(Replayed {
+            id,
+            bytes,
+            records: seg.records,
+        });
     }
     Ok(out)
 }
