@@ -74,6 +74,10 @@ pub struct Env<'a> {
     pub id: usize,
 }
 
+/// Unread bytes beyond twice the latest batch that mean a backlog: room
+/// for the kernel's per-buffer overhead on a batch or two.
+const BACKLOG_SLACK: usize = 16 << 10;
+
 /// Most iovecs in one sendmsg (IOV_MAX is 1024).
 const MAX_IOV: usize = 1024;
 
@@ -188,6 +192,8 @@ pub struct Conn {
     broken: bool,
     hs_out: Vec<u8>,
     hs_sent: usize,
+    /// Bytes handed to the last sendmsg, to tell a new batch from a backlog.
+    last_send: usize,
     /// TLS offered, or running: then socket bytes go through it.
     tls: ConnTls,
     outq: VecDeque<u16>,
@@ -246,6 +252,7 @@ impl Conn {
             broken: false,
             hs_out,
             hs_sent: 0,
+            last_send: 0,
             tls,
             outq: VecDeque::new(),
             out_sent: 0,
@@ -296,6 +303,22 @@ impl Conn {
         warn!(peer = %self.peer, timeout_s = limit.as_secs_f64(), "handshake not finished in time (--handshake-timeout); disconnecting");
         self.hard_disconnect();
         true
+    }
+
+    /// Whether the client has yet to read more than our latest batch of
+    /// replies: then it is busy, its next requests come when it gets to
+    /// them, and there is no point spinning for them. On a Unix socket
+    /// SIOCOUTQ counts what the peer has not read yet (with ~768 bytes of
+    /// buffer overhead per batch); on TCP it counts only what is not yet
+    /// acknowledged, which on a live link is little, so TCP always looks idle.
+    pub fn peer_backlogged(&self) -> bool {
+        if !matches!(self.phase, Phase::Transmission(_)) || self.broken {
+            return false;
+        }
+        let mut unread: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int through the pointer.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCOUTQ, &mut unread) };
+        r == 0 && unread as usize > 2 * self.last_send + BACKLOG_SLACK
     }
 
     /// Stops reading new requests; in-flight ones finish and are answered.
@@ -782,6 +805,7 @@ impl Conn {
         }
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = self.iov.len();
+        self.last_send = self.iov.iter().map(|v| v.iov_len).sum();
         let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &self.msg)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()

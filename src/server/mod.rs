@@ -34,7 +34,7 @@ use crate::volume::sync::SyncDriver;
 use crate::volume::{IoFlags, Op, Waker};
 
 /// Default busy-poll window of a core, in microseconds.
-pub const DEFAULT_BUSY_POLL_US: u64 = 0;
+pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 
 /// Server settings.
 #[derive(Clone, Debug)]

@@ -109,6 +109,8 @@ struct Reactor {
     busy_poll: Duration,
     /// The last round handled client traffic, so more is likely soon.
     active: bool,
+    /// Connections pumped in the last round.
+    touched: Vec<usize>,
 }
 
 /// Runs a core until it is told to stop and its connections are closed.
@@ -154,6 +156,7 @@ pub fn run(setup: CoreSetup) -> std::io::Result<()> {
         wake_buf: Box::new(0),
         busy_poll: setup.busy_poll,
         active: false,
+        touched: Vec::new(),
     };
     r.arm_wake()?;
     if !r.cfg.handshake_timeout.is_zero() {
@@ -175,6 +178,7 @@ impl Reactor {
                 1
             };
             self.active = false;
+            self.touched.clear();
             match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
@@ -213,6 +217,17 @@ impl Reactor {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
             Err(e) => return Err(e),
+        }
+        // A client still reading earlier replies is busy, not waiting on
+        // us: sleeping lets its next requests gather into one batch, which
+        // costs both sides less than answering them one by one.
+        if !self.touched.is_empty()
+            && self
+                .touched
+                .iter()
+                .all(|&id| self.conns.get(id).is_none_or(|c| c.peer_backlogged()))
+        {
+            return Ok(false);
         }
         let start = Instant::now();
         let mut yielded = start;
@@ -259,6 +274,7 @@ impl Reactor {
 
     fn pump_dirty(&mut self) {
         while let Some(id) = self.dirty.pop() {
+            self.touched.push(id);
             let (conn, mut env) = self.env(id);
             let Some(conn) = conn else { continue };
             conn.queued = false;

@@ -553,11 +553,19 @@ pub fn decode_checkpoint(b: &[u8]) -> Result<Checkpoint, FormatError> {
             what,
             field: "kind",
         })?;
+        let (lba, blocks) = (u64_at(e, 0), u32_at(e, 24));
+        // Recovery adds these up; an extent that wraps is corrupt.
+        if blocks == 0 || lba.checked_add(u64::from(blocks)).is_none() {
+            return Err(FormatError::Field {
+                what,
+                field: "extent",
+            });
+        }
         entries.push(CheckpointEntry {
-            lba: u64_at(e, 0),
+            lba,
             seq: u64_at(e, 8),
             chunk: u64_at(e, 16),
-            blocks: u32_at(e, 24),
+            blocks,
             block: u32_at(e, 28),
             kind,
         });
@@ -750,5 +758,12 @@ mod tests {
         bad[50] ^= 1;
         assert!(decode_checkpoint(&bad).is_err());
         assert!(decode_checkpoint(&b[..b.len() - 1]).is_err());
+        // Checksummed but wrapping past the last block: corrupt, not a panic.
+        let wrap = [CheckpointEntry {
+            lba: u64::MAX - 1,
+            ..e[0]
+        }];
+        let b = encode_checkpoint(9, &wrap, &[], 77);
+        assert!(decode_checkpoint(&b).is_err());
     }
 }
