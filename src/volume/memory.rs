@@ -458,4 +458,79 @@ mod tests {
         ));
         assert!(ro.caps().read_only);
     }
+
+    /// Threads share pages but each owns its own 4 KiB blocks, so every
+    /// read has one right answer however the page locks interleave.
+    #[test]
+    fn threads_sharing_pages_keep_their_own_blocks() {
+        const THREADS: u64 = 4;
+        const BLOCK: u64 = 4096;
+        let v = std::sync::Arc::new(MemoryVolume::new(3 * (GROUP * PAGE) as u64 / 2, false));
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let v = v.clone();
+                std::thread::spawn(move || {
+                    let mut d = SyncDriver::new().unwrap();
+                    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ t;
+                    let mut next = move || {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed
+                    };
+                    // 6 MiB either side of the first group's end, so the
+                    // second group's creation races too.
+                    let base = (GROUP * PAGE) as u64 / BLOCK - 1536;
+                    let mut mine = std::collections::HashMap::new();
+                    for _ in 0..4000 {
+                        let b = base + (next() % (3072 / THREADS)) * THREADS + t;
+                        let off = b * BLOCK;
+                        match next() % 4 {
+                            0 | 1 => {
+                                let fill = (next() % 255 + 1) as u8;
+                                d.write(&*v, off, &vec![fill; BLOCK as usize], false)
+                                    .unwrap();
+                                mine.insert(b, fill);
+                            }
+                            2 => {
+                                d.op(&*v, Op::WriteZeroes, off, BLOCK, IoFlags::default())
+                                    .unwrap();
+                                mine.insert(b, 0);
+                            }
+                            _ => {
+                                let want = mine.get(&b).copied().unwrap_or(0);
+                                assert_eq!(
+                                    d.read(&*v, off, BLOCK as usize).unwrap(),
+                                    vec![want; BLOCK as usize]
+                                );
+                            }
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut d = SyncDriver::new().unwrap();
+        for w in workers {
+            for (b, fill) in w.join().unwrap() {
+                assert_eq!(
+                    d.read(&*v, b * BLOCK, BLOCK as usize).unwrap(),
+                    vec![fill; BLOCK as usize]
+                );
+            }
+        }
+        // Whole-page trims free pages: everything reads back as zeroes.
+        d.op(&*v, Op::Trim, 0, v.size, IoFlags::default()).unwrap();
+        assert_eq!(v.allocated_bytes(), 0);
+        // ...and stay zero when written again (one byte per page).
+        let written = (GROUP * PAGE) as u64 - 1536 * BLOCK;
+        let len = 3072 * BLOCK;
+        for page in (written..written + len).step_by(PAGE) {
+            d.write(&*v, page, b"x", false).unwrap();
+        }
+        let back = d.read(&*v, written, len as usize).unwrap();
+        for (i, &x) in back.iter().enumerate() {
+            assert_eq!(x, if i % PAGE == 0 { b'x' } else { 0 }, "byte {i}");
+        }
+    }
 }
