@@ -37,9 +37,9 @@ pub const CHUNK_MAGIC: &[u8; 8] = b"VBDCHNK1";
 pub const CHUNK_HEADER: usize = 64;
 pub const INDEX_ENTRY: usize = 32;
 pub const CHECKPOINT_MAGIC: &[u8; 8] = b"VBDCKPT1";
-const CHECKPOINT_HEADER: usize = 48;
-const CHECKPOINT_ENTRY: usize = 40;
-const CHUNK_RECORD: usize = 24;
+pub const CHECKPOINT_HEADER: usize = 48;
+pub const CHECKPOINT_ENTRY: usize = 40;
+pub const CHUNK_RECORD: usize = 24;
 pub const VERSION: u32 = 1;
 
 /// What a record or index entry says about its blocks.

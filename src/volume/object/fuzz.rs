@@ -6,9 +6,11 @@
 //! any panic is a bug.
 
 use super::format::{
-    self, BLOCK, CHUNK_HEADER, ChunkHeader, FormatError, INDEX_CRC_AT, INDEX_ENTRY, IndexEntry,
-    Kind, RecordHeader, SEGMENT_HEADER, WAL_RECORD_HEADER,
+    self, BLOCK, CHECKPOINT_ENTRY, CHECKPOINT_HEADER, CHUNK_HEADER, CHUNK_RECORD, ChunkHeader,
+    FormatError, INDEX_CRC_AT, INDEX_ENTRY, IndexEntry, Kind, RecordHeader, SEGMENT_HEADER,
+    WAL_RECORD_HEADER,
 };
+use super::state::ChunkInfo;
 
 /// The segment id the WAL target's files carry.
 const SEGMENT_ID: u64 = 1;
@@ -245,6 +247,76 @@ pub fn chunk_index(data: &[u8]) {
     assert!(still.is_err(), "flipped bit {at} accepted");
 }
 
+/// Checkpoints: byte 0 bit 0 repairs the CRC, the last byte picks a bit
+/// to flip, the bytes between are the checkpoint. An accepted checkpoint must
+/// hold only extents recovery can add up, re-encode to the same bytes
+/// (padding and CRC aside) and decode again to itself; then the flipped
+/// bit, wherever it lands, must be refused.
+pub fn checkpoint(data: &[u8]) {
+    let Some((&opts, rest)) = data.split_first() else {
+        return;
+    };
+    let Some((&flip, body)) = rest.split_last() else {
+        return;
+    };
+    let mut b = body.to_vec();
+    if opts & 1 != 0 && b.len() >= CHECKPOINT_HEADER {
+        let crc = crc32c::crc32c(&b[16..]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+    }
+    let Ok(c) = format::decode_checkpoint(&b) else {
+        return;
+    };
+    for e in &c.entries {
+        assert!(e.blocks > 0, "empty extent accepted");
+        assert!(
+            e.lba.checked_add(u64::from(e.blocks)).is_some(),
+            "wrapping extent accepted"
+        );
+    }
+    let chunks: Vec<_> = c
+        .chunks
+        .iter()
+        .map(|r| {
+            let info = ChunkInfo {
+                data_start: r.data_start,
+                data_blocks: r.data_blocks,
+                live: 0,
+            };
+            (r.id, info)
+        })
+        .collect();
+    let again = format::encode_checkpoint(c.id, &c.entries, &chunks, c.max_seq);
+    // The CRC field, then each entry's and each chunk record's padding.
+    let mut padding = Vec::new();
+    padding.push(12..16);
+    for i in 0..c.entries.len() {
+        let at = CHECKPOINT_HEADER + i * CHECKPOINT_ENTRY;
+        padding.push(at + 33..at + CHECKPOINT_ENTRY);
+    }
+    let records = CHECKPOINT_HEADER + c.entries.len() * CHECKPOINT_ENTRY;
+    for i in 0..c.chunks.len() {
+        let at = records + i * CHUNK_RECORD;
+        padding.push(at + 20..at + CHUNK_RECORD);
+    }
+    assert!(
+        same_except(&again, &b, &padding),
+        "re-encoded checkpoint differs"
+    );
+    assert_eq!(
+        format::decode_checkpoint(&again).ok().as_ref(),
+        Some(&c),
+        "re-encoded checkpoint decodes differently"
+    );
+    let flip = usize::from(flip);
+    let at = (flip * 31) % b.len();
+    b[at] ^= 1 << (flip % 8);
+    assert!(
+        format::decode_checkpoint(&b).is_err(),
+        "flipped bit {at} accepted"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +326,7 @@ mod tests {
         for d in [&[][..], &[0], &[1, 2], &[3; 100], &[0xff; 200]] {
             wal_record(d);
             chunk_index(d);
+            checkpoint(d);
         }
     }
 }
