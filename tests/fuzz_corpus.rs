@@ -412,35 +412,38 @@ fn qmp_reply_seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
-/// A checkpoint in its on-disk layout, CRC left zero: byte 0 of a seed
-/// (bit 0) has the target repair it. Entries are (lba, seq, chunk, blocks,
-/// block, kind); chunk records are (id, data start, data blocks).
+/// A checkpoint as vbd writes it, CRC zeroed: byte 0 of a seed (bit 0)
+/// has the target repair it. Entries are (lba, seq, chunk, blocks, block,
+/// kind); chunk records are (id, data start, data blocks).
 fn checkpoint_bytes(
     id: u64,
     max_seq: u64,
     entries: &[(u64, u64, u64, u32, u32, Kind)],
     chunks: &[(u64, u64, u32)],
 ) -> Vec<u8> {
-    let mut b = fmt::CHECKPOINT_MAGIC.to_vec();
-    b.extend_from_slice(&fmt::VERSION.to_le_bytes());
-    b.extend_from_slice(&[0; 4]);
-    for v in [id, max_seq, entries.len() as u64, chunks.len() as u64] {
-        b.extend_from_slice(&v.to_le_bytes());
-    }
-    for &(lba, seq, chunk, blocks, block, kind) in entries {
-        for v in [lba, seq, chunk] {
-            b.extend_from_slice(&v.to_le_bytes());
-        }
-        b.extend_from_slice(&blocks.to_le_bytes());
-        b.extend_from_slice(&block.to_le_bytes());
-        b.extend_from_slice(&[kind as u8, 0, 0, 0, 0, 0, 0, 0]);
-    }
-    for &(cid, start, blocks) in chunks {
-        b.extend_from_slice(&cid.to_le_bytes());
-        b.extend_from_slice(&start.to_le_bytes());
-        b.extend_from_slice(&blocks.to_le_bytes());
-        b.extend_from_slice(&[0; 4]);
-    }
+    let entries: Vec<_> = entries
+        .iter()
+        .map(
+            |&(lba, seq, chunk, blocks, block, kind)| fmt::CheckpointEntry {
+                lba,
+                seq,
+                blocks,
+                kind,
+                chunk,
+                block,
+            },
+        )
+        .collect();
+    let chunks: Vec<_> = chunks
+        .iter()
+        .map(|&(id, data_start, data_blocks)| fmt::ChunkRecord {
+            id,
+            data_start,
+            data_blocks,
+        })
+        .collect();
+    let mut b = fmt::encode_checkpoint(id, &entries, &chunks, max_seq);
+    b[12..16].fill(0);
     b
 }
 

@@ -179,11 +179,7 @@ impl Reactor {
             };
             self.active = false;
             self.touched.clear();
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-                Err(e) => return Err(e),
-            }
+            self.enter(want)?;
             let mut cqes = std::mem::take(&mut self.cqes);
             cqes.extend(
                 self.ring
@@ -206,6 +202,17 @@ impl Reactor {
         }
     }
 
+    /// Submits what is queued and waits for `want` completions. A signal
+    /// (EINTR) or a full completion queue (EBUSY) just ends the wait early:
+    /// the caller's loop reaps and comes back.
+    fn enter(&mut self, want: usize) -> std::io::Result<()> {
+        match self.ring.submit_and_wait(want) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Submits what is queued, then spins up to `busy_poll` for the kernel
     /// to post a completion or flag task work; returns whether it did.
     /// Sleeping and waking costs more than the gap between a client's
@@ -213,11 +220,7 @@ impl Reactor {
     /// the core sleeps after one window. It yields every few microseconds so a
     /// client sharing this CPU is not starved by the spin.
     fn poll_briefly(&mut self) -> std::io::Result<bool> {
-        match self.ring.submit() {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-            Err(e) => return Err(e),
-        }
+        self.enter(0)?;
         // A client still reading earlier replies is busy, not waiting on
         // us: sleeping lets its next requests gather into one batch, which
         // costs both sides less than answering them one by one.

@@ -484,7 +484,7 @@ pub struct Checkpoint {
 pub fn encode_checkpoint(
     id: u64,
     entries: &[CheckpointEntry],
-    chunks: &[(u64, super::state::ChunkInfo)],
+    chunks: &[ChunkRecord],
     max_seq: u64,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(
@@ -505,8 +505,8 @@ pub fn encode_checkpoint(
         out.extend_from_slice(&e.block.to_le_bytes());
         out.extend_from_slice(&[e.kind as u8, 0, 0, 0, 0, 0, 0, 0]);
     }
-    for (cid, c) in chunks {
-        out.extend_from_slice(&cid.to_le_bytes());
+    for c in chunks {
+        out.extend_from_slice(&c.id.to_le_bytes());
         out.extend_from_slice(&c.data_start.to_le_bytes());
         out.extend_from_slice(&c.data_blocks.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
@@ -738,12 +738,12 @@ mod tests {
             chunk: 4,
             block: 5,
         }];
-        let info = super::super::state::ChunkInfo {
+        let record = ChunkRecord {
+            id: 4,
             data_start: 4096,
             data_blocks: 9,
-            live: 3,
         };
-        let b = encode_checkpoint(9, &e, &[(4, info)], 77);
+        let b = encode_checkpoint(9, &e, &[record], 77);
         let c = decode_checkpoint(&b).unwrap();
         assert_eq!((c.id, c.max_seq, c.entries.as_slice()), (9, 77, &e[..]));
         assert_eq!(

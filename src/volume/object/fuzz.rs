@@ -10,7 +10,6 @@ use super::format::{
     FormatError, INDEX_CRC_AT, INDEX_ENTRY, IndexEntry, Kind, RecordHeader, SEGMENT_HEADER,
     WAL_RECORD_HEADER,
 };
-use super::state::ChunkInfo;
 
 /// The segment id the WAL target's files carry.
 const SEGMENT_ID: u64 = 1;
@@ -274,19 +273,7 @@ pub fn checkpoint(data: &[u8]) {
             "wrapping extent accepted"
         );
     }
-    let chunks: Vec<_> = c
-        .chunks
-        .iter()
-        .map(|r| {
-            let info = ChunkInfo {
-                data_start: r.data_start,
-                data_blocks: r.data_blocks,
-                live: 0,
-            };
-            (r.id, info)
-        })
-        .collect();
-    let again = format::encode_checkpoint(c.id, &c.entries, &chunks, c.max_seq);
+    let again = format::encode_checkpoint(c.id, &c.entries, &c.chunks, c.max_seq);
     // The CRC field, then each entry's and each chunk record's padding.
     let mut padding = Vec::new();
     padding.push(12..16);

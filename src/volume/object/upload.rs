@@ -12,7 +12,9 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use super::Inner;
-use super::format::{self, BLOCK, CHUNK_HEADER, CheckpointEntry, IndexEntry, Kind, SEGMENT_HEADER};
+use super::format::{
+    self, BLOCK, CHUNK_HEADER, CheckpointEntry, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER,
+};
 use super::layout::id_of;
 use super::segment::Segment;
 use super::state::{ChunkInfo, DirtyLoc, Mapping};
@@ -238,7 +240,15 @@ pub async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
                 lba += u64::from(n);
             }
         }
-        let table: Vec<(u64, ChunkInfo)> = m.chunks.iter().map(|(&k, &v)| (k, v)).collect();
+        let table: Vec<ChunkRecord> = m
+            .chunks
+            .iter()
+            .map(|(&id, c)| ChunkRecord {
+                id,
+                data_start: c.data_start,
+                data_blocks: c.data_blocks,
+            })
+            .collect();
         (
             last,
             format::encode_checkpoint(last, &entries, &table, m.max_seq),
