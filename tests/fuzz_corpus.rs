@@ -3,7 +3,11 @@
 //! `cargo test --test fuzz_corpus -- --ignored write_seeds` regenerates the
 //! hand-made seeds (named `seed-*`; fuzzer findings keep their hash names).
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::{go_data, meta_data, nbd_option};
 
 use vbd::nbd::wire::*;
 use vbd::volume::object::format::{
@@ -60,34 +64,7 @@ fn replay_qmp_reply_corpus() {
 }
 
 fn opt(out: &mut Vec<u8>, o: u32, data: &[u8]) {
-    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    out.extend_from_slice(&o.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
-}
-
-fn named(name: &str, tail: &[u8]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(tail);
-    d
-}
-
-fn meta(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut q = (queries.len() as u32).to_be_bytes().to_vec();
-    for s in queries {
-        q.extend_from_slice(&(s.len() as u32).to_be_bytes());
-        q.extend_from_slice(s.as_bytes());
-    }
-    named(name, &q)
-}
-
-fn go(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut t = (infos.len() as u16).to_be_bytes().to_vec();
-    for i in infos {
-        t.extend_from_slice(&i.to_be_bytes());
-    }
-    named(name, &t)
+    out.extend(nbd_option(o, data));
 }
 
 fn handshake_seeds() -> Vec<Vec<u8>> {
@@ -96,16 +73,20 @@ fn handshake_seeds() -> Vec<Vec<u8>> {
     for (stride, build) in [
         (
             0u8,
-            &(|o: &mut Vec<u8>| opt(o, OPT_GO, &go("a", &[INFO_BLOCK_SIZE])))
+            &(|o: &mut Vec<u8>| opt(o, OPT_GO, &go_data("a", &[INFO_BLOCK_SIZE])))
                 as &dyn Fn(&mut Vec<u8>),
         ),
         (3, &|o| {
             opt(o, OPT_STRUCTURED_REPLY, &[]);
-            opt(o, OPT_SET_META_CONTEXT, &meta("a", &["base:allocation"]));
+            opt(
+                o,
+                OPT_SET_META_CONTEXT,
+                &meta_data("a", &["base:allocation"]),
+            );
             opt(
                 o,
                 OPT_GO,
-                &go("a", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
+                &go_data("a", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
             );
         }),
         (7, &|o| opt(o, OPT_EXPORT_NAME, b"a")),
@@ -114,25 +95,25 @@ fn handshake_seeds() -> Vec<Vec<u8>> {
             opt(
                 o,
                 OPT_INFO,
-                &go("ro", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 99]),
+                &go_data("ro", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 99]),
             );
             opt(o, OPT_ABORT, &[]);
         }),
         (15, &|o| {
             opt(o, OPT_EXTENDED_HEADERS, &[]);
             opt(o, OPT_STRUCTURED_REPLY, &[]);
-            opt(o, OPT_LIST_META_CONTEXT, &meta("", &["base:"]));
+            opt(o, OPT_LIST_META_CONTEXT, &meta_data("", &["base:"]));
             opt(
                 o,
                 OPT_SET_META_CONTEXT,
-                &meta("", &["base:allocation", "x-y:z"]),
+                &meta_data("", &["base:allocation", "x-y:z"]),
             );
-            opt(o, OPT_GO, &go("", &[]));
+            opt(o, OPT_GO, &go_data("", &[]));
         }),
         (31, &|o| {
             opt(o, OPT_STARTTLS, &[]);
             opt(o, 0x1234, b"junk");
-            opt(o, OPT_GO, &go("missing", &[]));
+            opt(o, OPT_GO, &go_data("missing", &[]));
             opt(o, OPT_INFO, &[0, 0, 0, 9, b'a']);
             opt(o, OPT_EXPORT_NAME, b"ro");
         }),
@@ -493,8 +474,7 @@ fn checkpoint_seeds_reach_the_checks() {
         .filter(|s| s[0] & 1 != 0)
         .filter(|s| {
             let mut b = s[1..s.len() - 1].to_vec();
-            let crc = crc32c::crc32c(&b[16..]);
-            b[12..16].copy_from_slice(&crc.to_le_bytes());
+            vbd::volume::object::fuzz::repair_checkpoint(&mut b);
             fmt::decode_checkpoint(&b).is_ok()
         })
         .count();

@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{MIB, TempDir, Vbd, assert_bytes_eq, free_port, pattern, require, run};
-use vm_common::{tag, test_guest};
+use vm_common::{guest_pattern, tag, test_guest};
 
 /// TCG guests are CPU-heavy: run one at a time.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
@@ -33,13 +33,6 @@ const GUEST_DEADLINE: Duration = Duration::from_secs(240);
 
 /// The size of the read-write export (the guest is told it and checks it).
 const DISK_SIZE: u64 = 64 * MIB;
-
-/// What the guest's `blk` builds: `line\n` repeated and cut at 4 KiB, that
-/// block repeated, cut to `len`.
-fn guest_pattern(line: &str, len: usize) -> Vec<u8> {
-    let block: Vec<u8> = format!("{line}\n").bytes().cycle().take(4096).collect();
-    block.iter().copied().cycle().take(len).collect()
-}
 
 /// The regions the guest writes (its `nbd_regions`), and the MiB it then
 /// discards (`nbd_discard_at`, `nbd_discard_len`).

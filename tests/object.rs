@@ -161,11 +161,7 @@ fn volume_cli_and_writer_lock() {
         assert!(o.status.success(), "vbd {args:?}: {}", o.stderr);
         o.stdout
     };
-    let fails = |args: &[&str]| {
-        let o = vbd_cmd(args, &[]);
-        assert!(!o.status.success(), "vbd {args:?} should fail");
-        o.stderr
-    };
+    let fails = vbd_fails;
     ok(&["volume", "create", "--store", &store, "a", "--size", "1G"]);
     ok(&[
         "volume", "create", "--store", &store, "b-efi", "--size", "64M",

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use vm_common::{TempDir, tag, test_guest, wait_for_path};
+use vm_common::{TempDir, guest_pattern, tag, test_guest, wait_for_path};
 
 /// TCG guests are CPU-heavy: run one at a time.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
@@ -112,15 +112,9 @@ impl Drop for Serve {
     }
 }
 
-/// What the guest's `fill` writes: `line\n` repeated, cut at 4 KiB.
+/// What the guest's `fill` writes: one 4 KiB block of `line\n`.
 fn pattern(line: &str) -> Vec<u8> {
-    let mut v = Vec::new();
-    while v.len() < 4096 {
-        v.extend_from_slice(line.as_bytes());
-        v.push(b'\n');
-    }
-    v.truncate(4096);
-    v
+    guest_pattern(line, 4096)
 }
 
 fn wait_serial(log: &Path, marker: &str, limit: Duration) {

@@ -572,6 +572,33 @@ pub fn nbd_option(opt: u32, data: &[u8]) -> Vec<u8> {
     m
 }
 
+/// A length-prefixed string, as options carry them.
+pub fn string(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// NBD_OPT_INFO/GO data: export name and a list of info requests.
+pub fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut v = string(name);
+    v.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        v.extend_from_slice(&i.to_be_bytes());
+    }
+    v
+}
+
+/// LIST/SET_META_CONTEXT data: export name and context queries.
+pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = string(name);
+    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        v.extend(string(q));
+    }
+    v
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
@@ -585,6 +612,11 @@ pub fn vbd_cmd(args: &[&str], env: &[(&str, &str)]) -> Output {
             .args(args)
             .envs(env.iter().copied()),
     )
+}
+
+/// Runs the vbd binary, which must fail, and returns what it said on stderr.
+pub fn vbd_fails(args: &[&str]) -> String {
+    run_failing(Command::new(env!("CARGO_BIN_EXE_vbd")).args(args)).stderr
 }
 
 /// Resident memory of a process, in KiB.

@@ -138,6 +138,13 @@ pub fn test_guest(options: &[&str], initrd: &str) -> (PathBuf, PathBuf) {
     (out.join("vmlinuz"), image)
 }
 
+/// What the guest's `fill` and `blk` write: `line\n` repeated and cut at
+/// 4 KiB, that block repeated, cut to `len`.
+pub fn guest_pattern(line: &str, len: usize) -> Vec<u8> {
+    let block: Vec<u8> = format!("{line}\n").bytes().cycle().take(4096).collect();
+    block.iter().copied().cycle().take(len).collect()
+}
+
 /// A string unique to this test run, for the patterns a guest writes.
 pub fn tag(what: &str) -> String {
     let t = std::time::SystemTime::now()

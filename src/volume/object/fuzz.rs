@@ -246,6 +246,14 @@ pub fn chunk_index(data: &[u8]) {
     assert!(still.is_err(), "flipped bit {at} accepted");
 }
 
+/// Sets a checkpoint's CRC to match its bytes (what byte 0 bit 0 asks for).
+pub fn repair_checkpoint(b: &mut [u8]) {
+    if b.len() >= CHECKPOINT_HEADER {
+        let crc = crc32c::crc32c(&b[16..]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
 /// Checkpoints: byte 0 bit 0 repairs the CRC, the last byte picks a bit
 /// to flip, the bytes between are the checkpoint. An accepted checkpoint must
 /// hold only extents recovery can add up, re-encode to the same bytes
@@ -259,9 +267,8 @@ pub fn checkpoint(data: &[u8]) {
         return;
     };
     let mut b = body.to_vec();
-    if opts & 1 != 0 && b.len() >= CHECKPOINT_HEADER {
-        let crc = crc32c::crc32c(&b[16..]);
-        b[12..16].copy_from_slice(&crc.to_le_bytes());
+    if opts & 1 != 0 {
+        repair_checkpoint(&mut b);
     }
     let Ok(c) = format::decode_checkpoint(&b) else {
         return;
