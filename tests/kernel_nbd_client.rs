@@ -21,7 +21,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{MIB, TempDir, Vbd, assert_bytes_eq, free_port, pattern, require, run};
+use common::{MIB, TempDir, Vbd, assert_bytes_eq, free_port, pattern, require, run, wait_deadline};
 use vm_common::{guest_pattern, tag, test_guest};
 
 /// TCG guests are CPU-heavy: run one at a time.
@@ -141,18 +141,12 @@ impl Guest {
     }
 
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st;
-            }
-            assert!(
-                start.elapsed() < limit,
+        wait_deadline(&mut self.child, limit).unwrap_or_else(|| {
+            panic!(
                 "the guest did not power off within {limit:?}:\n{}",
                 self.serial()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            )
+        })
     }
 }
 

@@ -532,21 +532,26 @@ h.connect_uri(sys.argv[1])
 h.pwrite(b"\x42" * 65536, 0)
 h.flush()
 print("attached", flush=True)
-time.sleep(60)
+sys.stdin.read()
+# vbd has stopped by now: the next request must fail, not hang.
+try:
+    h.pread(512, 0)
+    print("still served", flush=True)
+except nbd.Error as e:
+    print("closed", flush=True)
 "#;
     let uri = format!("nbds://127.0.0.1:{port}/disk");
     let mut child = Command::new(SYSTEM_PYTHON)
         .args(["-c", script, &uri, &pki.s("with-cert")])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("starting python3");
+    let stdin = child.stdin.take().expect("stdin");
+    let mut said = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("reading the client's output");
+    std::io::BufRead::read_line(&mut said, &mut line).expect("reading the client's output");
     assert_eq!(line.trim(), "attached");
     let out = qemu_io(
         &["-r"],
@@ -554,10 +559,19 @@ time.sleep(60)
         &vbd.uri("disk"),
     );
     assert!(out.stdout.contains("read 65536/65536"), "{}", out.stdout);
-    // SIGTERM with the client still attached: vbd closes TLS and exits 0.
+    // SIGTERM with the client still attached: vbd closes TLS and exits 0,
+    // and the client sees its connection end.
     vbd.stop();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(stdin);
+    let mut rest = String::new();
+    let reader = std::thread::spawn(move || {
+        let _ = said.read_to_string(&mut rest);
+        rest
+    });
+    let status = wait_deadline(&mut child, Duration::from_secs(30));
+    let rest = reader.join().expect("reader thread");
+    assert!(status.is_some(), "the TLS client hung after vbd stopped");
+    assert_eq!(rest.trim(), "closed", "the client after vbd stopped");
 }
 
 #[test]

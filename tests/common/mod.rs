@@ -180,7 +180,7 @@ pub fn run_failing(cmd: &mut Command) -> Output {
 }
 
 /// Waits for `child`, killing it if it outlives `deadline`.
-fn wait_deadline(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+pub fn wait_deadline(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
     let start = Instant::now();
     loop {
         match child.try_wait() {
