@@ -33,34 +33,39 @@ fn replay(target: &str, body: fn(&[u8])) {
     }
 }
 
-#[test]
-fn replay_handshake_corpus() {
-    replay("handshake", vbd::nbd::fuzz::handshake);
-}
+/// Every fuzz target: its corpus directory, its body and its hand-made seeds.
+type Target = (&'static str, fn(&[u8]), fn() -> Vec<Vec<u8>>);
+
+const TARGETS: [Target; 6] = [
+    ("handshake", vbd::nbd::fuzz::handshake, handshake_seeds),
+    (
+        "transmission",
+        vbd::nbd::fuzz::transmission,
+        transmission_seeds,
+    ),
+    (
+        "wal_record",
+        vbd::volume::object::fuzz::wal_record,
+        wal_record_seeds,
+    ),
+    (
+        "chunk_index",
+        vbd::volume::object::fuzz::chunk_index,
+        chunk_index_seeds,
+    ),
+    (
+        "checkpoint",
+        vbd::volume::object::fuzz::checkpoint,
+        checkpoint_seeds,
+    ),
+    ("qmp_reply", vbd::vm::fuzz::qmp_reply, qmp_reply_seeds),
+];
 
 #[test]
-fn replay_transmission_corpus() {
-    replay("transmission", vbd::nbd::fuzz::transmission);
-}
-
-#[test]
-fn replay_wal_record_corpus() {
-    replay("wal_record", vbd::volume::object::fuzz::wal_record);
-}
-
-#[test]
-fn replay_chunk_index_corpus() {
-    replay("chunk_index", vbd::volume::object::fuzz::chunk_index);
-}
-
-#[test]
-fn replay_checkpoint_corpus() {
-    replay("checkpoint", vbd::volume::object::fuzz::checkpoint);
-}
-
-#[test]
-fn replay_qmp_reply_corpus() {
-    replay("qmp_reply", vbd::vm::fuzz::qmp_reply);
+fn replay_every_corpus() {
+    for (target, body, _) in TARGETS {
+        replay(target, body);
+    }
 }
 
 fn opt(out: &mut Vec<u8>, o: u32, data: &[u8]) {
@@ -487,14 +492,8 @@ fn checkpoint_seeds_reach_the_checks() {
 #[test]
 #[ignore = "regenerates the hand-made seeds in fuzz/corpus"]
 fn write_seeds() {
-    for (target, seeds) in [
-        ("handshake", handshake_seeds()),
-        ("transmission", transmission_seeds()),
-        ("wal_record", wal_record_seeds()),
-        ("chunk_index", chunk_index_seeds()),
-        ("checkpoint", checkpoint_seeds()),
-        ("qmp_reply", qmp_reply_seeds()),
-    ] {
+    for (target, _, seeds) in TARGETS {
+        let seeds = seeds();
         let dir = corpus(target);
         std::fs::create_dir_all(&dir).expect("mkdir corpus");
         for (i, s) in seeds.iter().enumerate() {
@@ -506,22 +505,9 @@ fn write_seeds() {
 #[test]
 fn seeds_run_clean() {
     // The generator's output, whether or not it was written to disk.
-    for s in handshake_seeds() {
-        vbd::nbd::fuzz::handshake(&s);
-    }
-    for s in transmission_seeds() {
-        vbd::nbd::fuzz::transmission(&s);
-    }
-    for s in wal_record_seeds() {
-        vbd::volume::object::fuzz::wal_record(&s);
-    }
-    for s in chunk_index_seeds() {
-        vbd::volume::object::fuzz::chunk_index(&s);
-    }
-    for s in checkpoint_seeds() {
-        vbd::volume::object::fuzz::checkpoint(&s);
-    }
-    for s in qmp_reply_seeds() {
-        vbd::vm::fuzz::qmp_reply(&s);
+    for (_, body, seeds) in TARGETS {
+        for s in seeds() {
+            body(&s);
+        }
     }
 }
