@@ -29,7 +29,10 @@ fn replay(target: &str, body: fn(&[u8])) {
     assert!(!entries.is_empty(), "corpus {} is empty", dir.display());
     for path in entries {
         let data = std::fs::read(&path).expect("read corpus file");
-        body(&data);
+        // The body's own panic message is printed above; this names the input.
+        if std::panic::catch_unwind(|| body(&data)).is_err() {
+            panic!("{target}: corpus file {} fails", path.display());
+        }
     }
 }
 
