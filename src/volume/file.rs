@@ -213,25 +213,27 @@ impl FileVolume {
             iov_base: rest.as_ptr() as *mut libc::c_void,
             iov_len: len,
         };
-        let flags = if mode == BUFFERED_UNKNOWN {
-            libc::RWF_NOWAIT
-        } else {
-            0
-        };
         // SAFETY: the iovec describes `rest`, which outlives the call.
-        let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, off as i64, flags) };
-        if n < 0 {
-            let errno = std::io::Error::last_os_error().raw_os_error();
-            if mode == BUFFERED_UNKNOWN && errno == Some(libc::EOPNOTSUPP) {
+        let write =
+            |flags| unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, off as i64, flags) };
+        let mut n;
+        if mode == BUFFERED_UNKNOWN {
+            // The first write probes whether the kernel can do it without blocking.
+            n = write(libc::RWF_NOWAIT);
+            if n >= 0 {
+                self.buffered.store(BUFFERED_RING, Ordering::Relaxed);
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
                 debug!(path = %self.path.display(), "no non-blocking page-cache writes here; doing them inline");
                 self.buffered.store(BUFFERED_INLINE, Ordering::Relaxed);
-                return self.write_inline(io);
+                n = write(0);
             }
+        } else {
+            n = write(0);
+        }
+        if n < 0 {
             return false;
         }
-        if mode == BUFFERED_UNKNOWN {
-            self.buffered.store(BUFFERED_RING, Ordering::Relaxed);
-        } else {
+        if self.buffered.load(Ordering::Relaxed) == BUFFERED_INLINE {
             let now = self.now_ns();
             if now - began > SLOW_INLINE_NS {
                 debug!(path = %self.path.display(), took_us = (now - began) / 1000,
