@@ -4,8 +4,10 @@
 
 pub mod cli;
 pub mod control;
+pub mod lock;
 pub mod nbd;
 pub mod objstore;
+pub mod runtime;
 pub mod server;
 pub mod vm;
 pub mod volume;

@@ -14,11 +14,11 @@ use vbd::cli::{
     Backend, CacheSpec, ExportSpec, default_socket, default_store_dir, parse_group, parse_size,
 };
 use vbd::control::metrics::{self, Sources};
-use vbd::control::runtime::runtime;
 use vbd::control::service::{ControlPlane, default_control_socket};
 use vbd::control::volumes::ObjectBackend;
 use vbd::nbd::TlsMode;
 use vbd::objstore::Store;
+use vbd::runtime::runtime;
 use vbd::server::{
     ConnConfig, Registry, Server, ServerConfig, SocketTuning, TlsOptions, TlsServer, signals,
 };

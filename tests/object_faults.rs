@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::memory::InMemory;
-use vbd::control::runtime::runtime;
 use vbd::objstore::{Faults, Store};
+use vbd::runtime::runtime;
 use vbd::volume::object::{ObjectOptions, ObjectVolume, admin};
 use vbd::volume::sync::SyncDriver;
 use vbd::volume::{IoFlags, Op, Volume};

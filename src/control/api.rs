@@ -26,8 +26,8 @@ use tracing::{debug, info, warn};
 
 use super::http::{self, HttpError, Request, Response};
 use super::metrics::Sources;
-use super::runtime::{StoppableTask, runtime};
 use super::volumes::{CreateVolume, VolumeCatalog, VolumeStoreError};
+use crate::runtime::{StoppableTask, runtime};
 use crate::server::Registry;
 use crate::vm::config::VmConfig;
 use crate::vm::supervisor::{Supervisor, SupervisorError};

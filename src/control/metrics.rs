@@ -15,8 +15,8 @@ use tracing::{debug, info, warn};
 
 use super::http::{self, Response};
 use super::prometheus::{CONTENT_TYPE, Kind, Text, seconds_from_us};
-use super::runtime::{StoppableTask, runtime};
 use super::volumes::VolumeCatalog;
+use crate::runtime::{StoppableTask, runtime};
 use crate::server::ServerHandle;
 use crate::server::metrics::{BUCKETS, OpKind, bucket_bound_us};
 use crate::vm::supervisor::{Supervisor, VmState};

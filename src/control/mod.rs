@@ -8,7 +8,6 @@ pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod prometheus;
-pub mod runtime;
 pub mod service;
 pub mod status;
 pub mod volumes;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::api::{ControlApi, ControlServer, serve};
 use super::metrics::Sources;
-use super::runtime::runtime;
 use super::volumes::{VolumeBackend, VolumeCatalog};
+use crate::runtime::runtime;
 use crate::server::ServerHandle;
 use crate::vm::supervisor::{Supervisor, SupervisorConfig};
 

@@ -2,6 +2,7 @@
 //! object) registers a [`VolumeBackend`] under its name; the catalog
 //! itself knows nothing about any of them.
 
+use crate::lock::MutexExt;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -259,7 +260,7 @@ impl VolumeCatalog {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.volumes.lock().unwrap_or_else(|e| e.into_inner())
+        self.volumes.locked()
     }
 
     /// The volume and its info, if catalogued.

@@ -3,6 +3,7 @@
 //! reactor (plain relaxed load and store, no read-modify-write), and summed
 //! only when someone scrapes. Latencies go into fixed log2 buckets.
 
+use crate::lock::MutexExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -209,7 +210,7 @@ impl ExportMetrics {
 
     /// The handle for a connection on `core` that just attached.
     pub fn attach(&self, core: usize) -> ExportHandle {
-        let mut cores = self.cores.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cores = self.cores.locked();
         while cores.len() <= core {
             cores.push(Arc::new(CoreMetrics::default()));
         }
@@ -220,7 +221,7 @@ impl ExportMetrics {
 
     /// Sums every core's counters.
     pub fn totals(&self) -> ExportTotals {
-        let cores = self.cores.lock().unwrap_or_else(|e| e.into_inner());
+        let cores = self.cores.locked();
         let mut t = ExportTotals::default();
         for c in cores.iter() {
             t.connections += c.attached.load(Ordering::Relaxed);

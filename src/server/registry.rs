@@ -1,6 +1,7 @@
 //! The exports a server offers: named volumes with their policy. Shared by
 //! every core; read at handshake time only, never per request.
 
+use crate::lock::RwLockExt;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -64,7 +65,7 @@ impl Registry {
         if !valid_name(name) {
             return Err(RegistryError::BadName(name.to_owned()));
         }
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.write_locked();
         if inner.by_name.contains_key(name) {
             return Err(RegistryError::Duplicate(name.to_owned()));
         }
@@ -113,7 +114,7 @@ impl Registry {
 
     /// Removes an export; open connections keep their volume until they close.
     pub fn remove(&self, name: &str) -> Result<Arc<Export>, RegistryError> {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.write_locked();
         let id = inner
             .by_name
             .remove(name)
@@ -128,27 +129,27 @@ impl Registry {
 
     /// The export with this id, if it still exists.
     pub fn get(&self, id: usize) -> Option<Arc<Export>> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.read_locked();
         inner.by_id.get(id).cloned().flatten()
     }
 
     /// The export with this name, if any.
     pub fn by_name(&self, name: &str) -> Option<Arc<Export>> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.read_locked();
         let id = *inner.by_name.get(name)?;
         inner.by_id.get(id).cloned().flatten()
     }
 
     /// Every export, in the order they were added.
     pub fn all(&self) -> Vec<Arc<Export>> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.read_locked();
         inner.by_id.iter().flatten().cloned().collect()
     }
 }
 
 impl nbd::Exports for Registry {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.read_locked();
         let id = if name.is_empty() {
             inner.default?
         } else {

@@ -8,6 +8,7 @@
 
 pub mod message;
 
+use crate::lock::MutexExt;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -218,21 +219,13 @@ impl Qmp {
     /// A new queue that receives every event from now on.
     pub fn subscribe(&self) -> EventStream {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.shared
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(tx);
+        self.shared.subscribers.locked().push(tx);
         EventStream { rx }
     }
 
     /// Whether the reader has seen the connection close.
     pub fn is_closed(&self) -> bool {
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        self.shared.pending.locked().is_none()
     }
 
     /// Runs a command with the default timeout.
@@ -252,12 +245,7 @@ impl Qmp {
             .map_err(|source| QmpError::Encode { command, source })?;
         bytes.push(b'\n');
         let (tx, rx) = oneshot::channel();
-        match &mut *self
-            .shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
+        match &mut *self.shared.pending.locked() {
             Some(p) => p.insert(id, tx),
             None => return Err(QmpError::Closed { command }),
         };
@@ -290,12 +278,7 @@ impl Qmp {
     }
 
     fn forget(&self, id: u64) {
-        if let Some(p) = &mut *self
-            .shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
+        if let Some(p) = &mut *self.shared.pending.locked() {
             p.remove(&id);
         }
     }
@@ -324,7 +307,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let (id, msg) = match classify(msg) {
             Message::Event(event) => {
                 debug!(event = %event.name, "qmp event");
-                let mut subs = shared.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+                let mut subs = shared.subscribers.locked();
                 subs.retain(|tx| tx.send(event.clone()).is_ok());
                 continue;
             }
@@ -334,12 +317,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 continue;
             }
         };
-        let waiter = shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-            .and_then(|p| p.remove(&id));
+        let waiter = shared.pending.locked().as_mut().and_then(|p| p.remove(&id));
         match waiter {
             Some(tx) => {
                 let _ = tx.send(msg);
@@ -348,14 +326,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     }
     // Fail every waiting command and end every event stream.
-    shared
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    shared
-        .subscribers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clear();
+    shared.pending.locked().take();
+    shared.subscribers.locked().clear();
 }

@@ -7,6 +7,7 @@
 //! pages where it can: random 4 KiB requests over a big volume otherwise
 //! spend more time on TLB misses (two-level walks in a VM) than on copying.
 
+use crate::lock::RwLockExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock};
@@ -196,7 +197,7 @@ impl MemoryVolume {
             let Some(lock) = group.pages.get(i) else {
                 return dst.fill(0);
             };
-            let allocated = lock.read().unwrap_or_else(|e| e.into_inner());
+            let allocated = lock.read_locked();
             if *allocated {
                 // SAFETY: read lock held; i is within the group.
                 dst.copy_from_slice(&unsafe { group.region.page(i) }[at..at + n]);
@@ -224,7 +225,7 @@ impl MemoryVolume {
                     len: io.len,
                 });
             };
-            let mut allocated = lock.write().unwrap_or_else(|e| e.into_inner());
+            let mut allocated = lock.write_locked();
             if !*allocated {
                 *allocated = true;
                 self.allocated.fetch_add(PAGE as u64, Ordering::Relaxed);
@@ -258,7 +259,7 @@ impl MemoryVolume {
             let Some(lock) = group.pages.get(i) else {
                 return;
             };
-            let mut allocated = lock.write().unwrap_or_else(|e| e.into_inner());
+            let mut allocated = lock.write_locked();
             if !*allocated {
                 // Already zero; NO_HOLE only has to count it as data.
                 if allocate {
@@ -294,7 +295,7 @@ impl MemoryVolume {
             let hole = group.is_none_or(|g| {
                 g.pages
                     .get((index % GROUP as u64) as usize)
-                    .is_none_or(|p| !*p.read().unwrap_or_else(|e| e.into_inner()))
+                    .is_none_or(|p| !*p.read_locked())
             });
             let len = span_end.min(end) - pos;
             match io.extents.last_mut() {

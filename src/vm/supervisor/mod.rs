@@ -5,6 +5,7 @@
 
 pub mod process;
 
+use crate::lock::MutexExt;
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -189,11 +190,11 @@ struct Vm {
 
 impl Vm {
     fn state(&self) -> VmState {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.state.locked().clone()
     }
 
     fn set_state(&self, s: VmState) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        *self.state.locked() = s;
     }
 
     fn alive(&self) -> bool {
@@ -201,12 +202,7 @@ impl Vm {
     }
 
     fn uses(&self, volume: &str) -> bool {
-        self.config.disks.iter().any(|d| d.name == volume)
-            || self
-                .hot
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(volume)
+        self.config.disks.iter().any(|d| d.name == volume) || self.hot.locked().contains_key(volume)
     }
 
     fn info(&self) -> VmInfo {
@@ -220,7 +216,7 @@ impl Vm {
                 port: None,
             })
             .collect();
-        for (v, h) in self.hot.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (v, h) in self.hot.locked().iter() {
             disks.push(DiskInfo {
                 volume: v.clone(),
                 role: Role::Data,
@@ -359,7 +355,7 @@ impl Supervisor {
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Vm>>> {
-        self.vms.lock().unwrap_or_else(|e| e.into_inner())
+        self.vms.locked()
     }
 
     fn get(&self, name: &str) -> Result<Arc<Vm>, SupervisorError> {
@@ -557,7 +553,7 @@ impl Supervisor {
         for v in &vm.owned {
             self.drop_export(v);
         }
-        let hot = std::mem::take(&mut *vm.hot.lock().unwrap_or_else(|e| e.into_inner()));
+        let hot = std::mem::take(&mut *vm.hot.locked());
         for (v, h) in hot {
             if h.owned_export {
                 self.drop_export(&v);
@@ -700,7 +696,7 @@ impl Supervisor {
             });
         }
         let port = {
-            let hot = vm.hot.lock().unwrap_or_else(|e| e.into_inner());
+            let hot = vm.hot.locked();
             (0..vm.config.hotplug_ports)
                 .map(hotplug_port)
                 .find(|p| !hot.values().any(|h| &h.port == p))
@@ -724,7 +720,7 @@ impl Supervisor {
             }
             return Err(e.into());
         }
-        vm.hot.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        vm.hot.locked().insert(
             volume.to_owned(),
             HotDisk {
                 port: port.clone(),
@@ -762,12 +758,7 @@ impl Supervisor {
     ) -> Result<(), SupervisorError> {
         let vm = self.running(vm_name)?;
         let _op = vm.op.lock().await;
-        let hot = vm
-            .hot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(volume)
-            .map(|h| h.owned_export);
+        let hot = vm.hot.locked().get(volume).map(|h| h.owned_export);
         let Some(owned_export) = hot else {
             let cold = vm.config.disks.iter().any(|d: &Disk| d.name == volume);
             return Err(if cold {
@@ -784,10 +775,7 @@ impl Supervisor {
         };
         let tuning: DiskTuning = vm.config.tuning;
         hotplug::detach(&vm.qmp, volume, tuning, wait).await?;
-        vm.hot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(volume);
+        vm.hot.locked().remove(volume);
         if owned_export {
             self.drop_export(volume);
         }

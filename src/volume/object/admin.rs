@@ -6,8 +6,8 @@ use tracing::info;
 
 use super::layout::{self, Descriptor, Keys};
 use super::{ObjectError, ObjectOptions, ObjectVolume};
-use crate::control::runtime::runtime;
 use crate::objstore::Store;
+use crate::runtime::runtime;
 
 /// What `vbd volume info` shows.
 #[derive(Clone, Debug, Serialize)]

@@ -2,6 +2,7 @@
 //! immutable, so a (chunk, block) key never goes stale; each shard has its
 //! own lock so cores rarely meet.
 
+use crate::lock::MutexExt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -203,7 +204,7 @@ impl BlockCache {
             count,
         } in pieces(chunk, block, n)
         {
-            let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.shard(&k).locked();
             let (mut hits, mut misses) = (0, 0);
             match s.lru.get(&k) {
                 Some(g) => {
@@ -250,7 +251,7 @@ impl BlockCache {
         } in pieces(chunk, block, n)
         {
             let src = &data[i as usize * BLOCK..(i + count) as usize * BLOCK];
-            let mut s = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.shard(&k).locked();
             if !s.lru.contains_key(&k) {
                 while s.bytes + GROUP_BYTES > self.shard_budget {
                     let Some((_, old)) = s.lru.remove_lru() else {
@@ -284,7 +285,7 @@ impl BlockCache {
             ..CacheStats::default()
         };
         for s in self.shards.iter() {
-            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            let s = s.locked();
             t.hits += s.hits;
             t.misses += s.misses;
             t.evictions += s.evictions;

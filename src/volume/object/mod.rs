@@ -19,6 +19,7 @@ mod state;
 mod upload;
 mod wal;
 
+use crate::lock::{MutexExt, RwLockExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,8 +36,8 @@ use self::layout::{Keys, WriterLock};
 use self::segment::Segment;
 use self::state::{Dirty, DirtyLoc, Mapped, Mapping};
 use self::wal::Wal;
-use crate::control::runtime::runtime;
 use crate::objstore::{Store, StoreError};
+use crate::runtime::runtime;
 use crate::volume::{Caps, Completer, Ctx, Extent, Io, MAX_EXTENTS, Op, Volume, VolumeError, Wake};
 
 /// Why an object volume could not be created, opened or changed.
@@ -166,20 +167,11 @@ pub(crate) struct Inner {
 
 impl Inner {
     fn all_uploaded(&self) -> bool {
-        self.dirty
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .segments
-            .is_empty()
+        self.dirty.read_locked().segments.is_empty()
     }
 
     fn release_backlog_waiters(&self) {
-        let waiters = std::mem::take(
-            &mut *self
-                .backlog_waiters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        let waiters = std::mem::take(&mut *self.backlog_waiters.locked());
         for w in waiters {
             w.complete(Ok(None));
         }
@@ -228,7 +220,7 @@ impl ObjectVolume {
     pub fn counters(&self) -> ObjectCounters {
         let inner = &self.inner;
         let (backlog_bytes, backlog_records, backlog_segments) = {
-            let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+            let d = inner.dirty.read_locked();
             // Sequence numbers within a segment are consecutive.
             let records = d
                 .segments
@@ -268,11 +260,7 @@ impl ObjectVolume {
 
     /// Bytes of acknowledged writes not yet in the store.
     pub fn backlog(&self) -> u64 {
-        self.inner
-            .dirty
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .backlog
+        self.inner.dirty.read_locked().backlog
     }
 
     /// Seals the open segment and waits until everything written is in the
@@ -280,7 +268,7 @@ impl ObjectVolume {
     pub fn sync_to_store(&self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         {
-            let mut d = self.inner.dirty.write().unwrap_or_else(|e| e.into_inner());
+            let mut d = self.inner.dirty.write_locked();
             if let Some(a) = d.active.take() {
                 a.sealed.store(true, Ordering::Release);
             }
@@ -333,7 +321,7 @@ impl ObjectVolume {
         // header's (which holds the sequence number) is combined in after.
         let data_crc = crc32c::crc32c(data);
         let inner = &self.inner;
-        let mut d = inner.dirty.write().unwrap_or_else(|e| e.into_inner());
+        let mut d = inner.dirty.write_locked();
         if d.backlog >= inner.opts.backlog {
             return Ok(None);
         }
@@ -416,11 +404,7 @@ impl ObjectVolume {
             Ok(None) => {
                 // Too much not yet uploaded: wait for the uploader.
                 io.stage = STAGE_BACKLOG;
-                self.inner
-                    .backlog_waiters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(ctx.completer());
+                self.inner.backlog_waiters.locked().push(ctx.completer());
                 self.inner.upload_wake.notify_one();
                 Poll::Pending
             }
@@ -447,8 +431,8 @@ impl ObjectVolume {
         let end = lba0 + io.len / BLOCK as u64;
         let buf = io.buf.as_mut_slice();
         let missing = &mut io.aux;
-        let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
-        let m = inner.map.read().unwrap_or_else(|e| e.into_inner());
+        let d = inner.dirty.read_locked();
+        let m = inner.map.read_locked();
         let mut b = lba0;
         while b < end {
             if let Some(sp) = d.map.get(b) {
@@ -539,8 +523,8 @@ impl ObjectVolume {
     fn block_status(&self, io: &mut Io) {
         let lba0 = io.offset / BLOCK as u64;
         let end = lba0 + io.len / BLOCK as u64;
-        let d = self.inner.dirty.read().unwrap_or_else(|e| e.into_inner());
-        let m = self.inner.map.read().unwrap_or_else(|e| e.into_inner());
+        let d = self.inner.dirty.read_locked();
+        let m = self.inner.map.read_locked();
         let ext = &mut io.extents;
         fn push(ext: &mut Vec<Extent>, blocks: u64, hole: bool, zero: bool) {
             let len = blocks * BLOCK as u64;
@@ -609,17 +593,12 @@ impl ObjectVolume {
         let drained = self.sync_to_store(inner.opts.drain_timeout);
         inner.stopping.store(true, Ordering::Release);
         inner.upload_wake.notify_one();
-        if let Some(h) = self
-            .uploader
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(h) = self.uploader.locked().take() {
             let _ = runtime()
                 .block_on(async { tokio::time::timeout(Duration::from_secs(10), h).await });
         }
         stop_wal(inner, &self.wal_thread);
-        let lock = inner.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let lock = inner.lock.locked().take();
         if let Some(lock) = lock {
             if drained {
                 if let Err(e) = runtime().block_on(lock.release(&inner.store)) {
@@ -648,11 +627,11 @@ impl ObjectVolume {
 
 fn stop_wal(inner: &Inner, thread: &Mutex<Option<std::thread::JoinHandle<()>>>) {
     {
-        let mut c = inner.wal.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = inner.wal.ctl.locked();
         c.stop = true;
     }
     inner.wal.cv.notify_one();
-    if let Some(h) = thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(h) = thread.locked().take() {
         let _ = h.join();
     }
 }
@@ -665,12 +644,7 @@ impl Drop for ObjectVolume {
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.upload_wake.notify_one();
         stop_wal(&self.inner, &self.wal_thread);
-        if let Some(h) = self
-            .uploader
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(h) = self.uploader.locked().take() {
             h.abort();
         }
     }
@@ -747,11 +721,7 @@ fn push_missing(aux: &mut Vec<u64>, buf_block: u32, chunk: u64, block: u32) {
 async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeError> {
     let mut out = BytesMut::with_capacity(runs.iter().map(|r| r.blocks as usize * BLOCK).sum());
     for (i, r) in runs.iter().enumerate() {
-        let info = inner
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .chunk_info(r.chunk);
+        let info = inner.map.read_locked().chunk_info(r.chunk);
         let Some(info) = info else {
             return Err(VolumeError::Backend(format!(
                 "chunk {:016x} is not known",
@@ -864,12 +834,7 @@ impl Volume for ObjectVolume {
                 if self.read_only {
                     return Poll::Ready(Ok(()));
                 }
-                let pos = self
-                    .inner
-                    .dirty
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .appended;
+                let pos = self.inner.dirty.read_locked().appended;
                 self.durable(pos, io, ctx)
             }
             Op::BlockStatus => {

@@ -16,8 +16,8 @@ use super::segment::Segment;
 use super::state::{ChunkInfo, Dirty, DirtyLoc, Mapped, Mapping};
 use super::wal::{self, Wal};
 use super::{Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, upload};
-use crate::control::runtime::runtime;
 use crate::objstore::Store;
+use crate::runtime::runtime;
 
 pub async fn open(
     store: Store,

@@ -4,6 +4,7 @@
 //! It also writes checkpoints and garbage-collects sparse chunks. Runs on
 //! the control runtime; store failures are retried until they succeed.
 
+use crate::lock::RwLockExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -72,7 +73,7 @@ pub async fn run(inner: Arc<Inner>) {
 /// store strictly in order, which is what makes WAL replay after a crash
 /// able to skip everything at or below the store's highest sequence.
 fn next_segment(inner: &Inner) -> Option<Arc<Segment>> {
-    let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+    let d = inner.dirty.read_locked();
     let s = d.segments.values().next()?;
     let ready = s.sealed.load(Ordering::Acquire) && s.synced.load(Ordering::Acquire) >= s.len();
     ready.then(|| s.clone())
@@ -81,7 +82,7 @@ fn next_segment(inner: &Inner) -> Option<Arc<Segment>> {
 /// Entries and data of the chunk for one segment: each record's blocks
 /// that no later record has overwritten.
 fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
-    let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+    let d = inner.dirty.read_locked();
     let mut entries = Vec::new();
     let mut data = Vec::new();
     let mut pos = SEGMENT_HEADER;
@@ -154,8 +155,8 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
         ))
     };
     {
-        let mut d = inner.dirty.write().unwrap_or_else(|e| e.into_inner());
-        let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut d = inner.dirty.write_locked();
+        let mut m = inner.map.write_locked();
         if let Some((id, data_start)) = chunk_id {
             m.chunks.insert(
                 id,
@@ -211,7 +212,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
 /// Writes the whole map as a checkpoint and prunes all but the two newest.
 pub async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
     let (id, body) = {
-        let m = inner.map.read().unwrap_or_else(|e| e.into_inner());
+        let m = inner.map.read_locked();
         let Some((&last, _)) = m.chunks.iter().next_back() else {
             return Ok(());
         };
@@ -275,7 +276,7 @@ pub async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
 /// dead one for deletion. Returns chunks to delete after the grace period.
 async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
     let (victim, info, newest) = {
-        let m = inner.map.read().unwrap_or_else(|e| e.into_inner());
+        let m = inner.map.read_locked();
         let newest = *m.chunks.keys().next_back()?;
         let threshold = inner.opts.gc_threshold;
         let (&id, &info) = m.chunks.iter().find(|(id, c)| {
@@ -288,7 +289,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
     let _ = newest;
     inner.stats.gc_runs.fetch_add(1, Ordering::Relaxed);
     if info.live == 0 {
-        let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = inner.map.write_locked();
         m.retire(victim);
         debug!(volume = %inner.name, chunk = victim, "chunk has no live blocks; deleting");
         return Some(vec![(victim, Instant::now())]);
@@ -320,7 +321,7 @@ async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(),
     // Live pieces: the map still points at exactly this entry.
     let mut live: Vec<IndexEntry> = Vec::new();
     {
-        let m = inner.map.read().unwrap_or_else(|e| e.into_inner());
+        let m = inner.map.read_locked();
         for e in &entries {
             m.map.for_each_in(e.lba, e.lba + u64::from(e.blocks), |sp| {
                 let here = match (e.kind, sp.value) {
@@ -358,7 +359,7 @@ async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(),
     inner.store.put(&inner.keys.chunk(id), body).await?;
     let data_start =
         (CHUNK_HEADER + live.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64;
-    let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
+    let mut m = inner.map.write_locked();
     m.chunks.insert(
         id,
         ChunkInfo {
@@ -387,7 +388,7 @@ async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
         match inner.store.delete(&inner.keys.chunk(id)).await {
             Ok(()) => {
                 inner.stats.chunks_deleted.fetch_add(1, Ordering::Relaxed);
-                let mut m = inner.map.write().unwrap_or_else(|e| e.into_inner());
+                let mut m = inner.map.write_locked();
                 m.retired.remove(&id);
             }
             Err(e) => {

@@ -4,6 +4,7 @@
 //! and hands sealed, durable segments to the uploader. Also the replay of
 //! segment files at open.
 
+use crate::lock::{MutexExt, RwLockExt};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -53,7 +54,7 @@ impl Wal {
 
     /// Asks for `pos` to become durable; `done` is completed when it is.
     pub fn wait(&self, pos: u64, done: Completer) {
-        let mut c = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.ctl.locked();
         c.waiters.push((pos, done));
         c.wake = true;
         drop(c);
@@ -62,7 +63,7 @@ impl Wal {
 
     /// Wakes the thread for a round (a seal or a shutdown step).
     pub fn kick(&self) {
-        self.ctl.lock().unwrap_or_else(|e| e.into_inner()).wake = true;
+        self.ctl.locked().wake = true;
         self.cv.notify_one();
     }
 
@@ -76,7 +77,7 @@ pub fn run(inner: Arc<Inner>) {
     let wal = &inner.wal;
     loop {
         let (waiters, stop) = {
-            let mut c = wal.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = wal.ctl.locked();
             while !c.wake && !c.stop {
                 let (g, t) = wal
                     .cv
@@ -105,7 +106,7 @@ pub fn run(inner: Arc<Inner>) {
             }
         }
         if !later.is_empty() {
-            let mut c = wal.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = wal.ctl.locked();
             c.waiters.extend(later);
             c.wake = true;
         }
@@ -117,7 +118,7 @@ pub fn run(inner: Arc<Inner>) {
 }
 
 fn sealed_unsynced(inner: &Inner) -> bool {
-    let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+    let d = inner.dirty.read_locked();
     d.segments
         .values()
         .any(|s| s.sealed.load(Ordering::Acquire) && s.synced.load(Ordering::Acquire) < s.len())
@@ -126,7 +127,7 @@ fn sealed_unsynced(inner: &Inner) -> bool {
 /// Seals the active segment if it has sat idle or open too long, so its
 /// data moves on to the store.
 fn seal_if_idle(inner: &Inner) {
-    let mut d = inner.dirty.write().unwrap_or_else(|e| e.into_inner());
+    let mut d = inner.dirty.write_locked();
     let Some(active) = d.active.as_ref() else {
         return;
     };
@@ -143,7 +144,7 @@ fn seal_if_idle(inner: &Inner) {
 /// durable and advances the synced position.
 fn round(inner: &Inner, sync: bool) -> Result<(), String> {
     let (target, segs): (u64, Vec<Arc<Segment>>) = {
-        let d = inner.dirty.read().unwrap_or_else(|e| e.into_inner());
+        let d = inner.dirty.read_locked();
         (d.appended, d.segments.values().cloned().collect())
     };
     let wal = &inner.wal;
@@ -154,7 +155,7 @@ fn round(inner: &Inner, sync: bool) -> Result<(), String> {
         if written >= len && !(sync && s.synced.load(Ordering::Acquire) < written) {
             continue;
         }
-        let mut f = s.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = s.file.locked();
         if f.is_none() {
             let path = wal.segment_path(s.id);
             let file = OpenOptions::new()
