@@ -1,0 +1,4 @@
+//! vhost-user-blk (design note to come).
+
+pub mod config;
+pub mod request;
