@@ -100,6 +100,22 @@ pub enum ConfigError {
     TooSmall(u64, u32),
 }
 
+impl ExportCaps {
+    /// What `volume` supports, served over `num_queues` queues.
+    pub fn of(volume: &dyn crate::volume::Volume, num_queues: u16) -> Self {
+        let c = volume.caps();
+        ExportCaps {
+            size_bytes: volume.size(),
+            block_size: volume.block_size(),
+            read_only: c.read_only,
+            flush: c.flush,
+            trim: c.trim,
+            write_zeroes: c.write_zeroes,
+            num_queues,
+        }
+    }
+}
+
 fn bit(b: u32) -> u64 {
     1 << b
 }

@@ -2,5 +2,10 @@
 
 pub mod chain;
 pub mod config;
+pub mod device;
+pub mod handler;
 pub mod inflight;
+pub mod memory;
 pub mod request;
+pub mod runner;
+pub mod worker;
