@@ -4,7 +4,9 @@
 //! data both ways: what the host put in the volume reads back in the
 //! guest, what the guest writes (copied from the disk itself, and from a
 //! file) lands in the volume, a guest discard zeroes the range, and the
-//! guest sees the size, the serial (GET_ID) and two queues.
+//! guest sees the size, the serial (GET_ID) and two queues. Then the
+//! device is stopped and started again on the same socket, and QEMU
+//! (`reconnect=1`) re-attaches with the guest's I/O resuming.
 
 mod vm_common;
 
@@ -47,7 +49,7 @@ impl Guest {
                 "console=ttyS0 quiet panic=-1 vbd.mode=shell",
                 "-chardev",
             ])
-            .arg(format!("socket,id=c0,path={}", sock.display()))
+            .arg(format!("socket,id=c0,path={},reconnect=1", sock.display()))
             .args([
                 "-device",
                 &format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
@@ -179,6 +181,33 @@ fn tcg_guest_reads_and_writes_a_vbd_volume_over_vhost_user() {
     );
     // The source of the copy is untouched.
     assert_eq!(io.read(&*volume, 0, 64 << 10).unwrap(), pat);
+
+    // vbd's device goes away (as in a restart) and comes back on the same
+    // socket: QEMU (reconnect=1) re-attaches and the guest's I/O resumes.
+    let path = device.path().to_path_buf();
+    drop(device);
+    let config = DeviceConfig::new(&ExportCaps::of(&*volume, 2)).unwrap();
+    let device =
+        VhostUserDevice::start(&path, "vbd-e2e", config, ThreadRunner::new(volume.clone()))
+            .unwrap();
+    let start = Instant::now();
+    while !device.frontend_attached() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "QEMU did not reconnect"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    g.run(
+        "echo again-XYZ > /tmp/l; dd if=/tmp/l of=/dev/vda bs=512 seek=8200 conv=sync,fsync 2>/dev/null; echo VBD-AGAIN=$?-END",
+        "VBD-AGAIN=0-END",
+    );
+    assert_eq!(&io.read(&*volume, 8200 * 512, 10).unwrap(), b"again-XYZ\n");
+    let out = g.run(
+        "dd if=/dev/vda bs=512 skip=6144 count=1 iflag=direct 2>/dev/null | head -c 16; echo; echo VBD-READ2=$?-END",
+        "VBD-READ2=0-END",
+    );
+    assert!(out.contains("host-pattern-ABC"), "{out}");
     drop(g);
     // QEMU gone: the device drops the frontend and waits for the next.
     let start = Instant::now();
