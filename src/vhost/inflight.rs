@@ -101,6 +101,12 @@ pub fn recover(area: &VolatileSlice, queue_size: u16, used_idx: u16) -> Recovery
         };
     }
     if load_u16(area, VERSION) == 0 {
+        // Never used: whatever the descriptor states hold is not ours.
+        for h in 0..queue_size {
+            store(area, desc(h) + DESC_COUNTER, 0u64);
+            store(area, desc(h) + DESC_INFLIGHT, 0u8);
+        }
+        store(area, LAST_BATCH_HEAD, 0u16);
         store(area, FEATURES, 0u64);
         store(area, DESC_NUM, queue_size);
         store(area, USED_IDX, used_idx);
@@ -316,6 +322,17 @@ mod tests {
         let r = recover(&a, 8, 11);
         assert_eq!(r.resubmit, [3]);
         assert_eq!(r.next_avail, 12);
+    }
+
+    #[test]
+    fn a_fresh_area_forgets_stale_descriptor_states() {
+        // Version 0 with flags set (found by the virtio_blk fuzz target):
+        // the first recovery must not leave them for the second.
+        let mut b = area_buf(4);
+        b[2] = 1; // descriptor 0's inflight byte
+        let a = slice(&mut b);
+        assert!(recover(&a, 4, 0).resubmit.is_empty());
+        assert!(recover(&a, 4, 0).resubmit.is_empty());
     }
 
     #[test]

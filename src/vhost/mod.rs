@@ -3,6 +3,7 @@
 pub mod chain;
 pub mod config;
 pub mod device;
+pub mod fuzz;
 pub mod handler;
 pub mod inflight;
 pub mod memory;
