@@ -583,3 +583,14 @@ fn a_restarted_backend_resubmits_what_was_in_flight() {
     // Nothing was done twice: the avail ring resumes after it.
     assert_eq!(f.get_vring_base(0).unwrap(), u32::from(g.avail_idx));
 }
+
+#[test]
+fn a_file_in_the_way_of_the_socket_is_left_alone() {
+    let dir = TempDir::new("inway");
+    let path = dir.0.join("blk.sock");
+    std::fs::write(&path, b"not a socket").unwrap();
+    let volume = Arc::new(MemoryVolume::new(DISK, false));
+    let config = DeviceConfig::new(&ExportCaps::of(&*volume, 1)).unwrap();
+    assert!(VhostUserDevice::start(&path, "d", config, ThreadRunner::new(volume)).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+}

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,11 +53,10 @@ impl VhostUserDevice {
         runner: R,
     ) -> Result<Self, DeviceError> {
         let listen_err = |e| DeviceError::Listen(path.to_path_buf(), e);
-        // A socket left by an earlier run would make bind fail.
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(listen_err(e)),
+        // A socket left by an earlier run would make bind fail; anything
+        // else at that path is not ours to delete.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            std::fs::remove_file(path).map_err(listen_err)?;
         }
         let listener = UnixListener::bind(path).map_err(listen_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
