@@ -15,12 +15,13 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use super::config::{DiskTuning, disk_ids};
+use super::error_chain::ErrorChain;
 use super::qmp::{Qmp, QmpError};
 
 /// Why a hot attach or detach failed.
 #[derive(Debug, Error)]
 pub enum HotplugError {
-    #[error("hot attach of {volume:?} failed at {step}: {source}{}", rollback_note(.rollback))]
+    #[error("hot attach of {volume:?} failed at {step}{}", rollback_note(.rollback))]
     Attach {
         volume: String,
         step: &'static str,
@@ -29,7 +30,7 @@ pub enum HotplugError {
         /// Rollback steps that failed too (the VM may hold leftovers).
         rollback: Vec<String>,
     },
-    #[error("hot detach of {volume:?} failed at {step}: {source}")]
+    #[error("hot detach of {volume:?} failed at {step}")]
     Detach {
         volume: String,
         step: &'static str,
@@ -44,9 +45,9 @@ pub enum HotplugError {
 
 fn rollback_note(r: &[String]) -> String {
     if r.is_empty() {
-        "; rolled back".into()
+        " (rolled back)".into()
     } else {
-        format!("; rollback also failed: {}", r.join("; "))
+        format!(" (rollback also failed: {})", r.join("; "))
     }
 }
 
@@ -178,8 +179,9 @@ pub async fn attach(qmp: &Qmp, spec: &AttachSpec<'_>) -> Result<(), HotplugError
 
 async fn undo<C: qapi::Command>(qmp: &Qmp, cmd: C, failures: &mut Vec<String>) {
     if let Err(e) = qmp.execute(cmd).await {
+        let e = ErrorChain(&e).to_string();
         warn!("rollback step failed: {e}");
-        failures.push(e.to_string());
+        failures.push(e);
     }
 }
 

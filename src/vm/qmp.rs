@@ -34,16 +34,20 @@ pub const MAX_MESSAGE: u64 = 16 << 20;
 /// Why a QMP operation failed.
 #[derive(Debug, Error)]
 pub enum QmpError {
-    #[error("cannot connect to QMP socket {path}: {source}")]
+    #[error("cannot connect to QMP socket {path}")]
     Connect {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("QMP socket I/O failed: {0}")]
+    #[error("QMP socket I/O failed")]
     Io(#[from] std::io::Error),
-    #[error("QEMU sent an unexpected greeting: {0}")]
-    Greeting(String),
+    #[error("QEMU sent an unexpected greeting: {greeting}")]
+    Greeting {
+        greeting: serde_json::Value,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("QMP command {command} got no reply within {after:?}; QEMU may be hung")]
     Timeout {
         command: &'static str,
@@ -57,13 +61,13 @@ pub enum QmpError {
         class: qapi::ErrorClass,
         desc: String,
     },
-    #[error("cannot decode QEMU's reply to {command}: {source}")]
+    #[error("cannot decode QEMU's reply to {command}")]
     Decode {
         command: &'static str,
         #[source]
         source: serde_json::Error,
     },
-    #[error("cannot encode QMP command {command}: {source}")]
+    #[error("cannot encode QMP command {command}")]
     Encode {
         command: &'static str,
         #[source]
