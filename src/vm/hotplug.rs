@@ -185,6 +185,15 @@ async fn undo<C: qapi::Command>(qmp: &Qmp, cmd: C, failures: &mut Vec<String>) {
     }
 }
 
+/// Whether QEMU refused a `device_del` because an earlier one still waits
+/// for the guest: QEMU 7.2 says "Device X is already in the process of
+/// unplug" (checked on this host); "in progress" is kept for other wordings.
+/// Not "guest is busy (power indicator blinking)": that can be the guest
+/// still handling the plug, and no `DEVICE_DELETED` would follow.
+fn unplug_under_way(desc: &str) -> bool {
+    desc.contains("in the process of unplug") || desc.contains("in progress")
+}
+
 /// Unplugs `volume`: asks the guest to release the device, waits up to
 /// `wait` for `DEVICE_DELETED`, then removes the block node and iothread.
 pub async fn detach(
@@ -209,7 +218,7 @@ pub async fn detach(
     {
         Ok(_) => {}
         // A retry after a timed-out detach: the unplug is still under way.
-        Err(QmpError::Qemu { desc, .. }) if desc.contains("in progress") => {}
+        Err(QmpError::Qemu { desc, .. }) if unplug_under_way(&desc) => {}
         Err(e) => return Err(fail("device_del", e)),
     }
     let device = ids.device.clone();
@@ -236,3 +245,6 @@ pub async fn detach(
     debug!(volume, "QMP hot-detach steps done");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,8 @@ pub mod fuzz;
 pub mod hotplug;
 pub mod qmp;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;
 pub mod volume_host;
 
 pub use error_chain::ErrorChain;

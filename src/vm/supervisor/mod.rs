@@ -17,7 +17,6 @@ pub mod process;
 mod stop;
 mod types;
 
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
