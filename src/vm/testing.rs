@@ -45,6 +45,15 @@ impl Drop for Scratch {
     }
 }
 
+/// Polls `cond` until it holds; panics naming `what` after [`PATIENCE`].
+pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Writes `code` as the stand-in QEMU's exit status, atomically, so the
 /// script never reads half a file.
 fn write_exit(dir: &Path, code: i32) {
@@ -273,4 +282,113 @@ pub(crate) fn serve_monitor(path: PathBuf, ready: Option<PathBuf>, monitor: Shar
 
 fn bind(path: &Path) -> UnixListener {
     UnixListener::bind(path).expect("bind the fake QMP socket")
+}
+
+/// Runs a freshly written script once. A thread that forked while the
+/// script was open for writing holds it open until that child execs, and
+/// exec of a file open for writing fails with ETXTBSY: once one exec
+/// succeeds no such holder is left, since the file is closed.
+fn probe(binary: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match std::process::Command::new(binary).arg("--probe").status() {
+            Ok(s) if s.success() => return,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => panic!("the fake QEMU does not run: {other:?}"),
+        }
+    }
+}
+
+/// What the stand-in QEMU does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Behaviour {
+    /// Runs until told to exit; SIGTERM ends it.
+    Runs,
+    /// Runs until told to exit and ignores SIGTERM.
+    IgnoresSigterm,
+    /// Complains on stderr and exits 1, as QEMU does on a bad argument.
+    FailsAtOnce,
+    /// Runs but never opens its QMP socket.
+    NoMonitor,
+}
+
+/// A stand-in QEMU: `binary` goes where `qemu-system-x86_64` would.
+pub(crate) struct FakeQemu {
+    dir: Scratch,
+    pub(crate) binary: PathBuf,
+    pub(crate) monitor: SharedMonitor,
+    behaviour: Behaviour,
+}
+
+/// What [`Behaviour::FailsAtOnce`] prints, as QEMU would.
+pub(crate) const BAD_DEVICE: &str =
+    "qemu-system-x86_64: -device no-such-model: 'no-such-model' is not a valid device model name";
+
+impl FakeQemu {
+    pub(crate) fn new(behaviour: Behaviour) -> FakeQemu {
+        let dir = Scratch::new("fake-qemu");
+        let d = dir.0.display();
+        let body = match behaviour {
+            Behaviour::FailsAtOnce => format!("echo \"{BAD_DEVICE}\" >&2\nexit 1\n"),
+            Behaviour::IgnoresSigterm => "trap '' TERM\n".to_owned(),
+            Behaviour::Runs | Behaviour::NoMonitor => String::new(),
+        };
+        let script = format!(
+            "#!/bin/sh\n# Stands in for QEMU: ignores its arguments, runs until told to exit.\n\
+             [ \"$1\" = --probe ] && exit 0\n\
+             {body}echo $$ > '{d}/started'\n\
+             while [ ! -e '{d}/exit' ]; do sleep 0.01; done\n\
+             read code < '{d}/exit'\nexit \"$code\"\n"
+        );
+        let binary = dir.0.join("qemu");
+        std::fs::write(&binary, script).expect("write the fake QEMU");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))
+            .expect("make the fake QEMU executable");
+        probe(&binary);
+        let monitor = Monitor {
+            qemu_dir: Some(dir.0.clone()),
+            ..Monitor::cooperative()
+        };
+        FakeQemu {
+            dir,
+            binary,
+            monitor: Arc::new(Mutex::new(monitor)),
+            behaviour,
+        }
+    }
+
+    /// Opens the monitor on `qmp_socket` once the process has started
+    /// (unless this QEMU never does).
+    pub(crate) fn serve(&self, qmp_socket: PathBuf) {
+        if matches!(self.behaviour, Behaviour::Runs | Behaviour::IgnoresSigterm) {
+            serve_monitor(
+                qmp_socket,
+                Some(self.started_marker()),
+                self.monitor.clone(),
+            );
+        }
+    }
+
+    /// The guest shuts down (0) or QEMU dies with `code`.
+    pub(crate) fn exit(&self, code: i32) {
+        write_exit(&self.dir.0, code);
+    }
+
+    /// Whether the process ever ran.
+    pub(crate) fn started(&self) -> bool {
+        self.started_marker().exists()
+    }
+
+    /// Its process id, once it has started.
+    pub(crate) fn pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.started_marker()).ok()?;
+        text.trim().parse().ok()
+    }
+
+    fn started_marker(&self) -> PathBuf {
+        self.dir.0.join("started")
+    }
 }

@@ -15,6 +15,8 @@ mod handle;
 mod launch;
 pub mod process;
 mod stop;
+#[cfg(test)]
+mod tests;
 mod types;
 
 use std::collections::BTreeMap;
