@@ -288,12 +288,6 @@ impl Qmp {
     }
 }
 
-impl From<QmpError> for std::io::Error {
-    fn from(e: QmpError) -> Self {
-        std::io::Error::other(e)
-    }
-}
-
 async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: BufReader<R>,
     mut line: Vec<u8>,

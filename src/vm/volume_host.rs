@@ -14,14 +14,18 @@ pub enum ExportError {
     /// The volume exists but the server would not add its export.
     #[error("cannot export volume {volume:?}")]
     Add {
+        /// The volume, which is also the export's name.
         volume: String,
+        /// What the server said.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The server would not remove the export.
     #[error("cannot remove export {volume:?}")]
     Remove {
+        /// The export's name.
         volume: String,
+        /// What the server said.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
