@@ -29,6 +29,7 @@ use super::metrics::Sources;
 use super::volumes::{CreateVolume, VolumeCatalog, VolumeStoreError};
 use crate::runtime::{StoppableTask, runtime};
 use crate::server::Registry;
+use crate::vm::ErrorChain;
 use crate::vm::config::VmConfig;
 use crate::vm::supervisor::{Supervisor, SupervisorError};
 use crate::volume::sync::SyncDriver;
@@ -191,7 +192,7 @@ fn sup_error(e: SupervisorError) -> Response {
         E::Config(_) | E::BadVolumeName(_) => 400,
         _ => 500,
     };
-    error(status, e.to_string())
+    error(status, ErrorChain(&e).to_string())
 }
 
 fn vol_error(e: VolumeStoreError) -> Response {

@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod prometheus;
 pub mod service;
 pub mod status;
+pub mod vm_volumes;
 pub mod volumes;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::api::{ControlApi, ControlServer, serve};
 use super::metrics::Sources;
+use super::vm_volumes::CatalogExports;
 use super::volumes::{VolumeBackend, VolumeCatalog};
 use crate::runtime::runtime;
 use crate::server::ServerHandle;
@@ -45,8 +46,7 @@ impl ControlPlane {
         let registry = nbd.registry.clone();
         let supervisor = Supervisor::new(
             SupervisorConfig::new(nbd_socket, run_dir),
-            registry.clone(),
-            catalog.clone(),
+            Arc::new(CatalogExports::new(registry.clone(), catalog.clone())),
         );
         let sources = Arc::new(Sources {
             server: nbd,

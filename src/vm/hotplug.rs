@@ -15,12 +15,13 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use super::config::{DiskTuning, disk_ids};
+use super::error_chain::ErrorChain;
 use super::qmp::{Qmp, QmpError};
 
 /// Why a hot attach or detach failed.
 #[derive(Debug, Error)]
 pub enum HotplugError {
-    #[error("hot attach of {volume:?} failed at {step}: {source}{}", rollback_note(.rollback))]
+    #[error("hot attach of {volume:?} failed at {step}{}", rollback_note(.rollback))]
     Attach {
         volume: String,
         step: &'static str,
@@ -29,7 +30,7 @@ pub enum HotplugError {
         /// Rollback steps that failed too (the VM may hold leftovers).
         rollback: Vec<String>,
     },
-    #[error("hot detach of {volume:?} failed at {step}: {source}")]
+    #[error("hot detach of {volume:?} failed at {step}")]
     Detach {
         volume: String,
         step: &'static str,
@@ -44,9 +45,9 @@ pub enum HotplugError {
 
 fn rollback_note(r: &[String]) -> String {
     if r.is_empty() {
-        "; rolled back".into()
+        " (rolled back)".into()
     } else {
-        format!("; rollback also failed: {}", r.join("; "))
+        format!(" (rollback also failed: {})", r.join("; "))
     }
 }
 
@@ -178,9 +179,19 @@ pub async fn attach(qmp: &Qmp, spec: &AttachSpec<'_>) -> Result<(), HotplugError
 
 async fn undo<C: qapi::Command>(qmp: &Qmp, cmd: C, failures: &mut Vec<String>) {
     if let Err(e) = qmp.execute(cmd).await {
+        let e = ErrorChain(&e).to_string();
         warn!("rollback step failed: {e}");
-        failures.push(e.to_string());
+        failures.push(e);
     }
+}
+
+/// Whether QEMU refused a `device_del` because an earlier one still waits
+/// for the guest: QEMU 7.2 says "Device X is already in the process of
+/// unplug" (checked on this host); "in progress" is kept for other wordings.
+/// Not "guest is busy (power indicator blinking)": that can be the guest
+/// still handling the plug, and no `DEVICE_DELETED` would follow.
+fn unplug_under_way(desc: &str) -> bool {
+    desc.contains("in the process of unplug") || desc.contains("in progress")
 }
 
 /// Unplugs `volume`: asks the guest to release the device, waits up to
@@ -207,7 +218,7 @@ pub async fn detach(
     {
         Ok(_) => {}
         // A retry after a timed-out detach: the unplug is still under way.
-        Err(QmpError::Qemu { desc, .. }) if desc.contains("in progress") => {}
+        Err(QmpError::Qemu { desc, .. }) if unplug_under_way(&desc) => {}
         Err(e) => return Err(fail("device_del", e)),
     }
     let device = ids.device.clone();
@@ -234,3 +245,6 @@ pub async fn detach(
     debug!(volume, "QMP hot-detach steps done");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use self::message::{Message, classify, decode_reply, parse_greeting, parse_line};
+use super::error_chain::ErrorChain;
 
 /// Longest QMP message accepted; replies such as `query-qmp-schema` are
 /// large, but a peer must not make us buffer without bound.
@@ -34,16 +35,20 @@ pub const MAX_MESSAGE: u64 = 16 << 20;
 /// Why a QMP operation failed.
 #[derive(Debug, Error)]
 pub enum QmpError {
-    #[error("cannot connect to QMP socket {path}: {source}")]
+    #[error("cannot connect to QMP socket {path}")]
     Connect {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("QMP socket I/O failed: {0}")]
+    #[error("QMP socket I/O failed")]
     Io(#[from] std::io::Error),
-    #[error("QEMU sent an unexpected greeting: {0}")]
-    Greeting(String),
+    #[error("QEMU sent an unexpected greeting: {greeting}")]
+    Greeting {
+        greeting: serde_json::Value,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("QMP command {command} got no reply within {after:?}; QEMU may be hung")]
     Timeout {
         command: &'static str,
@@ -57,13 +62,13 @@ pub enum QmpError {
         class: qapi::ErrorClass,
         desc: String,
     },
-    #[error("cannot decode QEMU's reply to {command}: {source}")]
+    #[error("cannot decode QEMU's reply to {command}")]
     Decode {
         command: &'static str,
         #[source]
         source: serde_json::Error,
     },
-    #[error("cannot encode QMP command {command}: {source}")]
+    #[error("cannot encode QMP command {command}")]
     Encode {
         command: &'static str,
         #[source]
@@ -284,12 +289,6 @@ impl Qmp {
     }
 }
 
-impl From<QmpError> for std::io::Error {
-    fn from(e: QmpError) -> Self {
-        std::io::Error::other(e)
-    }
-}
-
 async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: BufReader<R>,
     mut line: Vec<u8>,
@@ -300,7 +299,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Some(v)) => v,
             Ok(None) => break,
             Err(e) => {
-                warn!("QMP connection failed: {e}");
+                warn!("QMP connection failed: {}", ErrorChain(&e));
                 break;
             }
         };

@@ -14,7 +14,7 @@ use super::{QmpError, QmpEvent};
 /// Why a line from the QMP socket is not a message.
 #[derive(Debug, Error)]
 pub enum ParseError {
-    #[error("QMP sent invalid JSON: {0}")]
+    #[error("QMP sent invalid JSON")]
     Json(#[from] serde_json::Error),
 }
 
@@ -56,7 +56,10 @@ pub fn classify(msg: Value) -> Message {
 pub fn parse_greeting(msg: &Value) -> Result<QMP, QmpError> {
     QapiCapabilities::deserialize(msg)
         .map(|caps| caps.QMP)
-        .map_err(|e| QmpError::Greeting(format!("{e}: {msg}")))
+        .map_err(|source| QmpError::Greeting {
+            greeting: msg.clone(),
+            source,
+        })
 }
 
 /// Turns a reply object (`return` or `error`) into the command's result.
@@ -118,7 +121,7 @@ mod tests {
         assert_eq!(parse_greeting(&g).unwrap().version.qemu.major, 7);
         assert!(matches!(
             parse_greeting(&serde_json::json!({"QMP": 1})),
-            Err(QmpError::Greeting(_))
+            Err(QmpError::Greeting { .. })
         ));
         let err = serde_json::json!({"error": {"class": "GenericError", "desc": "no"}, "id": 1});
         assert!(matches!(

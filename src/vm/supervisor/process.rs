@@ -51,10 +51,16 @@ pub struct Process {
 impl Process {
     /// Starts `argv` with stdout and stderr going to `log`.
     pub fn spawn(argv: &[String], log: &Path) -> std::io::Result<Process> {
+        let Some((program, args)) = argv.split_first() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "empty QEMU command line",
+            ));
+        };
         let out = File::create(log)?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
