@@ -21,7 +21,7 @@ pub const MAX_RESPONSE: usize = 4 << 20;
 /// Why an HTTP exchange failed.
 #[derive(Debug, Error)]
 pub enum HttpError {
-    #[error("I/O error: {0}")]
+    #[error("I/O error")]
     Io(#[from] std::io::Error),
     #[error("malformed HTTP: {0}")]
     Malformed(&'static str),
@@ -32,7 +32,8 @@ pub enum HttpError {
     #[error("chunked bodies are not supported; send Content-Length")]
     Chunked,
     #[error(
-        "cannot connect to the control socket {path}: {source}; is `vbd serve` running with this --control path?"
+        "cannot connect to the control socket {} (is `vbd serve` running with this --control path?)",
+        path.display()
     )]
     Connect {
         path: PathBuf,

@@ -2,7 +2,6 @@
 //! `config` turns a VM description into argv, `qmp` talks to a running
 //! QEMU, `supervisor` runs VMs and hot-attaches volumes.
 
-pub mod cli;
 pub mod config;
 pub mod fuzz;
 pub mod hotplug;
