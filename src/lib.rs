@@ -3,6 +3,7 @@
 //! (block stores).
 
 pub mod control;
+pub mod error;
 pub mod lock;
 pub mod nbd;
 pub mod objstore;

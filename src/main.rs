@@ -67,8 +67,8 @@ fn main() {
         Command::Status(args) => cli::status::run(args),
     };
     if let Err(e) = result {
-        // Each cause once, outermost first, on one line.
-        eprintln!("vbd: {}", vbd::control::error::report(&*e));
+        // `{:#}` walks the cause chain: "what failed: why: root cause".
+        eprintln!("vbd: {e:#}");
         std::process::exit(1);
     }
 }

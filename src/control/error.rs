@@ -1,5 +1,6 @@
 //! Why a control request failed: one typed error per refusal, each with the
-//! HTTP status it answers with, and the text a person reads (each cause once).
+//! HTTP status it answers with. The body's text is the whole cause chain,
+//! each cause once (see [`crate::error::Chain`]).
 
 use std::error::Error;
 
@@ -8,6 +9,7 @@ use thiserror::Error;
 use super::http::{HttpError, Response};
 use super::model::{ErrorBody, MAX_READ};
 use super::volumes::VolumeStoreError;
+use crate::error::Chain;
 use crate::vm::supervisor::SupervisorError;
 
 /// A failed control request.
@@ -86,7 +88,7 @@ impl ApiError {
     /// The reply: the status and `{"error": "..."}` with every cause.
     pub fn response(&self) -> Response {
         let body = ErrorBody {
-            error: report(self),
+            error: Chain(self).to_string(),
         };
         Response {
             status: self.status(),
@@ -97,41 +99,10 @@ impl ApiError {
     }
 }
 
-/// An error and its causes on one line, `outer: cause: root cause`. A cause
-/// whose text its parent already quotes is not repeated, so the line stays
-/// readable whichever way a type spells its message.
-pub fn report(e: &(dyn Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let t = c.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        cause = c.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug, Error)]
-    #[error("outer")]
-    struct Outer(#[source] std::io::Error);
-
-    #[derive(Debug, Error)]
-    #[error("quoting: {0}")]
-    struct Quoting(#[source] std::io::Error);
-
-    #[test]
-    fn each_cause_once() {
-        let io = || std::io::Error::other("disk on fire");
-        assert_eq!(report(&Outer(io())), "outer: disk on fire");
-        assert_eq!(report(&Quoting(io())), "quoting: disk on fire");
-    }
+    use crate::control::factory::OpenError;
 
     #[test]
     fn statuses_and_bodies() {
@@ -147,5 +118,21 @@ mod tests {
         );
         assert_eq!(ApiError::from(HttpError::Chunked).status(), 411);
         assert_eq!(ApiError::MethodNotAllowed("PUT".into()).status(), 405);
+    }
+
+    #[test]
+    fn bodies_name_each_cause_once() {
+        let e = ApiError::from(VolumeStoreError::Open {
+            backend: "object",
+            name: "v".into(),
+            source: Box::new(OpenError::NoStore),
+        });
+        assert_eq!(e.status(), 500);
+        let body: ErrorBody = serde_json::from_slice(&e.response().body).unwrap();
+        assert_eq!(
+            body.error,
+            "object volume \"v\" cannot be opened: \
+             an object volume needs store=URL: this server has no default store"
+        );
     }
 }

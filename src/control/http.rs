@@ -295,4 +295,26 @@ mod tests {
             Err(HttpError::Io(_))
         ));
     }
+
+    #[test]
+    fn a_missing_socket_is_named_with_its_cause_once() {
+        let e = call(
+            Path::new("/nonexistent/vbd-control.sock"),
+            "GET",
+            "/v1/status",
+            None,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        let text = crate::error::Chain(&e).to_string();
+        assert!(
+            text.starts_with("cannot connect to the control socket /nonexistent/vbd-control.sock"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
+    }
 }
