@@ -34,6 +34,7 @@ use super::model::{
     AttachRequest, CreateVolume, Done, MAX_READ, StopReply, VolumeInfo, VolumeListing,
 };
 use super::volumes::VolumeCatalog;
+use crate::error::Chain;
 use crate::runtime::{StoppableTask, runtime};
 use crate::server::Registry;
 use crate::vm::config::VmConfig;
@@ -129,7 +130,11 @@ async fn connection(mut stream: UnixStream, api: Arc<ControlApi>) {
     };
     debug!(method = %req.method, path = ?req.segments, "control request");
     let resp = route(&api, &req).await.unwrap_or_else(|e| {
-        debug!(status = e.status(), "control request refused: {e}");
+        debug!(
+            status = e.status(),
+            "control request refused: {}",
+            Chain(&e)
+        );
         e.response()
     });
     if let Err(e) = http::write_response(&mut stream, &resp).await {

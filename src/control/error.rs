@@ -69,7 +69,9 @@ impl ApiError {
                 V::Missing(_) => 404,
                 V::Exists(_) => 409,
                 V::Open { .. } => 500,
-                V::BadName(_) | V::UnknownBackend(_) | V::Invalid { .. } => 400,
+                V::BadName(_) | V::UnknownBackend(_) | V::Invalid { .. } | V::BadCache { .. } => {
+                    400
+                }
             },
             ApiError::Vm(e) => match e {
                 S::NoVm(_) | S::NoVolume(_) | S::NotAttached { .. } => 404,

@@ -12,7 +12,7 @@ use thiserror::Error;
 use super::factory::{BackendSpec, OpenError, VolumeFactory, VolumeSpec, off_runtime};
 use crate::lock::MutexExt;
 use crate::server::registry::valid_name;
-use crate::size::parse_size;
+use crate::size::{SizeError, parse_size};
 use crate::volume::Volume;
 use crate::volume::object::cache::CacheSize;
 
@@ -37,6 +37,12 @@ pub enum VolumeStoreError {
         backend: &'static str,
         name: String,
         reason: String,
+    },
+    #[error("object volume {name:?}: cache")]
+    BadCache {
+        name: String,
+        #[source]
+        source: SizeError,
     },
     #[error("{backend} volume {name:?} cannot be opened")]
     Open {
@@ -92,7 +98,12 @@ fn spec(req: &CreateVolume) -> Result<VolumeSpec, VolumeStoreError> {
                     None => CacheSize::Default,
                     Some(Value::String(s)) if s == "auto" => CacheSize::Auto,
                     Some(Value::String(s)) => {
-                        CacheSize::Bytes(parse_size(s).map_err(|e| invalid(format!("cache: {e}")))?)
+                        CacheSize::Bytes(parse_size(s).map_err(|source| {
+                            VolumeStoreError::BadCache {
+                                name: req.name.clone(),
+                                source,
+                            }
+                        })?)
                     }
                     Some(Value::Number(n)) => CacheSize::Bytes(
                         n.as_u64()
@@ -285,7 +296,10 @@ mod tests {
             }
         );
         let e = spec(&req(r#"{"name":"v","backend":"object","cache":"lots"}"#)).unwrap_err();
-        assert!(e.to_string().contains("cache:"), "{e}");
+        assert_eq!(
+            crate::error::Chain(&e).to_string(),
+            "object volume \"v\": cache: size \"lots\" must start with a number, like 512M or 1G"
+        );
         let e = VolumeCatalog::new()
             .create(&req(r#"{"name":"v","backend":"object","size":4096}"#))
             .unwrap_err();
