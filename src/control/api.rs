@@ -48,8 +48,11 @@ pub const DEFAULT_UNPLUG_WAIT: Duration = Duration::from_secs(30);
 
 /// What the API serves.
 pub struct ControlApi {
+    /// Runs the VMs.
     pub supervisor: Arc<Supervisor>,
+    /// Volumes created through the API.
     pub catalog: Arc<VolumeCatalog>,
+    /// The NBD server's exports.
     pub registry: Arc<Registry>,
     /// What `/metrics` and `/v1/status` read.
     pub sources: Arc<Sources>,

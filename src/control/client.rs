@@ -31,6 +31,7 @@ pub enum ClientError {
 
 /// The control socket of a running `vbd serve`.
 pub struct ControlClient {
+    /// The control socket's path.
     pub socket: PathBuf,
     /// Per call; stops wait for the guest, so this is generous.
     pub timeout: Duration,

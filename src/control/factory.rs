@@ -18,20 +18,30 @@ use crate::volume::object::{ObjectError, ObjectOptions, admin};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackendSpec {
     /// Sparse memory; contents vanish with the process.
-    Memory { size: u64 },
+    Memory {
+        /// Bytes.
+        size: u64,
+    },
     /// A raw file (created with `size` when missing), io_uring with
     /// O_DIRECT unless `direct` is off.
     File {
+        /// The file (or block device).
         path: PathBuf,
+        /// Bytes to create a missing file with.
         size: Option<u64>,
+        /// O_DIRECT where aligned (off: through the page cache).
         direct: bool,
     },
     /// Volume `volume` in an object store (`None`: the factory's default
     /// store), created with `create` bytes if it does not exist yet.
     Object {
+        /// Store URL (`file:///DIR`, `s3://BUCKET[/PREFIX]`).
         store: Option<String>,
+        /// The volume's name in the store.
         volume: String,
+        /// Block cache budget.
         cache: CacheSize,
+        /// Bytes to create a missing volume with.
         create: Option<u64>,
     },
 }
@@ -50,7 +60,9 @@ impl BackendSpec {
 /// A volume to open.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeSpec {
+    /// Where the data lives.
     pub backend: BackendSpec,
+    /// Open without write access (an object volume takes no writer lock).
     pub read_only: bool,
 }
 

@@ -45,10 +45,13 @@ pub enum HttpError {
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// `GET`, `POST`, `DELETE`, ...
     pub method: String,
     /// Path without the query, split on '/', empty segments dropped.
     pub segments: Vec<String>,
+    /// Query parameters in order, undecoded.
     pub query: Vec<(String, String)>,
+    /// Exactly `Content-Length` bytes.
     pub body: Vec<u8>,
 }
 
@@ -65,8 +68,11 @@ impl Request {
 /// A response to send.
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// HTTP status code.
     pub status: u16,
+    /// `Content-Type` header.
     pub content_type: &'static str,
+    /// The whole body (sent with `Content-Length`).
     pub body: Vec<u8>,
 }
 

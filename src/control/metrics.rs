@@ -25,9 +25,11 @@ use crate::volume::Volume;
 
 /// Where metrics and status come from.
 pub struct Sources {
+    /// The NBD server: exports, gauges, per-core counters.
     pub server: ServerHandle,
     /// Absent when vbd runs without a control socket.
     pub supervisor: Option<Arc<Supervisor>>,
+    /// Volumes created through the API; absent like the supervisor.
     pub catalog: Option<Arc<VolumeCatalog>>,
 }
 

@@ -17,10 +17,14 @@ pub const MAX_READ: u64 = 1 << 20;
 /// `options` (`path`, `direct` for files; `store`, `cache` for objects).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateVolume {
+    /// The catalog and export name (and an object volume's name in its store).
     pub name: String,
+    /// `memory`, `file` or `object`.
     pub backend: String,
+    /// Bytes: required for memory; creates a missing file or object volume.
     #[serde(default)]
     pub size: Option<u64>,
+    /// Refuse writes.
     #[serde(default)]
     pub read_only: bool,
     /// Everything else, for the backend to read (e.g. `path`, `direct`).
@@ -31,30 +35,43 @@ pub struct CreateVolume {
 /// A catalogued volume, as `POST /v1/volumes` returns it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VolumeInfo {
+    /// The name it was created under.
     pub name: String,
+    /// `memory`, `file` or `object`.
     pub backend: String,
+    /// Bytes.
     pub size: u64,
+    /// Asked for read-only, or only readable.
     pub read_only: bool,
+    /// The volume's own one-line description.
     pub description: String,
 }
 
 /// A volume as `GET /v1/volumes` lists it: catalogued or a static export.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VolumeListing {
+    /// Catalog or export name.
     pub name: String,
     /// Backend name, or `export` for volumes given to `vbd serve --export`.
     pub backend: String,
+    /// Bytes.
     pub size: u64,
+    /// Served read-only.
     pub read_only: bool,
+    /// The volume's own one-line description.
     pub description: String,
+    /// Served over NBD right now.
     pub exported: bool,
+    /// The VM whose disk it is, if any.
     pub used_by: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/disks`: a volume to hot-attach.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AttachRequest {
+    /// A catalogued volume or an export.
     pub volume: String,
+    /// Attach it read-only.
     #[serde(default)]
     pub read_only: bool,
 }
@@ -62,6 +79,7 @@ pub struct AttachRequest {
 /// `DELETE /v1/vms/{name}`: how the VM stopped.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct StopReply {
+    /// Which step ended the VM.
     pub outcome: StopOutcome,
 }
 
@@ -72,19 +90,24 @@ pub struct Done {}
 /// Every failure's body: what went wrong, each cause once.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// `what failed: why: root cause`.
     pub error: String,
 }
 
 /// `GET /v1/status`: what a running vbd serves right now.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
+    /// vbd's version.
     pub version: String,
+    /// Seconds since the NBD server started.
     pub uptime_seconds: u64,
     /// NBD listeners (socket paths and TCP addresses).
     pub listeners: Vec<String>,
     /// Connections open, including those still negotiating.
     pub connections_open: usize,
+    /// Every export, by name.
     pub exports: Vec<ExportStatus>,
+    /// Every connection, by core and peer.
     pub connections: Vec<ConnSummary>,
     /// Empty when vbd runs without a control plane.
     pub vms: Vec<VmInfo>,
@@ -93,10 +116,15 @@ pub struct Status {
 /// One export as the status shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExportStatus {
+    /// Export name.
     pub name: String,
+    /// The volume's backend.
     pub backend: String,
+    /// The volume's own one-line description.
     pub description: String,
+    /// Bytes.
     pub size: u64,
+    /// Served read-only.
     pub read_only: bool,
     /// Connections attached now.
     pub connections: u64,

@@ -15,7 +15,9 @@ use crate::vm::supervisor::{Supervisor, SupervisorConfig};
 
 /// The running control plane.
 pub struct ControlPlane {
+    /// Runs the VMs.
     pub supervisor: Arc<Supervisor>,
+    /// Volumes created through the API.
     pub catalog: Arc<VolumeCatalog>,
     /// What metrics and status read, for other listeners to share.
     pub sources: Arc<Sources>,
