@@ -2,12 +2,13 @@
 //! `server` (io_uring reactors) → `nbd` (sans-IO protocol) → `volume`
 //! (block stores).
 
-pub mod cli;
 pub mod control;
+pub mod error;
 pub mod lock;
 pub mod nbd;
 pub mod objstore;
 pub mod runtime;
 pub mod server;
+pub mod size;
 pub mod vm;
 pub mod volume;

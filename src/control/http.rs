@@ -21,7 +21,7 @@ pub const MAX_RESPONSE: usize = 4 << 20;
 /// Why an HTTP exchange failed.
 #[derive(Debug, Error)]
 pub enum HttpError {
-    #[error("I/O error: {0}")]
+    #[error("I/O error")]
     Io(#[from] std::io::Error),
     #[error("malformed HTTP: {0}")]
     Malformed(&'static str),
@@ -32,7 +32,8 @@ pub enum HttpError {
     #[error("chunked bodies are not supported; send Content-Length")]
     Chunked,
     #[error(
-        "cannot connect to the control socket {path}: {source}; is `vbd serve` running with this --control path?"
+        "cannot connect to the control socket {} (is `vbd serve` running with this --control path?)",
+        path.display()
     )]
     Connect {
         path: PathBuf,
@@ -44,10 +45,13 @@ pub enum HttpError {
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// `GET`, `POST`, `DELETE`, ...
     pub method: String,
     /// Path without the query, split on '/', empty segments dropped.
     pub segments: Vec<String>,
+    /// Query parameters in order, undecoded.
     pub query: Vec<(String, String)>,
+    /// Exactly `Content-Length` bytes.
     pub body: Vec<u8>,
 }
 
@@ -64,8 +68,11 @@ impl Request {
 /// A response to send.
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// HTTP status code.
     pub status: u16,
+    /// `Content-Type` header.
     pub content_type: &'static str,
+    /// The whole body (sent with `Content-Length`).
     pub body: Vec<u8>,
 }
 
@@ -293,5 +300,27 @@ mod tests {
             parse(b"GET / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").await,
             Err(HttpError::Io(_))
         ));
+    }
+
+    #[test]
+    fn a_missing_socket_is_named_with_its_cause_once() {
+        let e = call(
+            Path::new("/nonexistent/vbd-control.sock"),
+            "GET",
+            "/v1/status",
+            None,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        let text = crate::error::Chain(&e).to_string();
+        assert!(
+            text.starts_with("cannot connect to the control socket /nonexistent/vbd-control.sock"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
     }
 }

@@ -74,9 +74,40 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Checks the limits make sense together, before anything is opened.
+    /// (The messages name `vbd serve`'s flags, which set these fields.)
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.conn;
+        if c.max_inflight == 0 {
+            return Err(ConfigError::NoInflight);
+        }
+        if c.max_connections == 0 {
+            return Err(ConfigError::NoConnections);
+        }
+        if c.max_buffered == 0 || c.max_buffered_total < c.max_buffered {
+            return Err(ConfigError::Buffered);
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`ServerConfig`] cannot serve.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--max-inflight must be at least 1")]
+    NoInflight,
+    #[error("--max-connections must be at least 1")]
+    NoConnections,
+    #[error("--max-buffered must be above zero and no more than --max-buffered-total")]
+    Buffered,
+}
+
 /// Why the server could not start or stopped badly.
 #[derive(Debug, Error)]
 pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error("no listener configured: give --unix PATH or --tcp ADDR")]
@@ -105,6 +136,7 @@ pub struct Server {
 impl Server {
     /// Binds every listener, then starts the cores.
     pub fn start(cfg: ServerConfig, registry: Arc<Registry>) -> Result<Server, ServerError> {
+        cfg.validate()?;
         if cfg.unix.is_empty() && cfg.tcp.is_empty() {
             return Err(ServerError::NoListener);
         }

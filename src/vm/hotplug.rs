@@ -15,8 +15,8 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use super::config::{DiskTuning, disk_ids};
-use super::error_chain::ErrorChain;
 use super::qmp::{Qmp, QmpError};
+use crate::error::Chain;
 
 /// Why a hot attach or detach failed.
 #[derive(Debug, Error)]
@@ -179,7 +179,7 @@ pub async fn attach(qmp: &Qmp, spec: &AttachSpec<'_>) -> Result<(), HotplugError
 
 async fn undo<C: qapi::Command>(qmp: &Qmp, cmd: C, failures: &mut Vec<String>) {
     if let Err(e) = qmp.execute(cmd).await {
-        let e = ErrorChain(&e).to_string();
+        let e = Chain(&e).to_string();
         warn!("rollback step failed: {e}");
         failures.push(e);
     }

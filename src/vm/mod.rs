@@ -4,9 +4,7 @@
 //! The supervisor reaches volumes only through [`VolumeHost`], which the
 //! layer above implements, so nothing here imports upward.
 
-pub mod cli;
 pub mod config;
-pub mod error_chain;
 pub mod fuzz;
 pub mod hotplug;
 pub mod qmp;
@@ -15,5 +13,4 @@ pub mod supervisor;
 mod testing;
 pub mod volume_host;
 
-pub use error_chain::ErrorChain;
 pub use volume_host::{ExportError, VolumeHost};

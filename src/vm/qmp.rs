@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use self::message::{Message, classify, decode_reply, parse_greeting, parse_line};
-use super::error_chain::ErrorChain;
+use crate::error::Chain;
 
 /// Longest QMP message accepted; replies such as `query-qmp-schema` are
 /// large, but a peer must not make us buffer without bound.
@@ -299,7 +299,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Some(v)) => v,
             Ok(None) => break,
             Err(e) => {
-                warn!("QMP connection failed: {}", ErrorChain(&e));
+                warn!("QMP connection failed: {}", Chain(&e));
                 break;
             }
         };

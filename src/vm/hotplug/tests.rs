@@ -103,7 +103,7 @@ async fn failed_device_add_rolls_back_the_node_then_the_iothread() {
     assert_eq!(log[3..], ["blockdev-del vol-d", "object-del ioth-d"]);
     assert!(b.monitor().is_bare());
     // The cause is QEMU's own words, reached once through the chain.
-    let text = ErrorChain(&err).to_string();
+    let text = Chain(&err).to_string();
     assert_eq!(
         text,
         "hot attach of \"d\" failed at device_add virtio-blk-pci (rolled back): \

@@ -11,9 +11,9 @@ use super::Supervisor;
 use super::events::Events;
 use super::handle::HotDisk;
 use super::types::{DiskInfo, SupervisorError};
+use crate::error::Chain;
 use crate::lock::MutexExt;
 use crate::vm::config::{Role, hotplug_port, valid_qemu_name};
-use crate::vm::error_chain::ErrorChain;
 use crate::vm::hotplug::{self, AttachSpec};
 
 impl Supervisor {
@@ -34,7 +34,7 @@ impl Supervisor {
                 read_only,
                 "volume hot-attached"
             ),
-            Err(e) => warn!(vm = vm_name, volume, "hot attach failed: {}", ErrorChain(e)),
+            Err(e) => warn!(vm = vm_name, volume, "hot attach failed: {}", Chain(e)),
         }
         r
     }
@@ -107,7 +107,7 @@ impl Supervisor {
         Events::count(&r, &self.events.detaches, &self.events.detach_failures);
         match &r {
             Ok(()) => info!(vm = vm_name, volume, "volume hot-detached"),
-            Err(e) => warn!(vm = vm_name, volume, "hot detach failed: {}", ErrorChain(e)),
+            Err(e) => warn!(vm = vm_name, volume, "hot detach failed: {}", Chain(e)),
         }
         r
     }

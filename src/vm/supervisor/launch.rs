@@ -17,8 +17,8 @@ use super::handle::Vm;
 use super::process::Process;
 use super::types::{SupervisorError, VmInfo, VmState};
 use super::{Supervisor, remove_if_present};
+use crate::error::Chain;
 use crate::vm::config::{Role, RunPaths, Source, VmConfig, argv};
-use crate::vm::error_chain::ErrorChain;
 use crate::vm::qmp::{Qmp, QmpError};
 
 /// How long a QEMU that failed to come up may take to die after SIGKILL.
@@ -39,7 +39,7 @@ impl Supervisor {
         let e = &self.events;
         Events::count(&r, &e.starts, &e.start_failures);
         if let Err(e) = &r {
-            warn!(vm = %name, "VM did not start: {}", ErrorChain(e));
+            warn!(vm = %name, "VM did not start: {}", Chain(e));
         }
         r
     }
@@ -142,7 +142,7 @@ impl Supervisor {
                     Err(e) => {
                         process.signal(libc::SIGKILL);
                         process.wait(START_KILL_WAIT).await;
-                        return Err(fail(format!("QMP failed: {}", ErrorChain(&e))));
+                        return Err(fail(format!("QMP failed: {}", Chain(&e))));
                     }
                 }
             }

@@ -30,8 +30,8 @@ use self::handle::Vm;
 pub use self::types::{
     DiskInfo, StopOutcome, SupervisorConfig, SupervisorError, VmEventCounts, VmInfo, VmState,
 };
+use crate::error::Chain;
 use crate::lock::MutexExt;
-use crate::vm::error_chain::ErrorChain;
 use crate::vm::volume_host::VolumeHost;
 
 /// Runs and tracks VMs.
@@ -105,7 +105,7 @@ impl Supervisor {
     fn drop_export(&self, volume: &str) {
         match self.host.unexport(volume) {
             Ok(()) => info!(volume, "export removed"),
-            Err(e) => warn!(volume, "cannot remove export: {}", ErrorChain(&e)),
+            Err(e) => warn!(volume, "cannot remove export: {}", Chain(&e)),
         }
     }
 }

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use super::Supervisor;
 use super::handle::Vm;
 use super::types::{StopOutcome, SupervisorError, VmState};
-use crate::vm::error_chain::ErrorChain;
+use crate::error::Chain;
 
 /// How long a SIGKILLed QEMU may take to be reaped.
 const SIGKILL_WAIT: Duration = Duration::from_secs(10);
@@ -37,7 +37,7 @@ impl Supervisor {
             .await
             && vm.process.exited().is_none()
         {
-            warn!(vm = name, "system_powerdown failed: {}", ErrorChain(&e));
+            warn!(vm = name, "system_powerdown failed: {}", Chain(&e));
             self.escalate(&vm).await?
         } else if vm.process.wait(grace).await.is_some() {
             StopOutcome::Powerdown
@@ -87,7 +87,7 @@ impl Supervisor {
             let me = self.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = me.stop(&n, grace).await {
-                    warn!(vm = %n, "stop failed: {}", ErrorChain(&e));
+                    warn!(vm = %n, "stop failed: {}", Chain(&e));
                 }
             }));
         }

@@ -342,7 +342,7 @@ async fn failed_starts_leave_no_export_socket_or_record() {
     let err = r.unwrap_err();
     assert!(matches!(err, SupervisorError::Export(_)), "{err}");
     assert_eq!(
-        ErrorChain(&err).to_string(),
+        Chain(&err).to_string(),
         "cannot export volume \"data\": the test server refuses it"
     );
 

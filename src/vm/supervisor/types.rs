@@ -42,7 +42,7 @@ impl SupervisorConfig {
 
 /// Why a supervisor operation failed. A cause is reached through
 /// `source()`, not repeated in the message: print with
-/// [`crate::vm::ErrorChain`].
+/// [`crate::error::Chain`].
 #[derive(Debug, Error)]
 pub enum SupervisorError {
     #[error(transparent)]
