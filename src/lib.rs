@@ -9,5 +9,6 @@ pub mod nbd;
 pub mod objstore;
 pub mod runtime;
 pub mod server;
+pub mod uring;
 pub mod vm;
 pub mod volume;

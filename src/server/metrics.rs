@@ -8,11 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
-use slab::Slab;
 
-use super::conn::Conn;
 use crate::nbd::request::Command;
 
 /// Kinds of request, as metrics label them.
@@ -252,32 +249,6 @@ pub struct ConnSummary {
     pub errors: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
-}
-
-impl ConnSummary {
-    /// What connection `c` on `core` has done so far.
-    pub fn of(core: usize, c: &Conn) -> ConnSummary {
-        ConnSummary {
-            core,
-            peer: c.peer.clone(),
-            export: c.export_name().map(String::from),
-            requests: c.stats.requests,
-            errors: c.stats.errors,
-            bytes_read: c.stats.bytes_read,
-            bytes_written: c.stats.bytes_written,
-        }
-    }
-}
-
-/// Sends the summaries of one core's connections to whoever asked (the
-/// asker may have given up waiting: that is fine).
-pub fn answer_snapshot(reply: &Sender<Vec<ConnSummary>>, core: usize, conns: &Slab<Box<Conn>>) {
-    let _ = reply.send(
-        conns
-            .iter()
-            .map(|(_, c)| ConnSummary::of(core, c))
-            .collect(),
-    );
 }
 
 #[cfg(test)]

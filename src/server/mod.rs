@@ -9,7 +9,6 @@ pub mod reactor;
 pub mod registry;
 pub mod signals;
 pub mod tls;
-pub mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,9 +28,9 @@ use reactor::{CoreHandle, CoreMsg, CoreSetup};
 pub use registry::{Export, Registry, RegistryError};
 pub use tls::{TlsError, TlsOptions, TlsServer};
 
-use crate::volume::ring::RemoteSink;
+use crate::uring::{RemoteSink, Waker};
 use crate::volume::sync::SyncDriver;
-use crate::volume::{IoFlags, Op, Waker};
+use crate::volume::{IoFlags, Op};
 
 /// Default busy-poll window of a core, in microseconds.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;

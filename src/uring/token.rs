@@ -1,42 +1,56 @@
-//! io_uring user data: which core object a completion belongs to.
+//! io_uring user data: which per-core object a completion belongs to.
 //!
-//! Layout: kind (8 bits) | connection index (24) | slot (16) | generation (16).
-//! The generation catches completions for a connection slot that was reused.
+//! Layout: kind (8 bits) | index (24) | slot (16) | generation (16). The
+//! kind says which table of the core the index points into and what
+//! finished; the generation catches completions for an index that was
+//! reused since. A new kind of per-core object (a virtqueue next to NBD
+//! connections) adds its kinds here and its table to the reactor.
 
 /// What a completion is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// A multishot accept on listener `index`.
     Accept = 1,
+    /// The core's own eventfd read: messages or remote completions wait.
     Wake = 2,
+    /// A receive on connection `index`.
     Recv = 3,
+    /// A send on connection `index`.
     Send = 4,
+    /// Volume I/O for request `slot` of object `index`.
     Io = 5,
+    /// An `AsyncCancel` finished.
     Cancel = 6,
+    /// The core's periodic timer.
     Timer = 7,
 }
 
 /// A decoded token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Token {
+    /// What finished.
     pub kind: Kind,
-    pub conn: usize,
+    /// Which object of its kind (a listener, a connection).
+    pub index: usize,
+    /// Which request of that object.
     pub slot: u16,
+    /// The object's generation when the operation was queued.
     pub generation: u16,
 }
 
-/// Largest connection index a token can carry.
-pub const MAX_CONNS: usize = (1 << 24) - 1;
+/// Largest index a token can carry.
+pub const MAX_INDEX: usize = (1 << 24) - 1;
 
 impl Token {
     /// Packs into io_uring user data.
-    pub fn encode(kind: Kind, conn: usize, slot: u16, generation: u16) -> u64 {
+    pub fn encode(kind: Kind, index: usize, slot: u16, generation: u16) -> u64 {
         ((kind as u64) << 56)
-            | (((conn & MAX_CONNS) as u64) << 32)
+            | (((index & MAX_INDEX) as u64) << 32)
             | (u64::from(slot) << 16)
             | u64::from(generation)
     }
 
-    /// Unpacks user data; `None` for values this server never produced.
+    /// Unpacks user data; `None` for values this crate never produced.
     pub fn decode(v: u64) -> Option<Token> {
         let kind = match v >> 56 {
             1 => Kind::Accept,
@@ -50,7 +64,7 @@ impl Token {
         };
         Some(Token {
             kind,
-            conn: ((v >> 32) & MAX_CONNS as u64) as usize,
+            index: ((v >> 32) & MAX_INDEX as u64) as usize,
             slot: (v >> 16) as u16,
             generation: v as u16,
         })
@@ -68,7 +82,7 @@ mod tests {
             Token::decode(v),
             Some(Token {
                 kind: Kind::Io,
-                conn: 123_456,
+                index: 123_456,
                 slot: 511,
                 generation: 65_535
             })
