@@ -158,7 +158,11 @@ impl Conn {
                         slot.io.len,
                         slot.req_one,
                         context,
-                        &slot.io.extents,
+                        slot.io.extents.iter().map(|e| reply::Extent {
+                            len: e.len,
+                            hole: e.hole,
+                            zero: e.zero,
+                        }),
                         &mut slot.aux,
                     );
                     slot.header = Header::default();
@@ -191,6 +195,9 @@ impl Conn {
         self.out.push_reply(s);
     }
 }
+
+// Volumes stop at MAX_EXTENTS, so a reply carries all they found.
+const _: () = assert!(crate::volume::MAX_EXTENTS <= reply::MAX_DESCRIPTORS);
 
 /// The volume operation of an accepted command.
 fn op_of(cmd: Command) -> Op {
