@@ -14,7 +14,9 @@ impl Conn {
             let input = self.rbuf.input();
             match &mut self.phase {
                 Phase::Handshake(hs) => {
-                    if input.is_empty() || self.stop_reading {
+                    // Answers are appended to the handshake output, which
+                    // must not grow (and move) while a send reads from it.
+                    if input.is_empty() || self.stop_reading || self.out.sending_handshake() {
                         return;
                     }
                     match hs.feed(input, env.registry, self.out.handshake_out()) {

@@ -50,9 +50,17 @@ impl SendQueue {
         }
     }
 
-    /// Where the handshake appends its replies.
+    /// Where the handshake appends its replies. Never while
+    /// [`Self::sending_handshake`]: growing the buffer may move it.
     pub(super) fn handshake_out(&mut self) -> &mut Vec<u8> {
+        debug_assert!(!self.sending_handshake());
         &mut self.hs
+    }
+
+    /// Whether the send in flight reads from the handshake output (in TLS,
+    /// the output is encrypted and counted as sent before its send starts).
+    pub(super) fn sending_handshake(&self) -> bool {
+        self.pending && self.handshake_unsent()
     }
 
     /// Whether handshake output is still unsent.
