@@ -17,7 +17,7 @@ pub enum ListenError {
     InUse(PathBuf),
     #[error("{0} exists and is not a socket; remove it or choose another --unix path")]
     NotSocket(PathBuf),
-    #[error("cannot listen on {what}: {source}")]
+    #[error("cannot listen on {what}")]
     Io {
         what: String,
         #[source]

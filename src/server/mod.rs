@@ -1,6 +1,7 @@
 //! The engine: one thread per core, each with its own io_uring, serving the
 //! exports in a shared [`Registry`] on Unix and TCP listeners.
 
+mod chain;
 pub mod conn;
 pub mod limits;
 mod listener;
@@ -80,7 +81,7 @@ pub enum ServerError {
     Listen(#[from] ListenError),
     #[error("no listener configured: give --unix PATH or --tcp ADDR")]
     NoListener,
-    #[error("cannot set up core {core}: {source}")]
+    #[error("cannot set up core {core}")]
     Core {
         core: usize,
         #[source]
@@ -301,7 +302,7 @@ pub fn flush_all(registry: &Registry) {
             continue;
         }
         if let Err(e) = driver.op(&*export.volume, Op::Flush, 0, 0, IoFlags::default()) {
-            warn!(export = %export.name, "final flush failed: {e}");
+            warn!(export = %export.name, "final flush failed: {}", chain::Chain(&e));
         }
     }
 }

@@ -46,7 +46,7 @@ pub enum TlsError {
     NoCertificate(&'static str),
     #[error("--tls-cert, --tls-key and --tls-ca take effect only with --tls=on or --tls=require")]
     NotEnabled,
-    #[error("cannot read {what} {}: {source}", path.display())]
+    #[error("cannot read {what} {}", path.display())]
     Read {
         what: &'static str,
         path: PathBuf,
@@ -65,7 +65,7 @@ pub enum TlsError {
         cert.display()
     )]
     KeyMismatch { cert: PathBuf, key: PathBuf },
-    #[error("certificate {} with key {} cannot be used: {source}", cert.display(), key.display())]
+    #[error("certificate {} with key {} cannot be used", cert.display(), key.display())]
     BadCertificate {
         cert: PathBuf,
         key: PathBuf,
@@ -74,7 +74,7 @@ pub enum TlsError {
     },
     #[error("CA file {} cannot verify clients: {detail}", path.display())]
     BadCa { path: PathBuf, detail: String },
-    #[error("TLS setup failed: {0}")]
+    #[error("TLS setup failed")]
     Setup(#[source] rustls::Error),
 }
 
@@ -83,7 +83,7 @@ pub enum TlsError {
 pub enum StreamError {
     #[error(transparent)]
     Tls(#[from] rustls::Error),
-    #[error("TLS I/O: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("STARTTLS accepted on a connection that was not offered TLS")]
     NotOffered,

@@ -12,6 +12,7 @@ use crate::nbd::reply::{self, Header};
 use crate::nbd::request::{self, Command, Decoder, Request};
 use crate::nbd::wire::{CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE};
 use crate::nbd::{ErrorCode, Session};
+use crate::server::chain::Chain;
 use crate::server::metrics::Timer;
 use crate::uring::{Kind, Token};
 use crate::volume::{Ctx, IoFlags, Op, VolumeError, Wake};
@@ -136,9 +137,9 @@ impl Conn {
             Err(e) => {
                 let (code, message) = describe(&e);
                 if code == ErrorCode::NotSup {
-                    debug!(peer = %self.peer, "{e}");
+                    debug!(peer = %self.peer, "{}", Chain(&e));
                 } else {
-                    warn!(peer = %self.peer, export = %tx.export.name, "request failed: {e}");
+                    warn!(peer = %self.peer, export = %tx.export.name, "request failed: {}", Chain(&e));
                 }
                 self.reply_error(s, code, message);
                 return;
