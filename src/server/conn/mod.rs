@@ -16,6 +16,8 @@ mod input;
 mod recv;
 mod send;
 mod slots;
+#[cfg(test)]
+mod tests;
 mod tls;
 
 use std::os::fd::{AsRawFd, OwnedFd};
