@@ -39,11 +39,15 @@ pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// Unix socket paths to listen on.
     pub unix: Vec<PathBuf>,
+    /// TCP addresses to listen on.
     pub tcp: Vec<SocketAddr>,
     /// Reactor threads; 0 means one per available core.
     pub threads: usize,
+    /// Socket buffer sizes for connections.
     pub tuning: SocketTuning,
+    /// Per-connection and global connection limits.
     pub conn: ConnConfig,
     /// Permission bits of Unix sockets.
     pub socket_mode: u32,
@@ -77,16 +81,22 @@ impl Default for ServerConfig {
 /// Why the server could not start or stopped badly.
 #[derive(Debug, Error)]
 pub enum ServerError {
+    /// A listener could not be opened.
     #[error(transparent)]
     Listen(#[from] ListenError),
+    /// Neither a Unix socket nor a TCP address was given.
     #[error("no listener configured: give --unix PATH or --tcp ADDR")]
     NoListener,
+    /// A core's thread, ring or eventfd could not be set up.
     #[error("cannot set up core {core}")]
     Core {
+        /// Which core.
         core: usize,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A core's thread panicked.
     #[error("core {0} panicked")]
     Panicked(usize),
 }
@@ -252,7 +262,9 @@ impl Server {
 /// gauges and its cores, which answer snapshot requests.
 #[derive(Clone)]
 pub struct ServerHandle {
+    /// The exports being served.
     pub registry: Arc<Registry>,
+    /// Connection and buffering gauges.
     pub gauges: Arc<Gauges>,
     cores: Vec<CoreHandle>,
     /// When the server started.

@@ -33,40 +33,67 @@ pub struct TlsOptions {
 /// Why the TLS settings cannot be used.
 #[derive(Debug, Error)]
 pub enum TlsError {
+    /// TLS is on but the certificate or key is missing.
     #[error(
         "--tls={0} needs the server's certificate and key: give --tls-cert FILE and --tls-key FILE (PEM)"
     )]
     NoCertificate(&'static str),
+    /// Certificate options were given with TLS off.
     #[error("--tls-cert, --tls-key and --tls-ca take effect only with --tls=on or --tls=require")]
     NotEnabled,
+    /// A file could not be read.
     #[error("cannot read {what} {}", path.display())]
     Read {
+        /// Which file (certificate, key, CA file).
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// A file is not PEM of the expected kind.
     #[error("{what} {} is not usable: {detail}", path.display())]
     Pem {
+        /// Which file.
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// What is wrong with it.
         detail: String,
     },
+    /// The key does not match the certificate.
     #[error(
         "the private key {} does not belong to the certificate {}: give the key the certificate was issued for",
         key.display(),
         cert.display()
     )]
-    KeyMismatch { cert: PathBuf, key: PathBuf },
+    KeyMismatch {
+        /// The certificate's path.
+        cert: PathBuf,
+        /// The key's path.
+        key: PathBuf,
+    },
+    /// rustls refused the certificate and key.
     #[error("certificate {} with key {} cannot be used", cert.display(), key.display())]
     BadCertificate {
+        /// The certificate's path.
         cert: PathBuf,
+        /// The key's path.
         key: PathBuf,
+        /// Why.
         #[source]
         source: rustls::Error,
     },
+    /// The CA file cannot build a client verifier.
     #[error("CA file {} cannot verify clients: {detail}", path.display())]
-    BadCa { path: PathBuf, detail: String },
+    BadCa {
+        /// The CA file's path.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// rustls could not be configured.
     #[error("TLS setup failed")]
     Setup(#[source] rustls::Error),
 }

@@ -22,12 +22,16 @@ const CIPHER_OUT: usize = 256 << 10;
 /// Why TLS on one connection failed; the connection ends.
 #[derive(Debug, Error)]
 pub enum StreamError {
+    /// rustls refused the peer's records.
     #[error(transparent)]
     Tls(#[from] rustls::Error),
+    /// Moving records in or out failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// The client started TLS where it was not offered.
     #[error("STARTTLS accepted on a connection that was not offered TLS")]
     NotOffered,
+    /// The client sent more than a ClientHello with STARTTLS.
     #[error("{0} bytes arrived with STARTTLS, more than a TLS ClientHello")]
     Early(usize),
 }
