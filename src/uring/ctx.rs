@@ -24,6 +24,7 @@ pub struct Ctx<'a, R> {
 
 impl<'a, R> Ctx<'a, R> {
     /// Lends `ring` for the request identified by `token`.
+    #[inline]
     pub fn new(ring: &'a mut Ring, token: u64, sink: &'a RemoteSink<R>) -> Self {
         Ctx { ring, token, sink }
     }
@@ -36,6 +37,7 @@ impl<'a, R> Ctx<'a, R> {
     /// As for [`Ring::push`]: every buffer `entry` points to must stay valid
     /// (and, for a read, otherwise untouched) until this request is resumed
     /// with the entry's completion.
+    #[inline]
     pub unsafe fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
         let entry = entry.user_data(self.token);
         // SAFETY: the caller upholds the buffer contract for this entry.
@@ -43,6 +45,7 @@ impl<'a, R> Ctx<'a, R> {
     }
 
     /// A handle for completing this request from another thread.
+    #[inline]
     pub fn completer(&self) -> Completer<R> {
         Completer::new(self.token, self.sink.clone())
     }

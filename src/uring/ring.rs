@@ -22,6 +22,7 @@ pub struct Completion {
 
 impl Completion {
     /// Whether a multishot operation stays armed after this completion.
+    #[inline]
     pub fn more(&self) -> bool {
         cqueue::more(self.flags)
     }
@@ -60,6 +61,7 @@ impl Ring {
     /// a buffer the kernel writes must not be read or moved meanwhile.
     /// Descriptors it names must stay open until then, or the operation
     /// fails with `EBADF`, which is safe.
+    #[inline]
     pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: buffer lifetimes are the caller's contract (see above).
@@ -71,6 +73,7 @@ impl Ring {
     }
 
     /// Submits what is queued without waiting.
+    #[inline]
     pub fn submit(&mut self) -> io::Result<()> {
         self.ring.submit().map(drop)
     }
@@ -78,6 +81,7 @@ impl Ring {
     /// Submits what is queued and waits for `want` completions. A signal
     /// (EINTR) or a full completion queue (EBUSY) just ends the wait early:
     /// the caller reaps and comes back.
+    #[inline]
     pub fn enter(&mut self, want: usize) -> io::Result<()> {
         match self.ring.submit_and_wait(want) {
             Ok(_) => Ok(()),
@@ -88,16 +92,19 @@ impl Ring {
 
     /// Whether a completion is waiting or the kernel flagged task work that
     /// the next [`Ring::enter`] would turn into completions.
+    #[inline]
     pub fn ready(&mut self) -> bool {
         self.ring.submission().taskrun() || !self.ring.completion().is_empty()
     }
 
     /// Whether a completion is waiting.
+    #[inline]
     pub fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()
     }
 
     /// Moves every waiting completion to the end of `out`.
+    #[inline]
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         out.extend(self.ring.completion().map(|c| Completion {
             user_data: c.user_data(),
@@ -107,6 +114,7 @@ impl Ring {
     }
 
     /// Takes the next waiting completion.
+    #[inline]
     pub fn next_completion(&mut self) -> Option<Completion> {
         self.ring.completion().next().map(|c| Completion {
             user_data: c.user_data(),

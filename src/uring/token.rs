@@ -43,6 +43,7 @@ pub const MAX_INDEX: usize = (1 << 24) - 1;
 
 impl Token {
     /// Packs into io_uring user data.
+    #[inline]
     pub fn encode(kind: Kind, index: usize, slot: u16, generation: u16) -> u64 {
         ((kind as u64) << 56)
             | (((index & MAX_INDEX) as u64) << 32)
@@ -51,6 +52,7 @@ impl Token {
     }
 
     /// Unpacks user data; `None` for values this crate never produced.
+    #[inline]
     pub fn decode(v: u64) -> Option<Token> {
         let kind = match v >> 56 {
             1 => Kind::Accept,
