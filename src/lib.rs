@@ -10,5 +10,6 @@ pub mod objstore;
 pub mod runtime;
 pub mod server;
 pub mod size;
+pub mod uring;
 pub mod vm;
 pub mod volume;

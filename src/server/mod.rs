@@ -9,7 +9,6 @@ pub mod reactor;
 pub mod registry;
 pub mod signals;
 pub mod tls;
-pub mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,9 +28,10 @@ use reactor::{CoreHandle, CoreMsg, CoreSetup};
 pub use registry::{Export, Registry, RegistryError};
 pub use tls::{TlsError, TlsOptions, TlsServer};
 
-use crate::volume::ring::RemoteSink;
+use crate::error::Chain;
+use crate::uring::{RemoteSink, Waker};
 use crate::volume::sync::SyncDriver;
-use crate::volume::{IoFlags, Op, Waker};
+use crate::volume::{IoFlags, Op};
 
 /// Default busy-poll window of a core, in microseconds.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;
@@ -39,11 +39,15 @@ pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// Unix socket paths to listen on.
     pub unix: Vec<PathBuf>,
+    /// TCP addresses to listen on.
     pub tcp: Vec<SocketAddr>,
     /// Reactor threads; 0 means one per available core.
     pub threads: usize,
+    /// Socket buffer sizes for connections.
     pub tuning: SocketTuning,
+    /// Per-connection and global connection limits.
     pub conn: ConnConfig,
     /// Permission bits of Unix sockets.
     pub socket_mode: u32,
@@ -106,18 +110,24 @@ pub enum ConfigError {
 /// Why the server could not start or stopped badly.
 #[derive(Debug, Error)]
 pub enum ServerError {
+    /// A listener could not be opened.
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    /// Neither a Unix socket nor a TCP address was given.
     #[error("no listener configured: give --unix PATH or --tcp ADDR")]
     NoListener,
-    #[error("cannot set up core {core}: {source}")]
+    /// A core's thread, ring or eventfd could not be set up.
+    #[error("cannot set up core {core}")]
     Core {
+        /// Which core.
         core: usize,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A core's thread panicked.
     #[error("core {0} panicked")]
     Panicked(usize),
 }
@@ -284,7 +294,9 @@ impl Server {
 /// gauges and its cores, which answer snapshot requests.
 #[derive(Clone)]
 pub struct ServerHandle {
+    /// The exports being served.
     pub registry: Arc<Registry>,
+    /// Connection and buffering gauges.
     pub gauges: Arc<Gauges>,
     cores: Vec<CoreHandle>,
     /// When the server started.
@@ -334,7 +346,7 @@ pub fn flush_all(registry: &Registry) {
             continue;
         }
         if let Err(e) = driver.op(&*export.volume, Op::Flush, 0, 0, IoFlags::default()) {
-            warn!(export = %export.name, "final flush failed: {e}");
+            warn!(export = %export.name, "final flush failed: {}", Chain(&e));
         }
     }
 }

@@ -41,6 +41,14 @@ const BUFFERED_UNKNOWN: u8 = 0;
 const BUFFERED_RING: u8 = 1;
 const BUFFERED_INLINE: u8 = 2;
 
+/// The ring refused an SQE.
+fn submit_failed(source: std::io::Error) -> VolumeError {
+    VolumeError::Os {
+        op: "io_uring submit",
+        source,
+    }
+}
+
 /// Why a file could not be opened as a volume.
 #[derive(Debug, Error)]
 pub enum FileError {
@@ -250,8 +258,8 @@ impl FileVolume {
     fn submit_rw(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Result<(), VolumeError> {
         let off = io.offset + io.done;
         let len = (io.len - io.done).min(MAX_CHUNK);
-        // SAFETY (pointer validity): io.buf is len bytes and not resized
-        // while the request is pending.
+        // SAFETY: io.done < io.len, the buffer's length, so the offset
+        // stays inside io.buf.
         let ptr = unsafe { io.buf.as_mut_ptr().add(io.done as usize) };
         let (fd, direct) = self.fd_for(off, len, ptr);
         // Remember which descriptor this chunk went to, for the EINVAL fallback.
@@ -265,7 +273,10 @@ impl FileVolume {
                 .rw_flags(flags)
                 .build()
         };
-        ctx.push(entry)
+        // SAFETY: `ptr..ptr+len` lies in io.buf, which the server neither
+        // touches, resizes nor frees while the request is pending (the
+        // `Volume` contract), i.e. until this entry's completion resumes it.
+        unsafe { ctx.push(entry) }.map_err(submit_failed)
     }
 
     fn rw_done(&self, io: &mut Io, res: i32, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
@@ -310,7 +321,8 @@ impl FileVolume {
         let entry = opcode::Fsync::new(self.fd())
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        match ctx.push(entry) {
+        // SAFETY: fsync points at no memory; the file outlives the request.
+        match unsafe { ctx.push(entry) }.map_err(submit_failed) {
             Ok(()) => Poll::Pending,
             Err(e) => Poll::Ready(Err(e)),
         }
@@ -338,7 +350,8 @@ impl FileVolume {
                     .offset(io.offset)
                     .mode(mode)
                     .build();
-                match ctx.push(entry) {
+                // SAFETY: fallocate points at no memory.
+                match unsafe { ctx.push(entry) }.map_err(submit_failed) {
                     Ok(()) => Poll::Pending,
                     Err(e) => Poll::Ready(Err(e)),
                 }
@@ -370,7 +383,8 @@ impl FileVolume {
             .offset(io.offset + io.done)
             .rw_flags(flags)
             .build();
-        match ctx.push(entry) {
+        // SAFETY: the source is the static ZEROES, at most its length.
+        match unsafe { ctx.push(entry) }.map_err(submit_failed) {
             Ok(()) => Poll::Pending,
             Err(e) => Poll::Ready(Err(e)),
         }
@@ -486,7 +500,8 @@ impl Volume for FileVolume {
                 )
                 .offset(io.offset)
                 .build();
-                match ctx.push(entry) {
+                // SAFETY: fadvise points at no memory.
+                match unsafe { ctx.push(entry) }.map_err(submit_failed) {
                     Ok(()) => Poll::Pending,
                     Err(e) => Poll::Ready(Err(e)),
                 }

@@ -1,19 +1,26 @@
 //! The block store: a `Volume` is a byte range with the operations NBD
 //! needs. Backends complete work inline, on the calling core's io_uring, or
-//! on another thread that wakes that core (see [`ring`]).
+//! on another thread that wakes that core (see [`crate::uring`]).
 
 pub mod buf;
 pub mod file;
 pub mod memory;
 pub mod object;
-pub mod ring;
 pub mod sync;
 
 use std::task::Poll;
 
 pub use buf::AlignedBuf;
-pub use ring::{Completer, Ctx, RemoteDone, Wake, Waker};
 use thiserror::Error;
+
+/// Result of off-core work: optional data for the request (a read's bytes).
+pub type RemoteResult = Result<Option<bytes::Bytes>, VolumeError>;
+/// The calling core's ring, lent to a backend for one request.
+pub type Ctx<'a> = crate::uring::Ctx<'a, RemoteResult>;
+/// What finished, as handed to [`Volume::resume`].
+pub type Wake = crate::uring::Wake<RemoteResult>;
+/// Completes a pending request from another thread.
+pub type Completer = crate::uring::Completer<RemoteResult>;
 
 /// Most extents one block-status call returns; clients ask again for the rest.
 pub const MAX_EXTENTS: usize = 1024;
