@@ -1,124 +1,23 @@
-//! Opening a volume: the writer lock, then the map from the latest readable
-//! checkpoint plus every newer chunk index, then the local WAL replayed on
-//! top (records the store already has are skipped). Replayed segments are
-//! sealed and queued for upload at once.
+//! Recovery at open: the map from the latest readable checkpoint plus
+//! every newer chunk index, then the local WAL replayed on top (records the
+//! store already has are skipped). Replayed segments are sealed and queued
+//! for upload at once.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::cache::BlockCache;
+use super::ObjectError;
 use super::format::{self, CHUNK_HEADER, Kind, SEGMENT_HEADER};
-use super::layout::{self, Keys, WriterLock, id_of};
+use super::layout::{Keys, id_of};
 use super::segment::Segment;
 use super::state::{ChunkInfo, Dirty, DirtyLoc, Mapped, Mapping};
-use super::wal::{self, Wal};
-use super::{Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, upload};
+use super::wal;
 use crate::objstore::Store;
-use crate::runtime::runtime;
-
-pub async fn open(
-    store: Store,
-    name: &str,
-    opts: ObjectOptions,
-) -> Result<ObjectVolume, ObjectError> {
-    let desc = layout::read_descriptor(&store, name).await?;
-    let keys = Keys::new(name);
-    let wal_dir = layout::wal_dir(&opts.wal_root, store.url(), name);
-    let lock = if opts.read_only {
-        None
-    } else {
-        Some(WriterLock::take(&store, name, &wal_dir).await?)
-    };
-    let mut mapped = load_map(&store, &keys).await?;
-    let store_seq = mapped.max_seq;
-    // A damaged but checksummed index could claim the last sequence number.
-    let next_seq = store_seq
-        .checked_add(1)
-        .ok_or_else(|| ObjectError::Corrupt(format!("{name}: sequence numbers exhausted")))?;
-    let next_chunk = mapped.chunks.keys().next_back().map_or(1, |k| k + 1);
-    let mut dirty = Dirty {
-        map: Default::default(),
-        segments: BTreeMap::new(),
-        active: None,
-        next_seq,
-        next_seg: 1,
-        appended: 0,
-        backlog: 0,
-        last_append: std::time::Instant::now(),
-    };
-    if !opts.read_only {
-        replay_wal(&wal_dir, store_seq, &mut dirty).map_err(ObjectError::Local)?;
-    }
-    // Live counts follow from the map.
-    let live: Vec<(u64, u64)> = mapped
-        .map
-        .iter()
-        .filter_map(|sp| match sp.value {
-            Mapping::Chunk { id, .. } => Some((id, sp.end - sp.start)),
-            _ => None,
-        })
-        .collect();
-    for (id, n) in live {
-        if let Some(c) = mapped.chunks.get_mut(&id) {
-            c.live += n;
-        }
-    }
-    let budget = opts.cache.budget(name);
-    let synced = dirty.appended;
-    let replayed = dirty.segments.len();
-    let inner = Arc::new(Inner {
-        name: name.to_owned(),
-        size: desc.size,
-        store,
-        keys,
-        cache: BlockCache::new(budget),
-        wal: Wal::new(wal_dir, synced),
-        dirty: RwLock::new(dirty),
-        map: RwLock::new(mapped),
-        upload_wake: tokio::sync::Notify::new(),
-        backlog_waiters: Mutex::new(Vec::new()),
-        next_chunk: AtomicU64::new(next_chunk),
-        last_read_end: AtomicU64::new(u64::MAX),
-        stopping: AtomicBool::new(false),
-        abort: AtomicBool::new(false),
-        stats: ObjectStats::default(),
-        read_only: opts.read_only,
-        opts,
-        lock: Mutex::new(lock),
-    });
-    let (wal_thread, uploader) = if inner.read_only {
-        (None, None)
-    } else {
-        let w = inner.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("vbd-wal-{name}"))
-            .spawn(move || wal::run(w))
-            .map_err(|e| ObjectError::Local(format!("cannot start the WAL thread: {e}")))?;
-        (Some(t), Some(runtime().spawn(upload::run(inner.clone()))))
-    };
-    info!(
-        volume = name,
-        size = desc.size,
-        store_seq,
-        replayed_segments = replayed,
-        cache_budget = budget,
-        read_only = inner.read_only,
-        "object volume open"
-    );
-    let read_only = inner.read_only;
-    Ok(ObjectVolume {
-        inner,
-        wal_thread: Mutex::new(wal_thread),
-        uploader: Mutex::new(uploader),
-        read_only,
-    })
-}
 
 /// The map: newest readable checkpoint, then every newer chunk's index.
-async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, ObjectError> {
+pub(super) async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, ObjectError> {
     let mut m = Mapped::default();
     let mut ckpts: Vec<u64> = store
         .list(&keys.checkpoints())
@@ -216,7 +115,11 @@ async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, ObjectError> {
 
 /// Loads WAL segments into the write-ahead layer, skipping records the
 /// store already holds; segments go to the uploader sealed.
-fn replay_wal(dir: &std::path::Path, store_seq: u64, d: &mut Dirty) -> Result<(), String> {
+pub(super) fn replay_wal(
+    dir: &std::path::Path,
+    store_seq: u64,
+    d: &mut Dirty,
+) -> Result<(), String> {
     let segs = wal::replay(dir)?;
     for r in segs {
         let seg = Arc::new(Segment::new(
