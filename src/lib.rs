@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod error;
 pub mod lock;
 pub mod nbd;
 pub mod objstore;

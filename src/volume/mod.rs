@@ -3,6 +3,7 @@
 //! on another thread that wakes that core (see [`ring`]).
 
 pub mod buf;
+mod error;
 pub mod file;
 pub mod memory;
 pub mod object;
@@ -12,8 +13,8 @@ pub mod sync;
 use std::task::Poll;
 
 pub use buf::AlignedBuf;
+pub use error::{UnexpectedWake, VolumeError};
 pub use ring::{Completer, Ctx, RemoteDone, Wake, Waker};
-use thiserror::Error;
 
 /// Most extents one block-status call returns; clients ask again for the rest.
 pub const MAX_EXTENTS: usize = 1024;
@@ -172,54 +173,6 @@ pub struct Caps {
     /// Every connection sees the same data and one flush covers all.
     pub multi_conn: bool,
     pub read_only: bool,
-}
-
-/// Why a volume operation failed.
-#[derive(Debug, Error)]
-pub enum VolumeError {
-    #[error("{op} failed: {source}")]
-    Os {
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("not enough space")]
-    NoSpace,
-    #[error("operation not supported quickly")]
-    NotSupported,
-    #[error("volume is read-only")]
-    ReadOnly,
-    #[error("range {offset}+{len} is outside the volume")]
-    OutOfRange { offset: u64, len: u64 },
-    #[error("range {offset}+{len} is not aligned to the volume's {block}-byte blocks")]
-    Unaligned { offset: u64, len: u64, block: u32 },
-    #[error("volume is shutting down")]
-    Shutdown,
-    #[error("{0}")]
-    Backend(String),
-}
-
-impl VolumeError {
-    /// An error from a raw `-errno` result, as io_uring reports them.
-    pub fn from_errno(op: &'static str, errno: i32) -> Self {
-        VolumeError::Os {
-            op,
-            source: std::io::Error::from_raw_os_error(errno),
-        }
-    }
-
-    /// The errno closest to this error, for protocols that speak errno.
-    pub fn errno(&self) -> i32 {
-        match self {
-            VolumeError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            VolumeError::NoSpace => libc::ENOSPC,
-            VolumeError::NotSupported => libc::EOPNOTSUPP,
-            VolumeError::ReadOnly => libc::EPERM,
-            VolumeError::OutOfRange { .. } | VolumeError::Unaligned { .. } => libc::EINVAL,
-            VolumeError::Shutdown => libc::ESHUTDOWN,
-            VolumeError::Backend(_) => libc::EIO,
-        }
-    }
 }
 
 /// A block store the server can export.

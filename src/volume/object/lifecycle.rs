@@ -15,6 +15,7 @@ use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
 use super::{Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, upload};
+use crate::error::Chain;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
 use crate::runtime::runtime;
@@ -70,7 +71,7 @@ impl ObjectVolume {
         if let Some(lock) = lock {
             if drained {
                 if let Err(e) = runtime().block_on(lock.release(&inner.store)) {
-                    warn!(volume = %inner.name, "cannot release the store lock: {e}");
+                    warn!(volume = %inner.name, "cannot release the store lock: {}", Chain(&e));
                 }
             } else {
                 warn!(
@@ -134,7 +135,7 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
     // A damaged but checksummed index could claim the last sequence number.
     let next_seq = store_seq
         .checked_add(1)
-        .ok_or_else(|| ObjectError::Corrupt(format!("{name}: sequence numbers exhausted")))?;
+        .ok_or_else(|| ObjectError::SequenceExhausted(name.to_owned()))?;
     let next_chunk = mapped.chunks.keys().next_back().map_or(1, |k| k + 1);
     let mut dirty = Dirty {
         map: Default::default(),
@@ -147,7 +148,7 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
         last_append: std::time::Instant::now(),
     };
     if !opts.read_only {
-        replay_wal(&wal_dir, store_seq, &mut dirty).map_err(ObjectError::Local)?;
+        replay_wal(&wal_dir, store_seq, &mut dirty)?;
     }
     // Live counts follow from the map.
     let live: Vec<(u64, u64)> = mapped
@@ -193,7 +194,7 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
         let t = std::thread::Builder::new()
             .name(format!("vbd-wal-{name}"))
             .spawn(move || wal::run(w))
-            .map_err(|e| ObjectError::Local(format!("cannot start the WAL thread: {e}")))?;
+            .map_err(ObjectError::WalThread)?;
         (Some(t), Some(runtime().spawn(upload::run(inner.clone()))))
     };
     info!(

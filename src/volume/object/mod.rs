@@ -41,9 +41,9 @@ use self::state::{Dirty, Mapped};
 use self::wal::Wal;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
-use crate::volume::{Caps, Completer, Ctx, Io, Op, Volume, VolumeError, Wake};
+use crate::volume::{Caps, Completer, Ctx, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
 
-pub use self::error::ObjectError;
+pub use self::error::{ObjectError, RequestError, WalError};
 pub use self::options::ObjectOptions;
 pub use self::stats::{ObjectCounters, ObjectStats};
 
@@ -189,9 +189,10 @@ impl Volume for ObjectVolume {
 
     fn resume(&self, io: &mut Io, wake: Wake, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         let Wake::Remote(result) = wake else {
-            return Poll::Ready(Err(VolumeError::Backend(
-                "object volume got a ring completion".into(),
-            )));
+            return Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
+                backend: "object",
+                got: "a ring completion",
+            })));
         };
         match (io.stage, result) {
             (_, Err(e)) => Poll::Ready(Err(e)),
@@ -201,7 +202,10 @@ impl Volume for ObjectVolume {
                 self.write_like(io, ctx)
             }
             (STAGE_FETCH, Ok(Some(data))) => Poll::Ready(self.scatter(io, &data)),
-            _ => Poll::Ready(Err(VolumeError::Backend("unexpected completion".into()))),
+            _ => Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
+                backend: "object",
+                got: "a completion that does not fit its stage",
+            }))),
         }
     }
 }

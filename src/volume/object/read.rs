@@ -13,7 +13,8 @@ use tracing::warn;
 use super::cache::GROUP_BLOCKS;
 use super::format::BLOCK;
 use super::state::{DirtyLoc, Mapping};
-use super::{Inner, ObjectVolume, STAGE_FETCH};
+use super::{Inner, ObjectVolume, RequestError, STAGE_FETCH};
+use crate::error::Chain;
 use crate::lock::RwLockExt;
 use crate::runtime::runtime;
 use crate::volume::{Ctx, Extent, Io, MAX_EXTENTS, Op, VolumeError};
@@ -110,9 +111,13 @@ impl ObjectVolume {
         for r in io.aux.chunks(3).map(Run::decode) {
             let n = r.blocks as usize * BLOCK;
             let at = r.buf_block as usize * BLOCK;
-            let src = data
-                .get(from..from + n)
-                .ok_or_else(|| VolumeError::Backend("short read from the store".into()))?;
+            let src = data.get(from..from + n).ok_or_else(|| {
+                VolumeError::backend(RequestError::ShortFetch {
+                    chunk: r.chunk,
+                    got: data.len(),
+                    want: from + n,
+                })
+            })?;
             buf[at..at + n].copy_from_slice(src);
             from += n;
         }
@@ -229,10 +234,7 @@ async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeE
     for (i, r) in runs.iter().enumerate() {
         let info = inner.map.read_locked().chunk_info(r.chunk);
         let Some(info) = info else {
-            return Err(VolumeError::Backend(format!(
-                "chunk {:016x} is not known",
-                r.chunk
-            )));
+            return Err(VolumeError::backend(RequestError::UnknownChunk(r.chunk)));
         };
         let extra = if i + 1 == runs.len() {
             ahead.min(info.data_blocks.saturating_sub(r.block + r.blocks))
@@ -259,22 +261,22 @@ async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeE
             {
                 Ok(b) if b.len() == n as usize * BLOCK => break b,
                 Ok(b) => {
-                    return Err(VolumeError::Backend(format!(
-                        "chunk {:016x} returned {} bytes, expected {}",
-                        r.chunk,
-                        b.len(),
-                        n as usize * BLOCK
-                    )));
+                    return Err(VolumeError::backend(RequestError::ShortFetch {
+                        chunk: r.chunk,
+                        got: b.len(),
+                        want: n as usize * BLOCK,
+                    }));
                 }
-                Err(e) => {
+                Err(source) => {
                     inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                     attempt += 1;
                     if attempt >= 4 {
-                        warn!(volume = %inner.name, chunk = r.chunk, "read failed: {e}");
-                        return Err(VolumeError::Backend(format!(
-                            "reading chunk {:016x}: {e}",
-                            r.chunk
-                        )));
+                        let e = RequestError::Fetch {
+                            chunk: r.chunk,
+                            source,
+                        };
+                        warn!(volume = %inner.name, chunk = r.chunk, "read failed: {}", Chain(&e));
+                        return Err(VolumeError::backend(e));
                     }
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }

@@ -8,12 +8,12 @@ use std::sync::atomic::Ordering;
 
 use tracing::warn;
 
-use super::ObjectError;
 use super::format::{self, CHUNK_HEADER, Kind, SEGMENT_HEADER};
 use super::layout::{Keys, id_of};
 use super::segment::Segment;
 use super::state::{ChunkInfo, Dirty, DirtyLoc, Mapped, Mapping};
 use super::wal;
+use super::{ObjectError, WalError};
 use crate::objstore::Store;
 
 /// The map: newest readable checkpoint, then every newer chunk's index.
@@ -78,17 +78,22 @@ pub(super) async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, Objec
     for (id, size) in chunks {
         let key = keys.chunk(id);
         let head = store.get_range(&key, 0..CHUNK_HEADER as u64).await?;
-        let h = format::decode_chunk_header(&head)
+        let h = match format::decode_chunk_header(&head)
             .and_then(|h| h.check_index_fits(size).map(|()| h))
-            .map_err(|e| ObjectError::Corrupt(format!("{key}: {e}")))?;
+        {
+            Ok(h) => h,
+            Err(source) => return Err(ObjectError::Corrupt { key, source }),
+        };
         let index = store
             .get_range(
                 &key,
                 CHUNK_HEADER as u64..(CHUNK_HEADER + h.index_len()) as u64,
             )
             .await?;
-        let (entries, _) = format::decode_chunk_index(&h, &index)
-            .map_err(|e| ObjectError::Corrupt(format!("{key}: {e}")))?;
+        let (entries, _) = match format::decode_chunk_index(&h, &index) {
+            Ok(decoded) => decoded,
+            Err(source) => return Err(ObjectError::Corrupt { key, source }),
+        };
         m.chunks.insert(
             id,
             ChunkInfo {
@@ -119,7 +124,7 @@ pub(super) fn replay_wal(
     dir: &std::path::Path,
     store_seq: u64,
     d: &mut Dirty,
-) -> Result<(), String> {
+) -> Result<(), WalError> {
     let segs = wal::replay(dir)?;
     for r in segs {
         let seg = Arc::new(Segment::new(

@@ -10,7 +10,7 @@ use std::task::Poll;
 use super::format::{self, BLOCK, Kind, RecordHeader, SEGMENT_HEADER, WAL_RECORD_HEADER};
 use super::segment::Segment;
 use super::state::{Dirty, DirtyLoc};
-use super::{Inner, ObjectVolume, STAGE_BACKLOG, STAGE_DURABLE};
+use super::{Inner, ObjectVolume, RequestError, STAGE_BACKLOG, STAGE_DURABLE};
 use crate::lock::{MutexExt, RwLockExt};
 use crate::volume::{Ctx, Io, Op, VolumeError};
 
@@ -62,9 +62,7 @@ impl ObjectVolume {
             // SAFETY: appends happen only here, under the dirty write lock,
             // and `active_segment` never returns a sealed segment.
             let Some(at) = (unsafe { seg.append(&[&header, piece]) }) else {
-                return Err(VolumeError::Backend(
-                    "WAL segment too small for a record".into(),
-                ));
+                return Err(VolumeError::backend(RequestError::RecordTooBig(total)));
             };
             if seg.first_seq.load(Ordering::Relaxed) == 0 {
                 seg.first_seq.store(h.seq, Ordering::Relaxed);
