@@ -111,9 +111,12 @@ pub fn decode_checkpoint(b: &[u8]) -> Result<Checkpoint, FormatError> {
             what,
             field: "kind",
         })?;
-        let (lba, blocks) = (u64_at(e, 0), u32_at(e, 24));
-        // Recovery adds these up; an extent that wraps is corrupt.
-        if blocks == 0 || lba.checked_add(u64::from(blocks)).is_none() {
+        let (lba, blocks, block) = (u64_at(e, 0), u32_at(e, 24), u32_at(e, 28));
+        // Recovery adds these up, and splitting an extent advances its
+        // chunk block: an extent that wraps either is corrupt.
+        let wraps = lba.checked_add(u64::from(blocks)).is_none()
+            || (kind == Kind::Data && block.checked_add(blocks).is_none());
+        if blocks == 0 || wraps {
             return Err(FormatError::Field {
                 what,
                 field: "extent",
@@ -124,7 +127,7 @@ pub fn decode_checkpoint(b: &[u8]) -> Result<Checkpoint, FormatError> {
             seq: u64_at(e, 8),
             chunk: u64_at(e, 16),
             blocks,
-            block: u32_at(e, 28),
+            block,
             kind,
         });
     }
@@ -185,5 +188,18 @@ mod tests {
         }];
         let b = encode_checkpoint(9, &wrap, &[], 77);
         assert!(decode_checkpoint(&b).is_err());
+        let wrap = [CheckpointEntry {
+            block: u32::MAX - 1,
+            ..e[0]
+        }];
+        let b = encode_checkpoint(9, &wrap, &[], 77);
+        assert!(decode_checkpoint(&b).is_err(), "chunk blocks wrap");
+        // Zeroes and holes keep no chunk block, so theirs is not checked.
+        let zero = [CheckpointEntry {
+            block: u32::MAX,
+            kind: Kind::Zero,
+            ..e[0]
+        }];
+        assert!(decode_checkpoint(&encode_checkpoint(9, &zero, &[], 77)).is_ok());
     }
 }
