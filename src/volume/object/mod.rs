@@ -26,6 +26,8 @@ mod recovery;
 pub mod segment;
 mod state;
 mod stats;
+#[cfg(test)]
+mod tests;
 mod upload;
 mod wal;
 mod write;
