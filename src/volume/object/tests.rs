@@ -390,23 +390,33 @@ fn partial_overwrites_split_extents_across_chunks() {
         ..rig.opts("wal")
     };
     let v = rig.open("store", opts);
-    // Chunks of three blocks each: [0,3) [3,6) [6,9) ...
-    for b in 0..24 {
-        rig.write(&v, b, 1, 1, false);
+    // One three-block record per segment, so chunks of one three-block
+    // extent each: [0,3) [3,6) [6,9) ...
+    for b in (0..24).step_by(3) {
+        rig.write(&v, b, 3, 1, false);
     }
     assert!(v.sync_to_store(DRAIN));
-    // One record over the tail of the first chunk, all of the second and
-    // the head of the third: each chunk's extent is cut where it overlaps.
+    // One record over the tail of the first extent, all of the second and
+    // the head of the third, and one inside the fourth: each extent is cut
+    // where it overlaps, and what is left of it must still point at the
+    // right blocks of its chunk.
     rig.write(&v, 2, 5, 2, false);
+    rig.write(&v, 10, 1, 2, false);
+    // Three blocks written backwards share a chunk in reverse order: next
+    // to each other in a read, not in the chunk, so they are three runs.
+    for b in [35, 34, 33] {
+        rig.write(&v, b, 1, 2, false);
+    }
     assert!(v.sync_to_store(DRAIN));
-    // Still in the write-ahead layer, over chunks and holes alike; the
-    // trim after the three-block write fills its segment exactly.
+    // The same cuts in the write-ahead layer, over chunks and holes alike.
     rig.write(&v, 7, 1, 3, false);
-    rig.write(&v, 10, 3, 3, false);
-    rig.zero(&v, 11, 1, Block::Hole, false);
-    rig.zero(&v, 13, 2, Block::Zero, false);
-    rig.zero(&v, 20, 2, Block::Hole, true);
+    rig.write(&v, 14, 3, 3, false);
+    rig.write(&v, 13, 2, 4, false);
     rig.write(&v, 30, 3, 3, false);
+    rig.write(&v, 31, 1, 4, false);
+    rig.zero(&v, 11, 1, Block::Hole, false);
+    rig.zero(&v, 17, 2, Block::Zero, false);
+    rig.zero(&v, 20, 2, Block::Hole, true);
     rig.expect(&v, 0, 40);
     rig.expect_windows(&v, 36, 6);
     rig.expect_status(&v);
