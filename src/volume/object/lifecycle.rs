@@ -94,6 +94,8 @@ impl ObjectVolume {
     }
 }
 
+/// Tells the WAL thread to stop after one last write-and-sync round, and
+/// waits for it.
 fn stop_wal(inner: &Inner, thread: &Mutex<Option<std::thread::JoinHandle<()>>>) {
     {
         let mut c = inner.wal.ctl.locked();

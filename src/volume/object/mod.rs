@@ -52,15 +52,20 @@ pub use self::stats::{ObjectCounters, ObjectStats};
 /// State shared by the volume handle, the WAL thread and the uploader.
 pub(crate) struct Inner {
     name: String,
+    /// Bytes, from the descriptor.
     size: u64,
     store: Store,
     keys: Keys,
     opts: ObjectOptions,
+    /// Records not yet in a chunk: what the write path appends to.
     dirty: RwLock<Dirty>,
+    /// What the chunks say: where the read path looks after `dirty`.
     map: RwLock<Mapped>,
     cache: BlockCache,
     wal: Wal,
+    /// Wakes the uploader (a sealed segment, a full backlog, shutdown).
     upload_wake: tokio::sync::Notify,
+    /// Writes waiting for the uploader to shrink the backlog.
     backlog_waiters: Mutex<Vec<Completer>>,
     next_chunk: AtomicU64,
     /// Block after the last read, for detecting sequential reads.
@@ -71,14 +76,17 @@ pub(crate) struct Inner {
     abort: AtomicBool,
     stats: ObjectStats,
     read_only: bool,
+    /// Held while writable; released by a close that drained everything.
     lock: Mutex<Option<WriterLock>>,
 }
 
 impl Inner {
+    /// Whether every acknowledged write is in the store.
     fn all_uploaded(&self) -> bool {
         self.dirty.read_locked().segments.is_empty()
     }
 
+    /// Lets writes that waited for the backlog try again.
     fn release_backlog_waiters(&self) {
         let waiters = std::mem::take(&mut *self.backlog_waiters.locked());
         for w in waiters {
@@ -90,7 +98,9 @@ impl Inner {
 /// A volume stored as chunks in an object store.
 pub struct ObjectVolume {
     inner: Arc<Inner>,
+    /// Joined at close and drop.
     wal_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Awaited (bounded) at close, aborted at drop.
     uploader: Mutex<Option<tokio::task::JoinHandle<()>>>,
     read_only: bool,
 }
