@@ -331,7 +331,7 @@ fn s3_builder(bucket: &str) -> Result<AmazonS3Builder, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Chain;
+    use crate::error::ErrorChain;
 
     #[test]
     fn store_errors_name_each_cause_once() {
@@ -343,7 +343,7 @@ mod tests {
             },
         );
         assert_eq!(
-            Chain(&e).to_string(),
+            ErrorChain(&e).to_string(),
             "store operation on volumes/a/lock failed: Generic S3 error: connection refused"
         );
         // A directory that cannot be made: the OS's reason comes once, last.
@@ -352,7 +352,7 @@ mod tests {
             e.to_string(),
             "cannot create store directory /proc/vbd-cannot-be-here"
         );
-        let chain = Chain(&e).to_string();
+        let chain = ErrorChain(&e).to_string();
         let reason = chain
             .strip_prefix("cannot create store directory /proc/vbd-cannot-be-here: ")
             .unwrap_or_else(|| panic!("{chain}"));

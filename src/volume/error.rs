@@ -74,7 +74,7 @@ pub struct UnexpectedWake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Chain;
+    use crate::error::ErrorChain;
 
     #[test]
     fn errno_follows_the_error() {
@@ -99,7 +99,7 @@ mod tests {
         let os = VolumeError::from_errno("fsync", libc::EIO);
         assert_eq!(os.to_string(), "fsync failed");
         assert_eq!(
-            Chain(&os).to_string(),
+            ErrorChain(&os).to_string(),
             "fsync failed: Input/output error (os error 5)"
         );
         // A boxed backend error stands for itself: no wrapper line.
@@ -108,7 +108,7 @@ mod tests {
             got: "a remote completion",
         });
         assert_eq!(
-            Chain(&e).to_string(),
+            ErrorChain(&e).to_string(),
             "file volume resumed by a remote completion, which it did not wait for"
         );
     }

@@ -15,7 +15,7 @@ use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
 use super::{Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, upload};
-use crate::error::Chain;
+use crate::error::ErrorChain;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
 use crate::runtime::runtime;
@@ -71,7 +71,7 @@ impl ObjectVolume {
         if let Some(lock) = lock {
             if drained {
                 if let Err(e) = runtime().block_on(lock.release(&inner.store)) {
-                    warn!(volume = %inner.name, "cannot release the store lock: {}", Chain(&e));
+                    warn!(volume = %inner.name, "cannot release the store lock: {}", ErrorChain(&e));
                 }
             } else {
                 warn!(

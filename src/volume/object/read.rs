@@ -14,7 +14,7 @@ use super::cache::GROUP_BLOCKS;
 use super::format::BLOCK;
 use super::state::{DirtyLoc, Mapping};
 use super::{Inner, ObjectVolume, RequestError, STAGE_FETCH};
-use crate::error::Chain;
+use crate::error::ErrorChain;
 use crate::lock::RwLockExt;
 use crate::runtime::runtime;
 use crate::volume::{Ctx, Extent, Io, MAX_EXTENTS, Op, VolumeError};
@@ -275,7 +275,7 @@ async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeE
                             chunk: r.chunk,
                             source,
                         };
-                        warn!(volume = %inner.name, chunk = r.chunk, "read failed: {}", Chain(&e));
+                        warn!(volume = %inner.name, chunk = r.chunk, "read failed: {}", ErrorChain(&e));
                         return Err(VolumeError::backend(e));
                     }
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;

@@ -15,7 +15,7 @@ use super::cache::CacheSize;
 use super::format::{BLOCK, Kind, RecordHeader, encode_record, segment_header};
 use super::layout::{Keys, wal_dir};
 use super::{ObjectError, ObjectOptions, ObjectVolume, admin};
-use crate::error::Chain;
+use crate::error::ErrorChain;
 use crate::objstore::Store;
 use crate::runtime::runtime;
 use crate::volume::sync::SyncDriver;
@@ -215,7 +215,7 @@ impl Rig {
             .collect();
         self.d
             .write(v, block * B, &data, fua)
-            .unwrap_or_else(|e| panic!("write {block}+{blocks}: {}", Chain(&e)));
+            .unwrap_or_else(|e| panic!("write {block}+{blocks}: {}", ErrorChain(&e)));
         self.note(block, blocks, Block::Data(tag));
     }
 
@@ -254,7 +254,7 @@ impl Rig {
         let io = self
             .d
             .op(v, op, block * B, blocks * B, flags)
-            .unwrap_or_else(|e| panic!("{op:?} {block}+{blocks}: {}", Chain(&e)));
+            .unwrap_or_else(|e| panic!("{op:?} {block}+{blocks}: {}", ErrorChain(&e)));
         io.extents
     }
 
@@ -274,7 +274,7 @@ impl Rig {
         let got = self
             .d
             .read(v, block * B, (blocks * B) as usize)
-            .unwrap_or_else(|e| panic!("read {block}+{blocks}: {}", Chain(&e)));
+            .unwrap_or_else(|e| panic!("read {block}+{blocks}: {}", ErrorChain(&e)));
         for (i, got) in got.chunks(BLOCK).enumerate() {
             let b = block + i as u64;
             if got != m.bytes(b) {
@@ -672,7 +672,7 @@ fn a_corrupt_chunk_is_named_with_its_cause_once() {
         .expect("a damaged chunk header stops the open");
     assert!(matches!(e, ObjectError::Corrupt { .. }), "{e:?}");
     assert_eq!(
-        Chain(&e).to_string(),
+        ErrorChain(&e).to_string(),
         format!("object {key} is corrupt: chunk header: checksum mismatch")
     );
 }

@@ -19,7 +19,7 @@ use super::layout::id_of;
 use super::segment::Segment;
 use super::state::{ChunkInfo, DirtyLoc, Mapping};
 use super::{Inner, ObjectError};
-use crate::error::Chain;
+use crate::error::ErrorChain;
 use crate::objstore::StoreError;
 
 /// How long a rewritten or dead chunk stays readable for reads already in flight.
@@ -141,7 +141,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
                 Ok(()) => break,
                 Err(e) => {
                     inner.stats.upload_failures.fetch_add(1, Ordering::Relaxed);
-                    warn!(volume = %inner.name, chunk = id, "upload failed, will retry: {}", Chain(&e));
+                    warn!(volume = %inner.name, chunk = id, "upload failed, will retry: {}", ErrorChain(&e));
                     if inner.abort.load(Ordering::Acquire) {
                         return false;
                     }
@@ -299,7 +299,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
         Ok(()) => Some(vec![(victim, Instant::now())]),
         Err(e) => {
             inner.stats.gc_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(volume = %inner.name, chunk = victim, "garbage collection failed, will retry: {}", Chain(&e));
+            warn!(volume = %inner.name, chunk = victim, "garbage collection failed, will retry: {}", ErrorChain(&e));
             None
         }
     }
@@ -409,7 +409,7 @@ async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
                 m.retired.remove(&id);
             }
             Err(e) => {
-                warn!(volume = %inner.name, chunk = id, "cannot delete garbage chunk, will retry: {}", Chain(&e));
+                warn!(volume = %inner.name, chunk = id, "cannot delete garbage chunk, will retry: {}", ErrorChain(&e));
                 keep.push((id, since));
             }
         }
