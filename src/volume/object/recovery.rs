@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::warn;
 
-use super::format::{self, CHUNK_HEADER, Kind, SEGMENT_HEADER};
+use super::format::{self, CHUNK_HEADER, ChunkHeader, IndexEntry, Kind, SEGMENT_HEADER};
 use super::layout::{Keys, id_of};
 use super::segment::Segment;
 use super::state::{ChunkInfo, Dirty, DirtyLoc, Mapped, Mapping};
@@ -76,24 +76,7 @@ pub(super) async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, Objec
         .collect();
     chunks.sort_unstable();
     for (id, size) in chunks {
-        let key = keys.chunk(id);
-        let head = store.get_range(&key, 0..CHUNK_HEADER as u64).await?;
-        let h = match format::decode_chunk_header(&head)
-            .and_then(|h| h.check_index_fits(size).map(|()| h))
-        {
-            Ok(h) => h,
-            Err(source) => return Err(ObjectError::Corrupt { key, source }),
-        };
-        let index = store
-            .get_range(
-                &key,
-                CHUNK_HEADER as u64..(CHUNK_HEADER + h.index_len()) as u64,
-            )
-            .await?;
-        let (entries, _) = match format::decode_chunk_index(&h, &index) {
-            Ok(decoded) => decoded,
-            Err(source) => return Err(ObjectError::Corrupt { key, source }),
-        };
+        let (h, entries) = read_chunk_index(store, keys.chunk(id), Some(size)).await?;
         m.chunks.insert(
             id,
             ChunkInfo {
@@ -116,6 +99,33 @@ pub(super) async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, Objec
         m.max_seq = m.max_seq.max(h.max_seq);
     }
     Ok(m)
+}
+
+/// Reads and checks the header and index of chunk object `key`. Given the
+/// object's `size` (from a listing), a header that claims a bigger index is
+/// refused before anything is fetched on its word.
+pub(super) async fn read_chunk_index(
+    store: &Store,
+    key: String,
+    size: Option<u64>,
+) -> Result<(ChunkHeader, Vec<IndexEntry>), ObjectError> {
+    let head = store.get_range(&key, 0..CHUNK_HEADER as u64).await?;
+    let fits = |h: ChunkHeader| match size {
+        Some(size) => h.check_index_fits(size).map(|()| h),
+        None => Ok(h),
+    };
+    let h = match format::decode_chunk_header(&head).and_then(fits) {
+        Ok(h) => h,
+        Err(source) => return Err(ObjectError::Corrupt { key, source }),
+    };
+    let index_end = (CHUNK_HEADER + h.index_len()) as u64;
+    let index = store
+        .get_range(&key, CHUNK_HEADER as u64..index_end)
+        .await?;
+    match format::decode_chunk_index(&h, &index) {
+        Ok((entries, _)) => Ok((h, entries)),
+        Err(source) => Err(ObjectError::Corrupt { key, source }),
+    }
 }
 
 /// Loads WAL segments into the write-ahead layer, skipping records the

@@ -16,6 +16,7 @@ use super::format::{
     self, BLOCK, CHUNK_HEADER, CheckpointEntry, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER,
 };
 use super::layout::id_of;
+use super::recovery::read_chunk_index;
 use super::segment::Segment;
 use super::state::{ChunkInfo, DirtyLoc, Mapping};
 use super::{Inner, ObjectError};
@@ -309,22 +310,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
 /// original sequence numbers) into a new chunk that supersedes it.
 async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(), ObjectError> {
     let key = inner.keys.chunk(victim);
-    let head = inner.store.get_range(&key, 0..CHUNK_HEADER as u64).await?;
-    let h = match format::decode_chunk_header(&head) {
-        Ok(h) => h,
-        Err(source) => return Err(ObjectError::Corrupt { key, source }),
-    };
-    let index = inner
-        .store
-        .get_range(
-            &key,
-            CHUNK_HEADER as u64..(CHUNK_HEADER + h.index_len()) as u64,
-        )
-        .await?;
-    let (entries, _) = match format::decode_chunk_index(&h, &index) {
-        Ok(decoded) => decoded,
-        Err(source) => return Err(ObjectError::Corrupt { key, source }),
-    };
+    let (_, entries) = read_chunk_index(&inner.store, key.clone(), None).await?;
     // Live pieces: the map still points at exactly this entry.
     let mut live: Vec<IndexEntry> = Vec::new();
     {
