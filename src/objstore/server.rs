@@ -26,8 +26,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot serve S3 from {path}: {message}")]
-    Backend { path: PathBuf, message: String },
+    /// `s3s-fs` keeps its error's cause private, so only its text is left.
+    #[error("cannot serve S3 from {path}: {reason}")]
+    Backend { path: PathBuf, reason: String },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -63,9 +64,13 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Endpoint, ServerError> {
     for b in &cfg.buckets {
         std::fs::create_dir_all(cfg.dir.join(b)).map_err(dir_err)?;
     }
-    let fs = s3s_fs::FileSystem::new(&cfg.dir).map_err(|e| ServerError::Backend {
+    // Resolving the root here keeps the likely failure a typed one.
+    let root = cfg.dir.canonicalize().map_err(dir_err)?;
+    let fs = s3s_fs::FileSystem::new(&root).map_err(|e| ServerError::Backend {
         path: cfg.dir.clone(),
-        message: format!("{e:?}"),
+        reason: s3s::S3Error::from(e)
+            .source()
+            .map_or_else(|| "unknown error".to_owned(), |s| s.to_string()),
     })?;
     let mut b = S3ServiceBuilder::new(fs);
     b.set_auth(SimpleAuth::from_single(

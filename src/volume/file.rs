@@ -17,7 +17,7 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 use super::buf::ALIGN;
-use super::{Caps, Ctx, Extent, Io, Op, Volume, VolumeError, Wake};
+use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
 
 /// Largest chunk of one read or write SQE (the kernel caps I/O near 2 GiB).
 const MAX_CHUNK: u64 = 1 << 30;
@@ -511,9 +511,10 @@ impl Volume for FileVolume {
 
     fn resume(&self, io: &mut Io, wake: Wake, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         let Wake::Cqe(res) = wake else {
-            return Poll::Ready(Err(VolumeError::Backend(
-                "file volume got a remote completion".into(),
-            )));
+            return Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
+                backend: "file",
+                got: "a remote completion",
+            })));
         };
         match io.op {
             Op::Read | Op::Write => self.rw_done(io, res, ctx),

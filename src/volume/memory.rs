@@ -13,7 +13,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock};
 use std::task::Poll;
 
-use super::{Caps, Ctx, Extent, Io, Op, Volume, VolumeError, Wake};
+use thiserror::Error;
+
+use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
+
+/// Why a memory volume could not get memory for its pages.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("cannot map {len} bytes for a memory volume")]
+    Map {
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mmap returned a null mapping")]
+    NullMap,
+    #[error("a memory group vanished after it was set up")]
+    GroupVanished,
+}
 
 /// Allocation unit.
 pub const PAGE: usize = 64 * 1024;
@@ -55,13 +72,11 @@ impl Region {
             )
         };
         if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            return Err(VolumeError::Backend(format!(
-                "cannot map {len} bytes for a memory volume: {e}"
-            )));
+            let source = std::io::Error::last_os_error();
+            return Err(VolumeError::backend(MemoryError::Map { len, source }));
         }
         let map = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| VolumeError::Backend("mmap returned null".into()))?;
+            .ok_or_else(|| VolumeError::backend(MemoryError::NullMap))?;
         let skew = (HUGE - map.as_ptr() as usize % HUGE) % HUGE;
         // SAFETY: skew < HUGE, so data..data+len lies inside the mapping.
         let data = unsafe { map.add(skew) };
@@ -170,7 +185,7 @@ impl MemoryVolume {
         // Losing a race drops our mapping; the winner's is used.
         let _ = cell.set(made);
         cell.get()
-            .ok_or_else(|| VolumeError::Backend("memory group vanished".into()))
+            .ok_or_else(|| VolumeError::backend(MemoryError::GroupVanished))
     }
 
     /// Calls `f(page index, offset in page, offset in request, length)` for
@@ -370,9 +385,10 @@ impl Volume for MemoryVolume {
         _wake: Wake,
         _ctx: &mut Ctx<'_>,
     ) -> Poll<Result<(), VolumeError>> {
-        Poll::Ready(Err(VolumeError::Backend(
-            "memory volume resumed without pending work".into(),
-        )))
+        Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
+            backend: "memory",
+            got: "a completion",
+        })))
     }
 }
 

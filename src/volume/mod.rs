@@ -3,6 +3,7 @@
 //! on another thread that wakes that core (see [`crate::uring`]).
 
 pub mod buf;
+mod error;
 pub mod file;
 pub mod memory;
 pub mod object;
@@ -11,7 +12,7 @@ pub mod sync;
 use std::task::Poll;
 
 pub use buf::AlignedBuf;
-use thiserror::Error;
+pub use error::{UnexpectedWake, VolumeError};
 
 /// Result of off-core work: optional data for the request (a read's bytes).
 pub type RemoteResult = Result<Option<bytes::Bytes>, VolumeError>;
@@ -179,54 +180,6 @@ pub struct Caps {
     /// Every connection sees the same data and one flush covers all.
     pub multi_conn: bool,
     pub read_only: bool,
-}
-
-/// Why a volume operation failed.
-#[derive(Debug, Error)]
-pub enum VolumeError {
-    #[error("{op} failed: {source}")]
-    Os {
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("not enough space")]
-    NoSpace,
-    #[error("operation not supported quickly")]
-    NotSupported,
-    #[error("volume is read-only")]
-    ReadOnly,
-    #[error("range {offset}+{len} is outside the volume")]
-    OutOfRange { offset: u64, len: u64 },
-    #[error("range {offset}+{len} is not aligned to the volume's {block}-byte blocks")]
-    Unaligned { offset: u64, len: u64, block: u32 },
-    #[error("volume is shutting down")]
-    Shutdown,
-    #[error("{0}")]
-    Backend(String),
-}
-
-impl VolumeError {
-    /// An error from a raw `-errno` result, as io_uring reports them.
-    pub fn from_errno(op: &'static str, errno: i32) -> Self {
-        VolumeError::Os {
-            op,
-            source: std::io::Error::from_raw_os_error(errno),
-        }
-    }
-
-    /// The errno closest to this error, for protocols that speak errno.
-    pub fn errno(&self) -> i32 {
-        match self {
-            VolumeError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            VolumeError::NoSpace => libc::ENOSPC,
-            VolumeError::NotSupported => libc::EOPNOTSUPP,
-            VolumeError::ReadOnly => libc::EPERM,
-            VolumeError::OutOfRange { .. } | VolumeError::Unaligned { .. } => libc::EINVAL,
-            VolumeError::Shutdown => libc::ESHUTDOWN,
-            VolumeError::Backend(_) => libc::EIO,
-        }
-    }
 }
 
 /// A block store the server can export.

@@ -83,6 +83,11 @@ impl Segment {
         }
         let mut pos = at;
         for p in parts {
+            // A trim's empty data part may come when the header took the
+            // last free byte: there is no cell at `pos` to point at then.
+            if p.is_empty() {
+                continue;
+            }
             // SAFETY: [pos, pos + len) is above the published length, so no
             // reader looks at it, and the single-appender contract means no
             // other writer does either; UnsafeCell<u8> has u8's layout.
@@ -137,5 +142,21 @@ mod tests {
         assert_eq!(unsafe { s.append(&[&[0u8; 100]]) }, None, "too big");
         assert_eq!(s.room(), 64 - 10);
         assert_eq!(s.end_pos(), 110);
+    }
+
+    #[test]
+    fn a_record_without_data_may_fill_the_segment_exactly() {
+        // A trim's record is a header and an empty data part; when the
+        // header takes the last free byte, the empty part has no cell.
+        let s = Segment::new(1, 0, 64, b"HEAD");
+        // SAFETY: single-threaded test.
+        assert_eq!(unsafe { s.append(&[&[7u8; 60], &[]]) }, Some(4));
+        assert_eq!((s.len(), s.room()), (64, 0));
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { s.append(&[&[]]) },
+            Some(64),
+            "nothing fits nothing"
+        );
     }
 }
