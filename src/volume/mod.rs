@@ -80,12 +80,19 @@ mod tests {
 /// An operation on a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// Read `len` bytes at `offset` into the buffer.
     Read,
+    /// Write the buffer's `len` bytes at `offset`.
     Write,
+    /// Make every completed write durable.
     Flush,
+    /// Discard a range; it may read back as zeroes or old data.
     Trim,
+    /// Make a range read as zeroes, by punching it or writing zeroes.
     WriteZeroes,
+    /// Report the range's allocation state into `Io::extents`.
     BlockStatus,
+    /// Prefetch a range into the backend's cache.
     Cache,
 }
 
@@ -103,6 +110,7 @@ pub struct IoFlags {
 /// A run of bytes with one allocation state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// Length of the run in bytes.
     pub len: u64,
     /// Not allocated in the backing store.
     pub hole: bool,
@@ -114,9 +122,13 @@ pub struct Extent {
 /// it completes. Buffers are reused between requests.
 #[derive(Debug)]
 pub struct Io {
+    /// What to do.
     pub op: Op,
+    /// First byte of the range, from the start of the volume.
     pub offset: u64,
+    /// Length of the range in bytes.
     pub len: u64,
+    /// Modifiers from the request (FUA, NO_HOLE, FAST_ZERO).
     pub flags: IoFlags,
     /// Destination of a read, source of a write; `len` bytes long for both.
     pub buf: AlignedBuf,
@@ -171,14 +183,21 @@ impl Default for Io {
 /// What a volume supports; the server turns it into NBD transmission flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Caps {
+    /// FLUSH does something (the volume has a volatile write cache).
     pub flush: bool,
+    /// Writes honour FUA.
     pub fua: bool,
+    /// TRIM is supported.
     pub trim: bool,
+    /// WRITE_ZEROES is supported.
     pub write_zeroes: bool,
+    /// WRITE_ZEROES can punch holes cheaply, so FAST_ZERO requests succeed.
     pub fast_zero: bool,
+    /// CACHE (prefetch) is supported.
     pub cache: bool,
     /// Every connection sees the same data and one flush covers all.
     pub multi_conn: bool,
+    /// Writes, trims and zeroing are refused with `ReadOnly`.
     pub read_only: bool,
 }
 
