@@ -99,10 +99,13 @@ impl ServerConfig {
 /// Why a [`ServerConfig`] cannot serve.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// Zero requests in flight per connection would serve nothing.
     #[error("--max-inflight must be at least 1")]
     NoInflight,
+    /// Zero connections would serve nothing.
     #[error("--max-connections must be at least 1")]
     NoConnections,
+    /// The per-connection buffered-bytes limit is zero or exceeds the server-wide one.
     #[error("--max-buffered must be above zero and no more than --max-buffered-total")]
     Buffered,
 }
@@ -110,9 +113,10 @@ pub enum ConfigError {
 /// Why the server could not start or stopped badly.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    /// A listener could not be opened.
+    /// The configuration fails its own checks.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A listener could not be opened.
     #[error(transparent)]
     Listen(#[from] ListenError),
     /// Neither a Unix socket nor a TCP address was given.
