@@ -134,6 +134,7 @@ mod tests {
         assert_eq!(at, 4);
         assert_eq!(s.bytes(4, 6), Some(&b"abcdef"[..]));
         assert_eq!(s.bytes(8, 3), None, "not published");
+        // SAFETY: single-threaded test, segment not sealed.
         assert_eq!(unsafe { s.append(&[&[0u8; 100]]) }, None, "too big");
         assert_eq!(s.room(), 64 - 10);
         assert_eq!(s.end_pos(), 110);
@@ -147,8 +148,8 @@ mod tests {
         // SAFETY: single-threaded test.
         assert_eq!(unsafe { s.append(&[&[7u8; 60], &[]]) }, Some(4));
         assert_eq!((s.len(), s.room()), (64, 0));
-        // SAFETY: as above.
         assert_eq!(
+            // SAFETY: single-threaded test, segment not sealed.
             unsafe { s.append(&[&[]]) },
             Some(64),
             "nothing fits nothing"
