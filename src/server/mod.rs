@@ -1,5 +1,12 @@
 //! The engine: one thread per core, each with its own io_uring, serving the
 //! exports in a shared [`Registry`] on Unix and TCP listeners.
+//!
+//! Rooms: `reactor` (one core's event loop), `conn` (one connection: receive
+//! and send buffers, request slots, dispatch to the volume), `tls`
+//! (STARTTLS), `listener` (sockets and their options), `registry` (the
+//! exports), `limits` (server-wide gauges), `metrics` (per-core counters)
+//! and `signals`. Rings come from [`crate::uring`], the protocol from
+//! [`crate::nbd`], the data from [`crate::volume`].
 
 pub mod conn;
 pub mod limits;

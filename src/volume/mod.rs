@@ -1,6 +1,10 @@
 //! The block store: a `Volume` is a byte range with the operations NBD
 //! needs. Backends complete work inline, on the calling core's io_uring, or
 //! on another thread that wakes that core (see [`crate::uring`]).
+//!
+//! Backends: `memory` (sparse, in RAM), `file` (a file or block device)
+//! and `object` (a log-structured volume in an object store). `buf` is the
+//! aligned request buffer, `sync` drives a volume from a blocking thread.
 
 pub mod buf;
 mod error;
