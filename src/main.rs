@@ -1,6 +1,9 @@
 //! The `vbd` binary: parse the command line, set up logging, and hand the
 //! command to its front end in [`cli`]. Everything else is the library.
 
+// Set here rather than in Cargo.toml's [lints]: see the note there.
+#![warn(unreachable_pub)]
+
 mod cli;
 
 use std::io::IsTerminal;

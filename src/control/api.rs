@@ -1,6 +1,6 @@
 //! The control API: JSON over HTTP on a Unix socket (mode 0600). The
 //! bodies are [`super::model`]'s types; a refusal is an
-//! [`ApiError`](super::error::ApiError), answered as `{"error": "..."}`.
+//! [`ApiError`], answered as `{"error": "..."}`.
 //!
 //! | method | path | body → reply |
 //! |---|---|---|
@@ -8,7 +8,7 @@
 //! | POST | /v1/volumes | CreateVolume → VolumeInfo |
 //! | DELETE | /v1/volumes/{name} | → Done (`{}`) |
 //! | GET | /v1/volumes/{name}/data?offset=N&length=N | → raw bytes (≤ 1 MiB) |
-//! | GET | /v1/vms | → [VmInfo] |
+//! | GET | /v1/vms | → list of VmInfo |
 //! | POST | /v1/vms | VmConfig → VmInfo |
 //! | DELETE | /v1/vms/{name}?grace=SECS | → StopReply |
 //! | POST | /v1/vms/{name}/disks | AttachRequest → DiskInfo |

@@ -1,5 +1,12 @@
 //! The engine: one thread per core, each with its own io_uring, serving the
 //! exports in a shared [`Registry`] on Unix and TCP listeners.
+//!
+//! Rooms: `reactor` (one core's event loop), `conn` (one connection: receive
+//! and send buffers, request slots, dispatch to the volume), `tls`
+//! (STARTTLS), `listener` (sockets and their options), `registry` (the
+//! exports), `limits` (server-wide gauges), `metrics` (per-core counters)
+//! and `signals`. Rings come from [`crate::uring`], the protocol from
+//! [`crate::nbd`], the data from [`crate::volume`].
 
 pub mod conn;
 pub mod limits;
@@ -99,10 +106,13 @@ impl ServerConfig {
 /// Why a [`ServerConfig`] cannot serve.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// Zero requests in flight per connection would serve nothing.
     #[error("--max-inflight must be at least 1")]
     NoInflight,
+    /// Zero connections would serve nothing.
     #[error("--max-connections must be at least 1")]
     NoConnections,
+    /// The per-connection buffered-bytes limit is zero or exceeds the server-wide one.
     #[error("--max-buffered must be above zero and no more than --max-buffered-total")]
     Buffered,
 }
@@ -110,9 +120,10 @@ pub enum ConfigError {
 /// Why the server could not start or stopped badly.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    /// A listener could not be opened.
+    /// The configuration fails its own checks.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A listener could not be opened.
     #[error(transparent)]
     Listen(#[from] ListenError),
     /// Neither a Unix socket nor a TCP address was given.

@@ -52,29 +52,45 @@ fn submit_failed(source: std::io::Error) -> VolumeError {
 /// Why a file could not be opened as a volume.
 #[derive(Debug, Error)]
 pub enum FileError {
-    #[error("cannot open {path}: {source}")]
+    /// The file could not be opened or created.
+    #[error("cannot open {path}")]
     Open {
+        /// The file's path as given.
         path: PathBuf,
+        /// What `open(2)` said.
         #[source]
         source: std::io::Error,
     },
+    /// The file is absent and no size was given to create it with.
     #[error("{path} does not exist; give size= to create it")]
-    Missing { path: PathBuf },
+    Missing {
+        /// The file that was asked for.
+        path: PathBuf,
+    },
+    /// The file's size disagrees with the `size=` option.
     #[error(
         "{path} is {actual} bytes but size={wanted} was given; omit size= to use the file as it is"
     )]
     SizeMismatch {
+        /// The file's path as given.
         path: PathBuf,
+        /// The file's size in bytes.
         actual: u64,
+        /// The `size=` option in bytes.
         wanted: u64,
     },
+    /// Another process holds the file's exclusive lock.
     #[error("{path} is locked by another process (is another vbd serving it?)")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The file another process holds the lock on.
+        path: PathBuf,
+    },
 }
 
 /// How to open a file volume.
 #[derive(Clone, Debug, Default)]
 pub struct FileOptions {
+    /// Open the file read-only and refuse every write.
     pub read_only: bool,
     /// Create the file with this size if missing; must match if present.
     pub size: Option<u64>,

@@ -15,7 +15,7 @@
 pub mod admin;
 pub mod cache;
 mod error;
-pub mod extent_map;
+mod extent_map;
 pub mod format;
 pub mod fuzz;
 pub mod layout;
@@ -23,7 +23,7 @@ mod lifecycle;
 mod options;
 mod read;
 mod recovery;
-pub mod segment;
+mod segment;
 mod state;
 mod stats;
 #[cfg(test)]
