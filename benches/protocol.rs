@@ -4,11 +4,10 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use vbd::nbd::reply;
+use vbd::nbd::reply::{self, Extent};
 use vbd::nbd::request::{Decoder, Event};
 use vbd::nbd::wire::*;
 use vbd::nbd::{ErrorCode, ReplyMode};
-use vbd::volume::Extent;
 
 fn requests(extended: bool, n: usize, write_len: u32) -> Vec<u8> {
     let mut out = Vec::new();
@@ -110,7 +109,7 @@ fn encode(c: &mut Criterion) {
                     64 * 65536,
                     false,
                     1,
-                    black_box(&extents),
+                    black_box(&extents).iter().copied(),
                     &mut out,
                 );
                 out.len()

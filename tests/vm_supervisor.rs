@@ -8,6 +8,7 @@ mod vm_common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use vbd::control::vm_volumes::CatalogExports;
 use vbd::control::volumes::{CreateVolume, VolumeCatalog};
 use vbd::vm::config::{Accel, Disk, Role, VmConfig};
 use vbd::vm::supervisor::{StopOutcome, Supervisor, SupervisorConfig, SupervisorError, VmState};
@@ -31,8 +32,7 @@ fn setup(volumes: &[&str]) -> (VbdServer, Arc<Supervisor>, TempDir) {
     let run = TempDir::new("run");
     let sup = Supervisor::new(
         SupervisorConfig::new(srv.socket.clone(), run.0.clone()),
-        srv.registry.clone(),
-        catalog,
+        Arc::new(CatalogExports::new(srv.registry.clone(), catalog)),
     );
     (srv, sup, run)
 }

@@ -1,43 +1,17 @@
-//! `--export` specifications: `name=os,backend=file,path=disk.img,read-only`.
+//! `--export` specifications: `name=os,backend=file,path=disk.img,read-only`,
+//! parsed into the [`VolumeSpec`] that the control API's volumes use too.
 
 use std::path::PathBuf;
 
-use super::size::parse_size;
+use vbd::control::factory::{BackendSpec, VolumeSpec};
+use vbd::size::parse_size;
+use vbd::volume::object::cache::CacheSize;
 
-/// How big an object volume's cache is, as given on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheSpec {
-    Default,
-    Auto,
-    Bytes(u64),
-}
-
-/// Which volume backend an export uses.
+/// One parsed `--export`: a name and the volume behind it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Memory {
-        size: u64,
-    },
-    File {
-        path: PathBuf,
-        size: Option<u64>,
-        direct: bool,
-    },
-    Object {
-        store: String,
-        volume: String,
-        cache: CacheSpec,
-        /// Create the volume with this size if it does not exist.
-        create: Option<u64>,
-    },
-}
-
-/// One parsed `--export`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExportSpec {
-    pub name: String,
-    pub backend: Backend,
-    pub read_only: bool,
+pub(crate) struct ExportSpec {
+    pub(crate) name: String,
+    pub(crate) volume: VolumeSpec,
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
@@ -60,13 +34,13 @@ impl std::str::FromStr for ExportSpec {
         let mut direct = true;
         let mut store = None;
         let mut volume = None;
-        let mut cache = CacheSpec::Default;
+        let mut cache = CacheSize::Default;
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (k, v) = item.split_once('=').unwrap_or((item, ""));
             match k {
                 "name" => name = Some(v.to_owned()),
                 "backend" => backend = Some(v.to_owned()),
-                "size" => size = Some(parse_size(v)?),
+                "size" => size = Some(parse_size(v).map_err(|e| e.to_string())?),
                 "path" => path = Some(PathBuf::from(v)),
                 "read-only" | "readonly" | "ro" => read_only = parse_bool(k, v)?,
                 "direct" => direct = parse_bool(k, v)?,
@@ -74,9 +48,9 @@ impl std::str::FromStr for ExportSpec {
                 "volume" => volume = Some(v.to_owned()),
                 "cache" => {
                     cache = match v {
-                        "auto" => CacheSpec::Auto,
-                        "default" => CacheSpec::Default,
-                        _ => CacheSpec::Bytes(parse_size(v)?),
+                        "auto" => CacheSize::Auto,
+                        "default" => CacheSize::Default,
+                        _ => CacheSize::Bytes(parse_size(v).map_err(|e| e.to_string())?),
                     }
                 }
                 _ => {
@@ -94,35 +68,36 @@ impl std::str::FromStr for ExportSpec {
         } else {
             "memory"
         };
-        let backend = match backend.as_deref().unwrap_or(default) {
-            "memory" => Backend::Memory {
-                size: size.ok_or_else(|| {
-                    format!("--export {s:?}: a memory export needs size=, e.g. size=1G")
-                })?,
-            },
-            "file" => Backend::File {
-                path: path
-                    .ok_or_else(|| format!("--export {s:?}: a file export needs path=FILE"))?,
-                size,
-                direct,
-            },
-            "object" => Backend::Object {
-                store: store
-                    .ok_or_else(|| format!("--export {s:?}: an object export needs store=URL"))?,
-                volume: volume.unwrap_or_else(|| name.clone()),
-                cache,
-                create: size,
-            },
-            other => {
-                return Err(format!(
-                    "--export {s:?}: unknown backend {other:?}; use memory, file or object"
-                ));
-            }
-        };
+        let backend =
+            match backend.as_deref().unwrap_or(default) {
+                "memory" => BackendSpec::Memory {
+                    size: size.ok_or_else(|| {
+                        format!("--export {s:?}: a memory export needs size=, e.g. size=1G")
+                    })?,
+                },
+                "file" => BackendSpec::File {
+                    path: path
+                        .ok_or_else(|| format!("--export {s:?}: a file export needs path=FILE"))?,
+                    size,
+                    direct,
+                },
+                "object" => BackendSpec::Object {
+                    store: Some(store.ok_or_else(|| {
+                        format!("--export {s:?}: an object export needs store=URL")
+                    })?),
+                    volume: volume.unwrap_or_else(|| name.clone()),
+                    cache,
+                    create: size,
+                },
+                other => {
+                    return Err(format!(
+                        "--export {s:?}: unknown backend {other:?}; use memory, file or object"
+                    ));
+                }
+            };
         Ok(ExportSpec {
             name,
-            backend,
-            read_only,
+            volume: VolumeSpec { backend, read_only },
         })
     }
 }
@@ -134,20 +109,20 @@ mod tests {
     #[test]
     fn parses_memory_and_file() {
         let m: ExportSpec = "name=scratch,backend=memory,size=1G".parse().unwrap();
-        assert_eq!(m.backend, Backend::Memory { size: 1 << 30 });
-        assert!(!m.read_only);
+        assert_eq!(m.volume.backend, BackendSpec::Memory { size: 1 << 30 });
+        assert!(!m.volume.read_only);
         let f: ExportSpec = "name=os,backend=file,path=disk.img,read-only"
             .parse()
             .unwrap();
         assert_eq!(
-            f.backend,
-            Backend::File {
+            f.volume.backend,
+            BackendSpec::File {
                 path: "disk.img".into(),
                 size: None,
                 direct: true
             }
         );
-        assert!(f.read_only);
+        assert!(f.volume.read_only);
     }
 
     #[test]
@@ -156,11 +131,11 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(
-            o.backend,
-            Backend::Object {
-                store: "file:///s".into(),
+            o.volume.backend,
+            BackendSpec::Object {
+                store: Some("file:///s".into()),
                 volume: "os".into(),
-                cache: CacheSpec::Auto,
+                cache: CacheSize::Auto,
                 create: None
             }
         );
@@ -168,11 +143,11 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(
-            o.backend,
-            Backend::Object {
-                store: "s3://b".into(),
+            o.volume.backend,
+            BackendSpec::Object {
+                store: Some("s3://b".into()),
                 volume: "v".into(),
-                cache: CacheSpec::Bytes(64 << 20),
+                cache: CacheSize::Bytes(64 << 20),
                 create: Some(1 << 40)
             }
         );

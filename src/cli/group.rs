@@ -2,7 +2,7 @@
 //! running as its own user, say) may connect to 0660 sockets.
 
 /// Resolves a group name or numeric id to a gid.
-pub fn parse_group(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_group(s: &str) -> Result<u32, String> {
     if let Ok(gid) = s.parse::<u32>() {
         return Ok(gid);
     }

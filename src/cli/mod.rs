@@ -1,17 +1,29 @@
-//! Command-line parsing helpers shared by the `vbd` binary's subcommands.
+//! The command line's front ends, one file per command: each holds the
+//! command's clap types and turns them into library calls (`serve` starts
+//! the server and the control plane; `volume` and `objstore` work on stores
+//! directly; `vm` and `status` talk to a running vbd through
+//! [`vbd::control::client`]). `export_spec` and `group` parse `serve`'s
+//! `--export` and `--socket-group` values. This is the binary's edge, so it
+//! may use anyhow; the library never imports it.
 
-pub mod export_spec;
-pub mod group;
-pub mod size;
+pub(crate) mod export_spec;
+pub(crate) mod group;
+pub(crate) mod objstore;
+pub(crate) mod serve;
+pub(crate) mod status;
+pub(crate) mod vm;
+pub(crate) mod volume;
 
-pub use export_spec::{Backend, CacheSpec, ExportSpec};
-pub use group::parse_group;
-pub use size::parse_size;
-
+use std::io::Write;
 use std::path::PathBuf;
 
+use anyhow::{Context, Result};
+use clap::Args;
+use vbd::control::client::ControlClient;
+use vbd::control::service::default_control_socket;
+
 /// Where `vbd serve` listens when given no `--unix` or `--tcp`.
-pub fn default_socket() -> PathBuf {
+pub(crate) fn default_socket() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     if uid == 0 {
@@ -25,7 +37,7 @@ pub fn default_socket() -> PathBuf {
 
 /// Where the embedded default keeps its objects: `/var/lib/vbd/objects` as
 /// root, else `$XDG_DATA_HOME/vbd/objects` or `~/.local/share/vbd/objects`.
-pub fn default_store_dir() -> PathBuf {
+pub(crate) fn default_store_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/lib/vbd/objects");
@@ -35,4 +47,37 @@ pub fn default_store_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
     PathBuf::from(home).join(".local/share/vbd/objects")
+}
+
+/// The embedded default store's URL.
+pub(crate) fn default_store_url() -> String {
+    format!("file://{}", default_store_dir().display())
+}
+
+/// Where to find vbd's control socket.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ControlArg {
+    /// The control socket of `vbd serve` (default: control.sock beside the
+    /// default NBD socket).
+    #[arg(long, global = true, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+impl ControlArg {
+    /// A client for the chosen (or default) control socket.
+    pub(crate) fn client(&self) -> ControlClient {
+        let path = self
+            .control
+            .clone()
+            .unwrap_or_else(|| default_control_socket(&default_socket()));
+        ControlClient::new(&path)
+    }
+}
+
+/// Writes a command's output to stdout.
+pub(crate) fn print(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .context("cannot write output")
 }

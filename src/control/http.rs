@@ -21,21 +21,30 @@ pub const MAX_RESPONSE: usize = 4 << 20;
 /// Why an HTTP exchange failed.
 #[derive(Debug, Error)]
 pub enum HttpError {
-    #[error("I/O error: {0}")]
+    /// Reading from or writing to the socket failed.
+    #[error("I/O error")]
     Io(#[from] std::io::Error),
+    /// The bytes are not an HTTP/1.1 message; holds what was wrong.
     #[error("malformed HTTP: {0}")]
     Malformed(&'static str),
+    /// The request line and headers exceed `MAX_HEAD`.
     #[error("request head is larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
+    /// The body exceeds the limit; holds its declared length in bytes.
     #[error("body of {0} bytes is larger than allowed")]
     BodyTooLarge(usize),
+    /// `Transfer-Encoding: chunked`, which this small server does not speak.
     #[error("chunked bodies are not supported; send Content-Length")]
     Chunked,
+    /// The client could not reach a `vbd serve` on the control socket.
     #[error(
-        "cannot connect to the control socket {path}: {source}; is `vbd serve` running with this --control path?"
+        "cannot connect to the control socket {} (is `vbd serve` running with this --control path?)",
+        path.display()
     )]
     Connect {
+        /// The control socket's path.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
@@ -44,10 +53,13 @@ pub enum HttpError {
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// `GET`, `POST`, `DELETE`, ...
     pub method: String,
     /// Path without the query, split on '/', empty segments dropped.
     pub segments: Vec<String>,
+    /// Query parameters in order, undecoded.
     pub query: Vec<(String, String)>,
+    /// Exactly `Content-Length` bytes.
     pub body: Vec<u8>,
 }
 
@@ -64,8 +76,11 @@ impl Request {
 /// A response to send.
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// HTTP status code.
     pub status: u16,
+    /// `Content-Type` header.
     pub content_type: &'static str,
+    /// The whole body (sent with `Content-Length`).
     pub body: Vec<u8>,
 }
 
@@ -293,5 +308,27 @@ mod tests {
             parse(b"GET / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").await,
             Err(HttpError::Io(_))
         ));
+    }
+
+    #[test]
+    fn a_missing_socket_is_named_with_its_cause_once() {
+        let e = call(
+            Path::new("/nonexistent/vbd-control.sock"),
+            "GET",
+            "/v1/status",
+            None,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        let text = crate::error::Chain(&e).to_string();
+        assert!(
+            text.starts_with("cannot connect to the control socket /nonexistent/vbd-control.sock"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
     }
 }

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use super::http::{self, Response};
 use super::prometheus::{CONTENT_TYPE, Kind, Text, seconds_from_us};
 use super::volumes::VolumeCatalog;
+use crate::error::Chain;
 use crate::runtime::{StoppableTask, runtime};
 use crate::server::ServerHandle;
 use crate::server::metrics::{BUCKETS, OpKind, bucket_bound_us};
@@ -24,9 +25,11 @@ use crate::volume::Volume;
 
 /// Where metrics and status come from.
 pub struct Sources {
+    /// The NBD server: exports, gauges, per-core counters.
     pub server: ServerHandle,
     /// Absent when vbd runs without a control socket.
     pub supervisor: Option<Arc<Supervisor>>,
+    /// Volumes created through the API; absent like the supervisor.
     pub catalog: Option<Arc<VolumeCatalog>>,
 }
 
@@ -506,7 +509,7 @@ async fn scrape(mut stream: tokio::net::TcpStream, sources: &Sources) {
     let req = match tokio::time::timeout(READ_TIMEOUT, http::read_request(&mut stream)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            debug!("bad metrics request: {e}");
+            debug!("bad metrics request: {}", Chain(&e));
             return;
         }
         Err(_) => return,

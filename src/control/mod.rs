@@ -1,13 +1,22 @@
-//! The control plane: a small tokio runtime beside the reactors for the
-//! slow, asynchronous work (QMP, object-store traffic, the control API).
-//! The data path never blocks on it; results come back to the reactors
-//! through [`crate::volume::Completer`].
+//! The control plane, the library's top layer: the control API on a Unix
+//! socket (`api` routes, `error` refusals, `model` the JSON both ends share,
+//! `http` the small HTTP/1.1 both ends speak, `client` the blocking client
+//! the CLI uses), the volumes it manages (`volumes`, opened through
+//! `factory` like `vbd serve --export`'s), the supervisor's view of them
+//! (`vm_volumes`), what `/metrics` (`metrics`, `prometheus`) and
+//! `/v1/status` (`status`) report, and `service`, which starts it all beside
+//! the NBD server. It runs on [`crate::runtime`], beside the reactors, never
+//! on them.
 
 pub mod api;
 pub mod client;
+pub mod error;
+pub mod factory;
 pub mod http;
 pub mod metrics;
+pub mod model;
 pub mod prometheus;
 pub mod service;
 pub mod status;
+pub mod vm_volumes;
 pub mod volumes;

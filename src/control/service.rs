@@ -6,15 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::api::{ControlApi, ControlServer, serve};
+use super::factory::VolumeFactory;
 use super::metrics::Sources;
-use super::volumes::{VolumeBackend, VolumeCatalog};
+use super::vm_volumes::CatalogExports;
+use super::volumes::VolumeCatalog;
 use crate::runtime::runtime;
 use crate::server::ServerHandle;
 use crate::vm::supervisor::{Supervisor, SupervisorConfig};
 
 /// The running control plane.
 pub struct ControlPlane {
+    /// Runs the VMs.
     pub supervisor: Arc<Supervisor>,
+    /// Volumes created through the API.
     pub catalog: Arc<VolumeCatalog>,
     /// What metrics and status read, for other listeners to share.
     pub sources: Arc<Sources>,
@@ -29,24 +33,20 @@ pub fn default_control_socket(nbd_socket: &Path) -> PathBuf {
 impl ControlPlane {
     /// Starts the control API on `control` for the running NBD server
     /// `nbd`; VMs reach their disks through `nbd_socket` and keep their run
-    /// files under `run_dir`.
+    /// files under `run_dir`; volumes created through the API open through
+    /// `factory`, the same one `vbd serve --export` used.
     pub fn start(
         nbd: ServerHandle,
         nbd_socket: PathBuf,
         control: &Path,
         run_dir: PathBuf,
-        backends: Vec<Box<dyn VolumeBackend>>,
+        factory: VolumeFactory,
     ) -> std::io::Result<ControlPlane> {
-        let mut catalog = VolumeCatalog::new();
-        for b in backends {
-            catalog.register(b);
-        }
-        let catalog = Arc::new(catalog);
+        let catalog = Arc::new(VolumeCatalog::with_factory(factory));
         let registry = nbd.registry.clone();
         let supervisor = Supervisor::new(
             SupervisorConfig::new(nbd_socket, run_dir),
-            registry.clone(),
-            catalog.clone(),
+            Arc::new(CatalogExports::new(registry.clone(), catalog.clone())),
         );
         let sources = Arc::new(Sources {
             server: nbd,

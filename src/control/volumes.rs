@@ -1,194 +1,140 @@
-//! The volumes the control API manages. Each backend (memory, file,
-//! object) registers a [`VolumeBackend`] under its name; the catalog
-//! itself knows nothing about any of them.
+//! The volumes the control API manages: `POST /v1/volumes` requests become
+//! [`VolumeSpec`]s, opened through the server's one [`VolumeFactory`] and
+//! kept by name until deleted.
 
-use crate::lock::MutexExt;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use thiserror::Error;
 
+use super::factory::{BackendSpec, OpenError, VolumeFactory, VolumeSpec, off_runtime};
+use crate::lock::MutexExt;
 use crate::server::registry::valid_name;
+use crate::size::{SizeError, parse_size};
 use crate::volume::Volume;
-use crate::volume::file::{FileOptions, FileVolume};
-use crate::volume::memory::MemoryVolume;
-use crate::volume::object::ObjectOptions;
-use crate::volume::object::admin;
 use crate::volume::object::cache::CacheSize;
 
-/// A request to create a volume; backend-specific keys stay in `options`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CreateVolume {
-    pub name: String,
-    pub backend: String,
-    #[serde(default)]
-    pub size: Option<u64>,
-    #[serde(default)]
-    pub read_only: bool,
-    /// Everything else, for the backend to read (e.g. `path`, `direct`).
-    #[serde(flatten)]
-    pub options: Map<String, Value>,
-}
+pub use super::model::{CreateVolume, VolumeInfo};
 
-/// A catalogued volume as the API lists it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VolumeInfo {
-    pub name: String,
-    pub backend: String,
-    pub size: u64,
-    pub read_only: bool,
-    pub description: String,
-}
+/// The backends a request may name.
+const BACKENDS: [&str; 3] = ["file", "memory", "object"];
 
 /// Why a volume operation failed.
 #[derive(Debug, Error)]
 pub enum VolumeStoreError {
+    /// The name cannot name an export or a store's objects.
     #[error("volume name {0:?} is invalid: use 1-256 letters, digits, '-', '_' or '.'")]
     BadName(String),
+    /// The catalog already has a volume of this name.
     #[error("a volume named {0:?} already exists; delete it first or pick another name")]
     Exists(String),
+    /// The catalog has no volume of this name.
     #[error("no volume named {0:?}; create it first (vbd vm volume create)")]
     Missing(String),
-    #[error("unknown volume backend {0:?}; available: {1}")]
-    UnknownBackend(String, String),
+    /// The request named a backend other than file, memory or object.
+    #[error("unknown volume backend {0:?}; available: {available}", available = BACKENDS.join(", "))]
+    UnknownBackend(String),
+    /// The request's fields do not fit its backend (a missing size or path, say).
     #[error("{backend} volume {name:?}: {reason}")]
     Invalid {
+        /// The backend asked for.
         backend: &'static str,
+        /// The volume's name.
         name: String,
+        /// What is wrong, as a sentence for the client.
         reason: String,
     },
-    #[error("{backend} volume {name:?} cannot be opened: {source}")]
-    Open {
-        backend: &'static str,
+    /// An object volume's `cache` string is neither `auto` nor a size.
+    #[error("object volume {name:?}: cache")]
+    BadCache {
+        /// The volume's name.
         name: String,
+        /// Why the size did not parse.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: SizeError,
+    },
+    /// The backend could not open or create the volume.
+    #[error("{backend} volume {name:?} cannot be opened")]
+    Open {
+        /// The backend asked for.
+        backend: &'static str,
+        /// The volume's name.
+        name: String,
+        /// The backend's reason.
+        #[source]
+        source: Box<OpenError>,
     },
 }
 
-/// Creates volumes of one kind.
-pub trait VolumeBackend: Send + Sync {
-    /// The `backend` value that selects this backend.
-    fn name(&self) -> &'static str;
-    /// Opens or creates the volume `req` describes.
-    fn create(&self, req: &CreateVolume) -> Result<Arc<dyn Volume>, VolumeStoreError>;
-}
-
-/// Sparse in-memory volumes; contents vanish with the process.
-pub struct MemoryBackend;
-
-impl VolumeBackend for MemoryBackend {
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-    fn create(&self, req: &CreateVolume) -> Result<Arc<dyn Volume>, VolumeStoreError> {
-        let size = req
-            .size
-            .filter(|s| *s > 0)
-            .ok_or_else(|| VolumeStoreError::Invalid {
-                backend: "memory",
-                name: req.name.clone(),
-                reason: "needs a size, e.g. size=1G".into(),
-            })?;
-        Ok(Arc::new(MemoryVolume::new(size, req.read_only)))
-    }
-}
-
-/// Object-store volumes: `store` (a URL; default the server's local store),
-/// `cache` (bytes or "auto"); `size` creates the volume when missing.
-pub struct ObjectBackend {
-    /// Store used when the request names none.
-    pub default_store: String,
-    /// Where the volumes' write-ahead logs go (None: the default place).
-    pub wal_root: Option<PathBuf>,
-}
-
-impl VolumeBackend for ObjectBackend {
-    fn name(&self) -> &'static str {
-        "object"
-    }
-    fn create(&self, req: &CreateVolume) -> Result<Arc<dyn Volume>, VolumeStoreError> {
-        let invalid = |reason: &str| VolumeStoreError::Invalid {
-            backend: "object",
-            name: req.name.clone(),
-            reason: reason.into(),
-        };
-        let store = match req.options.get("store") {
-            None => self.default_store.clone(),
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(invalid("store must be a URL string")),
-        };
-        let cache = match req.options.get("cache") {
-            None => CacheSize::Default,
-            Some(Value::String(s)) if s == "auto" => CacheSize::Auto,
-            Some(Value::String(s)) => CacheSize::Bytes(
-                crate::cli::parse_size(s).map_err(|e| invalid(&format!("cache: {e}")))?,
-            ),
-            Some(Value::Number(n)) => {
-                CacheSize::Bytes(n.as_u64().ok_or_else(|| invalid("cache must be bytes"))?)
+/// The spec a create request describes; the volume is named `req.name` in
+/// its store too.
+fn spec(req: &CreateVolume) -> Result<VolumeSpec, VolumeStoreError> {
+    let invalid = |backend: &'static str, reason: String| VolumeStoreError::Invalid {
+        backend,
+        name: req.name.clone(),
+        reason,
+    };
+    let backend = match req.backend.as_str() {
+        "memory" => BackendSpec::Memory {
+            size: req
+                .size
+                .filter(|s| *s > 0)
+                .ok_or_else(|| invalid("memory", "needs a size, e.g. size=1G".into()))?,
+        },
+        "file" => {
+            let invalid = |reason: &str| invalid("file", reason.into());
+            BackendSpec::File {
+                path: req
+                    .options
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .map(PathBuf::from)
+                    .ok_or_else(|| invalid("needs path=FILE"))?,
+                size: req.size,
+                direct: match req.options.get("direct") {
+                    None => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(invalid("direct must be true or false")),
+                },
             }
-            Some(_) => return Err(invalid("cache must be a size or \"auto\"")),
-        };
-        let mut opts = ObjectOptions {
-            read_only: req.read_only,
-            cache,
-            ..ObjectOptions::default()
-        };
-        if let Some(d) = &self.wal_root {
-            opts.wal_root = d.clone();
         }
-        let name = req.name.clone();
-        let size = req.size;
-        let vol = off_runtime(move || admin::open_url(&store, &name, size, opts)).map_err(|e| {
-            VolumeStoreError::Open {
-                backend: "object",
-                name: req.name.clone(),
-                source: Box::new(e),
+        "object" => {
+            let invalid = |reason: String| invalid("object", reason);
+            BackendSpec::Object {
+                store: match req.options.get("store") {
+                    None => None,
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(_) => return Err(invalid("store must be a URL string".into())),
+                },
+                volume: req.name.clone(),
+                cache: match req.options.get("cache") {
+                    None => CacheSize::Default,
+                    Some(Value::String(s)) if s == "auto" => CacheSize::Auto,
+                    Some(Value::String(s)) => {
+                        CacheSize::Bytes(parse_size(s).map_err(|source| {
+                            VolumeStoreError::BadCache {
+                                name: req.name.clone(),
+                                source,
+                            }
+                        })?)
+                    }
+                    Some(Value::Number(n)) => CacheSize::Bytes(
+                        n.as_u64()
+                            .ok_or_else(|| invalid("cache must be bytes".into()))?,
+                    ),
+                    Some(_) => return Err(invalid("cache must be a size or \"auto\"".into())),
+                },
+                create: req.size,
             }
-        })?;
-        Ok(Arc::new(vol))
-    }
-}
-
-/// Raw files (created with `size` when missing), io_uring with O_DIRECT.
-pub struct FileBackend;
-
-impl VolumeBackend for FileBackend {
-    fn name(&self) -> &'static str {
-        "file"
-    }
-    fn create(&self, req: &CreateVolume) -> Result<Arc<dyn Volume>, VolumeStoreError> {
-        let invalid = |reason: &str| VolumeStoreError::Invalid {
-            backend: "file",
-            name: req.name.clone(),
-            reason: reason.into(),
-        };
-        let path = req
-            .options
-            .get("path")
-            .and_then(Value::as_str)
-            .map(PathBuf::from)
-            .ok_or_else(|| invalid("needs path=FILE"))?;
-        let direct = match req.options.get("direct") {
-            None => true,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(invalid("direct must be true or false")),
-        };
-        let opts = FileOptions {
-            read_only: req.read_only,
-            size: req.size,
-            no_direct: !direct,
-        };
-        let vol = FileVolume::open(&path, &opts).map_err(|e| VolumeStoreError::Open {
-            backend: "file",
-            name: req.name.clone(),
-            source: Box::new(e),
-        })?;
-        Ok(Arc::new(vol))
-    }
+        }
+        other => return Err(VolumeStoreError::UnknownBackend(other.to_owned())),
+    };
+    Ok(VolumeSpec {
+        backend,
+        read_only: req.read_only,
+    })
 }
 
 struct Entry {
@@ -197,32 +143,24 @@ struct Entry {
 }
 
 /// Named volumes created through the control API.
+#[derive(Default)]
 pub struct VolumeCatalog {
-    backends: BTreeMap<&'static str, Box<dyn VolumeBackend>>,
+    factory: VolumeFactory,
     volumes: Mutex<BTreeMap<String, Entry>>,
 }
 
-impl Default for VolumeCatalog {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl VolumeCatalog {
-    /// A catalog with the memory and file backends.
+    /// A catalog without a default store: object volumes must name theirs.
     pub fn new() -> Self {
-        let mut c = VolumeCatalog {
-            backends: BTreeMap::new(),
-            volumes: Mutex::new(BTreeMap::new()),
-        };
-        c.register(Box::new(MemoryBackend));
-        c.register(Box::new(FileBackend));
-        c
+        Self::default()
     }
 
-    /// Adds (or replaces) a backend.
-    pub fn register(&mut self, backend: Box<dyn VolumeBackend>) {
-        self.backends.insert(backend.name(), backend);
+    /// A catalog that opens volumes through `factory`.
+    pub fn with_factory(factory: VolumeFactory) -> Self {
+        VolumeCatalog {
+            factory,
+            volumes: Mutex::default(),
+        }
     }
 
     /// Creates a volume and records it.
@@ -230,17 +168,25 @@ impl VolumeCatalog {
         if !valid_name(&req.name) {
             return Err(VolumeStoreError::BadName(req.name.clone()));
         }
-        let backend = self.backends.get(req.backend.as_str()).ok_or_else(|| {
-            let names: Vec<&str> = self.backends.keys().copied().collect();
-            VolumeStoreError::UnknownBackend(req.backend.clone(), names.join(", "))
-        })?;
+        if !BACKENDS.contains(&req.backend.as_str()) {
+            return Err(VolumeStoreError::UnknownBackend(req.backend.clone()));
+        }
         if self.lock().contains_key(&req.name) {
             return Err(VolumeStoreError::Exists(req.name.clone()));
         }
-        let volume = backend.create(req)?;
+        let spec = spec(req)?;
+        let backend = spec.backend.name();
+        let volume = self
+            .factory
+            .open(&spec)
+            .map_err(|source| VolumeStoreError::Open {
+                backend,
+                name: req.name.clone(),
+                source: Box::new(source),
+            })?;
         let info = VolumeInfo {
             name: req.name.clone(),
-            backend: backend.name().to_owned(),
+            backend: backend.to_owned(),
             size: volume.size(),
             read_only: req.read_only || volume.caps().read_only,
             description: volume.describe(),
@@ -299,22 +245,6 @@ pub fn shutdown_detached(volume: Arc<dyn Volume>) {
     off_runtime(move || volume.shutdown());
 }
 
-/// Runs blocking work that may itself `block_on` the control runtime, on a
-/// plain thread, without stalling the async worker that asked for it.
-fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    let run = || {
-        std::thread::scope(|s| match s.spawn(f).join() {
-            Ok(v) => v,
-            Err(panic) => std::panic::resume_unwind(panic),
-        })
-    };
-    if tokio::runtime::Handle::try_current().is_ok() {
-        tokio::task::block_in_place(run)
-    } else {
-        run()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,5 +290,34 @@ mod tests {
             let e = c.create(&req(&body)).unwrap_err();
             assert!(matches!(e, VolumeStoreError::BadName(_)), "{name}: {e}");
         }
+    }
+
+    #[test]
+    fn object_requests_become_specs() {
+        let s = spec(&req(
+            r#"{"name":"v","backend":"object","store":"s3://b","cache":"64M","size":4096,"read_only":true}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            s,
+            VolumeSpec {
+                backend: BackendSpec::Object {
+                    store: Some("s3://b".into()),
+                    volume: "v".into(),
+                    cache: CacheSize::Bytes(64 << 20),
+                    create: Some(4096),
+                },
+                read_only: true,
+            }
+        );
+        let e = spec(&req(r#"{"name":"v","backend":"object","cache":"lots"}"#)).unwrap_err();
+        assert_eq!(
+            crate::error::Chain(&e).to_string(),
+            "object volume \"v\": cache: size \"lots\" must start with a number, like 512M or 1G"
+        );
+        let e = VolumeCatalog::new()
+            .create(&req(r#"{"name":"v","backend":"object","size":4096}"#))
+            .unwrap_err();
+        assert!(matches!(e, VolumeStoreError::Open { .. }), "{e}");
     }
 }

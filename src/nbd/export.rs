@@ -6,8 +6,11 @@ use super::wire::*;
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockSizes {
+    /// Smallest unit of I/O.
     pub minimum: u32,
+    /// Size that performs best.
     pub preferred: u32,
+    /// Largest request.
     pub maximum: u32,
 }
 
@@ -28,26 +31,39 @@ impl Default for BlockSizes {
 pub struct ExportInfo {
     /// Opaque to the protocol; the server uses it to find the volume again.
     pub id: usize,
+    /// What clients ask for.
     pub name: String,
+    /// Shown by `NBD_INFO_DESCRIPTION`.
     pub description: String,
+    /// Size in bytes.
     pub size: u64,
     /// Transmission flags, without `NBD_FLAG_SEND_DF` (which depends on the
     /// reply mode the client negotiates).
     pub flags: u16,
+    /// Block sizes advertised to clients.
     pub block: BlockSizes,
 }
 
 /// What a volume can do, for computing transmission flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Features {
+    /// Writes are refused.
     pub read_only: bool,
+    /// FLUSH is supported.
     pub flush: bool,
+    /// FUA is supported.
     pub fua: bool,
+    /// TRIM is supported.
     pub trim: bool,
+    /// WRITE_ZEROES is supported.
     pub write_zeroes: bool,
+    /// FAST_ZERO is supported.
     pub fast_zero: bool,
+    /// CACHE is supported.
     pub cache: bool,
+    /// Connections share data and flushes (NBD_FLAG_CAN_MULTI_CONN).
     pub multi_conn: bool,
+    /// The export is a rotating disk.
     pub rotational: bool,
 }
 

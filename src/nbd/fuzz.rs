@@ -6,10 +6,10 @@
 use super::export::{BlockSizes, ExportInfo, Exports, Features};
 use super::handshake::{Handshake, HandshakeConfig, Progress, TlsMode};
 use super::reply;
+use super::reply::Extent;
 use super::request::{self, Command, Decoder, Event, Request};
 use super::session::{BASE_ALLOCATION_ID, ReplyMode, Session};
 use super::wire::*;
-use crate::volume::Extent;
 
 /// A fixed catalogue: "a" (also the default) and "ro", read-only.
 struct Catalogue;
@@ -214,7 +214,7 @@ fn reply_for(s: &Session, req: &Request, checked: Result<Command, request::Refus
             let mut out = Vec::new();
             let ctx = s.base_allocation.unwrap_or(0);
             reply::block_status(
-                mode, req.cookie, req.offset, req.length, req_one, ctx, &extents, &mut out,
+                mode, req.cookie, req.offset, req.length, req_one, ctx, extents, &mut out,
             );
             check_header(mode, &out, req.cookie);
             let (hdr, desc) = if mode == ReplyMode::Extended {

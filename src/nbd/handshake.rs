@@ -27,6 +27,7 @@ pub enum TlsMode {
 pub struct HandshakeConfig {
     /// Options a client may send before we hang up (a denial-of-service guard).
     pub max_options: usize,
+    /// Whether TLS is offered, required or off.
     pub tls: TlsMode,
 }
 

@@ -1,6 +1,11 @@
 //! The NBD protocol, sans-IO: handshake and transmission as pure state
 //! machines and codecs (bytes in, events and bytes out). No sockets, no
 //! clocks; the server and the fuzzers drive the same code.
+//!
+//! `handshake` negotiates options, `session` is what it agreed on,
+//! `request` decodes transmission requests, `reply` encodes replies,
+//! `export` describes an export without knowing its storage, `wire` holds
+//! the protocol's constants and `error` its error codes.
 
 pub mod error;
 pub mod export;

@@ -5,7 +5,22 @@
 use super::error::ErrorCode;
 use super::session::ReplyMode;
 use super::wire::*;
-use crate::volume::{Extent, MAX_EXTENTS};
+
+/// A run of bytes with one allocation state, as `base:allocation`
+/// describes it; the server converts its store's extents to these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Not allocated (`NBD_STATE_HOLE`).
+    pub hole: bool,
+    /// Reads as zeroes (`NBD_STATE_ZERO`).
+    pub zero: bool,
+}
+
+/// Most descriptors one BLOCK_STATUS reply carries; clients ask again for
+/// the rest.
+pub const MAX_DESCRIPTORS: usize = 1024;
 
 /// A reply header plus any fixed payload prefix, ready to send.
 #[derive(Clone, Copy)]
@@ -135,7 +150,8 @@ pub fn read_data(mode: ReplyMode, cookie: u64, offset: u64, len: u64) -> Header 
 }
 
 /// Encodes a complete BLOCK_STATUS reply for one context into `out`.
-/// Extents are clipped to the requested range, and to one with `req_one`.
+/// Extents are clipped to the requested range, to [`MAX_DESCRIPTORS`], and
+/// to one with `req_one`.
 #[allow(clippy::too_many_arguments)]
 pub fn block_status(
     mode: ReplyMode,
@@ -144,11 +160,11 @@ pub fn block_status(
     length: u64,
     req_one: bool,
     context: u32,
-    extents: &[Extent],
+    extents: impl IntoIterator<Item = Extent>,
     out: &mut Vec<u8>,
 ) {
     let extended = mode == ReplyMode::Extended;
-    let limit = if req_one { 1 } else { MAX_EXTENTS };
+    let limit = if req_one { 1 } else { MAX_DESCRIPTORS };
     // Compact descriptors have 32-bit lengths; keep them block-aligned.
     let max_desc = if extended {
         u64::MAX
@@ -292,7 +308,7 @@ mod tests {
             1500,
             false,
             1,
-            &extents,
+            extents,
             &mut out,
         );
         assert_eq!(&out[16..20], &(4u32 + 3 * 8).to_be_bytes());
@@ -307,11 +323,11 @@ mod tests {
             .collect();
         assert_eq!(descs, [(100, 3), (1000, 0), (400, 3)]);
         out.clear();
-        block_status(ReplyMode::Structured, 1, 0, 50, true, 1, &extents, &mut out);
+        block_status(ReplyMode::Structured, 1, 0, 50, true, 1, extents, &mut out);
         assert_eq!(out.len(), 20 + 4 + 8);
         assert_eq!(&out[24..28], &50u32.to_be_bytes());
         out.clear();
-        block_status(ReplyMode::Extended, 1, 8, 50, false, 1, &[], &mut out);
+        block_status(ReplyMode::Extended, 1, 8, 50, false, 1, [], &mut out);
         assert_eq!(&out[6..8], &REPLY_TYPE_BLOCK_STATUS_EXT.to_be_bytes());
         assert_eq!(&out[16..24], &8u64.to_be_bytes());
         assert_eq!(

@@ -14,10 +14,13 @@ pub const EXTENDED_HEADER: usize = 32;
 /// A decoded request header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
+    /// Echoed in the reply.
     pub cookie: u64,
+    /// NBD_CMD_FLAG_* bits.
     pub flags: u16,
     /// Raw command number; see [`Command::from_wire`].
     pub command: u16,
+    /// Where in the export.
     pub offset: u64,
     /// Effect length: bytes to read, write, trim, zero or describe.
     pub length: u64,
@@ -28,13 +31,21 @@ pub struct Request {
 /// Commands this server knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
+    /// NBD_CMD_READ.
     Read,
+    /// NBD_CMD_WRITE.
     Write,
+    /// NBD_CMD_DISC.
     Disc,
+    /// NBD_CMD_FLUSH.
     Flush,
+    /// NBD_CMD_TRIM.
     Trim,
+    /// NBD_CMD_CACHE.
     Cache,
+    /// NBD_CMD_WRITE_ZEROES.
     WriteZeroes,
+    /// NBD_CMD_BLOCK_STATUS.
     BlockStatus,
 }
 
@@ -65,8 +76,13 @@ impl Command {
 pub enum Event<'a> {
     /// A request header; if `payload > 0`, `Payload` events follow.
     Request(Request),
-    /// Part of the current request's payload; `last` marks the final part.
-    Payload { data: &'a [u8], last: bool },
+    /// Part of the current request's payload.
+    Payload {
+        /// The bytes, borrowed from the input.
+        data: &'a [u8],
+        /// This part ends the payload.
+        last: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -237,7 +253,9 @@ fn be(bytes: &[u8]) -> u64 {
 /// Why a request is refused, with a message for the client's user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
+    /// The error the client gets.
     pub code: ErrorCode,
+    /// Why, for the client's user (structured replies carry it).
     pub message: &'static str,
 }
 

@@ -19,9 +19,11 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 /// The negotiated state of one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
+    /// The export the client attached to.
     pub export: ExportInfo,
     /// Transmission flags exactly as sent to the client.
     pub flags: u16,
+    /// Which reply format the client negotiated.
     pub mode: ReplyMode,
     /// Set when the client selected `base:allocation` for this export.
     pub base_allocation: Option<u32>,

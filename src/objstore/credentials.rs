@@ -3,13 +3,46 @@
 
 use std::path::{Path, PathBuf};
 
-use super::StoreError;
+use thiserror::Error;
+
+/// Why no credentials could be had.
+#[derive(Debug, Error)]
+pub enum CredentialsError {
+    /// Neither the environment nor the credentials file has a key pair.
+    #[error(
+        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write them to \
+         ~/.aws/credentials (or the file AWS_SHARED_CREDENTIALS_FILE names)"
+    )]
+    Missing,
+    /// The credentials file exists but could not be read.
+    #[error("cannot read credentials file {path}")]
+    Read {
+        /// The credentials file.
+        path: PathBuf,
+        /// What the filesystem said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The credentials file lacks the profile or one of its two keys.
+    #[error(
+        "credentials file {path} has no [{profile}] section with aws_access_key_id and aws_secret_access_key"
+    )]
+    NoProfile {
+        /// The credentials file read.
+        path: PathBuf,
+        /// The profile looked for (`AWS_PROFILE`, else `default`).
+        profile: String,
+    },
+}
 
 /// An access key pair.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
+    /// AWS access key id (public half).
     pub access_key_id: String,
+    /// AWS secret access key (private half).
     pub secret_access_key: String,
+    /// Session token of temporary credentials, if any.
     pub session_token: Option<String>,
 }
 
@@ -23,7 +56,7 @@ pub fn default_path() -> Option<PathBuf> {
 }
 
 /// Reads the profile `$AWS_PROFILE` (default `default`) from the default file.
-pub fn from_file() -> Result<Option<Credentials>, StoreError> {
+pub fn from_file() -> Result<Option<Credentials>, CredentialsError> {
     let Some(path) = default_path() else {
         return Ok(None);
     };
@@ -35,18 +68,14 @@ pub fn from_file() -> Result<Option<Credentials>, StoreError> {
 }
 
 /// Reads one profile from a credentials file.
-pub fn read(path: &Path, profile: &str) -> Result<Credentials, StoreError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        StoreError::Config(format!(
-            "cannot read credentials file {}: {e}",
-            path.display()
-        ))
+pub fn read(path: &Path, profile: &str) -> Result<Credentials, CredentialsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        path: path.to_owned(),
+        source,
     })?;
-    parse(&text, profile).ok_or_else(|| {
-        StoreError::Config(format!(
-            "credentials file {} has no [{profile}] section with aws_access_key_id and aws_secret_access_key",
-            path.display()
-        ))
+    parse(&text, profile).ok_or_else(|| CredentialsError::NoProfile {
+        path: path.to_owned(),
+        profile: profile.to_owned(),
     })
 }
 

@@ -9,6 +9,7 @@ pub mod faults;
 pub mod server;
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,27 +20,65 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
 
+pub use credentials::CredentialsError;
 pub use faults::Faults;
 
-/// Why a store operation failed.
+/// Why a store operation failed. Causes are reached through `source()`,
+/// never repeated in the message.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// The URL names no backend this vbd knows.
     #[error("store URL {0:?} is not understood: use file:///DIR or s3://BUCKET[/PREFIX]")]
     BadUrl(String),
-    #[error("{0}")]
-    Config(String),
+    /// A `file://` store's root directory could not be created.
+    #[error("cannot create store directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the filesystem said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// object_store refused the store's configuration.
+    #[error("cannot open store {url}")]
+    Open {
+        /// The store URL as given.
+        url: String,
+        /// What object_store said.
+        #[source]
+        source: ClientError,
+    },
+    /// An S3 store found no usable credentials.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    /// A read or delete named a key the store does not have.
     #[error("object {0} does not exist")]
     NotFound(String),
+    /// A conditional put found the key taken.
     #[error("object {0} already exists")]
     AlreadyExists(String),
+    /// A conditional put reached a store that cannot do one; callers fall back to check-then-put.
     #[error("the store does not support conditional writes")]
     NoConditionalPut,
-    #[error("store operation on {key} failed: {source}")]
+    /// Any other failure of a store call.
+    #[error("store operation on {key} failed")]
     Backend {
+        /// The key the call was about.
         key: String,
+        /// What object_store said.
         #[source]
-        source: object_store::Error,
+        source: ClientError,
     },
+    /// A local directory store wrote an object but could not fsync it or its directory.
+    #[error("cannot make object {key} durable")]
+    Durable {
+        /// The object's key.
+        key: String,
+        /// What the filesystem said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A failure injected by [`Faults`] on this key, for tests.
     #[error("injected fault on {0}")]
     Injected(String),
 }
@@ -54,11 +93,25 @@ impl StoreError {
             | object_store::Error::NotSupported { .. } => StoreError::NoConditionalPut,
             source => StoreError::Backend {
                 key: key.to_owned(),
-                source,
+                source: ClientError(source),
             },
         }
     }
 }
+
+/// An error from the `object_store` client. Its messages already include
+/// their cause (`"Generic S3 error: <cause>"`), so this wrapper ends the
+/// chain there instead of letting a chain walk print the cause again.
+#[derive(Debug)]
+pub struct ClientError(pub object_store::Error);
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ClientError {}
 
 /// An object store, with keys relative to the URL's prefix.
 #[derive(Clone, Debug)]
@@ -67,7 +120,7 @@ pub struct Store {
     url: String,
     faults: Option<Arc<Faults>>,
     /// For file:// stores: the directory, so writes can be made durable.
-    local: Option<std::path::PathBuf>,
+    local: Option<PathBuf>,
 }
 
 impl Store {
@@ -77,21 +130,25 @@ impl Store {
             if !dir.starts_with('/') {
                 return Err(StoreError::BadUrl(url.to_owned()));
             }
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Config(format!("cannot create store directory {dir}: {e}"))
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.into(),
+                source,
             })?;
             Arc::new(
-                LocalFileSystem::new_with_prefix(dir)
-                    .map_err(|e| StoreError::Config(format!("{dir}: {e}")))?,
+                LocalFileSystem::new_with_prefix(dir).map_err(|e| StoreError::Open {
+                    url: url.to_owned(),
+                    source: ClientError(e),
+                })?,
             )
         } else if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
                 return Err(StoreError::BadUrl(url.to_owned()));
             }
-            let s3 = s3_builder(bucket)?
-                .build()
-                .map_err(|e| StoreError::Config(format!("S3 store {url}: {e}")))?;
+            let s3 = s3_builder(bucket)?.build().map_err(|e| StoreError::Open {
+                url: url.to_owned(),
+                source: ClientError(e),
+            })?;
             if prefix.trim_matches('/').is_empty() {
                 Arc::new(s3)
             } else {
@@ -103,7 +160,7 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_owned()));
         };
-        let local = url.strip_prefix("file://").map(std::path::PathBuf::from);
+        let local = url.strip_prefix("file://").map(PathBuf::from);
         Ok(Store {
             inner,
             url: url.to_owned(),
@@ -187,10 +244,14 @@ impl Store {
             }
             Ok(())
         };
+        let durable = |source| StoreError::Durable {
+            key: key.to_owned(),
+            source,
+        };
         tokio::task::spawn_blocking(sync)
             .await
-            .map_err(|e| StoreError::Config(format!("sync task failed: {e}")))?
-            .map_err(|e| StoreError::Config(format!("cannot make {key} durable: {e}")))
+            .map_err(|e| durable(std::io::Error::other(e)))?
+            .map_err(durable)
     }
 
     /// Writes an object only if none exists (`AlreadyExists` otherwise).
@@ -279,14 +340,41 @@ fn s3_builder(bucket: &str) -> Result<AmazonS3Builder, StoreError> {
                     b = b.with_token(t);
                 }
             }
-            None => {
-                return Err(StoreError::Config(
-                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write them to \
-                     ~/.aws/credentials (or the file AWS_SHARED_CREDENTIALS_FILE names)"
-                        .into(),
-                ));
-            }
+            None => return Err(CredentialsError::Missing.into()),
         }
     }
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Chain;
+
+    #[test]
+    fn store_errors_name_each_cause_once() {
+        let e = StoreError::from_os(
+            "volumes/a/lock",
+            object_store::Error::Generic {
+                store: "S3",
+                source: "connection refused".into(),
+            },
+        );
+        assert_eq!(
+            Chain(&e).to_string(),
+            "store operation on volumes/a/lock failed: Generic S3 error: connection refused"
+        );
+        // A directory that cannot be made: the OS's reason comes once, last.
+        let e = Store::open("file:///proc/vbd-cannot-be-here").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot create store directory /proc/vbd-cannot-be-here"
+        );
+        let chain = Chain(&e).to_string();
+        let reason = chain
+            .strip_prefix("cannot create store directory /proc/vbd-cannot-be-here: ")
+            .unwrap_or_else(|| panic!("{chain}"));
+        assert!(reason.contains("os error"), "{chain}");
+        assert!(!reason.contains("store directory"), "{chain}");
+    }
 }

@@ -20,17 +20,29 @@ use super::credentials::Credentials;
 /// Why the endpoint could not run.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("cannot prepare the object directory {path}: {source}")]
+    /// The object directory or a bucket directory could not be created or resolved.
+    #[error("cannot prepare the object directory {path}")]
     Dir {
+        /// The object directory.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot serve S3 from {path}: {message}")]
-    Backend { path: PathBuf, message: String },
-    #[error("cannot listen on {addr}: {source}")]
+    /// `s3s-fs` keeps its error's cause private, so only its text is left.
+    #[error("cannot serve S3 from {path}: {reason}")]
+    Backend {
+        /// The directory being served.
+        path: PathBuf,
+        /// What s3s-fs said.
+        reason: String,
+    },
+    /// The endpoint could not bind or read back its address.
+    #[error("cannot listen on {addr}")]
     Listen {
+        /// The address asked for.
         addr: SocketAddr,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
@@ -39,8 +51,11 @@ pub enum ServerError {
 /// What to serve and how.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
+    /// Directory whose subdirectories are the buckets.
     pub dir: PathBuf,
+    /// TCP address to listen on (port 0: any free port).
     pub listen: SocketAddr,
+    /// The one access key pair clients must sign with.
     pub credentials: Credentials,
     /// Buckets to create (as directories) before serving.
     pub buckets: Vec<String>,
@@ -50,6 +65,7 @@ pub struct ServeConfig {
 pub struct Endpoint {
     listener: TcpListener,
     service: s3s::service::S3Service,
+    /// The address actually bound (the port chosen when 0 was asked for).
     pub addr: SocketAddr,
 }
 
@@ -63,9 +79,13 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Endpoint, ServerError> {
     for b in &cfg.buckets {
         std::fs::create_dir_all(cfg.dir.join(b)).map_err(dir_err)?;
     }
-    let fs = s3s_fs::FileSystem::new(&cfg.dir).map_err(|e| ServerError::Backend {
+    // Resolving the root here keeps the likely failure a typed one.
+    let root = cfg.dir.canonicalize().map_err(dir_err)?;
+    let fs = s3s_fs::FileSystem::new(&root).map_err(|e| ServerError::Backend {
         path: cfg.dir.clone(),
-        message: format!("{e:?}"),
+        reason: s3s::S3Error::from(e)
+            .source()
+            .map_or_else(|| "unknown error".to_owned(), |s| s.to_string()),
     })?;
     let mut b = S3ServiceBuilder::new(fs);
     b.set_auth(SimpleAuth::from_single(

@@ -13,13 +13,18 @@ use tracing::{debug, info};
 /// Why a listener could not be opened.
 #[derive(Debug, Error)]
 pub enum ListenError {
+    /// A live server already listens on the Unix socket.
     #[error("another server is already listening on {0}; stop it or choose another --unix path")]
     InUse(PathBuf),
+    /// The Unix socket path is taken by something else.
     #[error("{0} exists and is not a socket; remove it or choose another --unix path")]
     NotSocket(PathBuf),
-    #[error("cannot listen on {what}: {source}")]
+    /// The socket could not be opened.
+    #[error("cannot listen on {what}")]
     Io {
+        /// The address or path.
         what: String,
+        /// Why.
         #[source]
         source: io::Error,
     },
@@ -34,7 +39,9 @@ pub enum Transport {
 
 /// An open listening socket.
 pub struct Listener {
+    /// The listening socket.
     pub fd: OwnedFd,
+    /// Unix or TCP.
     pub transport: Transport,
     /// Human-readable address for logs.
     pub addr: String,
@@ -125,12 +132,14 @@ fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> io::Result<i32> {
 /// Buffer sizes to request on every connection.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SocketTuning {
+    /// SO_SNDBUF to request, in bytes.
     pub sndbuf: Option<u32>,
+    /// SO_RCVBUF to request, in bytes.
     pub rcvbuf: Option<u32>,
 }
 
 /// Applies per-connection options; returns the (sndbuf, rcvbuf) the kernel granted.
-pub fn tune(
+pub(super) fn tune(
     fd: &OwnedFd,
     transport: Transport,
     tuning: SocketTuning,
@@ -157,7 +166,7 @@ pub fn tune(
 }
 
 /// Logs what the kernel granted, once per server at info level.
-pub fn log_granted(tuning: SocketTuning, granted: (Option<i32>, Option<i32>), first: bool) {
+pub(super) fn log_granted(tuning: SocketTuning, granted: (Option<i32>, Option<i32>), first: bool) {
     if tuning.sndbuf.is_none() && tuning.rcvbuf.is_none() {
         return;
     }

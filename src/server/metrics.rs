@@ -8,22 +8,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
-use slab::Slab;
 
-use super::conn::Conn;
 use crate::nbd::request::Command;
 
 /// Kinds of request, as metrics label them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {
+    /// NBD_CMD_READ.
     Read,
+    /// NBD_CMD_WRITE.
     Write,
+    /// NBD_CMD_FLUSH.
     Flush,
+    /// NBD_CMD_TRIM.
     Trim,
+    /// NBD_CMD_WRITE_ZEROES.
     WriteZeroes,
+    /// NBD_CMD_BLOCK_STATUS.
     BlockStatus,
+    /// NBD_CMD_CACHE.
     Cache,
     /// A command number this server does not know (always refused).
     Other,
@@ -186,7 +190,9 @@ pub struct ExportMetrics {
 pub struct OpTotals {
     /// Requests answered (the histogram's count).
     pub requests: u64,
+    /// Requests answered with an error.
     pub errors: u64,
+    /// Bytes moved by successful requests.
     pub bytes: u64,
     /// Summed latency, in nanoseconds.
     pub sum_ns: u64,
@@ -197,6 +203,7 @@ pub struct OpTotals {
 /// Totals of one export over all cores.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExportTotals {
+    /// Per op kind, indexed by `OpKind as usize`.
     pub ops: [OpTotals; OPS],
     /// Connections attached now.
     pub connections: u64,
@@ -244,40 +251,20 @@ impl ExportMetrics {
 /// One connection as `vbd status` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnSummary {
+    /// The core serving it.
     pub core: usize,
+    /// Who is on the other end.
     pub peer: String,
     /// None while still negotiating.
     pub export: Option<String>,
+    /// Requests decoded.
     pub requests: u64,
+    /// Requests answered with an error.
     pub errors: u64,
+    /// Bytes of read data answered.
     pub bytes_read: u64,
+    /// Bytes of write payload received.
     pub bytes_written: u64,
-}
-
-impl ConnSummary {
-    /// What connection `c` on `core` has done so far.
-    pub fn of(core: usize, c: &Conn) -> ConnSummary {
-        ConnSummary {
-            core,
-            peer: c.peer.clone(),
-            export: c.export_name().map(String::from),
-            requests: c.stats.requests,
-            errors: c.stats.errors,
-            bytes_read: c.stats.bytes_read,
-            bytes_written: c.stats.bytes_written,
-        }
-    }
-}
-
-/// Sends the summaries of one core's connections to whoever asked (the
-/// asker may have given up waiting: that is fine).
-pub fn answer_snapshot(reply: &Sender<Vec<ConnSummary>>, core: usize, conns: &Slab<Box<Conn>>) {
-    let _ = reply.send(
-        conns
-            .iter()
-            .map(|(_, c)| ConnSummary::of(core, c))
-            .collect(),
-    );
 }
 
 #[cfg(test)]

@@ -1,5 +1,12 @@
 //! The engine: one thread per core, each with its own io_uring, serving the
 //! exports in a shared [`Registry`] on Unix and TCP listeners.
+//!
+//! Rooms: `reactor` (one core's event loop), `conn` (one connection: receive
+//! and send buffers, request slots, dispatch to the volume), `tls`
+//! (STARTTLS), `listener` (sockets and their options), `registry` (the
+//! exports), `limits` (server-wide gauges), `metrics` (per-core counters)
+//! and `signals`. Rings come from [`crate::uring`], the protocol from
+//! [`crate::nbd`], the data from [`crate::volume`].
 
 pub mod conn;
 pub mod limits;
@@ -9,7 +16,6 @@ pub mod reactor;
 pub mod registry;
 pub mod signals;
 pub mod tls;
-pub mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,9 +35,10 @@ use reactor::{CoreHandle, CoreMsg, CoreSetup};
 pub use registry::{Export, Registry, RegistryError};
 pub use tls::{TlsError, TlsOptions, TlsServer};
 
-use crate::volume::ring::RemoteSink;
+use crate::error::Chain;
+use crate::uring::{RemoteSink, Waker};
 use crate::volume::sync::SyncDriver;
-use crate::volume::{IoFlags, Op, Waker};
+use crate::volume::{IoFlags, Op};
 
 /// Default busy-poll window of a core, in microseconds.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;
@@ -39,11 +46,15 @@ pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// Unix socket paths to listen on.
     pub unix: Vec<PathBuf>,
+    /// TCP addresses to listen on.
     pub tcp: Vec<SocketAddr>,
     /// Reactor threads; 0 means one per available core.
     pub threads: usize,
+    /// Socket buffer sizes for connections.
     pub tuning: SocketTuning,
+    /// Per-connection and global connection limits.
     pub conn: ConnConfig,
     /// Permission bits of Unix sockets.
     pub socket_mode: u32,
@@ -74,19 +85,60 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Checks the limits make sense together, before anything is opened.
+    /// (The messages name `vbd serve`'s flags, which set these fields.)
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.conn;
+        if c.max_inflight == 0 {
+            return Err(ConfigError::NoInflight);
+        }
+        if c.max_connections == 0 {
+            return Err(ConfigError::NoConnections);
+        }
+        if c.max_buffered == 0 || c.max_buffered_total < c.max_buffered {
+            return Err(ConfigError::Buffered);
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`ServerConfig`] cannot serve.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Zero requests in flight per connection would serve nothing.
+    #[error("--max-inflight must be at least 1")]
+    NoInflight,
+    /// Zero connections would serve nothing.
+    #[error("--max-connections must be at least 1")]
+    NoConnections,
+    /// The per-connection buffered-bytes limit is zero or exceeds the server-wide one.
+    #[error("--max-buffered must be above zero and no more than --max-buffered-total")]
+    Buffered,
+}
+
 /// Why the server could not start or stopped badly.
 #[derive(Debug, Error)]
 pub enum ServerError {
+    /// The configuration fails its own checks.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be opened.
     #[error(transparent)]
     Listen(#[from] ListenError),
+    /// Neither a Unix socket nor a TCP address was given.
     #[error("no listener configured: give --unix PATH or --tcp ADDR")]
     NoListener,
-    #[error("cannot set up core {core}: {source}")]
+    /// A core's thread, ring or eventfd could not be set up.
+    #[error("cannot set up core {core}")]
     Core {
+        /// Which core.
         core: usize,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A core's thread panicked.
     #[error("core {0} panicked")]
     Panicked(usize),
 }
@@ -105,6 +157,7 @@ pub struct Server {
 impl Server {
     /// Binds every listener, then starts the cores.
     pub fn start(cfg: ServerConfig, registry: Arc<Registry>) -> Result<Server, ServerError> {
+        cfg.validate()?;
         if cfg.unix.is_empty() && cfg.tcp.is_empty() {
             return Err(ServerError::NoListener);
         }
@@ -252,7 +305,9 @@ impl Server {
 /// gauges and its cores, which answer snapshot requests.
 #[derive(Clone)]
 pub struct ServerHandle {
+    /// The exports being served.
     pub registry: Arc<Registry>,
+    /// Connection and buffering gauges.
     pub gauges: Arc<Gauges>,
     cores: Vec<CoreHandle>,
     /// When the server started.
@@ -302,7 +357,7 @@ pub fn flush_all(registry: &Registry) {
             continue;
         }
         if let Err(e) = driver.op(&*export.volume, Op::Flush, 0, 0, IoFlags::default()) {
-            warn!(export = %export.name, "final flush failed: {e}");
+            warn!(export = %export.name, "final flush failed: {}", Chain(&e));
         }
     }
 }

@@ -13,10 +13,15 @@ use crate::volume::Volume;
 
 /// A named volume as clients see it.
 pub struct Export {
+    /// What clients ask for.
     pub name: String,
+    /// Shown by `NBD_INFO_DESCRIPTION`.
     pub description: String,
+    /// Where the data lives.
     pub volume: Arc<dyn Volume>,
+    /// Writes are refused.
     pub read_only: bool,
+    /// What the handshake advertises.
     pub info: ExportInfo,
     /// Request counters, per core.
     pub metrics: ExportMetrics,
@@ -25,10 +30,13 @@ pub struct Export {
 /// Why an export could not be added.
 #[derive(Debug, Error)]
 pub enum RegistryError {
+    /// The name is taken.
     #[error("an export named {0:?} already exists; export names must be unique")]
     Duplicate(String),
+    /// The name cannot be used.
     #[error("export name {0:?} is invalid: use 1-256 bytes of letters, digits, '-', '_' or '.'")]
     BadName(String),
+    /// No export has that name.
     #[error("no export named {0:?}")]
     Missing(String),
 }

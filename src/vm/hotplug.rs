@@ -16,37 +16,52 @@ use tracing::{debug, warn};
 
 use super::config::{DiskTuning, disk_ids};
 use super::qmp::{Qmp, QmpError};
+use crate::error::Chain;
 
 /// Why a hot attach or detach failed.
 #[derive(Debug, Error)]
 pub enum HotplugError {
-    #[error("hot attach of {volume:?} failed at {step}: {source}{}", rollback_note(.rollback))]
+    /// A step of the attach sequence failed; earlier steps were rolled back.
+    #[error("hot attach of {volume:?} failed at {step}{}", rollback_note(.rollback))]
     Attach {
+        /// The volume being attached.
         volume: String,
+        /// The step that failed (`object-add iothread`, `blockdev-add nbd`, `device_add virtio-blk-pci`).
         step: &'static str,
+        /// Why it failed.
         #[source]
         source: QmpError,
         /// Rollback steps that failed too (the VM may hold leftovers).
         rollback: Vec<String>,
     },
-    #[error("hot detach of {volume:?} failed at {step}: {source}")]
+    /// A step of the detach sequence failed.
+    #[error("hot detach of {volume:?} failed at {step}")]
     Detach {
+        /// The volume being detached.
         volume: String,
+        /// The step that failed.
         step: &'static str,
+        /// Why it failed.
         #[source]
         source: QmpError,
     },
+    /// No DEVICE_DELETED event came: the guest kept the device.
     #[error(
         "the guest did not release {device} within {after:?}; it may lack PCIe hot-plug support or be busy: retry the detach, or stop the VM"
     )]
-    UnplugTimeout { device: String, after: Duration },
+    UnplugTimeout {
+        /// The device's QEMU id.
+        device: String,
+        /// How long it waited.
+        after: Duration,
+    },
 }
 
 fn rollback_note(r: &[String]) -> String {
     if r.is_empty() {
-        "; rolled back".into()
+        " (rolled back)".into()
     } else {
-        format!("; rollback also failed: {}", r.join("; "))
+        format!(" (rollback also failed: {})", r.join("; "))
     }
 }
 
@@ -61,7 +76,9 @@ pub struct AttachSpec<'a> {
     pub bus: &'a str,
     /// Queues: the VM's vCPU count.
     pub queues: u32,
+    /// Whether the disk gets vbd's iothread/cache/queue settings or QEMU's defaults.
     pub tuning: DiskTuning,
+    /// Attach the disk read-only (cloud-init seeds).
     pub read_only: bool,
 }
 
@@ -178,9 +195,19 @@ pub async fn attach(qmp: &Qmp, spec: &AttachSpec<'_>) -> Result<(), HotplugError
 
 async fn undo<C: qapi::Command>(qmp: &Qmp, cmd: C, failures: &mut Vec<String>) {
     if let Err(e) = qmp.execute(cmd).await {
+        let e = Chain(&e).to_string();
         warn!("rollback step failed: {e}");
-        failures.push(e.to_string());
+        failures.push(e);
     }
+}
+
+/// Whether QEMU refused a `device_del` because an earlier one still waits
+/// for the guest: QEMU 7.2 says "Device X is already in the process of
+/// unplug" (checked on this host); "in progress" is kept for other wordings.
+/// Not "guest is busy (power indicator blinking)": that can be the guest
+/// still handling the plug, and no `DEVICE_DELETED` would follow.
+fn unplug_under_way(desc: &str) -> bool {
+    desc.contains("in the process of unplug") || desc.contains("in progress")
 }
 
 /// Unplugs `volume`: asks the guest to release the device, waits up to
@@ -207,7 +234,7 @@ pub async fn detach(
     {
         Ok(_) => {}
         // A retry after a timed-out detach: the unplug is still under way.
-        Err(QmpError::Qemu { desc, .. }) if desc.contains("in progress") => {}
+        Err(QmpError::Qemu { desc, .. }) if unplug_under_way(&desc) => {}
         Err(e) => return Err(fail("device_del", e)),
     }
     let device = ids.device.clone();
@@ -234,3 +261,6 @@ pub async fn detach(
     debug!(volume, "QMP hot-detach steps done");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use self::message::{Message, classify, decode_reply, parse_greeting, parse_line};
+use crate::error::Chain;
 
 /// Longest QMP message accepted; replies such as `query-qmp-schema` are
 /// large, but a peer must not make us buffer without bound.
@@ -34,38 +35,66 @@ pub const MAX_MESSAGE: u64 = 16 << 20;
 /// Why a QMP operation failed.
 #[derive(Debug, Error)]
 pub enum QmpError {
-    #[error("cannot connect to QMP socket {path}: {source}")]
+    /// QEMU's QMP socket could not be connected to.
+    #[error("cannot connect to QMP socket {path}")]
     Connect {
+        /// The socket's path.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
-    #[error("QMP socket I/O failed: {0}")]
+    /// Reading or writing the connected socket failed.
+    #[error("QMP socket I/O failed")]
     Io(#[from] std::io::Error),
-    #[error("QEMU sent an unexpected greeting: {0}")]
-    Greeting(String),
-    #[error("QMP command {command} got no reply within {after:?}; QEMU may be hung")]
-    Timeout {
-        command: &'static str,
-        after: Duration,
-    },
-    #[error("QMP connection closed while {command} was in flight; QEMU probably exited")]
-    Closed { command: &'static str },
-    #[error("QEMU refused {command}: {desc} ({class:?})")]
-    Qemu {
-        command: &'static str,
-        class: qapi::ErrorClass,
-        desc: String,
-    },
-    #[error("cannot decode QEMU's reply to {command}: {source}")]
-    Decode {
-        command: &'static str,
+    /// The first message was not a QMP greeting.
+    #[error("QEMU sent an unexpected greeting: {greeting}")]
+    Greeting {
+        /// What QEMU sent instead.
+        greeting: serde_json::Value,
+        /// Why it is not a greeting.
         #[source]
         source: serde_json::Error,
     },
-    #[error("cannot encode QMP command {command}: {source}")]
-    Encode {
+    /// A command got no reply in time.
+    #[error("QMP command {command} got no reply within {after:?}; QEMU may be hung")]
+    Timeout {
+        /// The QMP command name.
         command: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The socket closed before the reply came.
+    #[error("QMP connection closed while {command} was in flight; QEMU probably exited")]
+    Closed {
+        /// The QMP command name.
+        command: &'static str,
+    },
+    /// QEMU answered the command with an error.
+    #[error("QEMU refused {command}: {desc} ({class:?})")]
+    Qemu {
+        /// The QMP command name.
+        command: &'static str,
+        /// QEMU's error class.
+        class: qapi::ErrorClass,
+        /// QEMU's description of the error.
+        desc: String,
+    },
+    /// The reply does not have the shape the command's schema gives.
+    #[error("cannot decode QEMU's reply to {command}")]
+    Decode {
+        /// The QMP command name.
+        command: &'static str,
+        /// What serde_json said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The command's arguments could not be serialised.
+    #[error("cannot encode QMP command {command}")]
+    Encode {
+        /// The QMP command name.
+        command: &'static str,
+        /// What serde_json said.
         #[source]
         source: serde_json::Error,
     },
@@ -284,12 +313,6 @@ impl Qmp {
     }
 }
 
-impl From<QmpError> for std::io::Error {
-    fn from(e: QmpError) -> Self {
-        std::io::Error::other(e)
-    }
-}
-
 async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: BufReader<R>,
     mut line: Vec<u8>,
@@ -300,7 +323,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Some(v)) => v,
             Ok(None) => break,
             Err(e) => {
-                warn!("QMP connection failed: {e}");
+                warn!("QMP connection failed: {}", Chain(&e));
                 break;
             }
         };

@@ -17,7 +17,7 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 use super::buf::ALIGN;
-use super::{Caps, Ctx, Extent, Io, Op, Volume, VolumeError, Wake};
+use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
 
 /// Largest chunk of one read or write SQE (the kernel caps I/O near 2 GiB).
 const MAX_CHUNK: u64 = 1 << 30;
@@ -41,32 +41,56 @@ const BUFFERED_UNKNOWN: u8 = 0;
 const BUFFERED_RING: u8 = 1;
 const BUFFERED_INLINE: u8 = 2;
 
+/// The ring refused an SQE.
+fn submit_failed(source: std::io::Error) -> VolumeError {
+    VolumeError::Os {
+        op: "io_uring submit",
+        source,
+    }
+}
+
 /// Why a file could not be opened as a volume.
 #[derive(Debug, Error)]
 pub enum FileError {
-    #[error("cannot open {path}: {source}")]
+    /// The file could not be opened or created.
+    #[error("cannot open {path}")]
     Open {
+        /// The file's path as given.
         path: PathBuf,
+        /// What `open(2)` said.
         #[source]
         source: std::io::Error,
     },
+    /// The file is absent and no size was given to create it with.
     #[error("{path} does not exist; give size= to create it")]
-    Missing { path: PathBuf },
+    Missing {
+        /// The file that was asked for.
+        path: PathBuf,
+    },
+    /// The file's size disagrees with the `size=` option.
     #[error(
         "{path} is {actual} bytes but size={wanted} was given; omit size= to use the file as it is"
     )]
     SizeMismatch {
+        /// The file's path as given.
         path: PathBuf,
+        /// The file's size in bytes.
         actual: u64,
+        /// The `size=` option in bytes.
         wanted: u64,
     },
+    /// Another process holds the file's exclusive lock.
     #[error("{path} is locked by another process (is another vbd serving it?)")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The file another process holds the lock on.
+        path: PathBuf,
+    },
 }
 
 /// How to open a file volume.
 #[derive(Clone, Debug, Default)]
 pub struct FileOptions {
+    /// Open the file read-only and refuse every write.
     pub read_only: bool,
     /// Create the file with this size if missing; must match if present.
     pub size: Option<u64>,
@@ -250,8 +274,8 @@ impl FileVolume {
     fn submit_rw(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Result<(), VolumeError> {
         let off = io.offset + io.done;
         let len = (io.len - io.done).min(MAX_CHUNK);
-        // SAFETY (pointer validity): io.buf is len bytes and not resized
-        // while the request is pending.
+        // SAFETY: io.done < io.len, the buffer's length, so the offset
+        // stays inside io.buf.
         let ptr = unsafe { io.buf.as_mut_ptr().add(io.done as usize) };
         let (fd, direct) = self.fd_for(off, len, ptr);
         // Remember which descriptor this chunk went to, for the EINVAL fallback.
@@ -265,7 +289,10 @@ impl FileVolume {
                 .rw_flags(flags)
                 .build()
         };
-        ctx.push(entry)
+        // SAFETY: `ptr..ptr+len` lies in io.buf, which the server neither
+        // touches, resizes nor frees while the request is pending (the
+        // `Volume` contract), i.e. until this entry's completion resumes it.
+        unsafe { ctx.push(entry) }.map_err(submit_failed)
     }
 
     fn rw_done(&self, io: &mut Io, res: i32, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
@@ -310,7 +337,8 @@ impl FileVolume {
         let entry = opcode::Fsync::new(self.fd())
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        match ctx.push(entry) {
+        // SAFETY: fsync points at no memory; the file outlives the request.
+        match unsafe { ctx.push(entry) }.map_err(submit_failed) {
             Ok(()) => Poll::Pending,
             Err(e) => Poll::Ready(Err(e)),
         }
@@ -338,7 +366,8 @@ impl FileVolume {
                     .offset(io.offset)
                     .mode(mode)
                     .build();
-                match ctx.push(entry) {
+                // SAFETY: fallocate points at no memory.
+                match unsafe { ctx.push(entry) }.map_err(submit_failed) {
                     Ok(()) => Poll::Pending,
                     Err(e) => Poll::Ready(Err(e)),
                 }
@@ -370,7 +399,8 @@ impl FileVolume {
             .offset(io.offset + io.done)
             .rw_flags(flags)
             .build();
-        match ctx.push(entry) {
+        // SAFETY: the source is the static ZEROES, at most its length.
+        match unsafe { ctx.push(entry) }.map_err(submit_failed) {
             Ok(()) => Poll::Pending,
             Err(e) => Poll::Ready(Err(e)),
         }
@@ -486,7 +516,8 @@ impl Volume for FileVolume {
                 )
                 .offset(io.offset)
                 .build();
-                match ctx.push(entry) {
+                // SAFETY: fadvise points at no memory.
+                match unsafe { ctx.push(entry) }.map_err(submit_failed) {
                     Ok(()) => Poll::Pending,
                     Err(e) => Poll::Ready(Err(e)),
                 }
@@ -496,9 +527,10 @@ impl Volume for FileVolume {
 
     fn resume(&self, io: &mut Io, wake: Wake, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         let Wake::Cqe(res) = wake else {
-            return Poll::Ready(Err(VolumeError::Backend(
-                "file volume got a remote completion".into(),
-            )));
+            return Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
+                backend: "file",
+                got: "a remote completion",
+            })));
         };
         match io.op {
             Op::Read | Op::Write => self.rw_done(io, res, ctx),

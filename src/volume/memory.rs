@@ -13,7 +13,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock};
 use std::task::Poll;
 
-use super::{Caps, Ctx, Extent, Io, Op, Volume, VolumeError, Wake};
+use thiserror::Error;
+
+use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
+
+/// Why a memory volume could not get memory for its pages.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// The anonymous mapping for a page group failed.
+    #[error("cannot map {len} bytes for a memory volume")]
+    Map {
+        /// Bytes asked for.
+        len: usize,
+        /// What `mmap(2)` said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `mmap` succeeded but returned address 0, which the volume cannot use.
+    #[error("mmap returned a null mapping")]
+    NullMap,
+    /// A page group's slot was empty right after it was filled: a bug,
+    /// reported instead of a panic.
+    #[error("a memory group vanished after it was set up")]
+    GroupVanished,
+}
 
 /// Allocation unit.
 pub const PAGE: usize = 64 * 1024;
@@ -34,9 +57,11 @@ struct Region {
     data: NonNull<u8>,
 }
 
-// SAFETY: the region is plain memory owned by its group; every access to a
-// page's bytes holds that page's lock.
+// SAFETY: the region is plain memory owned by its group, not tied to the
+// thread that mapped it.
 unsafe impl Send for Region {}
+// SAFETY: every access to a page's bytes holds that page's lock, so shared
+// references never race.
 unsafe impl Sync for Region {}
 
 impl Region {
@@ -55,13 +80,11 @@ impl Region {
             )
         };
         if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            return Err(VolumeError::Backend(format!(
-                "cannot map {len} bytes for a memory volume: {e}"
-            )));
+            let source = std::io::Error::last_os_error();
+            return Err(VolumeError::backend(MemoryError::Map { len, source }));
         }
         let map = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| VolumeError::Backend("mmap returned null".into()))?;
+            .ok_or_else(|| VolumeError::backend(MemoryError::NullMap))?;
         let skew = (HUGE - map.as_ptr() as usize % HUGE) % HUGE;
         // SAFETY: skew < HUGE, so data..data+len lies inside the mapping.
         let data = unsafe { map.add(skew) };
@@ -170,7 +193,7 @@ impl MemoryVolume {
         // Losing a race drops our mapping; the winner's is used.
         let _ = cell.set(made);
         cell.get()
-            .ok_or_else(|| VolumeError::Backend("memory group vanished".into()))
+            .ok_or_else(|| VolumeError::backend(MemoryError::GroupVanished))
     }
 
     /// Calls `f(page index, offset in page, offset in request, length)` for
@@ -370,9 +393,10 @@ impl Volume for MemoryVolume {
         _wake: Wake,
         _ctx: &mut Ctx<'_>,
     ) -> Poll<Result<(), VolumeError>> {
-        Poll::Ready(Err(VolumeError::Backend(
-            "memory volume resumed without pending work".into(),
-        )))
+        Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
+            backend: "memory",
+            got: "a completion",
+        })))
     }
 }
 

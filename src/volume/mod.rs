@@ -1,19 +1,31 @@
 //! The block store: a `Volume` is a byte range with the operations NBD
 //! needs. Backends complete work inline, on the calling core's io_uring, or
-//! on another thread that wakes that core (see [`ring`]).
+//! on another thread that wakes that core (see [`crate::uring`]).
+//!
+//! Backends: `memory` (sparse, in RAM), `file` (a file or block device)
+//! and `object` (a log-structured volume in an object store). `buf` is the
+//! aligned request buffer, `sync` drives a volume from a blocking thread.
 
 pub mod buf;
+mod error;
 pub mod file;
 pub mod memory;
 pub mod object;
-pub mod ring;
 pub mod sync;
 
 use std::task::Poll;
 
 pub use buf::AlignedBuf;
-pub use ring::{Completer, Ctx, RemoteDone, Wake, Waker};
-use thiserror::Error;
+pub use error::{UnexpectedWake, VolumeError};
+
+/// Result of off-core work: optional data for the request (a read's bytes).
+pub type RemoteResult = Result<Option<bytes::Bytes>, VolumeError>;
+/// The calling core's ring, lent to a backend for one request.
+pub type Ctx<'a> = crate::uring::Ctx<'a, RemoteResult>;
+/// What finished, as handed to [`Volume::resume`].
+pub type Wake = crate::uring::Wake<RemoteResult>;
+/// Completes a pending request from another thread.
+pub type Completer = crate::uring::Completer<RemoteResult>;
 
 /// Most extents one block-status call returns; clients ask again for the rest.
 pub const MAX_EXTENTS: usize = 1024;
@@ -72,12 +84,19 @@ mod tests {
 /// An operation on a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// Read `len` bytes at `offset` into the buffer.
     Read,
+    /// Write the buffer's `len` bytes at `offset`.
     Write,
+    /// Make every completed write durable.
     Flush,
+    /// Discard a range; it may read back as zeroes or old data.
     Trim,
+    /// Make a range read as zeroes, by punching it or writing zeroes.
     WriteZeroes,
+    /// Report the range's allocation state into `Io::extents`.
     BlockStatus,
+    /// Prefetch a range into the backend's cache.
     Cache,
 }
 
@@ -95,6 +114,7 @@ pub struct IoFlags {
 /// A run of bytes with one allocation state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// Length of the run in bytes.
     pub len: u64,
     /// Not allocated in the backing store.
     pub hole: bool,
@@ -106,9 +126,13 @@ pub struct Extent {
 /// it completes. Buffers are reused between requests.
 #[derive(Debug)]
 pub struct Io {
+    /// What to do.
     pub op: Op,
+    /// First byte of the range, from the start of the volume.
     pub offset: u64,
+    /// Length of the range in bytes.
     pub len: u64,
+    /// Modifiers from the request (FUA, NO_HOLE, FAST_ZERO).
     pub flags: IoFlags,
     /// Destination of a read, source of a write; `len` bytes long for both.
     pub buf: AlignedBuf,
@@ -163,63 +187,22 @@ impl Default for Io {
 /// What a volume supports; the server turns it into NBD transmission flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Caps {
+    /// FLUSH does something (the volume has a volatile write cache).
     pub flush: bool,
+    /// Writes honour FUA.
     pub fua: bool,
+    /// TRIM is supported.
     pub trim: bool,
+    /// WRITE_ZEROES is supported.
     pub write_zeroes: bool,
+    /// WRITE_ZEROES can punch holes cheaply, so FAST_ZERO requests succeed.
     pub fast_zero: bool,
+    /// CACHE (prefetch) is supported.
     pub cache: bool,
     /// Every connection sees the same data and one flush covers all.
     pub multi_conn: bool,
+    /// Writes, trims and zeroing are refused with `ReadOnly`.
     pub read_only: bool,
-}
-
-/// Why a volume operation failed.
-#[derive(Debug, Error)]
-pub enum VolumeError {
-    #[error("{op} failed: {source}")]
-    Os {
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("not enough space")]
-    NoSpace,
-    #[error("operation not supported quickly")]
-    NotSupported,
-    #[error("volume is read-only")]
-    ReadOnly,
-    #[error("range {offset}+{len} is outside the volume")]
-    OutOfRange { offset: u64, len: u64 },
-    #[error("range {offset}+{len} is not aligned to the volume's {block}-byte blocks")]
-    Unaligned { offset: u64, len: u64, block: u32 },
-    #[error("volume is shutting down")]
-    Shutdown,
-    #[error("{0}")]
-    Backend(String),
-}
-
-impl VolumeError {
-    /// An error from a raw `-errno` result, as io_uring reports them.
-    pub fn from_errno(op: &'static str, errno: i32) -> Self {
-        VolumeError::Os {
-            op,
-            source: std::io::Error::from_raw_os_error(errno),
-        }
-    }
-
-    /// The errno closest to this error, for protocols that speak errno.
-    pub fn errno(&self) -> i32 {
-        match self {
-            VolumeError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            VolumeError::NoSpace => libc::ENOSPC,
-            VolumeError::NotSupported => libc::EOPNOTSUPP,
-            VolumeError::ReadOnly => libc::EPERM,
-            VolumeError::OutOfRange { .. } | VolumeError::Unaligned { .. } => libc::EINVAL,
-            VolumeError::Shutdown => libc::ESHUTDOWN,
-            VolumeError::Backend(_) => libc::EIO,
-        }
-    }
 }
 
 /// A block store the server can export.

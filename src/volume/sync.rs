@@ -5,16 +5,15 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use crossbeam_channel::{Receiver, unbounded};
-use io_uring::IoUring;
 
-use super::ring::{RemoteDone, RemoteSink};
-use super::{Ctx, Io, IoFlags, Op, Volume, VolumeError, Wake, Waker};
+use super::{Ctx, Io, IoFlags, Op, RemoteResult, Volume, VolumeError, Wake};
+use crate::uring::{RemoteDone, RemoteSink, Ring, Waker};
 
 /// A private ring for running one operation at a time.
 pub struct SyncDriver {
-    ring: IoUring,
-    sink: RemoteSink,
-    rx: Receiver<RemoteDone>,
+    ring: Ring,
+    sink: RemoteSink<RemoteResult>,
+    rx: Receiver<RemoteDone<RemoteResult>>,
 }
 
 const TOKEN: u64 = 1;
@@ -24,7 +23,7 @@ impl SyncDriver {
     pub fn new() -> std::io::Result<Self> {
         let (tx, rx) = unbounded();
         Ok(SyncDriver {
-            ring: IoUring::new(8)?,
+            ring: Ring::new(8)?,
             sink: RemoteSink {
                 tx,
                 waker: Arc::new(Waker::new()?),
@@ -50,15 +49,15 @@ impl SyncDriver {
             if let Ok(done) = self.rx.try_recv() {
                 return Ok(Wake::Remote(done.result));
             }
-            if let Some(cqe) = self.ring.completion().next() {
-                return Ok(Wake::Cqe(cqe.result()));
+            if let Some(cqe) = self.ring.next_completion() {
+                return Ok(Wake::Cqe(cqe.result));
             }
             // Remote completions do not post CQEs here, so poll briefly.
-            self.ring.submit_and_wait(0).map_err(|e| VolumeError::Os {
+            self.ring.submit().map_err(|e| VolumeError::Os {
                 op: "io_uring submit",
                 source: e,
             })?;
-            if self.ring.completion().is_empty() {
+            if !self.ring.has_completions() {
                 match self.rx.recv_timeout(std::time::Duration::from_millis(1)) {
                     Ok(done) => return Ok(Wake::Remote(done.result)),
                     Err(_) => continue,

@@ -14,7 +14,8 @@ use super::{QmpError, QmpEvent};
 /// Why a line from the QMP socket is not a message.
 #[derive(Debug, Error)]
 pub enum ParseError {
-    #[error("QMP sent invalid JSON: {0}")]
+    /// The line is not valid JSON.
+    #[error("QMP sent invalid JSON")]
     Json(#[from] serde_json::Error),
 }
 
@@ -24,7 +25,12 @@ pub enum Message {
     /// An asynchronous event, for the subscribers.
     Event(QmpEvent),
     /// A reply (`return` or `error`) to the command with this id.
-    Reply { id: u64, body: Value },
+    Reply {
+        /// The id vbd gave the command.
+        id: u64,
+        /// The whole message; the caller decodes its `return` or `error`.
+        body: Value,
+    },
     /// Neither: logged and ignored.
     Other(Value),
 }
@@ -56,7 +62,10 @@ pub fn classify(msg: Value) -> Message {
 pub fn parse_greeting(msg: &Value) -> Result<QMP, QmpError> {
     QapiCapabilities::deserialize(msg)
         .map(|caps| caps.QMP)
-        .map_err(|e| QmpError::Greeting(format!("{e}: {msg}")))
+        .map_err(|source| QmpError::Greeting {
+            greeting: msg.clone(),
+            source,
+        })
 }
 
 /// Turns a reply object (`return` or `error`) into the command's result.
@@ -118,7 +127,7 @@ mod tests {
         assert_eq!(parse_greeting(&g).unwrap().version.qemu.major, 7);
         assert!(matches!(
             parse_greeting(&serde_json::json!({"QMP": 1})),
-            Err(QmpError::Greeting(_))
+            Err(QmpError::Greeting { .. })
         ));
         let err = serde_json::json!({"error": {"class": "GenericError", "desc": "no"}, "id": 1});
         assert!(matches!(

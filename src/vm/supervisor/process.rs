@@ -12,7 +12,9 @@ use tokio::sync::{mpsc, watch};
 /// How a QEMU process ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exit {
+    /// Exit status, when QEMU exited by itself.
     pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
     pub signal: Option<i32>,
 }
 
@@ -43,6 +45,7 @@ impl std::fmt::Display for Exit {
 
 /// Handle to a running QEMU.
 pub struct Process {
+    /// QEMU's process id.
     pub pid: u32,
     signals: mpsc::UnboundedSender<i32>,
     exit: watch::Receiver<Option<Exit>>,
@@ -51,10 +54,16 @@ pub struct Process {
 impl Process {
     /// Starts `argv` with stdout and stderr going to `log`.
     pub fn spawn(argv: &[String], log: &Path) -> std::io::Result<Process> {
+        let Some((program, args)) = argv.split_first() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "empty QEMU command line",
+            ));
+        };
         let out = File::create(log)?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -279,6 +279,10 @@ pub fn checkpoint(data: &[u8]) {
             e.lba.checked_add(u64::from(e.blocks)).is_some(),
             "wrapping extent accepted"
         );
+        assert!(
+            e.kind != Kind::Data || e.block.checked_add(e.blocks).is_some(),
+            "extent wrapping its chunk's blocks accepted"
+        );
     }
     let again = format::encode_checkpoint(c.id, &c.entries, &c.chunks, c.max_seq);
     // The CRC field, then each entry's and each chunk record's padding.

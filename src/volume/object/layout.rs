@@ -24,24 +24,31 @@ impl Keys {
             root: format!("volumes/{name}"),
         }
     }
+    /// Prefix of every object of this volume: `volumes/<name>`.
     pub fn root(&self) -> &str {
         &self.root
     }
+    /// The volume's descriptor, `volume.json`.
     pub fn descriptor(&self) -> String {
         format!("{}/volume.json", self.root)
     }
+    /// The writer-lock object naming the volume's owner.
     pub fn lock(&self) -> String {
         format!("{}/lock", self.root)
     }
+    /// Prefix of the chunk objects, for listing.
     pub fn chunks(&self) -> String {
         format!("{}/chunks", self.root)
     }
+    /// Chunk `id`, in hex so keys sort in id order.
     pub fn chunk(&self, id: u64) -> String {
         format!("{}/chunks/{id:016x}", self.root)
     }
+    /// Prefix of the checkpoint objects, for listing.
     pub fn checkpoints(&self) -> String {
         format!("{}/checkpoints", self.root)
     }
+    /// Checkpoint as of chunk `id`, in hex so keys sort in id order.
     pub fn checkpoint(&self, id: u64) -> String {
         format!("{}/checkpoints/{id:016x}", self.root)
     }
@@ -55,9 +62,13 @@ pub fn id_of(key: &str) -> Option<u64> {
 /// `volume.json`: what a volume is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Descriptor {
+    /// Descriptor format version; this vbd reads and writes 1.
     pub format: u32,
+    /// The volume's name, as in its keys.
     pub name: String,
+    /// The volume's size in bytes.
     pub size: u64,
+    /// Block size in bytes; this vbd supports 4096 only.
     pub block_size: u32,
     /// Seconds since the Unix epoch.
     pub created: u64,
@@ -81,13 +92,16 @@ pub async fn read_descriptor(store: &Store, name: &str) -> Result<Descriptor, Ob
         Err(StoreError::NotFound(_)) => return Err(ObjectError::NoSuchVolume(name.to_owned())),
         Err(e) => return Err(e.into()),
     };
-    let d: Descriptor =
-        serde_json::from_slice(&bytes).map_err(|e| ObjectError::Corrupt(format!("{key}: {e}")))?;
+    let d: Descriptor = match serde_json::from_slice(&bytes) {
+        Ok(d) => d,
+        Err(source) => return Err(ObjectError::Descriptor { key, source }),
+    };
     if d.format != 1 || d.block_size as usize != super::format::BLOCK {
-        return Err(ObjectError::Corrupt(format!(
-            "{key}: format {} with {}-byte blocks is not supported by this vbd",
-            d.format, d.block_size
-        )));
+        return Err(ObjectError::Unsupported {
+            key,
+            format: d.format,
+            block_size: d.block_size,
+        });
     }
     Ok(d)
 }
@@ -114,7 +128,10 @@ pub async fn create_descriptor(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    let body = serde_json::to_vec_pretty(&d).map_err(|e| ObjectError::Corrupt(e.to_string()))?;
+    let body = serde_json::to_vec_pretty(&d).map_err(|source| ObjectError::Encode {
+        what: "volume descriptor",
+        source,
+    })?;
     let key = Keys::new(name).descriptor();
     match store.put_new(&key, Bytes::from(body.clone())).await {
         Ok(()) => Ok(d),
@@ -162,7 +179,9 @@ pub fn wal_dir(root: &Path, store_url: &str, name: &str) -> PathBuf {
 /// Who holds a volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
+    /// Host name of the writer's machine.
     pub host: String,
+    /// The writer's process id on that host.
     pub pid: u32,
     /// The process's start time (clock ticks since boot), so a reused pid
     /// is not mistaken for the owner.
@@ -174,7 +193,7 @@ pub struct Owner {
 fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces; fields resume after its ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
         return None;
@@ -213,11 +232,15 @@ impl WriterLock {
     /// Takes the lock, replacing a lock object left by a dead process on
     /// this host.
     pub async fn take(store: &Store, name: &str, wal: &Path) -> Result<WriterLock, ObjectError> {
-        std::fs::create_dir_all(wal)
-            .map_err(|e| ObjectError::Local(format!("{}: {e}", wal.display())))?;
+        std::fs::create_dir_all(wal).map_err(|source| ObjectError::Local {
+            path: wal.to_owned(),
+            source,
+        })?;
         let path = wal.join("lock");
-        let file = File::create(&path)
-            .map_err(|e| ObjectError::Local(format!("{}: {e}", path.display())))?;
+        let file = match File::create(&path) {
+            Ok(f) => f,
+            Err(source) => return Err(ObjectError::Local { path, source }),
+        };
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(ObjectError::Locked {
@@ -227,8 +250,11 @@ impl WriterLock {
         }
         let key = Keys::new(name).lock();
         let me = Owner::me();
-        let body =
-            Bytes::from(serde_json::to_vec(&me).map_err(|e| ObjectError::Corrupt(e.to_string()))?);
+        let body = serde_json::to_vec(&me).map_err(|source| ObjectError::Encode {
+            what: "lock owner",
+            source,
+        })?;
+        let body = Bytes::from(body);
         match store.put_new(&key, body.clone()).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) | Err(StoreError::NoConditionalPut) => {

@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use super::Inner;
 use super::format::{
     self, BLOCK, CHUNK_HEADER, CheckpointEntry, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER,
 };
 use super::layout::id_of;
+use super::recovery::read_chunk_index;
 use super::segment::Segment;
 use super::state::{ChunkInfo, DirtyLoc, Mapping};
+use super::{Inner, ObjectError};
+use crate::error::Chain;
 use crate::objstore::StoreError;
 
 /// How long a rewritten or dead chunk stays readable for reads already in flight.
@@ -26,7 +28,7 @@ const GRACE: Duration = Duration::from_secs(30);
 
 /// Runs until the volume stops and nothing is left to upload (or, when the
 /// store is down, until asked to stop).
-pub async fn run(inner: Arc<Inner>) {
+pub(super) async fn run(inner: Arc<Inner>) {
     let mut since_checkpoint = 0u64;
     let mut doomed: Vec<(u64, Instant)> = Vec::new();
     loop {
@@ -140,7 +142,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
                 Ok(()) => break,
                 Err(e) => {
                     inner.stats.upload_failures.fetch_add(1, Ordering::Relaxed);
-                    warn!(volume = %inner.name, chunk = id, "upload failed, will retry: {e}");
+                    warn!(volume = %inner.name, chunk = id, "upload failed, will retry: {}", Chain(&e));
                     if inner.abort.load(Ordering::Acquire) {
                         return false;
                     }
@@ -210,7 +212,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
 }
 
 /// Writes the whole map as a checkpoint and prunes all but the two newest.
-pub async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
+pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
     let (id, body) = {
         let m = inner.map.read_locked();
         let Some((&last, _)) = m.chunks.iter().next_back() else {
@@ -298,7 +300,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
         Ok(()) => Some(vec![(victim, Instant::now())]),
         Err(e) => {
             inner.stats.gc_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(volume = %inner.name, chunk = victim, "garbage collection failed, will retry: {e}");
+            warn!(volume = %inner.name, chunk = victim, "garbage collection failed, will retry: {}", Chain(&e));
             None
         }
     }
@@ -306,18 +308,9 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
 
 /// Copies a chunk's live entries (data and zeroes alike, with their
 /// original sequence numbers) into a new chunk that supersedes it.
-async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(), StoreError> {
+async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(), ObjectError> {
     let key = inner.keys.chunk(victim);
-    let head = inner.store.get_range(&key, 0..CHUNK_HEADER as u64).await?;
-    let h = format::decode_chunk_header(&head).map_err(|e| corrupt(&key, e))?;
-    let index = inner
-        .store
-        .get_range(
-            &key,
-            CHUNK_HEADER as u64..(CHUNK_HEADER + h.index_len()) as u64,
-        )
-        .await?;
-    let (entries, _) = format::decode_chunk_index(&h, &index).map_err(|e| corrupt(&key, e))?;
+    let (_, entries) = read_chunk_index(&inner.store, key.clone(), None).await?;
     // Live pieces: the map still points at exactly this entry.
     let mut live: Vec<IndexEntry> = Vec::new();
     {
@@ -351,6 +344,16 @@ async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(),
             .store
             .get_range(&key, from..from + u64::from(e.blocks) * BLOCK as u64)
             .await?;
+        // A range past the object's end comes back clipped, not refused;
+        // packing it would shift every later block of the new chunk.
+        let want = e.blocks as usize * BLOCK;
+        if bytes.len() != want {
+            return Err(ObjectError::ShortRead {
+                key,
+                got: bytes.len(),
+                want,
+            });
+        }
         e.data_block = (data.len() / BLOCK) as u32;
         data.extend_from_slice(&bytes);
     }
@@ -392,20 +395,10 @@ async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
                 m.retired.remove(&id);
             }
             Err(e) => {
-                warn!(volume = %inner.name, chunk = id, "cannot delete garbage chunk, will retry: {e}");
+                warn!(volume = %inner.name, chunk = id, "cannot delete garbage chunk, will retry: {}", Chain(&e));
                 keep.push((id, since));
             }
         }
     }
     *doomed = keep;
-}
-
-fn corrupt(key: &str, e: format::FormatError) -> StoreError {
-    StoreError::Backend {
-        key: key.to_owned(),
-        source: object_store::Error::Generic {
-            store: "vbd",
-            source: Box::new(e),
-        },
-    }
 }

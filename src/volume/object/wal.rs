@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use tracing::{debug, error, warn};
 
-use super::Inner;
 use super::format::{self, RecordHeader, SEGMENT_HEADER};
 use super::segment::Segment;
+use super::{Inner, RequestError, WalError};
 use crate::volume::{Completer, VolumeError};
 
 /// How long a segment with data may stay open without new writes.
@@ -26,24 +26,24 @@ const MAX_AGE: Duration = Duration::from_secs(5);
 
 /// Requests to the WAL thread.
 #[derive(Default)]
-pub struct WalCtl {
+pub(super) struct WalCtl {
     /// (log position that must be durable, who to tell).
-    pub waiters: Vec<(u64, Completer)>,
-    pub wake: bool,
-    pub stop: bool,
+    pub(super) waiters: Vec<(u64, Completer)>,
+    pub(super) wake: bool,
+    pub(super) stop: bool,
 }
 
 /// Shared between writers and the WAL thread.
-pub struct Wal {
-    pub dir: PathBuf,
-    pub ctl: Mutex<WalCtl>,
-    pub cv: Condvar,
+pub(super) struct Wal {
+    pub(super) dir: PathBuf,
+    pub(super) ctl: Mutex<WalCtl>,
+    pub(super) cv: Condvar,
     /// Log position up to which everything is durable.
-    pub synced: std::sync::atomic::AtomicU64,
+    pub(super) synced: std::sync::atomic::AtomicU64,
 }
 
 impl Wal {
-    pub fn new(dir: PathBuf, synced: u64) -> Wal {
+    pub(super) fn new(dir: PathBuf, synced: u64) -> Wal {
         Wal {
             dir,
             ctl: Mutex::new(WalCtl::default()),
@@ -53,7 +53,7 @@ impl Wal {
     }
 
     /// Asks for `pos` to become durable; `done` is completed when it is.
-    pub fn wait(&self, pos: u64, done: Completer) {
+    pub(super) fn wait(&self, pos: u64, done: Completer) {
         let mut c = self.ctl.locked();
         c.waiters.push((pos, done));
         c.wake = true;
@@ -62,18 +62,18 @@ impl Wal {
     }
 
     /// Wakes the thread for a round (a seal or a shutdown step).
-    pub fn kick(&self) {
+    pub(super) fn kick(&self) {
         self.ctl.locked().wake = true;
         self.cv.notify_one();
     }
 
-    pub fn segment_path(&self, id: u64) -> PathBuf {
+    pub(super) fn segment_path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id:016x}.wal"))
     }
 }
 
 /// Runs the WAL thread until stopped.
-pub fn run(inner: Arc<Inner>) {
+pub(super) fn run(inner: Arc<Inner>) {
     let wal = &inner.wal;
     loop {
         let (waiters, stop) = {
@@ -95,12 +95,13 @@ pub fn run(inner: Arc<Inner>) {
         // Sync for waiters, at shutdown, and whenever a sealed segment is
         // not yet durable: the uploader only takes durable segments.
         let sync = !waiters.is_empty() || stop || sealed_unsynced(&inner);
-        let result = round(&inner, sync);
+        // One error for every waiter of this round.
+        let result = round(&inner, sync).map_err(Arc::new);
         let synced = wal.synced.load(Ordering::Acquire);
         let mut later = Vec::new();
         for (pos, done) in waiters {
             match &result {
-                Err(e) => done.complete(Err(VolumeError::Backend(e.clone()))),
+                Err(e) => done.complete(Err(VolumeError::backend(RequestError::Wal(e.clone())))),
                 Ok(()) if pos <= synced => done.complete(Ok(None)),
                 Ok(()) => later.push((pos, done)),
             }
@@ -142,7 +143,7 @@ fn seal_if_idle(inner: &Inner) {
 
 /// Writes every segment's new bytes to its file; with `sync`, makes them
 /// durable and advances the synced position.
-fn round(inner: &Inner, sync: bool) -> Result<(), String> {
+fn round(inner: &Inner, sync: bool) -> Result<(), WalError> {
     let (target, segs): (u64, Vec<Arc<Segment>>) = {
         let d = inner.dirty.read_locked();
         (d.appended, d.segments.values().cloned().collect())
@@ -164,7 +165,7 @@ fn round(inner: &Inner, sync: bool) -> Result<(), String> {
                 .read(true)
                 .write(true)
                 .open(&path)
-                .map_err(|e| format!("cannot create WAL segment {}: {e}", path.display()))?;
+                .map_err(|source| WalError::Create { path, source })?;
             *f = Some(file);
             created = true;
         }
@@ -172,12 +173,12 @@ fn round(inner: &Inner, sync: bool) -> Result<(), String> {
         if written < len {
             let bytes = s.bytes(written, len - written).unwrap_or_default();
             file.write_all_at(bytes, written as u64)
-                .map_err(|e| format!("cannot write WAL segment {:016x}: {e}", s.id))?;
+                .map_err(|source| WalError::Write { id: s.id, source })?;
             s.written.store(len, Ordering::Release);
         }
         if sync {
             file.sync_data()
-                .map_err(|e| format!("cannot sync WAL segment {:016x}: {e}", s.id))?;
+                .map_err(|source| WalError::Sync { id: s.id, source })?;
             s.synced.store(len, Ordering::Release);
         }
     }
@@ -185,7 +186,10 @@ fn round(inner: &Inner, sync: bool) -> Result<(), String> {
         // New files must survive a crash too: sync their directory entry.
         File::open(&wal.dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| format!("cannot sync WAL directory {}: {e}", wal.dir.display()))?;
+            .map_err(|source| WalError::SyncDir {
+                path: wal.dir.clone(),
+                source,
+            })?;
     }
     if sync {
         wal.synced.fetch_max(target, Ordering::AcqRel);
@@ -194,17 +198,17 @@ fn round(inner: &Inner, sync: bool) -> Result<(), String> {
 }
 
 /// A segment file read back at open.
-pub struct Replayed {
-    pub id: u64,
+pub(super) struct Replayed {
+    pub(super) id: u64,
     /// The valid prefix of the file.
-    pub bytes: Vec<u8>,
+    pub(super) bytes: Vec<u8>,
     /// Valid records: header and data offset in `bytes`.
-    pub records: Vec<(RecordHeader, usize)>,
+    pub(super) records: Vec<(RecordHeader, usize)>,
 }
 
 /// Reads the segment files in `dir`, in order, stopping at the first torn
 /// or corrupt record: everything after it was never acknowledged as durable.
-pub fn replay(dir: &Path) -> Result<Vec<Replayed>, String> {
+pub(super) fn replay(dir: &Path) -> Result<Vec<Replayed>, WalError> {
     let mut files: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok())
@@ -215,7 +219,12 @@ pub fn replay(dir: &Path) -> Result<Vec<Replayed>, String> {
             })
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("cannot read WAL directory {}: {e}", dir.display())),
+        Err(source) => {
+            return Err(WalError::ReadDir {
+                path: dir.to_owned(),
+                source,
+            });
+        }
     };
     files.sort();
     let mut out = Vec::new();
@@ -231,8 +240,10 @@ pub fn replay(dir: &Path) -> Result<Vec<Replayed>, String> {
             });
             continue;
         }
-        let data =
-            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let data = match std::fs::read(&path) {
+            Ok(data) => data,
+            Err(source) => return Err(WalError::Read { path, source }),
+        };
         let seg = match format::decode_segment(&data, id, last_seq) {
             Ok(seg) => seg,
             Err(e) => {

@@ -1,64 +1,32 @@
 //! `vbd vm …` (including `vbd vm volume …`): thin commands over the
 //! control API of a running `vbd serve`.
 
-use std::io::Write;
 use std::path::PathBuf;
 
+use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::Value;
-use thiserror::Error;
 
-use super::config::{Accel, Disk, DiskTuning, Role, Source, VmConfig};
-use super::supervisor::{DiskInfo, VmInfo, VmState};
-use crate::cli::{default_socket, parse_size};
-use crate::control::api::{AttachRequest, VolumeListing};
-use crate::control::client::{ClientError, ControlClient};
-use crate::control::service::default_control_socket;
-use crate::control::volumes::{CreateVolume, VolumeInfo};
-
-/// Why a CLI command failed.
-#[derive(Debug, Error)]
-pub enum CliError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("{0}")]
-    Usage(String),
-    #[error("cannot write output: {0}")]
-    Output(#[from] std::io::Error),
-}
-
-/// Where to find vbd's control socket.
-#[derive(Args, Debug, Clone)]
-pub struct ControlArg {
-    /// The control socket of `vbd serve` (default: control.sock beside the
-    /// default NBD socket).
-    #[arg(long, global = true, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-}
-
-impl ControlArg {
-    /// A client for the chosen (or default) control socket.
-    pub fn client(&self) -> ControlClient {
-        let path = self
-            .control
-            .clone()
-            .unwrap_or_else(|| default_control_socket(&default_socket()));
-        ControlClient::new(&path)
-    }
-}
+use super::{ControlArg, print};
+use vbd::control::client::ControlClient;
+use vbd::control::model::{
+    Accel, AttachRequest, CreateVolume, Disk, DiskInfo, DiskTuning, MAX_READ, Role, Source,
+    VmConfig, VmInfo, VmState, VolumeListing,
+};
+use vbd::size::parse_size;
 
 /// `vbd vm` arguments.
 #[derive(Args, Debug)]
-pub struct VmArgs {
+pub(crate) struct VmArgs {
     #[command(flatten)]
-    pub control: ControlArg,
+    control: ControlArg,
     #[command(subcommand)]
-    pub command: VmCommand,
+    command: VmCommand,
 }
 
 /// VM subcommands.
 #[derive(Subcommand, Debug)]
-pub enum VmCommand {
+enum VmCommand {
     /// Start a VM whose disks are vbd volumes.
     Run(Box<RunArgs>),
     /// Stop a VM: ACPI power-down, then SIGTERM, then SIGKILL.
@@ -96,53 +64,53 @@ pub enum VmCommand {
 
 /// `vbd vm run` arguments.
 #[derive(Args, Debug)]
-pub struct RunArgs {
-    pub name: String,
+struct RunArgs {
+    name: String,
     /// A disk: NAME[:ROLE][:raw=PATH]; ROLE is boot, data, cloud-init or efi
     /// (default: boot for the first, data for the rest); raw=PATH has QEMU
     /// open a raw file itself instead of the vbd export (comparisons only).
     #[arg(long = "volume", value_name = "SPEC")]
-    pub volumes: Vec<String>,
+    volumes: Vec<String>,
     #[arg(long, default_value_t = 2)]
-    pub vcpus: u32,
+    vcpus: u32,
     /// Guest memory, e.g. 512M or 2G.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
-    pub memory: u64,
+    memory: u64,
     #[arg(long, default_value = "q35")]
-    pub machine: String,
+    machine: String,
     /// kvm, or tcg where KVM is missing or unusable.
     #[arg(long, default_value = "kvm")]
-    pub accel: Accel,
+    accel: Accel,
     /// -cpu model (default: host under kvm, max under tcg).
     #[arg(long)]
-    pub cpu: Option<String>,
+    cpu: Option<String>,
     #[arg(long)]
-    pub kernel: Option<PathBuf>,
+    kernel: Option<PathBuf>,
     #[arg(long)]
-    pub initrd: Option<PathBuf>,
+    initrd: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long)]
-    pub append: Option<String>,
+    append: Option<String>,
     /// UEFI code image (e.g. /usr/share/OVMF/OVMF_CODE_4M.fd).
     #[arg(long)]
-    pub firmware: Option<PathBuf>,
+    firmware: Option<PathBuf>,
     /// Empty PCIe root ports for hot-attach.
     #[arg(long, default_value_t = 4)]
-    pub hotplug_ports: u32,
+    hotplug_ports: u32,
     /// Extra -device value (repeatable).
     #[arg(long = "device", value_name = "DEVICE")]
-    pub devices: Vec<String>,
+    devices: Vec<String>,
     /// QEMU's default block flags (no iothread, host cache, one queue), to
     /// measure what the tuned ones buy.
     #[arg(long)]
-    pub untuned: bool,
+    untuned: bool,
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
-    pub qemu: PathBuf,
+    qemu: PathBuf,
 }
 
 /// Parses a `--volume` spec; `first` picks the default role.
-pub fn parse_disk(spec: &str, first: bool) -> Result<Disk, String> {
+fn parse_disk(spec: &str, first: bool) -> Result<Disk, String> {
     // A raw path may itself contain ':', so it is split off first.
     let (head, source) = match spec.split_once(":raw=") {
         Some((h, path)) => (h, Source::RawFile(PathBuf::from(path))),
@@ -164,7 +132,7 @@ pub fn parse_disk(spec: &str, first: bool) -> Result<Disk, String> {
 
 impl RunArgs {
     /// The VM config these arguments describe.
-    pub fn config(&self) -> Result<VmConfig, String> {
+    fn config(&self) -> Result<VmConfig, String> {
         let disks = self
             .volumes
             .iter()
@@ -192,7 +160,7 @@ impl RunArgs {
 }
 
 /// A VM state as the tables show it.
-pub fn state_text(s: &VmState) -> String {
+pub(crate) fn state_text(s: &VmState) -> String {
     match s {
         VmState::Running => "running".into(),
         VmState::Stopping => "stopping".into(),
@@ -202,7 +170,7 @@ pub fn state_text(s: &VmState) -> String {
 }
 
 /// A VM's disks as the tables show them: `name:role`, or `name@port` if hot-attached.
-pub fn disks_text(d: &[DiskInfo]) -> String {
+pub(crate) fn disks_text(d: &[DiskInfo]) -> String {
     d.iter()
         .map(|d| match &d.port {
             Some(p) => format!("{}@{p}", d.volume),
@@ -219,107 +187,99 @@ pub fn disks_text(d: &[DiskInfo]) -> String {
         .join(",")
 }
 
-fn secs(v: f64, what: &str) -> Result<f64, CliError> {
-    if v.is_finite() && v >= 0.0 {
-        Ok(v)
-    } else {
-        Err(CliError::Usage(format!(
-            "--{what} must be a number of seconds"
-        )))
+fn secs(v: f64, what: &str) -> Result<f64> {
+    if !(v.is_finite() && v >= 0.0) {
+        bail!("--{what} must be a number of seconds");
     }
+    Ok(v)
 }
 
 /// Runs a `vbd vm` subcommand.
-pub fn run_vm(args: VmArgs) -> Result<(), CliError> {
+pub(crate) fn run(args: VmArgs) -> Result<()> {
     let c = args.control.client();
-    let mut out = std::io::stdout().lock();
-    match args.command {
+    let text = match args.command {
         VmCommand::Run(run) => {
-            let cfg = run.config().map_err(CliError::Usage)?;
-            let info: VmInfo = c.call("POST", "/v1/vms", Some(&cfg))?;
-            writeln!(
-                out,
-                "started VM {} (pid {}); serial log {}",
+            let cfg = run.config().map_err(anyhow::Error::msg)?;
+            let info = c.start_vm(&cfg)?;
+            format!(
+                "started VM {} (pid {}); serial log {}\n",
                 info.name,
                 info.pid,
                 info.serial_log.display()
-            )?;
+            )
         }
         VmCommand::Stop { name, grace } => {
-            let grace = secs(grace, "grace")?;
-            let v: Value =
-                c.call::<(), _>("DELETE", &format!("/v1/vms/{name}?grace={grace}"), None)?;
-            writeln!(
-                out,
-                "stopped VM {name} ({})",
-                v["outcome"].as_str().unwrap_or("?")
-            )?;
+            let outcome = serde_json::to_value(c.stop_vm(&name, secs(grace, "grace")?)?)?;
+            format!("stopped VM {name} ({})\n", outcome.as_str().unwrap_or("?"))
         }
-        VmCommand::List { json } => {
-            let vms: Vec<VmInfo> = c.call::<(), _>("GET", "/v1/vms", None)?;
-            if json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&vms).unwrap_or_default()
-                )?;
-            } else {
-                writeln!(
-                    out,
-                    "{:<16} {:<10} {:>4} {:>7}  {:<30} DISKS",
-                    "NAME", "PID", "CPUS", "MEMORY", "STATE"
-                )?;
-                for v in vms {
-                    writeln!(
-                        out,
-                        "{:<16} {:<10} {:>4} {:>6}M  {:<30} {}",
-                        v.name,
-                        v.pid,
-                        v.vcpus,
-                        v.memory_mib,
-                        state_text(&v.state),
-                        disks_text(&v.disks)
-                    )?;
-                }
-            }
+        VmCommand::List { json: true } => {
+            format!("{}\n", serde_json::to_string_pretty(&c.vms()?)?)
         }
+        VmCommand::List { json: false } => vm_table(&c.vms()?),
         VmCommand::Attach {
             vm,
             volume,
             read_only,
         } => {
-            let d: DiskInfo = c.call(
-                "POST",
-                &format!("/v1/vms/{vm}/disks"),
-                Some(&AttachRequest { volume, read_only }),
-            )?;
-            writeln!(
-                out,
-                "attached {} to VM {vm} on port {}",
+            let d = c.attach(&vm, &AttachRequest { volume, read_only })?;
+            format!(
+                "attached {} to VM {vm} on port {}\n",
                 d.volume,
                 d.port.unwrap_or_default()
-            )?;
+            )
         }
         VmCommand::Detach { vm, volume, wait } => {
-            let wait = secs(wait, "wait")?;
-            let _: Value = c.call::<(), _>(
-                "DELETE",
-                &format!("/v1/vms/{vm}/disks/{volume}?wait={wait}"),
-                None,
-            )?;
-            writeln!(out, "detached {volume} from VM {vm}")?;
+            c.detach(&vm, &volume, secs(wait, "wait")?)?;
+            format!("detached {volume} from VM {vm}\n")
         }
-        VmCommand::Volume(cmd) => {
-            drop(out);
-            run_volume(&c, cmd)?;
-        }
+        VmCommand::Volume(cmd) => return run_volume(&c, cmd),
+    };
+    print(text.as_bytes())
+}
+
+/// `vbd vm list`'s table.
+fn vm_table(vms: &[VmInfo]) -> String {
+    let mut t = format!(
+        "{:<16} {:<10} {:>4} {:>7}  {:<30} DISKS\n",
+        "NAME", "PID", "CPUS", "MEMORY", "STATE"
+    );
+    for v in vms {
+        t += &format!(
+            "{:<16} {:<10} {:>4} {:>6}M  {:<30} {}\n",
+            v.name,
+            v.pid,
+            v.vcpus,
+            v.memory_mib,
+            state_text(&v.state),
+            disks_text(&v.disks)
+        );
     }
-    Ok(())
+    t
+}
+
+/// `vbd vm volume list`'s table.
+fn volume_table(vols: &[VolumeListing]) -> String {
+    let mut t = format!(
+        "{:<20} {:<8} {:>14} {:<8} {:<12} DESCRIPTION\n",
+        "NAME", "BACKEND", "SIZE", "EXPORTED", "USED BY"
+    );
+    for v in vols {
+        t += &format!(
+            "{:<20} {:<8} {:>14} {:<8} {:<12} {}\n",
+            v.name,
+            v.backend,
+            v.size,
+            if v.exported { "yes" } else { "no" },
+            v.used_by.as_deref().unwrap_or("-"),
+            v.description
+        );
+    }
+    t
 }
 
 /// `vbd vm volume` subcommands.
 #[derive(Subcommand, Debug)]
-pub enum VolumeCommand {
+enum VolumeCommand {
     /// Create a volume in the running vbd (memory, file or object backend).
     Create {
         name: String,
@@ -356,9 +316,8 @@ pub enum VolumeCommand {
 }
 
 /// Runs a `vbd vm volume` subcommand.
-fn run_volume(c: &ControlClient, command: VolumeCommand) -> Result<(), CliError> {
-    let mut out = std::io::stdout().lock();
-    match command {
+fn run_volume(c: &ControlClient, command: VolumeCommand) -> Result<()> {
+    let text = match command {
         VolumeCommand::Create {
             name,
             backend,
@@ -378,66 +337,41 @@ fn run_volume(c: &ControlClient, command: VolumeCommand) -> Result<(), CliError>
             if let Some(c) = cache {
                 options.insert("cache".into(), Value::from(c));
             }
-            let req = CreateVolume {
+            let v = c.create_volume(&CreateVolume {
                 name,
                 backend,
                 size,
                 read_only,
                 options,
-            };
-            let v: VolumeInfo = c.call("POST", "/v1/volumes", Some(&req))?;
-            writeln!(
-                out,
-                "created volume {} ({} bytes): {}",
+            })?;
+            format!(
+                "created volume {} ({} bytes): {}\n",
                 v.name, v.size, v.description
-            )?;
+            )
         }
-        VolumeCommand::List => {
-            let vols: Vec<VolumeListing> = c.call::<(), _>("GET", "/v1/volumes", None)?;
-            writeln!(
-                out,
-                "{:<20} {:<8} {:>14} {:<8} {:<12} DESCRIPTION",
-                "NAME", "BACKEND", "SIZE", "EXPORTED", "USED BY"
-            )?;
-            for v in vols {
-                writeln!(
-                    out,
-                    "{:<20} {:<8} {:>14} {:<8} {:<12} {}",
-                    v.name,
-                    v.backend,
-                    v.size,
-                    if v.exported { "yes" } else { "no" },
-                    v.used_by.unwrap_or_else(|| "-".into()),
-                    v.description
-                )?;
-            }
-        }
+        VolumeCommand::List => volume_table(&c.volumes()?),
         VolumeCommand::Delete { name } => {
-            let _: Value = c.call::<(), _>("DELETE", &format!("/v1/volumes/{name}"), None)?;
-            writeln!(out, "deleted volume {name}")?;
+            c.delete_volume(&name)?;
+            format!("deleted volume {name}\n")
         }
         VolumeCommand::Read {
             name,
             offset,
             length,
-        } => {
-            let mut done = 0;
-            while done < length {
-                let n = (length - done).min(crate::control::api::MAX_READ);
-                let bytes = c.call_raw(
-                    "GET",
-                    &format!(
-                        "/v1/volumes/{name}/data?offset={}&length={n}",
-                        offset + done
-                    ),
-                    None,
-                )?;
-                out.write_all(&bytes)?;
-                done += n;
-            }
-        }
+        } => return read_volume(c, &name, offset, length),
+    };
+    print(text.as_bytes())
+}
+
+/// `vbd vm volume read`: copies a volume's bytes to stdout, one API read
+/// (at most [`MAX_READ`]) at a time.
+fn read_volume(c: &ControlClient, name: &str, offset: u64, length: u64) -> Result<()> {
+    let mut done = 0;
+    while done < length {
+        let n = (length - done).min(MAX_READ);
+        print(&c.read_volume(name, offset + done, n)?)?;
+        done += n;
     }
-    out.flush()?;
     Ok(())
 }
 

@@ -1,32 +1,44 @@
-//! One core's event loop: its own io_uring, its connections in a slab, and
+//! One core's event loop: its own [`Ring`], its connections in a slab, and
 //! an eventfd through which other threads hand it connections, off-core
 //! completions and the order to stop.
+//!
+//! Completions find their owner by [`Token`]: the core's own (wake-up,
+//! timer), a listener's (`accept`), or a connection's (socket and volume
+//! I/O, looked up in `conns` and checked against its generation). Another
+//! kind of per-core object joins by adding its token kinds, its slab, and
+//! its arms in `on_cqe` and `on_wake`.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+mod accept;
+
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use io_uring::{IoUring, cqueue, opcode, types};
+use io_uring::{opcode, types};
 use slab::Slab;
 use tracing::{debug, info, warn};
 
+use accept::ListenerState;
+
 use super::conn::{Conn, ConnConfig, Env};
 use super::limits::{Gauges, RateLimitedLog};
-use super::listener::{self, Listener, SocketTuning, Transport};
-use super::metrics::{ConnSummary, answer_snapshot};
+use super::listener::{Listener, SocketTuning, Transport};
+use super::metrics::ConnSummary;
 use super::registry::Registry;
-use super::tls::{ConnTls, TlsServer};
-use super::token::{Kind, MAX_CONNS, Token};
-use crate::volume::ring::{RemoteDone, RemoteSink, push_sqe};
-use crate::volume::{Wake, Waker};
+use super::tls::TlsServer;
+use crate::uring::{Completion, Kind, RemoteDone, RemoteSink, Ring, Token, Waker};
+use crate::volume::{RemoteResult, Wake};
 
 /// A message for a core.
 pub enum CoreMsg {
     /// A connection accepted elsewhere, now this core's for life.
     Conn {
+        /// The connected socket.
         fd: OwnedFd,
+        /// What it arrived on.
         transport: Transport,
+        /// Who is on the other end.
         peer: String,
     },
     /// Stop accepting, finish in-flight requests, close, exit.
@@ -38,7 +50,9 @@ pub enum CoreMsg {
 /// How other threads reach a core.
 #[derive(Clone)]
 pub struct CoreHandle {
+    /// The core's message queue.
     pub tx: Sender<CoreMsg>,
+    /// Wakes the core to read it.
     pub waker: Arc<Waker>,
 }
 
@@ -53,41 +67,52 @@ impl CoreHandle {
 
 /// Everything a core needs, built before its thread starts.
 pub struct CoreSetup {
+    /// This core's number.
     pub index: usize,
+    /// Messages for this core.
     pub rx: Receiver<CoreMsg>,
-    pub remote_rx: Receiver<RemoteDone>,
-    pub sink: RemoteSink,
+    /// Off-core completions for this core's requests.
+    pub remote_rx: Receiver<RemoteDone<RemoteResult>>,
+    /// Where backends send those completions.
+    pub sink: RemoteSink<RemoteResult>,
+    /// The eventfd that `rx` and `remote_rx` senders ring.
     pub waker: Arc<Waker>,
+    /// Every core, this one included, for handing connections over.
     pub peers: Vec<CoreHandle>,
+    /// Listeners this core accepts on.
     pub listeners: Vec<Listener>,
+    /// The exports.
     pub registry: Arc<Registry>,
+    /// Connection limits.
     pub conn: ConnConfig,
+    /// Server-wide limits and counters.
     pub gauges: Arc<Gauges>,
+    /// Socket buffer sizes for new connections.
     pub tuning: SocketTuning,
+    /// Submission queue entries.
     pub ring_entries: u32,
     /// How long to spin for new completions before sleeping, after a round
     /// that served clients; zero sleeps at once.
     pub busy_poll: Duration,
+    /// STARTTLS certificates and policy, if offered.
     pub tls: Option<Arc<TlsServer>>,
 }
 
 /// How often a spinning core offers its CPU to other runnable threads.
 const YIELD_EVERY: Duration = Duration::from_micros(5);
 
-struct ListenerState {
-    listener: Option<Listener>,
-    armed: bool,
-}
-
+/// One core's state. Field order matters: `ring` is dropped first, so the
+/// boxed buffers below it (`tick`, `wake_buf`) outlive every operation
+/// that points at them.
 struct Reactor {
-    ring: IoUring,
+    ring: Ring,
     index: usize,
     conns: Slab<Box<Conn>>,
     generation: u16,
     listeners: Vec<ListenerState>,
     rx: Receiver<CoreMsg>,
-    remote_rx: Receiver<RemoteDone>,
-    sink: RemoteSink,
+    remote_rx: Receiver<RemoteDone<RemoteResult>>,
+    sink: RemoteSink<RemoteResult>,
     waker: Arc<Waker>,
     peers: Vec<CoreHandle>,
     next_core: usize,
@@ -103,7 +128,7 @@ struct Reactor {
     logged_tuning: bool,
     stopping: bool,
     dirty: Vec<usize>,
-    cqes: Vec<(u64, i32, u32)>,
+    cqes: Vec<Completion>,
     /// Target of the eventfd read; boxed so its address is stable.
     wake_buf: Box<u64>,
     busy_poll: Duration,
@@ -115,14 +140,7 @@ struct Reactor {
 
 /// Runs a core until it is told to stop and its connections are closed.
 pub fn run(setup: CoreSetup) -> std::io::Result<()> {
-    let ring = IoUring::builder()
-        .setup_single_issuer()
-        .setup_coop_taskrun()
-        .setup_defer_taskrun()
-        // Lets the busy-poll see pending task work without a syscall.
-        .setup_taskrun_flag()
-        .setup_cqsize(setup.ring_entries * 8)
-        .build(setup.ring_entries)?;
+    let ring = Ring::for_core(setup.ring_entries)?;
     let mut r = Reactor {
         ring,
         index: setup.index,
@@ -179,15 +197,11 @@ impl Reactor {
             };
             self.active = false;
             self.touched.clear();
-            self.enter(want)?;
+            self.ring.enter(want)?;
             let mut cqes = std::mem::take(&mut self.cqes);
-            cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
-            for &(ud, res, flags) in &cqes {
-                self.on_cqe(ud, res, flags);
+            self.ring.reap(&mut cqes);
+            for c in &cqes {
+                self.on_cqe(c);
             }
             cqes.clear();
             self.cqes = cqes;
@@ -202,17 +216,6 @@ impl Reactor {
         }
     }
 
-    /// Submits what is queued and waits for `want` completions. A signal
-    /// (EINTR) or a full completion queue (EBUSY) just ends the wait early:
-    /// the caller's loop reaps and comes back.
-    fn enter(&mut self, want: usize) -> std::io::Result<()> {
-        match self.ring.submit_and_wait(want) {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Submits what is queued, then spins up to `busy_poll` for the kernel
     /// to post a completion or flag task work; returns whether it did.
     /// Sleeping and waking costs more than the gap between a client's
@@ -220,7 +223,7 @@ impl Reactor {
     /// the core sleeps after one window. It yields every few microseconds so a
     /// client sharing this CPU is not starved by the spin.
     fn poll_briefly(&mut self) -> std::io::Result<bool> {
-        self.enter(0)?;
+        self.ring.enter(0)?;
         // A client still reading earlier replies is busy, not waiting on
         // us: sleeping lets its next requests gather into one batch, which
         // costs both sides less than answering them one by one.
@@ -236,7 +239,7 @@ impl Reactor {
         let mut yielded = start;
         loop {
             for _ in 0..64 {
-                if self.ring.submission().taskrun() || !self.ring.completion().is_empty() {
+                if self.ring.ready() {
                     return Ok(true);
                 }
                 std::hint::spin_loop();
@@ -252,6 +255,7 @@ impl Reactor {
         }
     }
 
+    /// Queues connection `conn` to be pumped at the end of this round.
     fn mark(&mut self, conn: usize) {
         if let Some(c) = self.conns.get_mut(conn)
             && !c.queued
@@ -261,6 +265,7 @@ impl Reactor {
         }
     }
 
+    /// Connection `id` (if it still exists) and what its handlers borrow.
     fn env(&mut self, id: usize) -> (Option<&mut Box<Conn>>, Env<'_>) {
         let conn = self.conns.get_mut(id);
         let env = Env {
@@ -275,6 +280,7 @@ impl Reactor {
         (conn, env)
     }
 
+    /// Pumps every connection something happened to; removes finished ones.
     fn pump_dirty(&mut self) {
         while let Some(id) = self.dirty.pop() {
             self.touched.push(id);
@@ -300,33 +306,39 @@ impl Reactor {
         }
     }
 
-    fn on_cqe(&mut self, ud: u64, res: i32, flags: u32) {
-        let Some(t) = Token::decode(ud) else {
-            warn!(core = self.index, ud, "completion with unknown user data");
+    /// Hands a completion to its owner.
+    fn on_cqe(&mut self, c: &Completion) {
+        let Some(t) = Token::decode(c.user_data) else {
+            warn!(
+                core = self.index,
+                ud = c.user_data,
+                "completion with unknown user data"
+            );
             return;
         };
         match t.kind {
-            Kind::Wake => self.on_wake(res),
+            Kind::Wake => self.on_wake(c.result),
             Kind::Timer => self.on_timer(),
-            Kind::Accept => self.on_accept(t.conn, res, flags),
+            Kind::Accept => self.on_accept(t.index, c.result, c.more()),
             Kind::Recv | Kind::Send | Kind::Cancel | Kind::Io => {
                 self.active = true;
-                let (conn, mut env) = self.env(t.conn);
+                let (conn, mut env) = self.env(t.index);
                 let Some(conn) = conn.filter(|c| c.generation == t.generation) else {
                     debug!(core = self.index, ?t, "completion for a closed connection");
                     return;
                 };
                 match t.kind {
-                    Kind::Recv => conn.on_recv(res),
-                    Kind::Send => conn.on_send(res),
+                    Kind::Recv => conn.on_recv(c.result),
+                    Kind::Send => conn.on_send(c.result),
                     Kind::Cancel => conn.on_cancel(),
-                    _ => conn.on_io(t.slot, Wake::Cqe(res), &mut env),
+                    _ => conn.on_io(t.slot, Wake::Cqe(c.result), &mut env),
                 }
-                self.mark(t.conn);
+                self.mark(t.index);
             }
         }
     }
 
+    /// Queues the read of the core's eventfd.
     fn arm_wake(&mut self) -> std::io::Result<()> {
         let entry = opcode::Read::new(
             types::Fd(self.waker.raw_fd()),
@@ -335,9 +347,13 @@ impl Reactor {
         )
         .build()
         .user_data(Token::encode(Kind::Wake, 0, 0, 0));
-        push_sqe(&mut self.ring, entry)
+        // SAFETY: the read writes 8 bytes into the boxed `wake_buf`, which
+        // nothing else touches and which is dropped after the ring (field
+        // order); the eventfd is held open by `waker` just as long.
+        unsafe { self.ring.push(&entry) }
     }
 
+    /// The eventfd fired: take messages and off-core completions.
     fn on_wake(&mut self, res: i32) {
         if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
             warn!(core = self.index, error = %std::io::Error::from_raw_os_error(-res), "eventfd read failed");
@@ -353,26 +369,33 @@ impl Reactor {
                     peer,
                 } => self.add_conn(fd, transport, peer),
                 CoreMsg::Stop => self.stop(),
-                CoreMsg::Snapshot(reply) => answer_snapshot(&reply, self.index, &self.conns),
+                CoreMsg::Snapshot(reply) => {
+                    let summaries = self.conns.iter().map(|(_, c)| c.summary(self.index));
+                    // The asker may have given up waiting: that is fine.
+                    let _ = reply.send(summaries.collect());
+                }
             }
         }
         while let Ok(done) = self.remote_rx.try_recv() {
             let Some(t) = Token::decode(done.token).filter(|t| t.kind == Kind::Io) else {
                 continue;
             };
-            let (conn, mut env) = self.env(t.conn);
+            let (conn, mut env) = self.env(t.index);
             if let Some(conn) = conn.filter(|c| c.generation == t.generation) {
                 conn.on_io(t.slot, Wake::Remote(done.result), &mut env);
-                self.mark(t.conn);
+                self.mark(t.index);
             }
         }
     }
 
+    /// Queues the next handshake-timeout sweep.
     fn arm_timer(&mut self) {
         let entry = opcode::Timeout::new(&*self.tick)
             .build()
             .user_data(Token::encode(Kind::Timer, 0, 0, 0));
-        if let Err(e) = push_sqe(&mut self.ring, entry) {
+        // SAFETY: the boxed `tick` is never changed and is dropped after
+        // the ring (field order), so it outlives the timeout.
+        if let Err(e) = unsafe { self.ring.push(&entry) } {
             warn!(
                 core = self.index,
                 "cannot arm the handshake-timeout sweep: {e}"
@@ -398,120 +421,13 @@ impl Reactor {
         }
     }
 
-    fn arm_accept(&mut self, i: usize) {
-        let Some(l) = self.listeners[i].listener.as_ref() else {
-            return;
-        };
-        let entry = opcode::AcceptMulti::new(types::Fd(l.fd.as_raw_fd()))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(Token::encode(Kind::Accept, i, 0, 0));
-        match push_sqe(&mut self.ring, entry) {
-            Ok(()) => self.listeners[i].armed = true,
-            Err(e) => warn!(core = self.index, "cannot arm accept: {e}"),
-        }
-    }
-
-    fn on_accept(&mut self, i: usize, res: i32, flags: u32) {
-        if i >= self.listeners.len() {
-            return;
-        }
-        let more = cqueue::more(flags);
-        if !more {
-            self.listeners[i].armed = false;
-        }
-        if res >= 0 {
-            // SAFETY: the kernel handed us this new descriptor.
-            let fd = unsafe { OwnedFd::from_raw_fd(res) };
-            let Some(l) = self.listeners[i].listener.as_ref() else {
-                return;
-            };
-            let transport = l.transport;
-            let peer = peer_name(&fd, transport, &l.addr);
-            if self.stopping {
-                return;
-            }
-            if !self.gauges.try_connect() {
-                if let Some(hidden) = self.refusals.tick() {
-                    warn!(
-                        core = self.index,
-                        limit = self.gauges.max_connections(),
-                        refused_since_last_line = hidden,
-                        "connection limit reached (--max-connections); refusing {peer}"
-                    );
-                }
-                drop(fd);
-                if !more {
-                    self.arm_accept(i);
-                }
-                return;
-            }
-            let target = self.next_core % self.peers.len().max(1);
-            self.next_core = self.next_core.wrapping_add(1);
-            if target == self.index || self.peers.is_empty() {
-                self.add_conn(fd, transport, peer);
-            } else {
-                self.peers[target].send(CoreMsg::Conn {
-                    fd,
-                    transport,
-                    peer,
-                });
-            }
-        } else if res != -libc::ECANCELED {
-            warn!(core = self.index, error = %std::io::Error::from_raw_os_error(-res), "accept failed");
-        }
-        if !more {
-            if self.stopping {
-                // Cancelled for shutdown: the listener closes here.
-                self.listeners[i].listener = None;
-            } else {
-                self.arm_accept(i);
-            }
-        }
-    }
-
-    fn add_conn(&mut self, fd: OwnedFd, transport: Transport, peer: String) {
-        if self.stopping {
-            self.gauges.disconnect();
-            return;
-        }
-        if self.conns.len() >= MAX_CONNS {
-            self.gauges.disconnect();
-            warn!(
-                core = self.index,
-                "connection limit reached; refusing {peer}"
-            );
-            return;
-        }
-        let granted = listener::tune(&fd, transport, self.tuning);
-        listener::log_granted(self.tuning, granted, !self.logged_tuning);
-        self.logged_tuning = true;
-        self.generation = self.generation.wrapping_add(1);
-        let gauge = self.gauges.core(self.index);
-        let tls = ConnTls::offer(self.tls.as_ref(), transport);
-        let conn = Conn::new(fd, peer, self.generation, &self.cfg, gauge, tls);
-        debug!(core = self.index, peer = %conn.peer, "connection accepted");
-        let id = self.conns.insert(conn);
-        self.mark(id);
-    }
-
+    /// Stops accepting and tells every connection to finish.
     fn stop(&mut self) {
         if self.stopping {
             return;
         }
         self.stopping = true;
-        for i in 0..self.listeners.len() {
-            if self.listeners[i].armed {
-                let entry = opcode::AsyncCancel::new(Token::encode(Kind::Accept, i, 0, 0))
-                    .build()
-                    .user_data(Token::encode(Kind::Cancel, MAX_CONNS, 0, 0));
-                if push_sqe(&mut self.ring, entry).is_err() {
-                    self.listeners[i].listener = None;
-                }
-            } else {
-                self.listeners[i].listener = None;
-            }
-        }
+        self.stop_accepting();
         let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
         for id in ids {
             if let Some(c) = self.conns.get_mut(id) {
@@ -519,45 +435,5 @@ impl Reactor {
             }
             self.mark(id);
         }
-    }
-}
-
-/// A printable name for the peer of an accepted socket.
-fn peer_name(fd: &OwnedFd, transport: Transport, listener: &str) -> String {
-    if transport == Transport::Tcp {
-        // SAFETY: getpeername writes at most `len` bytes into storage.
-        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as u32;
-        let r = unsafe {
-            libc::getpeername(
-                fd.as_raw_fd(),
-                (&mut storage as *mut libc::sockaddr_storage).cast(),
-                &mut len,
-            )
-        };
-        if r == 0
-            && let Some(addr) = sockaddr_to_string(&storage)
-        {
-            return addr;
-        }
-    }
-    format!("{listener}#fd{}", fd.as_raw_fd())
-}
-
-fn sockaddr_to_string(s: &libc::sockaddr_storage) -> Option<String> {
-    match i32::from(s.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says this storage holds a sockaddr_in.
-            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(format!("{ip}:{}", u16::from_be(a.sin_port)))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this storage holds a sockaddr_in6.
-            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(format!("[{ip}]:{}", u16::from_be(a.sin6_port)))
-        }
-        _ => None,
     }
 }

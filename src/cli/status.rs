@@ -1,0 +1,187 @@
+//! `vbd status`: what a running vbd serves right now (`GET /v1/status`),
+//! as a short text summary for people or as the API's JSON for tools.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::vm::{disks_text, state_text};
+use super::{ControlArg, print};
+use vbd::control::model::Status;
+
+/// `vbd status` arguments.
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// Print the control API's JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `vbd status`.
+pub(crate) fn run(args: StatusArgs) -> Result<()> {
+    let c = args.control.client();
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&c.status_json()?)?)
+    } else {
+        render_text(&c.status()?)
+    };
+    print(text.as_bytes())
+}
+
+/// Bytes in binary units ("512 B", "1.5 GiB").
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn duration_text(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+/// The readable summary `vbd status` prints.
+fn render_text(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "vbd {}, up {}, listening on {}; {} connection{} open",
+        s.version,
+        duration_text(s.uptime_seconds),
+        if s.listeners.is_empty() {
+            "-".to_owned()
+        } else {
+            s.listeners.join(", ")
+        },
+        s.connections_open,
+        if s.connections_open == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(o, "\nEXPORTS");
+    if s.exports.is_empty() {
+        let _ = writeln!(o, "  (none)");
+    } else {
+        let _ = writeln!(
+            o,
+            "{:<20} {:<8} {:>10} {:<4} {:>5}  DESCRIPTION",
+            "NAME", "BACKEND", "SIZE", "MODE", "CONNS"
+        );
+        for e in &s.exports {
+            let _ = writeln!(
+                o,
+                "{:<20} {:<8} {:>10} {:<4} {:>5}  {}",
+                e.name,
+                e.backend,
+                human_bytes(e.size),
+                if e.read_only { "ro" } else { "rw" },
+                e.connections,
+                e.description
+            );
+        }
+    }
+    let _ = writeln!(o, "\nCONNECTIONS");
+    if s.connections.is_empty() {
+        let _ = writeln!(o, "  (none)");
+    } else {
+        let _ = writeln!(
+            o,
+            "{:<40} {:<20} {:>4} {:>10} {:>10} {:>10} {:>7}",
+            "PEER", "EXPORT", "CORE", "REQUESTS", "READ", "WRITTEN", "ERRORS"
+        );
+        for c in &s.connections {
+            let _ = writeln!(
+                o,
+                "{:<40} {:<20} {:>4} {:>10} {:>10} {:>10} {:>7}",
+                c.peer,
+                c.export.as_deref().unwrap_or("(negotiating)"),
+                c.core,
+                c.requests,
+                human_bytes(c.bytes_read),
+                human_bytes(c.bytes_written),
+                c.errors
+            );
+        }
+    }
+    let _ = writeln!(o, "\nVMS");
+    if s.vms.is_empty() {
+        let _ = writeln!(o, "  (none)");
+    } else {
+        let _ = writeln!(o, "{:<16} {:<30} {:>8}  VOLUMES", "NAME", "STATE", "PID");
+        for v in &s.vms {
+            let _ = writeln!(
+                o,
+                "{:<16} {:<30} {:>8}  {}",
+                v.name,
+                state_text(&v.state),
+                v.pid,
+                disks_text(&v.disks)
+            );
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vbd::control::model::{ConnSummary, ExportStatus};
+
+    #[test]
+    fn text_names_exports_connections_and_vms() {
+        let s = Status {
+            version: "0.1.0".into(),
+            uptime_seconds: 3725,
+            listeners: vec!["/run/vbd/vbd.sock".into()],
+            connections_open: 1,
+            exports: vec![ExportStatus {
+                name: "disk0".into(),
+                backend: "memory".into(),
+                description: "vbd export: memory".into(),
+                size: 1 << 30,
+                read_only: false,
+                connections: 1,
+            }],
+            connections: vec![ConnSummary {
+                core: 1,
+                peer: "/run/vbd/vbd.sock#fd12".into(),
+                export: Some("disk0".into()),
+                requests: 7,
+                errors: 0,
+                bytes_read: 4096,
+                bytes_written: 0,
+            }],
+            vms: Vec::new(),
+        };
+        let t = render_text(&s);
+        assert!(t.contains("up 1h 2m"), "{t}");
+        assert!(t.contains("1 connection open"), "{t}");
+        assert!(t.contains("disk0") && t.contains("1.0 GiB"), "{t}");
+        assert!(
+            t.contains("/run/vbd/vbd.sock#fd12") && t.contains("4.0 KiB"),
+            "{t}"
+        );
+        assert!(t.contains("VMS\n  (none)"), "{t}");
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 40), "5.0 TiB");
+    }
+}

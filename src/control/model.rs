@@ -1,0 +1,154 @@
+//! The control API's JSON: every body the server reads or writes and the
+//! client decodes, in one place, so the two sides cannot drift apart.
+//! VM descriptions and the connection summary are the supervisor's and the
+//! server's own types, re-exported here so a client needs only this module.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use crate::server::ConnSummary;
+pub use crate::vm::config::{Accel, Disk, DiskTuning, Role, Source, VmConfig};
+pub use crate::vm::supervisor::{DiskInfo, StopOutcome, VmInfo, VmState};
+
+/// Largest volume read one `GET /v1/volumes/{name}/data` returns.
+pub const MAX_READ: u64 = 1 << 20;
+
+/// `POST /v1/volumes`: a volume to create; backend-specific keys stay in
+/// `options` (`path`, `direct` for files; `store`, `cache` for objects).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateVolume {
+    /// The catalog and export name (and an object volume's name in its store).
+    pub name: String,
+    /// `memory`, `file` or `object`.
+    pub backend: String,
+    /// Bytes: required for memory; creates a missing file or object volume.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Everything else, for the backend to read (e.g. `path`, `direct`).
+    #[serde(flatten)]
+    pub options: Map<String, Value>,
+}
+
+/// A catalogued volume, as `POST /v1/volumes` returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// The name it was created under.
+    pub name: String,
+    /// `memory`, `file` or `object`.
+    pub backend: String,
+    /// Bytes.
+    pub size: u64,
+    /// Asked for read-only, or only readable.
+    pub read_only: bool,
+    /// The volume's own one-line description.
+    pub description: String,
+}
+
+/// A volume as `GET /v1/volumes` lists it: catalogued or a static export.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeListing {
+    /// Catalog or export name.
+    pub name: String,
+    /// Backend name, or `export` for volumes given to `vbd serve --export`.
+    pub backend: String,
+    /// Bytes.
+    pub size: u64,
+    /// Served read-only.
+    pub read_only: bool,
+    /// The volume's own one-line description.
+    pub description: String,
+    /// Served over NBD right now.
+    pub exported: bool,
+    /// The VM whose disk it is, if any.
+    pub used_by: Option<String>,
+}
+
+/// `POST /v1/vms/{name}/disks`: a volume to hot-attach.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachRequest {
+    /// A catalogued volume or an export.
+    pub volume: String,
+    /// Attach it read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `DELETE /v1/vms/{name}`: how the VM stopped.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct StopReply {
+    /// Which step ended the VM.
+    pub outcome: StopOutcome,
+}
+
+/// The `{}` that a successful delete or detach returns.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Done {}
+
+/// Every failure's body: what went wrong, each cause once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// `what failed: why: root cause`.
+    pub error: String,
+}
+
+/// `GET /v1/status`: what a running vbd serves right now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// vbd's version.
+    pub version: String,
+    /// Seconds since the NBD server started.
+    pub uptime_seconds: u64,
+    /// NBD listeners (socket paths and TCP addresses).
+    pub listeners: Vec<String>,
+    /// Connections open, including those still negotiating.
+    pub connections_open: usize,
+    /// Every export, by name.
+    pub exports: Vec<ExportStatus>,
+    /// Every connection, by core and peer.
+    pub connections: Vec<ConnSummary>,
+    /// Empty when vbd runs without a control plane.
+    pub vms: Vec<VmInfo>,
+}
+
+/// One export as the status shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExportStatus {
+    /// Export name.
+    pub name: String,
+    /// The volume's backend.
+    pub backend: String,
+    /// The volume's own one-line description.
+    pub description: String,
+    /// Bytes.
+    pub size: u64,
+    /// Served read-only.
+    pub read_only: bool,
+    /// Connections attached now.
+    pub connections: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_keep_their_wire_shape() {
+        assert_eq!(serde_json::to_string(&Done {}).unwrap(), "{}");
+        let stop = StopReply {
+            outcome: StopOutcome::AlreadyExited,
+        };
+        assert_eq!(
+            serde_json::to_string(&stop).unwrap(),
+            r#"{"outcome":"already-exited"}"#
+        );
+        let req: CreateVolume =
+            serde_json::from_str(r#"{"name":"a","backend":"file","path":"/x","direct":false}"#)
+                .unwrap();
+        assert_eq!((req.size, req.read_only), (None, false));
+        assert_eq!(req.options["path"], "/x");
+        assert_eq!(req.options["direct"], false);
+    }
+}

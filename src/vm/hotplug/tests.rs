@@ -1,0 +1,214 @@
+//! Hot attach and detach against the fake monitor, which keeps QEMU's
+//! books: the order of the steps, what a failure at each step leaves
+//! behind (nothing), and a detach retried while an unplug is under way.
+
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::lock::MutexExt;
+use crate::vm::testing::{Monitor, PATIENCE, Scratch, SharedMonitor, serve_monitor};
+
+struct Bench {
+    qmp: Qmp,
+    monitor: SharedMonitor,
+    _dir: Scratch,
+}
+
+impl Bench {
+    async fn new() -> Bench {
+        let dir = Scratch::new("hotplug");
+        let path = dir.0.join("qmp.sock");
+        let monitor = Arc::new(Mutex::new(Monitor::cooperative()));
+        serve_monitor(path.clone(), None, monitor.clone());
+        let (qmp, _events) = Qmp::connect(&path, PATIENCE).await.expect("QMP connect");
+        Bench {
+            qmp,
+            monitor,
+            _dir: dir,
+        }
+    }
+
+    fn monitor(&self) -> std::sync::MutexGuard<'_, Monitor> {
+        self.monitor.locked()
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.monitor().take_log()
+    }
+}
+
+/// What a tuned attach and detach of volume `d` send, in order.
+const ATTACH_STEPS: [&str; 3] = [
+    "object-add ioth-d",
+    "blockdev-add vol-d",
+    "device_add disk-d",
+];
+const DETACH_STEPS: [&str; 3] = [
+    "device_del disk-d",
+    "blockdev-del vol-d",
+    "object-del ioth-d",
+];
+
+/// Detaches `d` with time to spare and checks QEMU holds nothing after.
+async fn detach_fully(b: &Bench) {
+    detach(&b.qmp, "d", DiskTuning::Tuned, PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(b.log(), DETACH_STEPS);
+    assert!(b.monitor().is_bare());
+}
+
+fn spec<'a>(volume: &'a str, bus: &'a str, tuning: DiskTuning) -> AttachSpec<'a> {
+    AttachSpec {
+        volume,
+        nbd_socket: Path::new("/run/vbd/vbd.sock"),
+        bus,
+        queues: 2,
+        tuning,
+        read_only: false,
+    }
+}
+
+fn attach_failure(e: &HotplugError) -> (&'static str, &[String]) {
+    match e {
+        HotplugError::Attach { step, rollback, .. } => (step, rollback),
+        other => panic!("not an attach failure: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn attach_adds_iothread_node_device_and_detach_removes_them_in_reverse() {
+    let b = Bench::new().await;
+    attach(&b.qmp, &spec("d", "hp0", DiskTuning::Tuned))
+        .await
+        .unwrap();
+    assert_eq!(b.log(), ATTACH_STEPS);
+    assert_eq!(
+        b.monitor().devices.get("disk-d").map(String::as_str),
+        Some("vol-d")
+    );
+    detach_fully(&b).await;
+}
+
+#[tokio::test]
+async fn failed_device_add_rolls_back_the_node_then_the_iothread() {
+    let b = Bench::new().await;
+    let err = attach(&b.qmp, &spec("d", "pcie.0", DiskTuning::Tuned))
+        .await
+        .unwrap_err();
+    assert_eq!(attach_failure(&err), ("device_add virtio-blk-pci", &[][..]));
+    // Undone in reverse: the node, then the iothread.
+    let log = b.log();
+    assert_eq!(log[..3], ATTACH_STEPS);
+    assert_eq!(log[3..], ["blockdev-del vol-d", "object-del ioth-d"]);
+    assert!(b.monitor().is_bare());
+    // The cause is QEMU's own words, reached once through the chain.
+    let text = Chain(&err).to_string();
+    assert_eq!(
+        text,
+        "hot attach of \"d\" failed at device_add virtio-blk-pci (rolled back): \
+         QEMU refused device_add: Bus 'pcie.0' not found (GenericError)"
+    );
+}
+
+#[tokio::test]
+async fn failed_blockdev_add_removes_only_the_iothread() {
+    let b = Bench::new().await;
+    b.monitor().nodes.insert("vol-d".into());
+    let err = attach(&b.qmp, &spec("d", "hp0", DiskTuning::Tuned))
+        .await
+        .unwrap_err();
+    assert_eq!(attach_failure(&err), ("blockdev-add nbd", &[][..]));
+    assert_eq!(
+        b.log(),
+        [
+            "object-add ioth-d",
+            "blockdev-add vol-d",
+            "object-del ioth-d"
+        ]
+    );
+    let m = b.monitor();
+    assert!(m.iothreads.is_empty() && m.devices.is_empty());
+    assert_eq!(m.nodes.len(), 1, "the node that was there before stays");
+}
+
+#[tokio::test]
+async fn untuned_attach_has_no_iothread_to_add_or_undo() {
+    let b = Bench::new().await;
+    b.monitor().refuse.insert("device_add");
+    let err = attach(&b.qmp, &spec("d", "hp0", DiskTuning::Untuned))
+        .await
+        .unwrap_err();
+    assert_eq!(attach_failure(&err), ("device_add virtio-blk-pci", &[][..]));
+    assert_eq!(
+        b.log(),
+        [
+            "blockdev-add vol-d",
+            "device_add disk-d",
+            "blockdev-del vol-d"
+        ]
+    );
+    assert!(b.monitor().is_bare());
+}
+
+#[tokio::test]
+async fn a_failed_rollback_step_is_reported_and_the_next_still_runs() {
+    let b = Bench::new().await;
+    b.monitor().refuse.extend(["device_add", "blockdev-del"]);
+    let err = attach(&b.qmp, &spec("d", "hp0", DiskTuning::Tuned))
+        .await
+        .unwrap_err();
+    let (step, rollback) = attach_failure(&err);
+    assert_eq!(step, "device_add virtio-blk-pci");
+    assert_eq!(
+        rollback,
+        ["QEMU refused blockdev-del: blockdev-del refused by the test (GenericError)"]
+    );
+    assert!(err.to_string().contains("(rollback also failed: "), "{err}");
+    assert_eq!(b.log()[3..], ["blockdev-del vol-d", "object-del ioth-d"]);
+    let m = b.monitor();
+    assert!(m.iothreads.is_empty());
+    assert!(m.nodes.contains("vol-d"), "the leftover the error warns of");
+}
+
+#[tokio::test]
+async fn a_detach_retried_while_the_unplug_is_under_way_finishes_it() {
+    let b = Bench::new().await;
+    attach(&b.qmp, &spec("d", "hp0", DiskTuning::Tuned))
+        .await
+        .unwrap();
+    b.log();
+    b.monitor().guest_unplugs = false;
+    let wait = Duration::from_millis(50);
+    let err = detach(&b.qmp, "d", DiskTuning::Tuned, wait)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HotplugError::UnplugTimeout { device, .. } if device == "disk-d"),
+        "{err}"
+    );
+    assert_eq!(b.log(), ["device_del disk-d"]);
+    assert!(b.monitor().devices.contains_key("disk-d"));
+
+    // The guest lets go now; QEMU refuses the second device_del as "already
+    // in the process of unplug", which is no reason to fail.
+    b.monitor().guest_unplugs = true;
+    detach_fully(&b).await;
+}
+
+#[tokio::test]
+async fn detaching_a_device_qemu_lacks_fails_at_device_del() {
+    let b = Bench::new().await;
+    let err = detach(&b.qmp, "d", DiskTuning::Tuned, PATIENCE)
+        .await
+        .unwrap_err();
+    match &err {
+        HotplugError::Detach {
+            step: "device_del",
+            source: QmpError::Qemu { class, .. },
+            ..
+        } => assert_eq!(*class, qapi::ErrorClass::DeviceNotFound),
+        other => panic!("{other}"),
+    }
+    assert_eq!(b.log(), ["device_del disk-d"]);
+}
