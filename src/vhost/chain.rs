@@ -14,7 +14,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 /// The descriptors of the chain starting at `head` in a split queue's
 /// descriptor table. Ends early, like `DescriptorChain`, on anything
 /// malformed; the parser notices from the last descriptor's NEXT flag.
-pub struct Chain<'a, M> {
+pub(crate) struct Chain<'a, M> {
     mem: &'a M,
     table: GuestAddress,
     size: u16,
@@ -26,7 +26,7 @@ pub struct Chain<'a, M> {
 
 impl<'a, M: GuestMemoryBackend> Chain<'a, M> {
     /// The chain at `head` of the table at `table` with `queue_size` entries.
-    pub fn new(mem: &'a M, table: GuestAddress, queue_size: u16, head: u16) -> Self {
+    pub(crate) fn new(mem: &'a M, table: GuestAddress, queue_size: u16, head: u16) -> Self {
         Chain {
             mem,
             table,

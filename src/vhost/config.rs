@@ -49,10 +49,13 @@ pub struct ExportCaps {
     pub size_bytes: u64,
     /// The volume's block size: offsets and lengths must be multiples of it.
     pub block_size: u32,
+    /// Refuse writes: the device offers VIRTIO_BLK_F_RO.
     pub read_only: bool,
     /// FLUSH makes completed writes durable (also turns on CONFIG_WCE).
     pub flush: bool,
+    /// The volume can discard ranges (offers DISCARD).
     pub trim: bool,
+    /// The volume can zero ranges (offers WRITE_ZEROES).
     pub write_zeroes: bool,
     /// Virtqueues offered (at least 1, at most [`MAX_QUEUES`]).
     pub num_queues: u16,
@@ -62,18 +65,29 @@ pub struct ExportCaps {
 /// tells the driver, so a driver that follows it is never refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Disk size in 512-byte sectors, whole blocks only.
     pub capacity_sectors: u64,
     /// Logical block size in bytes (a power of two, at least 512).
     pub block_size: u32,
+    /// Data descriptors per request.
     pub seg_max: u32,
+    /// Bytes per data descriptor.
     pub size_max: u32,
+    /// Writes, discards and zeroing are refused.
     pub read_only: bool,
+    /// FLUSH was negotiated.
     pub flush: bool,
+    /// DISCARD was negotiated.
     pub discard: bool,
+    /// WRITE_ZEROES was negotiated.
     pub write_zeroes: bool,
+    /// Ranges per DISCARD request.
     pub max_discard_seg: u32,
+    /// Sectors per DISCARD range.
     pub max_discard_sectors: u32,
+    /// Ranges per WRITE_ZEROES request.
     pub max_write_zeroes_seg: u32,
+    /// Sectors per WRITE_ZEROES range.
     pub max_write_zeroes_sectors: u32,
     /// WRITE_ZEROES may carry the UNMAP flag.
     pub write_zeroes_may_unmap: bool,
@@ -84,18 +98,24 @@ pub struct Limits {
 pub struct DeviceConfig {
     /// Virtio feature bits offered (vhost-user's PROTOCOL_FEATURES included).
     pub features: u64,
+    /// vhost-user protocol features offered.
     pub protocol_features: VhostUserProtocolFeatures,
+    /// Virtqueues offered (the config space's `num_queues`).
     pub num_queues: u16,
+    /// Limits with every offered feature acked; see [`DeviceConfig::negotiated`].
     pub limits: Limits,
 }
 
 /// Why an export cannot be offered as a virtio-blk device.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// The volume's block size cannot be a virtio-blk logical block size.
     #[error("block size {0} is not a power of two between 1 and 64 KiB")]
     BlockSize(u32),
+    /// Zero queues, or more than a device offers.
     #[error("{0} queues requested; a vhost-user-blk device serves 1 to {MAX_QUEUES}")]
     Queues(u16),
+    /// The volume holds no whole block, so the disk would have no sectors.
     #[error("size {0} bytes is smaller than one {1}-byte block")]
     TooSmall(u64, u32),
 }

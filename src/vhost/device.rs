@@ -30,8 +30,10 @@ const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
+    /// The socket could not be bound or given its mode.
     #[error("vhost-user socket {0}")]
     Listen(PathBuf, #[source] io::Error),
+    /// The control thread or its stop eventfd could not be made.
     #[error("vhost-user device thread")]
     Thread(#[source] io::Error),
 }
@@ -88,6 +90,7 @@ impl VhostUserDevice {
         self.attached.load(Ordering::Relaxed)
     }
 
+    /// The socket frontends connect to.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -32,11 +32,12 @@ use super::config::{DeviceConfig, ExportCaps, Limits, SECTOR_SIZE};
 use super::inflight;
 use super::request::{self, Kind, Refusal, Scratch};
 
-/// Where the fake guest's pieces live.
-pub const DESC_TABLE: u64 = 0;
-pub const AVAIL_RING: u64 = 0x1000;
-pub const USED_RING: u64 = 0x2000;
-pub const DATA_AREA: u64 = 0x3000;
+// Where the fake guest's pieces live: the descriptor table, the avail and
+// used rings, then the bytes descriptors point into.
+const DESC_TABLE: u64 = 0;
+const AVAIL_RING: u64 = 0x1000;
+const USED_RING: u64 = 0x2000;
+const DATA_AREA: u64 = 0x3000;
 /// Regions: [0, 64K) and [64K, 96K) adjacent, [256K, 260K) after a hole.
 const REGIONS: [(u64, usize); 3] = [(0, 0x10000), (0x10000, 0x8000), (0x40000, 0x1000)];
 /// Bytes of input the data area takes at most (up to the end of region 2).

@@ -36,7 +36,7 @@ use super::runner::{DeviceState, InflightQueue, QueueRunner, QueueStart, RunnerE
 
 /// Why a frontend request is refused.
 #[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
+pub(crate) enum HandlerError {
     #[error("the device already has an owner")]
     AlreadyOwned,
     #[error("features {0:#x} were never offered")]
@@ -97,7 +97,7 @@ struct VringConfig {
 }
 
 /// A device's vhost-user state for the frontend attached now.
-pub struct Handler<R: QueueRunner> {
+pub(crate) struct Handler<R: QueueRunner> {
     config: DeviceConfig,
     serial: [u8; 20],
     runner: R,
@@ -114,7 +114,7 @@ pub struct Handler<R: QueueRunner> {
 
 impl<R: QueueRunner> Handler<R> {
     /// A device offering `config`, answering GET_ID with `serial`.
-    pub fn new(config: DeviceConfig, serial: &str, runner: R) -> Self {
+    pub(crate) fn new(config: DeviceConfig, serial: &str, runner: R) -> Self {
         let mut id = [0u8; 20];
         let n = serial.len().min(20);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -138,7 +138,7 @@ impl<R: QueueRunner> Handler<R> {
 
     /// Stops every queue and forgets the frontend: for a disconnect or a
     /// reset. Returns the queues that could not be stopped cleanly.
-    pub fn reset(&mut self) -> Vec<RunnerError> {
+    pub(crate) fn reset(&mut self) -> Vec<RunnerError> {
         let mut errors = Vec::new();
         for i in 0..self.vrings.len() {
             if self.vrings[i].running
@@ -161,7 +161,7 @@ impl<R: QueueRunner> Handler<R> {
     }
 
     /// How many queues are being served now.
-    pub fn running_queues(&self) -> usize {
+    pub(crate) fn running_queues(&self) -> usize {
         self.vrings.iter().filter(|v| v.running).count()
     }
 

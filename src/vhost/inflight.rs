@@ -35,26 +35,26 @@ const CURRENT_VERSION: u16 = 1;
 const ALIGN: usize = 64;
 
 /// Bytes of one queue's area (libvhost-user's `vu_inflight_queue_size`).
-pub fn queue_area_size(queue_size: u16) -> usize {
+pub(crate) fn queue_area_size(queue_size: u16) -> usize {
     (DESC * usize::from(queue_size) + size_of::<u16>()).next_multiple_of(ALIGN)
 }
 
 /// What a queue resumes from after a reconnect.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Where to continue in the avail ring: the used index plus the
     /// requests still in flight.
-    pub next_avail: u16,
+    pub(crate) next_avail: u16,
     /// Heads taken but never completed, oldest first: process these before
     /// anything new from the avail ring.
-    pub resubmit: Vec<u16>,
+    pub(crate) resubmit: Vec<u16>,
     /// The next value of the ordering counter.
-    pub next_counter: u64,
+    pub(crate) next_counter: u64,
 }
 
 /// Why the frontend's inflight area cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum InflightError {
+pub(crate) enum InflightError {
     #[error("inflight area of {have} bytes is smaller than {need} for {queues} queues of {size}")]
     TooSmall {
         have: u64,
@@ -93,7 +93,7 @@ fn desc(head: u16) -> usize {
 /// area is initialised; a used one yields the requests to re-submit.
 /// Fixes the area up first if the backend died between publishing a used
 /// entry and clearing its inflight flag.
-pub fn recover(area: &VolatileSlice, queue_size: u16, used_idx: u16) -> Recovery {
+pub(crate) fn recover(area: &VolatileSlice, queue_size: u16, used_idx: u16) -> Recovery {
     if area.len() < queue_area_size(queue_size) {
         return Recovery {
             next_avail: used_idx,
@@ -145,26 +145,26 @@ pub fn recover(area: &VolatileSlice, queue_size: u16, used_idx: u16) -> Recovery
 }
 
 /// Records that `head` was taken from the avail ring, as the `counter`-th.
-pub fn begin(area: &VolatileSlice, head: u16, counter: u64) {
+pub(crate) fn begin(area: &VolatileSlice, head: u16, counter: u64) {
     store(area, desc(head) + DESC_COUNTER, counter);
     store(area, desc(head) + DESC_INFLIGHT, 1u8);
 }
 
 /// Before publishing `head` on the used ring: names it as the one whose
 /// flag may be stale if the backend dies before [`finish`].
-pub fn before_used(area: &VolatileSlice, head: u16) {
+pub(crate) fn before_used(area: &VolatileSlice, head: u16) {
     store(area, LAST_BATCH_HEAD, head);
 }
 
 /// After publishing `head` (the used index is now `used_idx`).
-pub fn finish(area: &VolatileSlice, head: u16, used_idx: u16) {
+pub(crate) fn finish(area: &VolatileSlice, head: u16, used_idx: u16) {
     store(area, desc(head) + DESC_INFLIGHT, 0u8);
     store(area, USED_IDX, used_idx);
 }
 
 /// A mapped inflight memfd: one area per queue, back to back.
 #[derive(Debug)]
-pub struct InflightRegion {
+pub(crate) struct InflightRegion {
     map: MmapRegion,
     queue_size: u16,
     num_queues: u16,
@@ -172,7 +172,7 @@ pub struct InflightRegion {
 
 impl InflightRegion {
     /// A fresh zeroed memfd for GET_INFLIGHT_FD, and the region mapping it.
-    pub fn create(num_queues: u16, queue_size: u16) -> Result<(Self, File), InflightError> {
+    pub(crate) fn create(num_queues: u16, queue_size: u16) -> Result<(Self, File), InflightError> {
         let len = queue_area_size(queue_size) * usize::from(num_queues);
         // SAFETY: the name is a NUL-terminated literal; the result is checked.
         let fd = unsafe {
@@ -200,7 +200,7 @@ impl InflightRegion {
 
     /// Maps what SET_INFLIGHT_FD hands over, after checking that the file
     /// really holds that much (touching past its end would be SIGBUS).
-    pub fn map(
+    pub(crate) fn map(
         file: File,
         offset: u64,
         len: u64,
@@ -233,12 +233,12 @@ impl InflightRegion {
         })
     }
 
-    pub fn queue_size(&self) -> u16 {
+    pub(crate) fn queue_size(&self) -> u16 {
         self.queue_size
     }
 
     /// Queue `index`'s area, if the region has one.
-    pub fn area(&self, index: u16) -> Option<VolatileSlice<'_>> {
+    pub(crate) fn area(&self, index: u16) -> Option<VolatileSlice<'_>> {
         if index >= self.num_queues {
             return None;
         }

@@ -16,29 +16,31 @@ use vm_memory::{
 };
 
 /// The guest memory type of the data path.
-pub type GuestRam = GuestMemoryMmap<()>;
+pub(crate) type GuestRam = GuestMemoryMmap<()>;
 /// The current map, swapped atomically when the frontend changes it.
-pub type SharedRam = GuestMemoryAtomic<GuestRam>;
+pub(crate) type SharedRam = GuestMemoryAtomic<GuestRam>;
 
 /// Regions one device maps at most (GET_MAX_MEM_SLOTS): QEMU needs a few
 /// (RAM below and above 4 GiB, hot-plugged DIMMs).
-pub const MAX_MEM_SLOTS: usize = 32;
+pub(crate) const MAX_MEM_SLOTS: usize = 32;
 
 /// One region as the frontend describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RegionSpec {
-    pub guest_phys_addr: u64,
-    pub size: u64,
+pub(crate) struct RegionSpec {
+    /// Where the region starts in the guest's physical addresses.
+    pub(crate) guest_phys_addr: u64,
+    /// Bytes.
+    pub(crate) size: u64,
     /// Where the region sits in the frontend's address space; ring
     /// addresses arrive in these terms.
-    pub user_addr: u64,
+    pub(crate) user_addr: u64,
     /// Where the region starts in its fd.
-    pub mmap_offset: u64,
+    pub(crate) mmap_offset: u64,
 }
 
 /// Why a memory table is refused.
 #[derive(Debug, thiserror::Error)]
-pub enum MemoryError {
+pub(crate) enum MemoryError {
     #[error("{0} memory regions (at most {MAX_MEM_SLOTS})")]
     TooMany(usize),
     #[error("memory region {0:x?} is empty or wraps around")]
@@ -63,7 +65,7 @@ pub enum MemoryError {
 
 /// The frontend's memory table and its mapping.
 #[derive(Debug)]
-pub struct MemoryTable {
+pub(crate) struct MemoryTable {
     specs: Vec<RegionSpec>,
     ram: SharedRam,
 }
@@ -121,11 +123,11 @@ fn check_user_overlap(specs: &[RegionSpec], new: &RegionSpec) -> Result<(), Memo
 
 impl MemoryTable {
     /// The map queues read guest memory through.
-    pub fn shared(&self) -> SharedRam {
+    pub(crate) fn shared(&self) -> SharedRam {
         self.ram.clone()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.specs.is_empty()
     }
 
@@ -140,7 +142,11 @@ impl MemoryTable {
 
     /// Replaces the whole table (SET_MEM_TABLE). Nothing changes if any
     /// region is refused.
-    pub fn set(&mut self, regions: &[RegionSpec], files: Vec<File>) -> Result<(), MemoryError> {
+    pub(crate) fn set(
+        &mut self,
+        regions: &[RegionSpec],
+        files: Vec<File>,
+    ) -> Result<(), MemoryError> {
         if regions.len() > MAX_MEM_SLOTS {
             return Err(MemoryError::TooMany(regions.len()));
         }
@@ -156,7 +162,7 @@ impl MemoryTable {
     }
 
     /// Adds one region (ADD_MEM_REG).
-    pub fn add(&mut self, spec: RegionSpec, file: File) -> Result<(), MemoryError> {
+    pub(crate) fn add(&mut self, spec: RegionSpec, file: File) -> Result<(), MemoryError> {
         if self.specs.len() >= MAX_MEM_SLOTS {
             return Err(MemoryError::TooMany(self.specs.len() + 1));
         }
@@ -173,7 +179,7 @@ impl MemoryTable {
     }
 
     /// Removes the region at `guest_phys_addr` of `size` (REM_MEM_REG).
-    pub fn remove(&mut self, guest_phys_addr: u64, size: u64) -> Result<(), MemoryError> {
+    pub(crate) fn remove(&mut self, guest_phys_addr: u64, size: u64) -> Result<(), MemoryError> {
         let (ram, _) = self
             .ram
             .memory()
@@ -189,12 +195,12 @@ impl MemoryTable {
     }
 
     /// Forgets every region (the frontend went away or reset).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         let _ = self.publish(GuestMemoryMmap::new(), Vec::new());
     }
 
     /// The guest address behind the frontend's virtual address `user_addr`.
-    pub fn to_guest(&self, user_addr: u64) -> Result<GuestAddress, MemoryError> {
+    pub(crate) fn to_guest(&self, user_addr: u64) -> Result<GuestAddress, MemoryError> {
         self.specs
             .iter()
             .find(|s| s.user_addr <= user_addr && user_addr < user_end(s))

@@ -107,13 +107,13 @@
 //! vhost-user argv and hot attach/detach; the guest tests for file and
 //! object volumes and the restart-under-fio test.
 
-pub mod chain;
+mod chain;
 pub mod config;
 pub mod device;
 pub mod fuzz;
-pub mod handler;
-pub mod inflight;
-pub mod memory;
-pub mod request;
+mod handler;
+mod inflight;
+mod memory;
+mod request;
 pub mod runner;
 pub mod worker;

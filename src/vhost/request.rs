@@ -18,35 +18,40 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 use super::config::{Limits, SECTOR_SIZE};
 
 /// Bytes of the request header (`virtio_blk_outhdr`: type, ioprio, sector).
-pub const HEADER_LEN: u32 = 16;
+pub(crate) const HEADER_LEN: u32 = 16;
 /// Bytes of one discard/write-zeroes range (`virtio_blk_discard_write_zeroes`).
-pub const RANGE_LEN: u32 = 16;
+pub(crate) const RANGE_LEN: u32 = 16;
 /// Bytes a GET_ID reply fills at most (`VIRTIO_BLK_ID_BYTES`).
-pub const ID_LEN: u32 = 20;
+pub(crate) const ID_LEN: u32 = 20;
 
 /// One host-contiguous piece of guest memory: never crosses a region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u32,
+pub(crate) struct Segment {
+    /// Guest-physical address of the first byte.
+    pub(crate) addr: GuestAddress,
+    /// Bytes, at least 1.
+    pub(crate) len: u32,
 }
 
 /// One DISCARD or WRITE_ZEROES range, checked against the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Range {
-    pub sector: u64,
-    pub sectors: u32,
+pub(crate) struct Range {
+    /// First 512-byte sector.
+    pub(crate) sector: u64,
+    /// Length in sectors (may be 0: nothing to do).
+    pub(crate) sectors: u32,
     /// WRITE_ZEROES may deallocate (never set for DISCARD).
-    pub unmap: bool,
+    pub(crate) unmap: bool,
 }
 
 /// What the guest asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// VIRTIO_BLK_T_IN: the disk into the guest's segments.
     Read,
     /// VIRTIO_BLK_T_OUT: the guest's segments onto the disk.
     Write,
+    /// VIRTIO_BLK_T_FLUSH: every completed write made durable.
     Flush,
     /// The serial into the guest's segments (at most [`ID_LEN`] bytes).
     GetId,
@@ -59,29 +64,33 @@ pub enum Kind {
 /// A request that passed every check: its data segments are in
 /// [`Scratch::segments`], in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Request {
-    pub kind: Kind,
+pub(crate) struct Request {
+    /// What to do.
+    pub(crate) kind: Kind,
     /// First sector (Read and Write; 0 otherwise).
-    pub sector: u64,
+    pub(crate) sector: u64,
     /// Data bytes across the segments.
-    pub len: u32,
+    pub(crate) len: u32,
     /// Where the one-byte status goes.
-    pub status: GuestAddress,
+    pub(crate) status: GuestAddress,
 }
 
 /// Buffers the parser fills, owned by the queue and reused for every
 /// request, so parsing allocates only while they grow to their bound
 /// (`seg_max` segments times regions crossed; `max_*_seg` ranges).
 #[derive(Debug, Default)]
-pub struct Scratch {
-    pub segments: Vec<Segment>,
-    pub ranges: Vec<Range>,
+pub(crate) struct Scratch {
+    /// A read's, write's or GET_ID's data, in stream order.
+    pub(crate) segments: Vec<Segment>,
+    /// A DISCARD's or WRITE_ZEROES's ranges, decoded and checked.
+    pub(crate) ranges: Vec<Range>,
+    /// The chain, collected first so its last descriptor can be checked.
     descs: Vec<Descriptor>,
 }
 
 impl Scratch {
     /// Buffers sized for `queue_size`-long chains.
-    pub fn with_capacity(queue_size: u16) -> Self {
+    pub(crate) fn with_capacity(queue_size: u16) -> Self {
         Scratch {
             segments: Vec::with_capacity(usize::from(queue_size)),
             ranges: Vec::with_capacity(16),
@@ -92,7 +101,7 @@ impl Scratch {
 
 /// Why a request is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Reason {
+pub(crate) enum Reason {
     #[error("empty chain (bad head index or indirect table)")]
     Empty,
     #[error("chain longer than the queue ({0} descriptors)")]
@@ -145,7 +154,7 @@ pub enum Reason {
 
 /// A refused request and what the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// Write `status` (VIRTIO_BLK_S_IOERR or _UNSUPP) at `at` and complete
     /// the chain with one byte used.
     Status {
@@ -156,14 +165,6 @@ pub enum Refusal {
     /// No usable status byte: complete the chain with nothing written and
     /// count it against the driver (a conforming driver never sends one).
     BadChain(Reason),
-}
-
-impl Refusal {
-    pub fn reason(&self) -> Reason {
-        match self {
-            Refusal::Status { reason, .. } | Refusal::BadChain(reason) => *reason,
-        }
-    }
 }
 
 impl fmt::Display for Refusal {
@@ -182,7 +183,7 @@ const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 /// `virtio_queue::DescriptorChain`, or [`super::chain::Chain`] for a
 /// re-submitted head); `queue_size` bounds its length; `limits` are the
 /// negotiated ones. On success the data segments are in `scratch`.
-pub fn parse<M: GuestMemoryBackend>(
+pub(crate) fn parse<M: GuestMemoryBackend>(
     mem: &M,
     descs: impl IntoIterator<Item = Descriptor>,
     queue_size: u16,

@@ -19,59 +19,78 @@ use super::memory::SharedRam;
 #[derive(Debug)]
 pub struct DeviceState {
     /// The negotiated limits the parser enforces.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// The GET_ID answer: the export name, NUL-padded or cut to 20 bytes.
-    pub serial: [u8; 20],
+    pub(crate) serial: [u8; 20],
     /// Write cache on (the driver's CONFIG_WCE choice): off means every
     /// write is durable before it completes.
-    pub writeback: Arc<AtomicBool>,
+    pub(crate) writeback: Arc<AtomicBool>,
 }
 
 /// Where a queue's inflight log lives.
 #[derive(Clone, Debug)]
 pub struct InflightQueue {
-    pub region: Arc<InflightRegion>,
-    pub index: u16,
+    /// The frontend's inflight memfd, mapped.
+    pub(crate) region: Arc<InflightRegion>,
+    /// Which of its per-queue areas is this queue's.
+    pub(crate) index: u16,
     /// Ordering counter to continue from.
-    pub next_counter: u64,
+    pub(crate) next_counter: u64,
 }
 
-/// A queue ready to be served.
+/// A queue ready to be served: everything the frontend configured for it,
+/// translated into guest addresses, and what a reconnect left over.
 #[derive(Debug)]
 pub struct QueueStart {
-    pub index: u16,
-    pub size: u16,
-    pub desc_table: GuestAddress,
-    pub avail_ring: GuestAddress,
-    pub used_ring: GuestAddress,
+    /// The queue's number within the device.
+    pub(crate) index: u16,
+    /// Descriptors in the ring (a power of two).
+    pub(crate) size: u16,
+    /// Guest address of the descriptor table.
+    pub(crate) desc_table: GuestAddress,
+    /// Guest address of the avail ring.
+    pub(crate) avail_ring: GuestAddress,
+    /// Guest address of the used ring.
+    pub(crate) used_ring: GuestAddress,
     /// Where to continue in the avail ring.
-    pub next_avail: u16,
+    pub(crate) next_avail: u16,
     /// The used ring's index as the guest sees it now.
-    pub next_used: u16,
-    pub event_idx: bool,
+    pub(crate) next_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated: notifications are
+    /// suppressed through the rings' event indexes.
+    pub(crate) event_idx: bool,
     /// Readable when the guest adds buffers.
-    pub kick: Arc<File>,
+    pub(crate) kick: Arc<File>,
     /// Written to interrupt the guest; `None` when the frontend polls.
-    pub call: Option<Arc<File>>,
-    pub memory: SharedRam,
-    pub inflight: Option<InflightQueue>,
+    pub(crate) call: Option<Arc<File>>,
+    /// The guest's memory, swapped when the frontend changes its table.
+    pub(crate) memory: SharedRam,
+    /// Where this queue logs requests in flight, if the frontend gave an
+    /// inflight area (INFLIGHT_SHMFD).
+    pub(crate) inflight: Option<InflightQueue>,
     /// Heads a previous backend took and never completed, oldest first:
     /// serve these before the avail ring.
-    pub resubmit: Vec<u16>,
-    pub device: Arc<DeviceState>,
+    pub(crate) resubmit: Vec<u16>,
+    /// Device-wide state shared by all queues.
+    pub(crate) device: Arc<DeviceState>,
 }
 
 /// Why a queue could not be started or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
+    /// The frontend described rings the queue cannot use.
     #[error("queue {0}: its rings are not in guest memory or its size is invalid")]
     InvalidQueue(u16),
+    /// Stop was asked for a queue that is not served.
     #[error("queue {0} is not running")]
     NotRunning(u16),
+    /// Start was asked for a queue that is already served.
     #[error("queue {0} is already running")]
     AlreadyRunning(u16),
+    /// What serves the queue could not be set up.
     #[error("queue {0}: starting its worker")]
     Spawn(u16, #[source] std::io::Error),
+    /// What served the queue died without handing it back.
     #[error("queue {0}: its worker failed")]
     Worker(u16),
 }
@@ -79,7 +98,7 @@ pub enum RunnerError {
 impl QueueStart {
     /// The `virtio_queue::Queue` this describes, checked against guest
     /// memory (rings inside it, aligned, size a power of two).
-    pub fn queue(&self) -> Result<Queue, RunnerError> {
+    pub(crate) fn queue(&self) -> Result<Queue, RunnerError> {
         let bad = || RunnerError::InvalidQueue(self.index);
         let mut q = Queue::new(self.size).map_err(|_| bad())?;
         q.try_set_desc_table_address(self.desc_table)

@@ -46,6 +46,7 @@ pub struct ThreadRunner {
 }
 
 impl ThreadRunner {
+    /// A runner serving `volume`'s requests.
     pub fn new(volume: Arc<dyn Volume>) -> Self {
         ThreadRunner {
             volume,
