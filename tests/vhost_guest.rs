@@ -1,5 +1,5 @@
 //! End to end under TCG: a QEMU 7.2 guest whose disk is a vbd memory
-//! volume served over vhost-user-blk (phase 1's thread-per-queue runner).
+//! volume served over vhost-user-blk, its queues on a vbd server's cores.
 //! The test drives the guest's shell on the serial console and checks
 //! data both ways: what the host put in the volume reads back in the
 //! guest, what the guest writes (copied from the disk itself, and from a
@@ -15,9 +15,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vbd::server::{Registry, Server, ServerConfig};
 use vbd::vhost::config::{DeviceConfig, ExportCaps};
-use vbd::vhost::device::VhostUserDevice;
-use vbd::vhost::worker::ThreadRunner;
+use vbd::vhost::cores::CoreRunner;
+use vbd::vhost::device::{SocketAccess, VhostUserDevice};
 use vbd::volume::memory::MemoryVolume;
 use vbd::volume::sync::SyncDriver;
 use vm_common::{TempDir, test_guest, wait_for_path};
@@ -130,10 +131,22 @@ fn tcg_guest_reads_and_writes_a_vbd_volume_over_vhost_user() {
     io.write(&*volume, 3 * MIB, b"host-pattern-ABC", false)
         .unwrap();
 
-    let config = DeviceConfig::new(&ExportCaps::of(&*volume, 2)).unwrap();
-    let device =
-        VhostUserDevice::start(&sock, "vbd-e2e", config, ThreadRunner::new(volume.clone()))
-            .unwrap();
+    // Two cores host the queues, as `vbd serve --threads 2` would.
+    let server = Server::start(
+        ServerConfig {
+            unix: vec![dir.0.join("nbd.sock")],
+            threads: 2,
+            ..ServerConfig::default()
+        },
+        Arc::new(Registry::new()),
+    )
+    .unwrap();
+    let start_device = || {
+        let config = DeviceConfig::new(&ExportCaps::of(&*volume, 2)).unwrap();
+        let runner = CoreRunner::new(volume.clone(), Arc::new(server.handle()));
+        VhostUserDevice::start(&sock, SocketAccess::default(), "vbd-e2e", config, runner).unwrap()
+    };
+    let device = start_device();
     wait_for_path(&sock, Duration::from_secs(5));
     let mut g = Guest::boot(&sock, 2);
     g.wait(0, "VBD-BOOTED", Duration::from_secs(300));
@@ -184,12 +197,8 @@ fn tcg_guest_reads_and_writes_a_vbd_volume_over_vhost_user() {
 
     // vbd's device goes away (as in a restart) and comes back on the same
     // socket: QEMU (reconnect=1) re-attaches and the guest's I/O resumes.
-    let path = device.path().to_path_buf();
     drop(device);
-    let config = DeviceConfig::new(&ExportCaps::of(&*volume, 2)).unwrap();
-    let device =
-        VhostUserDevice::start(&path, "vbd-e2e", config, ThreadRunner::new(volume.clone()))
-            .unwrap();
+    let device = start_device();
     let start = Instant::now();
     while !device.frontend_attached() {
         assert!(
@@ -215,4 +224,6 @@ fn tcg_guest_reads_and_writes_a_vbd_volume_over_vhost_user() {
         assert!(start.elapsed() < Duration::from_secs(10), "still attached");
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(device);
+    server.stop().unwrap();
 }

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::config::DeviceConfig;
 use super::handler::Handler;
+use super::metrics::{DeviceMetrics, DeviceStatus};
 use super::runner::QueueRunner;
 use crate::lock::MutexExt;
 
@@ -30,49 +31,97 @@ const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    /// The socket could not be bound or given its mode.
+    /// The socket could not be bound or given its mode and group.
     #[error("vhost-user socket {0}")]
     Listen(PathBuf, #[source] io::Error),
+    /// Something else listens there already (another vbd, a storage daemon).
+    #[error("vhost-user socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// A file that is not a socket is in the way; it is not ours to delete.
+    #[error("{0} exists and is not a socket")]
+    NotSocket(PathBuf),
     /// The control thread or its stop eventfd could not be made.
     #[error("vhost-user device thread")]
     Thread(#[source] io::Error),
+}
+
+/// Who may connect: the socket's permission bits and group, as for the
+/// NBD sockets (`vbd serve --socket-mode/--socket-group`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits, 0600 by default: only vbd's user.
+    pub mode: u32,
+    /// The socket's group (a gid), so a QEMU in that group may connect
+    /// with mode 0660.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            mode: 0o600,
+            group: None,
+        }
+    }
 }
 
 /// A running device; dropping it stops the device and removes its socket.
 pub struct VhostUserDevice {
     path: PathBuf,
     stop: EventFd,
-    attached: Arc<AtomicBool>,
+    metrics: Arc<DeviceMetrics>,
+    num_queues: u16,
     thread: Option<JoinHandle<()>>,
 }
 
+/// Binds `path` with `access`, replacing a stale socket left by an
+/// earlier run but nothing else.
+fn bind(path: &Path, access: SocketAccess) -> Result<UnixListener, DeviceError> {
+    let listen_err = |e| DeviceError::Listen(path.to_path_buf(), e);
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(DeviceError::NotSocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(DeviceError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
+        .map_err(listen_err)?;
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(listen_err)?;
+    }
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    Ok(listener)
+}
+
 impl VhostUserDevice {
-    /// Listens on `path` (mode 0600) and serves frontends with `runner`.
+    /// Listens on `path` and serves frontends with `runner`, answering
+    /// GET_ID with `name`.
     pub fn start<R: QueueRunner + 'static>(
         path: &Path,
+        access: SocketAccess,
         name: &str,
         config: DeviceConfig,
         runner: R,
     ) -> Result<Self, DeviceError> {
-        let listen_err = |e| DeviceError::Listen(path.to_path_buf(), e);
-        // A socket left by an earlier run would make bind fail; anything
-        // else at that path is not ours to delete.
-        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-            std::fs::remove_file(path).map_err(listen_err)?;
-        }
-        let listener = UnixListener::bind(path).map_err(listen_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(listen_err)?;
-        listener.set_nonblocking(true).map_err(listen_err)?;
+        let listener = bind(path, access)?;
+        let num_queues = config.num_queues;
+        let metrics = Arc::new(DeviceMetrics::new(num_queues));
         let stop = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::Thread)?;
+        let handler = Handler::new(config, name, runner, metrics.clone());
         let control = Control {
             listener,
             stop: stop.try_clone().map_err(DeviceError::Thread)?,
-            handler: Arc::new(Mutex::new(Handler::new(config, name, runner))),
-            attached: Arc::new(AtomicBool::new(false)),
+            handler: Arc::new(Mutex::new(handler)),
+            metrics: metrics.clone(),
             name: name.to_string(),
         };
-        let attached = control.attached.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vhost-{name}"))
             .spawn(move || control.run())
@@ -80,14 +129,27 @@ impl VhostUserDevice {
         Ok(VhostUserDevice {
             path: path.to_path_buf(),
             stop,
-            attached,
+            metrics,
+            num_queues,
             thread: Some(thread),
         })
     }
 
     /// Whether a frontend is connected now.
     pub fn frontend_attached(&self) -> bool {
-        self.attached.load(Ordering::Relaxed)
+        self.metrics.attached.load(Ordering::Relaxed)
+    }
+
+    /// The device as `vbd status` and `/metrics` show it.
+    pub fn status(&self) -> DeviceStatus {
+        let queues = self.metrics.totals();
+        DeviceStatus {
+            socket: self.path.clone(),
+            attached: self.frontend_attached(),
+            num_queues: self.num_queues,
+            running_queues: queues.iter().filter(|q| q.core.is_some()).count() as u16,
+            queues,
+        }
     }
 
     /// The socket frontends connect to.
@@ -133,7 +195,7 @@ struct Control<R: QueueRunner> {
     listener: UnixListener,
     stop: EventFd,
     handler: Arc<Mutex<Handler<R>>>,
-    attached: Arc<AtomicBool>,
+    metrics: Arc<DeviceMetrics>,
     name: String,
 }
 
@@ -207,7 +269,7 @@ impl<R: QueueRunner> Control<R> {
             return;
         }
         tracing::info!(device = self.name, "vhost-user frontend attached");
-        self.attached.store(true, Ordering::Relaxed);
+        self.metrics.attached.store(true, Ordering::Relaxed);
         *frontend = Some(BackendReqHandler::from_stream(stream, self.handler.clone()));
     }
 
@@ -216,7 +278,7 @@ impl<R: QueueRunner> Control<R> {
         for e in self.handler.locked().reset() {
             tracing::warn!(device = self.name, "stopping a queue: {e}");
         }
-        self.attached.store(false, Ordering::Relaxed);
+        self.metrics.attached.store(false, Ordering::Relaxed);
     }
 }
 

@@ -14,7 +14,7 @@
 //!          the rest at 0x3000 (headers, data, ranges, indirect tables)
 //! ```
 //!
-//! Each chain the queue yields is walked again by [`Chain`] (which must
+//! Each chain the queue yields is walked again by `Chain` (which must
 //! agree with `virtio_queue`), parsed, and the result checked against the
 //! limits; the tail is also read as an inflight area and recovered.
 

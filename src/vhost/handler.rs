@@ -32,6 +32,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 use super::config::{CONFIG_SIZE, DeviceConfig, MAX_QUEUE_SIZE, WCE_OFFSET};
 use super::inflight::{self, InflightError, InflightRegion};
 use super::memory::{MAX_MEM_SLOTS, MemoryError, MemoryTable, RegionSpec};
+use super::metrics::DeviceMetrics;
 use super::runner::{DeviceState, InflightQueue, QueueRunner, QueueStart, RunnerError};
 
 /// Why a frontend request is refused.
@@ -110,11 +111,19 @@ pub(crate) struct Handler<R: QueueRunner> {
     writeback: Arc<AtomicBool>,
     /// Shared with the running queues; made when the first one starts.
     device: Option<Arc<DeviceState>>,
+    /// Per-queue counters, handed to each queue as it starts.
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl<R: QueueRunner> Handler<R> {
-    /// A device offering `config`, answering GET_ID with `serial`.
-    pub(crate) fn new(config: DeviceConfig, serial: &str, runner: R) -> Self {
+    /// A device offering `config`, answering GET_ID with `serial`, whose
+    /// queues count into `metrics`.
+    pub(crate) fn new(
+        config: DeviceConfig,
+        serial: &str,
+        runner: R,
+        metrics: Arc<DeviceMetrics>,
+    ) -> Self {
         let mut id = [0u8; 20];
         let n = serial.len().min(20);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -133,6 +142,7 @@ impl<R: QueueRunner> Handler<R> {
             inflight: None,
             writeback: Arc::new(AtomicBool::new(true)),
             device: None,
+            metrics,
         }
     }
 
@@ -254,6 +264,10 @@ impl<R: QueueRunner> Handler<R> {
             });
         }
         let event_idx = self.acked.unwrap_or(0) & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let metrics = self
+            .metrics
+            .queue(index as u16)
+            .ok_or(HandlerError::NoQueue(i, self.config.num_queues))?;
         Ok(QueueStart {
             index: index as u16,
             size,
@@ -269,6 +283,7 @@ impl<R: QueueRunner> Handler<R> {
             inflight: tracked,
             resubmit,
             device: self.device_state(),
+            metrics,
         })
     }
 
@@ -604,11 +619,9 @@ mod tests {
             write_zeroes: true,
             num_queues: 2,
         };
-        Handler::new(
-            DeviceConfig::new(&caps).unwrap(),
-            "serial",
-            Recorder::default(),
-        )
+        let config = DeviceConfig::new(&caps).unwrap();
+        let metrics = Arc::new(DeviceMetrics::new(config.num_queues));
+        Handler::new(config, "serial", Recorder::default(), metrics)
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The boundary between the vhost-user control plane and whatever serves
 //! virtqueues: the control thread hands over a queue ready to run and
-//! later takes it back. Phase 1 implements it with a thread per queue
-//! ([`super::worker`]); the reactors implement it next, one queue per core.
+//! later takes it back. [`super::cores::CoreRunner`] implements it on the
+//! server's cores; the handler's tests implement it with a recorder.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use super::config::Limits;
 use super::inflight::InflightRegion;
 use super::memory::SharedRam;
+use super::metrics::QueueMetrics;
 
 /// What a queue's requests need to know about the device, shared by all
 /// its queues and fixed while any runs (but `writeback`).
@@ -73,6 +74,8 @@ pub struct QueueStart {
     pub(crate) resubmit: Vec<u16>,
     /// Device-wide state shared by all queues.
     pub(crate) device: Arc<DeviceState>,
+    /// This queue's counters, kept by the device across runs.
+    pub(crate) metrics: Arc<QueueMetrics>,
 }
 
 /// Why a queue could not be started or stopped.
@@ -93,6 +96,13 @@ pub enum RunnerError {
     /// What served the queue died without handing it back.
     #[error("queue {0}: its worker failed")]
     Worker(u16),
+    /// The queue could not be handed to a core.
+    #[error("queue {0}: no core takes it")]
+    Host(u16, #[source] crate::uring::HostError),
+    /// The queue's requests did not finish in time: it is left to finish
+    /// them without touching the rings again.
+    #[error("queue {0}: requests still in flight after {1} s; giving up on them")]
+    StopTimeout(u16, u64),
 }
 
 impl QueueStart {
@@ -126,6 +136,6 @@ pub trait QueueRunner: Send {
     /// returns the next avail index (GET_VRING_BASE's answer).
     fn stop(&mut self, index: u16) -> Result<u16, RunnerError>;
     /// The memory table changed. Queues see the new map on their next
-    /// load of [`QueueStart::memory`]; this is for what caches it.
+    /// load of the queue's memory map; this is for what caches it.
     fn memory_changed(&mut self) {}
 }
