@@ -16,12 +16,14 @@ use super::{default_socket, default_store_url};
 use vbd::control::factory::{BackendSpec, VolumeFactory};
 use vbd::control::metrics::{self, Sources};
 use vbd::control::service::{ControlPlane, default_control_socket};
+use vbd::control::vhost_exports::VhostExports;
 use vbd::nbd::TlsMode;
 use vbd::server::{
     ConnConfig, DEFAULT_BUSY_POLL_US, Registry, Server, ServerConfig, SocketTuning, TlsOptions,
     TlsServer, signals,
 };
 use vbd::size::parse_size;
+use vbd::vhost::device::SocketAccess;
 
 /// `vbd serve` arguments.
 #[derive(Args)]
@@ -35,7 +37,10 @@ pub(crate) struct ServeArgs {
     tcp: Vec<SocketAddr>,
     /// An export: name=NAME,backend=memory|file|object[,size=1G][,path=FILE]
     /// [,store=URL,volume=NAME,cache=SIZE|auto][,read-only][,direct=off]
-    /// (repeatable). The first export is also the default (empty name).
+    /// [,vhost-user=SOCKET] (repeatable). The first export is also the
+    /// default (empty name). vhost-user= serves it to QEMU as a
+    /// vhost-user-blk device on that socket too (same --socket-mode and
+    /// --socket-group as the NBD sockets).
     /// Default: a 1 GiB object volume "vbd" in the local store.
     #[arg(long, value_name = "SPEC")]
     export: Vec<ExportSpec>,
@@ -206,6 +211,16 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     // Block termination signals before any thread starts, so only sigwait sees them.
     signals::block_termination().context("blocking SIGTERM/SIGINT")?;
     let server = Server::start(cfg.clone(), registry.clone())?;
+    let vhost = Arc::new(VhostExports::new());
+    let access = SocketAccess {
+        mode: cfg.socket_mode,
+        group: cfg.socket_group,
+    };
+    for spec in &exports {
+        if let Some(path) = &spec.vhost_user {
+            vhost.start(&server.handle(), &spec.name, path, access)?;
+        }
+    }
     let control = match cfg.unix.first() {
         Some(nbd) => Some(
             ControlPlane::start(
@@ -219,6 +234,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
                     .clone()
                     .unwrap_or_else(|| nbd.with_file_name("vm")),
                 factory,
+                vhost.clone(),
             )
             .context("starting the control API")?,
         ),
@@ -231,7 +247,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
         Some(addr) => {
             let sources = match &control {
                 Some(c) => c.sources.clone(),
-                None => Arc::new(Sources::server_only(server.handle())),
+                None => Arc::new(Sources::server_only(server.handle(), vhost.clone())),
             };
             Some(
                 metrics::serve_tcp(addr, sources)
@@ -240,7 +256,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    print_urls(&cfg, &server, &registry);
+    print_urls(&cfg, &server, &registry, &vhost);
     let sig = signals::wait_for_termination().context("waiting for SIGTERM/SIGINT")?;
     info!(signal = sig, "received termination signal");
     if let Some(m) = metrics {
@@ -249,12 +265,15 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     if let Some(control) = control {
         control.stop(Duration::from_secs(args.vm_stop_grace));
     }
+    // Queues finish their requests on the cores before the cores stop.
+    vhost.stop_all();
     server.stop()?;
     Ok(())
 }
 
-/// One NBD URL per export and listener, on stdout, for people and scripts.
-fn print_urls(cfg: &ServerConfig, server: &Server, registry: &Registry) {
+/// One NBD URL per export and listener, on stdout, for people and
+/// scripts; then each vhost-user socket.
+fn print_urls(cfg: &ServerConfig, server: &Server, registry: &Registry, vhost: &VhostExports) {
     for path in &cfg.unix {
         for e in registry.all() {
             println!("nbd+unix:///{}?socket={}", e.name, path.display());
@@ -266,6 +285,9 @@ fn print_urls(cfg: &ServerConfig, server: &Server, registry: &Registry) {
                 println!("{scheme}://{addr}/{}", e.name);
             }
         }
+    }
+    for (name, device) in vhost.list() {
+        println!("vhost-user-blk {} export={name}", device.socket.display());
     }
 }
 

@@ -4,8 +4,9 @@
 //! the CLI uses), the volumes it manages (`volumes`, opened through
 //! `factory` like `vbd serve --export`'s), the supervisor's view of them
 //! (`vm_volumes`), what `/metrics` (`metrics`, `prometheus`) and
-//! `/v1/status` (`status`) report, and `service`, which starts it all beside
-//! the NBD server. It runs on [`crate::runtime`], beside the reactors, never
+//! `/v1/status` (`status`) report, `vhost_exports` (exports served over
+//! vhost-user too, their queues on the server's cores), and `service`,
+//! which starts it all beside the NBD server. It runs on [`crate::runtime`], beside the reactors, never
 //! on them.
 
 pub mod api;
@@ -18,5 +19,6 @@ pub mod model;
 pub mod prometheus;
 pub mod service;
 pub mod status;
+pub mod vhost_exports;
 pub mod vm_volumes;
 pub mod volumes;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::api::{ControlApi, ControlServer, serve};
 use super::factory::VolumeFactory;
 use super::metrics::Sources;
+use super::vhost_exports::VhostExports;
 use super::vm_volumes::CatalogExports;
 use super::volumes::VolumeCatalog;
 use crate::runtime::runtime;
@@ -34,13 +35,15 @@ impl ControlPlane {
     /// Starts the control API on `control` for the running NBD server
     /// `nbd`; VMs reach their disks through `nbd_socket` and keep their run
     /// files under `run_dir`; volumes created through the API open through
-    /// `factory`, the same one `vbd serve --export` used.
+    /// `factory`, the same one `vbd serve --export` used; `vhost` holds the
+    /// exports' vhost-user devices, for status and metrics.
     pub fn start(
         nbd: ServerHandle,
         nbd_socket: PathBuf,
         control: &Path,
         run_dir: PathBuf,
         factory: VolumeFactory,
+        vhost: Arc<VhostExports>,
     ) -> std::io::Result<ControlPlane> {
         let catalog = Arc::new(VolumeCatalog::with_factory(factory));
         let registry = nbd.registry.clone();
@@ -52,6 +55,7 @@ impl ControlPlane {
             server: nbd,
             supervisor: Some(supervisor.clone()),
             catalog: Some(catalog.clone()),
+            vhost,
         });
         let api = Arc::new(ControlApi {
             supervisor: supervisor.clone(),
