@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// The Debian packages the cluster comes from.
@@ -57,9 +58,21 @@ impl Rgw {
         ]
     }
 
-    /// A store URL for vbd: the cluster's bucket, under `prefix`.
-    pub fn store(&self, prefix: &str) -> String {
-        format!("s3://{}/{prefix}", self.bucket)
+    /// A store URL for vbd under a fresh prefix in the cluster's bucket
+    /// (named for `tag`, this process and a counter): a cluster shared
+    /// through VBD_CEPH_DIR keeps what earlier runs stored.
+    pub fn store(&self, tag: &str) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!(
+            "s3://{}/{tag}-{}-{n}-{nanos:x}",
+            self.bucket,
+            std::process::id()
+        )
     }
 }
 
@@ -94,7 +107,7 @@ fn start() -> Result<Option<Rgw>, String> {
     if !missing.is_empty() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             return Err(format!(
-                "CI must have Ceph, but {} is missing: .ci/run installs {PACKAGES}",
+                "CI must have Ceph, but these are missing: {}; .ci/run installs {PACKAGES}",
                 missing.join(", ")
             ));
         }
