@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod export;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod handshake;
 pub mod reply;

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod hotplug;
 pub mod qmp;

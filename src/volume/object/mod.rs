@@ -11,6 +11,7 @@ pub mod admin;
 pub mod cache;
 pub mod extent_map;
 pub mod format;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod layout;
 mod open;
