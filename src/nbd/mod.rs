@@ -2,6 +2,8 @@
 //! machines and codecs (bytes in, events and bytes out). No sockets, no
 //! clocks; the server and the fuzzers drive the same code.
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod client;
 pub mod error;
 pub mod export;
 #[cfg(feature = "fuzzing")]

@@ -563,42 +563,6 @@ pub fn qemu_io_scattered(vbd: &Vbd, export: &str, size: u64) -> Vec<u8> {
     model
 }
 
-/// An NBD option as a client sends it: magic, option, length, data.
-pub fn nbd_option(opt: u32, data: &[u8]) -> Vec<u8> {
-    let mut m = vbd::nbd::wire::IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    m
-}
-
-/// A length-prefixed string, as options carry them.
-pub fn string(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-/// NBD_OPT_INFO/GO data: export name and a list of info requests.
-pub fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut v = string(name);
-    v.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        v.extend_from_slice(&i.to_be_bytes());
-    }
-    v
-}
-
-/// LIST/SET_META_CONTEXT data: export name and context queries.
-pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut v = string(name);
-    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        v.extend(string(q));
-    }
-    v
-}
-
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
