@@ -10,6 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use vbd::nbd::client;
 use vbd::nbd::wire::*;
 use vbd::server::{Registry, Server, ServerConfig};
+use vbd::test_support::TempDir;
 use vbd::volume::memory::MemoryVolume;
 
 struct Client {
@@ -57,8 +58,7 @@ impl Client {
 }
 
 fn loopback(c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("vbd-loopback-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = TempDir::new("loopback");
     let sock = dir.join("vbd.sock");
     let registry = Arc::new(Registry::new());
     registry
@@ -86,7 +86,6 @@ fn loopback(c: &mut Criterion) {
     g.finish();
     drop(client);
     let _ = server.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 criterion_group!(benches, loopback);

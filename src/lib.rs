@@ -9,5 +9,7 @@ pub mod nbd;
 pub mod objstore;
 pub mod runtime;
 pub mod server;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod vm;
 pub mod volume;

@@ -35,14 +35,14 @@ struct Serve {
 impl Serve {
     fn start(exports: &[&str]) -> Serve {
         let dir = TempDir::new("e2e");
-        let control = dir.0.join("control.sock");
+        let control = dir.join("control.sock");
         let mut cmd = Command::new(VBD);
         cmd.arg("serve")
             .arg("--unix")
-            .arg(dir.0.join("nbd.sock"))
+            .arg(dir.join("nbd.sock"))
             .args(["--threads", "1", "--vm-stop-grace", "5"])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.0.join("serve.log")).unwrap());
+            .stderr(std::fs::File::create(dir.join("serve.log")).unwrap());
         for e in exports {
             cmd.arg("--export").arg(e);
         }
@@ -77,7 +77,7 @@ impl Serve {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.0.join("serve.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
     }
 
     fn vms(&self) -> Vec<Value> {

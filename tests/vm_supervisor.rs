@@ -30,7 +30,7 @@ fn setup(volumes: &[&str]) -> (VbdServer, Arc<Supervisor>, TempDir) {
     }
     let run = TempDir::new("run");
     let sup = Supervisor::new(
-        SupervisorConfig::new(srv.socket.clone(), run.0.clone()),
+        SupervisorConfig::new(srv.socket.clone(), run.path().to_path_buf()),
         srv.registry.clone(),
         catalog,
     );

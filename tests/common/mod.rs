@@ -12,7 +12,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,49 +22,7 @@ pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
 /// How long vbd may take to start accepting or to exit after SIGTERM.
 const SERVER_DEADLINE: Duration = Duration::from_secs(60);
 
-/// A directory that lives as long as the test; kept (and named) when the
-/// test fails, so its files and the server log can be examined.
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    /// A fresh, empty directory whose name includes `tag`, the process id and
-    /// a counter, so parallel tests and parallel test binaries never collide.
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        // Kept short: Unix socket paths are limited to 107 bytes.
-        let short: String = tag.chars().take(24).collect();
-        let path =
-            std::env::temp_dir().join(format!("vbd-{short}-{}-{n}-{nanos:x}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("test files kept in {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
+pub use vbd::test_support::TempDir;
 
 /// Fails the test unless `tool` is on PATH, naming the Debian package.
 pub fn require(tool: &str, package: &str) {

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -14,28 +13,7 @@ use vbd::vm::config::{RunPaths, VmConfig, argv};
 use vbd::vm::qmp::Qmp;
 use vbd::volume::memory::MemoryVolume;
 
-/// A directory removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vbd-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use vbd::test_support::TempDir;
 
 /// An in-process vbd NBD server with memory exports.
 pub struct VbdServer {
@@ -48,7 +26,7 @@ pub struct VbdServer {
 impl VbdServer {
     pub fn start(exports: &[(&str, u64)]) -> VbdServer {
         let dir = TempDir::new("srv");
-        let socket = dir.0.join("nbd.sock");
+        let socket = dir.join("nbd.sock");
         let registry = Arc::new(Registry::new());
         for (name, size) in exports {
             registry
@@ -90,9 +68,9 @@ impl Qemu {
         let dir = TempDir::new("qemu");
         let paths = RunPaths {
             nbd_socket: srv.socket.clone(),
-            qmp_socket: dir.0.join("qmp.sock"),
-            pidfile: dir.0.join("qemu.pid"),
-            serial_log: dir.0.join("serial.log"),
+            qmp_socket: dir.join("qmp.sock"),
+            pidfile: dir.join("qemu.pid"),
+            serial_log: dir.join("serial.log"),
         };
         let args = argv(cfg, &paths).unwrap();
         let child = Command::new(&args[0])
