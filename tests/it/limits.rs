@@ -3,7 +3,7 @@
 //! never read their replies. Each limit must hold, be logged, and leave
 //! well-behaved clients unaffected.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;

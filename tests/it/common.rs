@@ -5,8 +5,6 @@
 //! Nothing here skips: a missing tool fails the test and names the Debian
 //! package that provides it.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -4,7 +4,7 @@
 //! they never send. Every test checks data or the exact refusal, then that
 //! the server is still up.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -4,19 +4,15 @@
 //! reads both patterns back. A second scenario kills QEMU mid-run and
 //! checks that vbd reports the crash and cleans up.
 
-mod vm_common;
+use crate::vm_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use vm_common::{TempDir, guest_pattern, tag, test_guest, wait_for_path};
-
-/// TCG guests are CPU-heavy: run one at a time.
-static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 const VBD: &str = env!("CARGO_BIN_EXE_vbd");
 
@@ -171,7 +167,7 @@ fn start_guest(s: &Serve, name: &str, tag: &str) -> (PathBuf, Value) {
 
 #[test]
 fn guest_boots_from_vbd_writes_hot_attached_disk_and_data_reads_back() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = vm_common::one_guest();
     let s = Serve::start(&["name=boot,backend=memory,size=64M"]);
     s.ok(&["vm", "volume", "create", "data", "--size", "32M"]);
     let t = tag("E2E");
@@ -208,7 +204,7 @@ fn guest_boots_from_vbd_writes_hot_attached_disk_and_data_reads_back() {
 
 #[test]
 fn killed_qemu_is_reported_as_crashed_and_cleaned_up() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = vm_common::one_guest();
     let s = Serve::start(&["name=boot,backend=memory,size=64M"]);
     s.ok(&["vm", "volume", "create", "data", "--size", "32M"]);
     let t = tag("CRASH");

@@ -3,7 +3,7 @@
 //! QEMU's own words and nothing left behind, volumes held by one VM only,
 //! and the SIGTERM step of a stop when no guest answers the power button.
 
-mod vm_common;
+use crate::vm_common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Replays the fuzz corpora through the library's target bodies, so plain
 //! `cargo test` on stable keeps every past finding and seed honest.
-//! `cargo test --test fuzz_corpus -- --ignored write_seeds` regenerates the
+//! `cargo test --test it fuzz_corpus::write_seeds -- --ignored` regenerates the
 //! hand-made seeds (named `seed-*`; fuzzer findings keep their hash names).
 
 use std::path::{Path, PathBuf};

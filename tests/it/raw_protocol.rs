@@ -3,7 +3,7 @@
 //! (or disconnect) the spec asks for, and then that the server is still up
 //! and a well-behaved client on a fresh connection reads the right data.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;

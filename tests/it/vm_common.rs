@@ -1,13 +1,13 @@
 //! Helpers shared by the VM integration tests.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
+use vbd::lock::MutexExt;
 use vbd::server::{Registry, Server, ServerConfig};
 use vbd::vm::config::{RunPaths, VmConfig, argv};
 use vbd::vm::qmp::Qmp;
@@ -15,9 +15,17 @@ use vbd::volume::memory::MemoryVolume;
 
 pub use vbd::test_support::TempDir;
 
+/// TCG guests are CPU-heavy: the tests that boot one hold this guard, so
+/// only one guest runs at a time across the whole test binary.
+pub fn one_guest() -> MutexGuard<'static, ()> {
+    static ONE_GUEST: Mutex<()> = Mutex::new(());
+    ONE_GUEST.locked()
+}
+
 /// An in-process vbd NBD server with memory exports.
 pub struct VbdServer {
-    pub dir: TempDir,
+    /// Holds the socket; removed with the server (kept if a test fails).
+    _dir: TempDir,
     pub socket: PathBuf,
     pub registry: Arc<Registry>,
     server: Option<Server>,
@@ -40,7 +48,7 @@ impl VbdServer {
         };
         let server = Server::start(cfg, registry.clone()).unwrap();
         VbdServer {
-            dir,
+            _dir: dir,
             socket,
             registry,
             server: Some(server),
@@ -60,7 +68,8 @@ impl Drop for VbdServer {
 pub struct Qemu {
     pub child: Child,
     pub paths: RunPaths,
-    pub dir: TempDir,
+    /// Holds QMP socket, pidfile and serial log (kept if a test fails).
+    _dir: TempDir,
 }
 
 impl Qemu {
@@ -79,7 +88,11 @@ impl Qemu {
             .stdin(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64 must be installed");
-        let q = Qemu { child, paths, dir };
+        let q = Qemu {
+            child,
+            paths,
+            _dir: dir,
+        };
         wait_for_path(&q.paths.qmp_socket, Duration::from_secs(20));
         q
     }
