@@ -32,6 +32,8 @@ pub mod objstore;
 pub mod runtime;
 pub mod server;
 pub mod size;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod uring;
 pub mod vm;
 pub mod volume;

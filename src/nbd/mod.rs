@@ -7,8 +7,11 @@
 //! `export` describes an export without knowing its storage, `wire` holds
 //! the protocol's constants and `error` its error codes.
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod client;
 pub mod error;
 pub mod export;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod handshake;
 pub mod reply;

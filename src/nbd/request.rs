@@ -351,28 +351,9 @@ pub fn check(req: &Request, s: &Session) -> Result<Command, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::client::request as header;
     use crate::nbd::export::{BlockSizes, ExportInfo, Features};
     use crate::nbd::session::BASE_ALLOCATION_ID;
-
-    fn header(extended: bool, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
-        let mut v = if extended {
-            EXTENDED_REQUEST_MAGIC
-        } else {
-            REQUEST_MAGIC
-        }
-        .to_be_bytes()
-        .to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&cmd.to_be_bytes());
-        v.extend_from_slice(&cookie.to_be_bytes());
-        v.extend_from_slice(&offset.to_be_bytes());
-        if extended {
-            v.extend_from_slice(&len.to_be_bytes());
-        } else {
-            v.extend_from_slice(&(len as u32).to_be_bytes());
-        }
-        v
-    }
 
     fn session(mode: ReplyMode, read_only: bool) -> Session {
         let f = Features {

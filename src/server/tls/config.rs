@@ -274,8 +274,7 @@ mod tests {
 
     #[test]
     fn not_pem_is_named() {
-        let dir = std::env::temp_dir().join(format!("vbd-tls-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_support::TempDir::new("tls-unit");
         let junk = dir.join("junk.pem");
         std::fs::write(&junk, "not a certificate\n").unwrap();
         let e = TlsServer::load(&TlsOptions {
@@ -290,7 +289,6 @@ mod tests {
             msg.contains("junk.pem") && msg.contains("no CERTIFICATE"),
             "{msg}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! nbdinfo, nbdcopy, fio and libnbd (through its Python bindings). Every test
 //! checks the data that comes back, not just exit codes.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -3,13 +3,14 @@
 //! (or disconnect) the spec asks for, and then that the server is still up
 //! and a well-behaved client on a fresh connection reads the right data.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
+use vbd::nbd::client::{self, go_data, meta_data, string};
 use vbd::nbd::wire::*;
 
 const MIB: u64 = 1 << 20;
@@ -131,33 +132,6 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b[..8].try_into().unwrap())
 }
 
-/// A request header: compact (28 bytes) or extended (32 bytes).
-fn encode_request(
-    extended: bool,
-    flags: u16,
-    cmd: u16,
-    cookie: u64,
-    offset: u64,
-    len: u64,
-) -> Vec<u8> {
-    let magic = if extended {
-        EXTENDED_REQUEST_MAGIC
-    } else {
-        REQUEST_MAGIC
-    };
-    let mut m = magic.to_be_bytes().to_vec();
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&cmd.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    if extended {
-        m.extend_from_slice(&len.to_be_bytes());
-    } else {
-        m.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    m
-}
-
 struct Client {
     s: UnixStream,
     mode: Mode,
@@ -249,7 +223,7 @@ impl Client {
     // ---- handshake ----
 
     fn option(&mut self, opt: u32, data: &[u8]) {
-        self.send(&nbd_option(opt, data));
+        self.send(&client::option(opt, data));
     }
 
     fn opt_reply(&mut self) -> OptReply {
@@ -372,7 +346,7 @@ impl Client {
     // ---- transmission ----
 
     fn request(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u64, data: &[u8]) {
-        let mut m = encode_request(self.mode == Mode::Extended, flags, cmd, cookie, offset, len);
+        let mut m = client::request(self.mode == Mode::Extended, flags, cmd, cookie, offset, len);
         m.extend_from_slice(data);
         self.send(&m);
     }
@@ -932,7 +906,7 @@ fn disc_answers_requests_in_flight_then_closes() {
     let mut c = srv.attach("mem", Mode::Simple);
     // Eight reads and a write in one burst, DISC right behind them.
     let mut burst = Vec::new();
-    let header = |cmd, cookie, offset, len| encode_request(false, 0, cmd, cookie, offset, len);
+    let header = |cmd, cookie, offset, len| client::request(false, 0, cmd, cookie, offset, len);
     for i in 0..8u64 {
         burst.extend(header(CMD_READ, 100 + i, i * 8192, 8192));
     }
