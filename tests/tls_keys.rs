@@ -1,9 +1,9 @@
-//! TLS server keys of every kind and size OpenSSL makes by default load and
-//! serve: RSA of 2048, 2432 (which the ring provider refused), 3072 and
-//! 4096 bits, in PKCS#8 and PKCS#1, and ECDSA P-256 and P-384 keys. Each key
-//! signs a server certificate made with openssl at test time; libnbd's
-//! nbdcopy (GnuTLS) writes a pattern over TLS and reads it back over a new
-//! TLS connection and over the plaintext Unix socket. A key too small to be
+//! TLS server keys of every kind OpenSSL makes load and serve: RSA of 2048,
+//! 2432 (which the ring provider refused), 3072 and 4096 bits, in PKCS#8
+//! and PKCS#1; ECDSA on P-256, P-384 and P-521; Ed25519. Each key signs a
+//! server certificate made with openssl at test time; libnbd's nbdcopy
+//! (GnuTLS) writes a pattern over TLS and reads it back over a new TLS
+//! connection and over the plaintext Unix socket. A key too small to be
 //! safe is refused with a message that names the sizes that work.
 
 mod common;
@@ -172,12 +172,12 @@ fn rsa_keys_of_every_common_size_serve_tls() {
 }
 
 #[test]
-fn ec_keys_serve_tls() {
+fn ec_and_ed25519_keys_serve_tls() {
     require("openssl", "openssl");
     require("nbdcopy", "libnbd-bin");
     let dir = TempDir::new("tls-keys-ec");
     make_ca(&dir);
-    for (i, curve) in ["P-256", "P-384"].into_iter().enumerate() {
+    for (i, curve) in ["P-256", "P-384", "P-521"].into_iter().enumerate() {
         let name = format!("ec-{curve}");
         let curve_opt = format!("ec_paramgen_curve:{curve}");
         make_server_key(
@@ -188,6 +188,8 @@ fn ec_keys_serve_tls() {
         );
         round_trip(&dir, &name, 0xec00 + i as u64);
     }
+    make_server_key(&dir, "ed25519", &["-algorithm", "ED25519"], false);
+    round_trip(&dir, "ed25519", 0xed25519);
 }
 
 #[test]
