@@ -16,7 +16,7 @@ use super::{default_socket, default_store_url};
 use vbd::control::factory::{BackendSpec, VolumeFactory};
 use vbd::control::metrics::{self, Sources};
 use vbd::control::service::{ControlPlane, default_control_socket};
-use vbd::nbd::TlsMode;
+use vbd::nbd::{HandshakeConfig, TlsMode};
 use vbd::server::{
     ConnConfig, DEFAULT_BUSY_POLL_US, Registry, Server, ServerConfig, SocketTuning, TlsOptions,
     TlsServer, signals,
@@ -61,6 +61,12 @@ pub(crate) struct ServeArgs {
     /// Request data all connections together may hold, e.g. 1G.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     max_buffered_total: u64,
+    /// The largest READ or WRITE a client may send, e.g. 64M: advertised as
+    /// the maximum block size; longer requests get EINVAL (a WRITE's data
+    /// is read and dropped, so the connection goes on). At most
+    /// --max-buffered.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    max_request: u64,
     /// Microseconds a core spins for more requests before it sleeps, after
     /// serving some; 0 sleeps at once (least CPU, most latency).
     #[arg(long, value_name = "US", default_value_t = DEFAULT_BUSY_POLL_US)]
@@ -156,6 +162,11 @@ impl ServeArgs {
                 max_buffered: self.max_buffered,
                 max_buffered_total: self.max_buffered_total,
                 handshake_timeout: Duration::from_secs(self.handshake_timeout),
+                handshake: HandshakeConfig {
+                    // Out of range becomes a value `validate` refuses.
+                    max_payload: u32::try_from(self.max_request).unwrap_or(u32::MAX),
+                    ..HandshakeConfig::default()
+                },
                 ..ConnConfig::default()
             },
             socket_mode: self.socket_mode,
@@ -306,5 +317,36 @@ mod tests {
             refused(&["--max-buffered", "2G", "--max-buffered-total", "1G"]),
             ConfigError::Buffered
         );
+        assert_eq!(config(&[]).conn.handshake.max_payload, 64 << 20);
+        assert_eq!(
+            config(&["--max-request", "128M", "--max-buffered", "128M"])
+                .conn
+                .handshake
+                .max_payload,
+            128 << 20
+        );
+        for bad in [
+            &["--max-request", "512M"][..], // over --max-buffered (256M)
+            &[
+                "--max-request",
+                "5G",
+                "--max-buffered",
+                "8G",
+                "--max-buffered-total",
+                "8G",
+            ],
+            &[
+                "--max-request",
+                "4G",
+                "--max-buffered",
+                "8G",
+                "--max-buffered-total",
+                "8G",
+            ],
+            &["--max-request", "512K"],
+            &["--max-request", "1000000"],
+        ] {
+            assert_eq!(refused(bad), ConfigError::MaxRequest, "{bad:?}");
+        }
     }
 }

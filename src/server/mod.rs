@@ -36,6 +36,10 @@ use crate::volume::{IoFlags, Op};
 /// Default busy-poll window of a core, in microseconds.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 
+/// The smallest maximum block size a server may advertise: the spec asks
+/// for at least 1 MiB, and clients split their I/O by it.
+const MIN_MAX_PAYLOAD: u32 = 1 << 20;
+
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -92,6 +96,10 @@ impl ServerConfig {
         if c.max_buffered == 0 || c.max_buffered_total < c.max_buffered {
             return Err(ConfigError::Buffered);
         }
+        let max = c.handshake.max_payload;
+        if !max.is_multiple_of(4096) || max < MIN_MAX_PAYLOAD || u64::from(max) > c.max_buffered {
+            return Err(ConfigError::MaxRequest);
+        }
         Ok(())
     }
 }
@@ -105,6 +113,10 @@ pub enum ConfigError {
     NoConnections,
     #[error("--max-buffered must be above zero and no more than --max-buffered-total")]
     Buffered,
+    #[error(
+        "--max-request must be a multiple of 4K, at least 1M, below 4G and no more than --max-buffered"
+    )]
+    MaxRequest,
 }
 
 /// Why the server could not start or stopped badly.
