@@ -9,6 +9,7 @@ pub mod nbd;
 pub mod objstore;
 pub mod runtime;
 pub mod server;
+pub mod service;
 pub mod size;
 pub mod uring;
 pub mod vm;
