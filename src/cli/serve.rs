@@ -18,7 +18,7 @@ use vbd::control::api::ControlSocket;
 use vbd::control::factory::{BackendSpec, VolumeFactory};
 use vbd::control::metrics::{self, Sources};
 use vbd::control::service::{ControlPlane, default_control_socket};
-use vbd::nbd::{HandshakeConfig, TlsMode};
+use vbd::nbd::{DEFAULT_MAX_PAYLOAD, HandshakeConfig, TlsMode};
 use vbd::server::{
     ConnConfig, DEFAULT_BUSY_POLL_US, Registry, Server, ServerConfig, SocketTuning, TlsOptions,
     TlsServer, signals, stdio,
@@ -68,9 +68,9 @@ pub(crate) struct ServeArgs {
     /// The largest READ or WRITE a client may send, e.g. 64M: advertised as
     /// the maximum block size; longer requests get EINVAL (a WRITE's data
     /// is read and dropped, so the connection goes on). At most
-    /// --max-buffered.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    max_request: u64,
+    /// --max-buffered. Default: 64M, or --max-buffered if that is less.
+    #[arg(long, value_parser = parse_size)]
+    max_request: Option<u64>,
     /// Microseconds a core spins for more requests before it sleeps, after
     /// serving some; 0 sleeps at once (least CPU, most latency).
     #[arg(long, value_name = "US", default_value_t = DEFAULT_BUSY_POLL_US)]
@@ -150,6 +150,15 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 impl ServeArgs {
+    /// --max-request, or its default bounded by --max-buffered (in whole
+    /// 4 KiB blocks). Out of range becomes a value `validate` refuses.
+    fn max_payload(&self) -> u32 {
+        let bytes = self
+            .max_request
+            .unwrap_or_else(|| u64::from(DEFAULT_MAX_PAYLOAD).min(self.max_buffered / 4096 * 4096));
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
     /// The server settings these flags describe, without TLS (loaded after
     /// the cheap checks). The default listener is filled in unless clients
     /// come `elsewhere` (sockets passed in, or standard input).
@@ -178,8 +187,7 @@ impl ServeArgs {
                 max_buffered_total: self.max_buffered_total,
                 handshake_timeout: Duration::from_secs(self.handshake_timeout),
                 handshake: HandshakeConfig {
-                    // Out of range becomes a value `validate` refuses.
-                    max_payload: u32::try_from(self.max_request).unwrap_or(u32::MAX),
+                    max_payload: self.max_payload(),
                     ..HandshakeConfig::default()
                 },
                 ..ConnConfig::default()
@@ -431,6 +439,9 @@ mod tests {
             ConfigError::Buffered
         );
         assert_eq!(config(&[]).conn.handshake.max_payload, 64 << 20);
+        let small = config(&["--max-buffered", "8M"]);
+        assert_eq!(small.conn.handshake.max_payload, 8 << 20, "bounded");
+        assert_eq!(small.validate(), Ok(()));
         assert_eq!(
             config(&["--max-request", "128M", "--max-buffered", "128M"])
                 .conn
@@ -456,7 +467,7 @@ mod tests {
                 "--max-buffered-total",
                 "8G",
             ],
-            &["--max-request", "512K"],
+            &["--max-request", "32K"],
             &["--max-request", "1000000"],
         ] {
             assert_eq!(refused(bad), ConfigError::MaxRequest, "{bad:?}");

@@ -38,9 +38,10 @@ use crate::volume::{IoFlags, Op};
 /// Default busy-poll window of a core, in microseconds.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 
-/// The smallest maximum block size a server may advertise: the spec asks
-/// for at least 1 MiB, and clients split their I/O by it.
-const MIN_MAX_PAYLOAD: u32 = 1 << 20;
+/// The smallest maximum block size a server may advertise. The spec asks
+/// for 1 MiB; less is allowed only so that a small --max-buffered, which
+/// bounds it, still leaves a working server.
+const MIN_MAX_PAYLOAD: u32 = 64 << 10;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -117,7 +118,7 @@ pub enum ConfigError {
     Buffered,
     /// The largest request is not one the server can advertise and hold.
     #[error(
-        "--max-request must be a multiple of 4K, at least 1M, below 4G and no more than --max-buffered"
+        "--max-request must be a multiple of 4K, at least 64K, below 4G and no more than --max-buffered"
     )]
     MaxRequest,
 }
