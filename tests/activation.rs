@@ -337,6 +337,67 @@ fn systemd_socket_activate_passes_nbd_and_control_sockets() {
     );
 }
 
+#[test]
+fn systemd_socket_activate_accept_hands_each_connection_to_a_vbd_stdin() {
+    require("systemd-socket-activate", "systemd");
+    // Accept=yes: the connection as descriptor 3 (LISTEN_FDS), or with
+    // --inetd as standard input and output.
+    for (i, (inetd, how)) in [
+        (false, "client connection passed by the service manager"),
+        (true, "connected_by=\"socket\""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = TempDir::new(&format!("act-accept{i}"));
+        let sock = dir.join("nbd.sock");
+        let log = dir.join("vbd.log");
+        let log_file = File::create(&log).unwrap();
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.arg("-a").arg("-l").arg(&sock);
+        if inetd {
+            cmd.arg("--inetd");
+        }
+        let mut manager = cmd
+            .args(["-E", "RUST_LOG=info", VBD, "serve", "--stdin"])
+            .args(["--export", &file_export(&dir, "4M")])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("starting systemd-socket-activate");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "no socket: {}", read(&log));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+        let out = qemu_io(
+            &[],
+            &[
+                "write -P 0x3e 64k 64k".into(),
+                "read -P 0x3e 64k 64k".into(),
+            ],
+            &uri,
+        );
+        assert!(out.stdout.contains("read 65536/65536"), "{}", out.stdout);
+        // That vbd exits by itself once its client is gone.
+        while !read(&log).contains("the client disconnected") {
+            assert!(Instant::now() < deadline, "vbd stayed: {}", read(&log));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal(&manager, libc::SIGTERM);
+        wait_deadline(&mut manager, Duration::from_secs(30));
+        let log = read(&log);
+        assert!(log.contains(how), "{log}");
+        assert_eq!(
+            read_at(&dir.join("disk.img"), 64 << 10, 64 << 10),
+            vec![0x3e; 64 << 10],
+            "{log}"
+        );
+    }
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }

@@ -219,7 +219,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
         );
         exports.push(spec.parse().map_err(anyhow::Error::msg)?);
     }
-    let sockets = passed_sockets::by_role(passed)?;
+    let sockets = passed_sockets::by_role(passed, args.stdin)?;
     let passed_any =
         !sockets.nbd.is_empty() || sockets.control.is_some() || sockets.metrics.is_some();
     let mut cfg = args.server_config(args.stdin || !sockets.nbd.is_empty());
@@ -341,10 +341,11 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
 }
 
 /// `--stdin`: serves the one client on standard input and output until it
-/// disconnects (or a termination signal). A listening socket passed in
-/// stands for standard input: libnbd's `[ CMD ]` (nbdcopy, nbdinfo) starts
-/// the server with socket activation, and its client may open several
-/// connections; the server exits once they have come and gone.
+/// disconnects (or a termination signal). A socket passed in stands for
+/// standard input: a connection (a systemd unit with Accept=yes), or a
+/// listener, as libnbd's `[ CMD ]` (nbdcopy, nbdinfo) starts the server
+/// with socket activation and its client may open several connections;
+/// the server exits once they have come and gone.
 fn serve_one_client(
     cfg: ServerConfig,
     registry: Arc<Registry>,
@@ -354,7 +355,10 @@ fn serve_one_client(
     if sockets.control.is_some() || sockets.metrics.is_some() {
         info!("--stdin: closing the control and metrics sockets passed in");
     }
-    let server = if sockets.nbd.is_empty() {
+    let server = if let Some(conn) = sockets.connection {
+        info!("serving the client connection passed in");
+        Server::start_one(cfg, registry, conn, "passed connection".into())?
+    } else if sockets.nbd.is_empty() {
         let stdio = stdio::take()?;
         info!(
             connected_by = stdio.kind,

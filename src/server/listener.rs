@@ -20,9 +20,20 @@ pub enum ListenError {
     /// The Unix socket path is taken by something else.
     #[error("{0} exists and is not a socket; remove it or choose another --unix path")]
     NotSocket(PathBuf),
+    /// A passed-in descriptor is one client's connection (Accept=yes).
+    #[error(
+        "socket {name:?} (descriptor {}) passed by the service manager is one client's connection (Accept=yes): serve it with --stdin, or use Accept=no",
+        fd.as_raw_fd()
+    )]
+    Connected {
+        /// Its name (`FileDescriptorName=`).
+        name: String,
+        /// The descriptor, still open: the caller may serve it.
+        fd: OwnedFd,
+    },
     /// A passed-in descriptor is not a listening stream socket.
     #[error(
-        "socket {name:?} (descriptor {fd}) passed by the service manager is {what}, not a listening stream socket; use Accept=no in the .socket unit"
+        "socket {name:?} (descriptor {fd}) passed by the service manager is {what}, not a listening stream socket"
     )]
     NotListening {
         /// Its name (`FileDescriptorName=`).
@@ -154,7 +165,10 @@ impl Listener {
         }
         if getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).map_err(inspect)? == 0 {
             // Accept=yes passes one connection, not a listener.
-            return Err(not_listening("a connected socket"));
+            return Err(ListenError::Connected {
+                name: name.to_owned(),
+                fd,
+            });
         }
         match getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(inspect)? {
             libc::AF_UNIX => {
@@ -320,7 +334,7 @@ mod tests {
     #[test]
     fn what_is_not_a_listening_stream_socket_is_named() {
         let (a, _b) = UnixStream::pair().unwrap();
-        assert!(refusal(a.into()).contains("is a connected socket"));
+        assert!(refusal(a.into()).contains("is one client's connection (Accept=yes)"));
         let (d, _e) = UnixDatagram::pair().unwrap();
         assert!(refusal(d.into()).contains("is not a stream socket"));
         let file = std::fs::File::open("/dev/null").unwrap();
