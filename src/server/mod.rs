@@ -201,7 +201,8 @@ impl Server {
     ) -> Result<Server, ServerError> {
         cfg.validate()?;
         let server = Self::launch(cfg, registry, Vec::new())?;
-        // Counted as core 0's accept would, so closing uncounts it.
+        // Counted as core 0's accept would, so closing uncounts it
+        // (`validate` made room for at least one connection).
         if server.gauges.try_connect() {
             server.cores[0].send(CoreMsg::Conn {
                 fd: conn,
