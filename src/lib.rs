@@ -31,6 +31,7 @@ pub mod nbd;
 pub mod objstore;
 pub mod runtime;
 pub mod server;
+pub mod service;
 pub mod size;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;

@@ -22,6 +22,11 @@ pub enum TlsMode {
     Require,
 }
 
+/// The largest READ or WRITE a server takes unless told otherwise: twice
+/// the spec's 32 MiB, which nbdkit and nbd-server serve and which clients
+/// that ignore the advertised maximum (qemu-img convert, nbdcopy) send.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
+
 /// Limits and policy for one handshake.
 #[derive(Clone, Copy, Debug)]
 pub struct HandshakeConfig {
@@ -29,6 +34,9 @@ pub struct HandshakeConfig {
     pub max_options: usize,
     /// Whether TLS is offered, required or off.
     pub tls: TlsMode,
+    /// The largest READ, WRITE or CACHE the server takes, in bytes: every
+    /// export's advertised maximum block size is capped by it.
+    pub max_payload: u32,
 }
 
 impl Default for HandshakeConfig {
@@ -36,6 +44,7 @@ impl Default for HandshakeConfig {
         HandshakeConfig {
             max_options: 1024,
             tls: TlsMode::Off,
+            max_payload: DEFAULT_MAX_PAYLOAD,
         }
     }
 }
@@ -452,7 +461,11 @@ impl Handshake {
         self.cfg.tls == TlsMode::Require && !self.tls
     }
 
-    fn session(&self, export: ExportInfo) -> Session {
+    fn session(&self, mut export: ExportInfo) -> Session {
+        // The server's limit caps the export's own; never below the
+        // preferred size, which the spec requires the maximum to cover.
+        let block = &mut export.block;
+        block.maximum = block.maximum.min(self.cfg.max_payload).max(block.preferred);
         let mut flags = export.flags | FLAG_HAS_FLAGS;
         if self.mode != ReplyMode::Simple {
             flags |= FLAG_SEND_DF;
@@ -655,6 +668,57 @@ mod tests {
             [&BASE_ALLOCATION_ID.to_be_bytes()[..], b"base:allocation"].concat()
         );
         assert_eq!(r[4].2, [&INFO_NAME.to_be_bytes()[..], b"disk"].concat());
+    }
+
+    /// An export whose volume sets no maximum of its own.
+    struct Unlimited;
+    impl Exports for Unlimited {
+        fn lookup(&self, _: &str) -> Option<ExportInfo> {
+            let mut e = One.lookup("disk")?;
+            e.block = BlockSizes {
+                minimum: 512,
+                preferred: 4096,
+                maximum: u32::MAX,
+            };
+            Some(e)
+        }
+        fn list(&self) -> Vec<(String, String)> {
+            One.list()
+        }
+    }
+
+    #[test]
+    fn the_server_limit_caps_the_advertised_maximum() {
+        let block_size = |max_payload: u32, exports: &dyn Exports| {
+            let mut out = Vec::new();
+            let cfg = HandshakeConfig {
+                max_payload,
+                ..HandshakeConfig::default()
+            };
+            let mut hs = Handshake::new(cfg, &mut out);
+            let mut input = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+            input.extend(opt(OPT_GO, &[0, 0, 0, 0, 0, 0]));
+            out.clear();
+            let (_, p) = hs.feed(&input, exports, &mut out).unwrap();
+            let Progress::Transmission(s) = p else {
+                panic!("{p:?}")
+            };
+            let info = replies(&out)
+                .into_iter()
+                .find(|r| r.1 == REP_INFO && r.2[..2] == INFO_BLOCK_SIZE.to_be_bytes())
+                .expect("NBD_INFO_BLOCK_SIZE");
+            let max = be_u32(&info.2, 10).unwrap();
+            assert_eq!(max, s.export.block.maximum, "advertised = enforced");
+            (
+                be_u32(&info.2, 2).unwrap(),
+                be_u32(&info.2, 6).unwrap(),
+                max,
+            )
+        };
+        assert_eq!(block_size(64 << 20, &Unlimited), (512, 4096, 64 << 20));
+        assert_eq!(block_size(8 << 20, &Unlimited), (512, 4096, 8 << 20));
+        // An export's own, smaller maximum stays.
+        assert_eq!(block_size(64 << 20, &One), (1, 4096, 32 << 20));
     }
 
     #[test]

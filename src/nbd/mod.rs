@@ -21,6 +21,6 @@ pub mod wire;
 
 pub use error::{ErrorCode, ProtocolError};
 pub use export::{BlockSizes, ExportInfo, Exports, Features};
-pub use handshake::{Handshake, HandshakeConfig, Progress, TlsMode};
+pub use handshake::{DEFAULT_MAX_PAYLOAD, Handshake, HandshakeConfig, Progress, TlsMode};
 pub use request::{Command, Decoder, Event, Refusal, Request};
 pub use session::{ReplyMode, Session};

@@ -20,7 +20,8 @@ const SIZE: u64 = 64 * MIB;
 const RO_SIZE: u64 = MIB;
 /// Bytes at offset 0 of `mem` that every test seeds and checks afterwards.
 const SEED_LEN: usize = 64 * 1024;
-/// The largest READ/WRITE the server accepts (NBD_INFO_BLOCK_SIZE maximum).
+/// The largest READ/WRITE the server accepts (NBD_INFO_BLOCK_SIZE maximum):
+/// these servers run with `--max-request 32M`, below the export's size.
 const MAX_IO: u64 = 32 * MIB;
 
 const EPERM: u32 = 1;
@@ -46,6 +47,8 @@ impl Server {
         let vbd = Vbd::start(
             tag,
             &[
+                "--max-request",
+                "32M",
                 "--export",
                 "name=mem,backend=memory,size=64M",
                 "--export",
@@ -841,11 +844,31 @@ fn write_past_end_is_enospc_with_the_payload_consumed() {
 }
 
 #[test]
-fn write_payload_over_maximum_disconnects() {
+fn write_over_maximum_is_einval_with_the_payload_dropped() {
     let mut srv = Server::start("raw-write-max");
-    let mut c = srv.attach("mem", Mode::Simple);
-    // Only the header: the server cannot take 32 MiB + 1 and must not wait.
-    c.request(0, CMD_WRITE, 1, 0, MAX_IO + 1, &[]);
+    for mode in [Mode::Simple, Mode::Extended] {
+        let mut c = srv.attach("mem", mode);
+        // The payload is request headers: parsed, they would be answered.
+        let junk = client::request(mode == Mode::Extended, 0, CMD_TRIM, 99, 0, 4096);
+        let payload: Vec<u8> = junk
+            .iter()
+            .copied()
+            .cycle()
+            .take((MAX_IO + 4096) as usize)
+            .collect();
+        c.request(0, CMD_WRITE, 1, 0, MAX_IO + 4096, &payload);
+        c.expect_error(1, EINVAL);
+        // Same connection: the seed is intact and the next write lands.
+        srv.assert_reads_seed(&mut c, 2, "after the refused write");
+        c.write_ok(3, 8 * MIB, &[0x3c; 4096]);
+        assert_eq!(c.read_ok(4, 8 * MIB, 4096), vec![0x3c; 4096]);
+        c.request(0, CMD_WRITE_ZEROES, 5, 8 * MIB, 4096, &[]);
+        c.expect_ok(5);
+        c.disconnect();
+    }
+    // An extended header may claim a payload no server should wait for.
+    let mut c = srv.attach("mem", Mode::Extended);
+    c.request(0, CMD_WRITE, 1, 0, 5 << 30, &[]);
     c.expect_closed();
     srv.assert_healthy();
 }
