@@ -17,7 +17,7 @@
 //! - vbd's own: [`config`] (features and config space from the export's
 //!   capabilities), `request` (the sans-IO request parser: a descriptor
 //!   chain over any `GuestMemoryBackend` to a typed request or refusal,
-//!   fuzzed by [`fuzz`]), `inflight` (QEMU's inflight log, for reconnects
+//!   fuzzed by `fuzz`, built with the `fuzzing` feature), `inflight` (QEMU's inflight log, for reconnects
 //!   without losing or repeating requests), `chain` (a walk from a head
 //!   index, for re-submission), [`runner`] (the boundary to whatever
 //!   serves queues), `queue` and [`cores`] (queues on the server's cores),
@@ -83,6 +83,7 @@ mod chain;
 pub mod config;
 pub mod cores;
 pub mod device;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 mod handler;
 mod inflight;

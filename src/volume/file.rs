@@ -646,14 +646,15 @@ impl Volume for FileVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::TempDir;
     use crate::volume::IoFlags;
     use crate::volume::sync::SyncDriver;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vbd-file-unit-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("disk.img")
+    /// A fresh directory (kept if the test fails) and the image path in it.
+    fn scratch(name: &str) -> (TempDir, PathBuf) {
+        let dir = TempDir::new(&format!("file-unit-{name}"));
+        let path = dir.join("disk.img");
+        (dir, path)
     }
 
     fn open(path: &Path, size: Option<u64>) -> FileVolume {
@@ -669,7 +670,7 @@ mod tests {
 
     #[test]
     fn aligned_and_unaligned_io_round_trip() {
-        let path = scratch("rw");
+        let (_dir, path) = scratch("rw");
         let v = open(&path, Some(8 << 20));
         assert!(v.direct.is_some(), "O_DIRECT works on this filesystem");
         let mut d = SyncDriver::new().unwrap();
@@ -748,7 +749,7 @@ mod tests {
 
     #[test]
     fn guest_buffers_go_direct_when_aligned_and_through_the_page_cache_when_not() {
-        let path = scratch("guest");
+        let (_dir, path) = scratch("guest");
         let v = open(&path, Some(4 << 20));
         let mut d = SyncDriver::new().unwrap();
         let none = IoFlags::default();
@@ -798,7 +799,7 @@ mod tests {
 
     #[test]
     fn guest_writes_inline_and_reads_past_a_shrunk_end() {
-        let path = scratch("guest-inline");
+        let (_dir, path) = scratch("guest-inline");
         let v = page_cache_only(&path);
         let mut d = SyncDriver::new().unwrap();
         let none = IoFlags::default();
@@ -828,7 +829,7 @@ mod tests {
 
     #[test]
     fn page_cache_writes_inline_or_through_the_ring_read_back_alike() {
-        let path = scratch("inline");
+        let (_dir, path) = scratch("inline");
         let v = page_cache_only(&path);
         let mut d = SyncDriver::new().unwrap();
         let a: Vec<u8> = (0..20_000u32).map(|i| (i * 11) as u8).collect();
@@ -856,7 +857,7 @@ mod tests {
 
     #[test]
     fn trim_zeroes_and_block_status() {
-        let path = scratch("trim");
+        let (_dir, path) = scratch("trim");
         let v = open(&path, Some(4 << 20));
         let mut d = SyncDriver::new().unwrap();
         let st = |d: &mut SyncDriver| -> Vec<(u64, bool)> {
@@ -905,7 +906,7 @@ mod tests {
 
     #[test]
     fn zeroing_falls_back_to_writes_unless_fast_is_required() {
-        let path = scratch("fallback");
+        let (_dir, path) = scratch("fallback");
         let v = open(&path, Some(4 << 20));
         let mut d = SyncDriver::new().unwrap();
         d.write(&v, 0, &vec![5u8; 3 << 20], false).unwrap();
@@ -937,7 +938,7 @@ mod tests {
 
     #[test]
     fn opening_explains_problems() {
-        let path = scratch("open");
+        let (_dir, path) = scratch("open");
         assert!(matches!(
             FileVolume::open(&path, &FileOptions::default()),
             Err(FileError::Missing { .. })

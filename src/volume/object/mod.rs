@@ -17,6 +17,7 @@ pub mod cache;
 mod error;
 mod extent_map;
 pub mod format;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod layout;
 mod lifecycle;

@@ -8,7 +8,11 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::common::{TempDir, Vbd, qemu_io};
+use crate::metrics::{scrape_unix, status_json, status_text, wait_until};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -41,27 +45,6 @@ const HDR: u64 = 0x3000;
 const STATUS: u64 = 0x3100;
 const DATA: u64 = 0x10000;
 const DISK: u64 = 4 << 20;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vbd-vhost-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn memfd(len: u64) -> File {
     // SAFETY: literal name; the result is checked.
@@ -103,7 +86,7 @@ impl std::ops::Deref for Served {
 /// A vbd server with no exports, whose cores host the device's queues.
 fn cores(dir: &TempDir) -> Server {
     let cfg = ServerConfig {
-        unix: vec![dir.0.join("nbd.sock")],
+        unix: vec![dir.join("nbd.sock")],
         threads: 2,
         ..ServerConfig::default()
     };
@@ -122,7 +105,7 @@ fn serve_volume(served: Arc<dyn Volume>, volume: Arc<MemoryVolume>, queues: u16)
         .with_env_filter("vbd=debug")
         .try_init();
     let dir = TempDir::new("fe");
-    let sock = dir.0.join("blk.sock");
+    let sock = dir.join("blk.sock");
     let server = cores(&dir);
     let config = DeviceConfig::new(&ExportCaps::of(&*served, queues)).unwrap();
     let runner = CoreRunner::new(served, Arc::new(server.handle()));
@@ -291,7 +274,11 @@ impl Guest {
 }
 
 fn connect(s: &Served) -> Frontend {
-    let f = Frontend::connect(&s.sock, 64).unwrap();
+    connect_to(&s.sock)
+}
+
+fn connect_to(sock: &Path) -> Frontend {
+    let f = Frontend::connect(sock, 64).unwrap();
     // Every request asks for an ack, so a refusal shows on the call itself.
     f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     f
@@ -660,7 +647,7 @@ fn a_restarted_backend_resubmits_what_was_in_flight() {
 #[test]
 fn a_file_in_the_way_of_the_socket_is_left_alone() {
     let dir = TempDir::new("inway");
-    let path = dir.0.join("blk.sock");
+    let path = dir.join("blk.sock");
     std::fs::write(&path, b"not a socket").unwrap();
     let server = cores(&dir);
     let volume = Arc::new(MemoryVolume::new(DISK, false));
@@ -894,4 +881,112 @@ fn event_idx_decides_when_the_guest_is_interrupted() {
     // Caught up again: the next one interrupts.
     g.mem.write_obj(g.used_seen, used_event).unwrap();
     assert!(read_one(&mut g), "interrupt wanted and not sent");
+}
+
+/// `vbd serve --export ...,vhost-user=PATH`: the socket gets mode 0600, a
+/// frontend's writes land in the export NBD serves (and NBD's writes read
+/// back over vhost-user), and `vbd status`, its JSON and `/metrics` show the
+/// device, its frontend and the queue's counters; the socket goes with vbd.
+#[test]
+fn serve_exports_a_vhost_user_socket_beside_nbd_and_reports_it() {
+    let dir = TempDir::new("serve-vhost");
+    let sock = dir.join("d.vhost");
+    let spec = format!(
+        "name=d,backend=memory,size=4M,vhost-user={}",
+        sock.display()
+    );
+    let mut vbd = Vbd::start_in(dir, &["--threads", "2", "--export", &spec]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    let printed = vbd.printed_uris(2).join("\n");
+    assert!(
+        printed.contains(&format!("vhost-user-blk {} export=d", sock.display())),
+        "{printed}"
+    );
+
+    let mut f = connect_to(&sock);
+    negotiate(&mut f);
+    let mut g = Guest::new();
+    start_queue(&mut f, &g);
+    // The guest writes 4 KiB of 0x5a at 8 KiB; NBD reads it.
+    g.mem
+        .write_slice(&[0x5a; 4096], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(g.request(T_OUT, 16, Some((DATA, 4096, false))), (0, 1));
+    qemu_io(&["-r"], &["read -P 0x5a 8192 4096".into()], &vbd.uri("d"));
+    // NBD writes 0xc3 at 64 KiB; the guest reads it.
+    qemu_io(&[], &["write -P 0xc3 65536 4096".into()], &vbd.uri("d"));
+    assert_eq!(
+        g.request(T_IN, 128, Some((DATA + 0x2000, 4096, true))),
+        (0, 4097)
+    );
+    let mut back = vec![0u8; 4096];
+    g.mem
+        .read_slice(&mut back, GuestAddress(DATA + 0x2000))
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0xc3));
+
+    let st = status_json(&vbd);
+    let v = &st["exports"][0]["vhost_user"];
+    assert_eq!(v["socket"], sock.display().to_string(), "{st}");
+    assert_eq!(v["attached"], true, "{st}");
+    assert_eq!(v["queues_running"], 1, "{st}");
+    assert!(v["queues_offered"].as_u64().unwrap() >= 16, "{st}");
+    let q = &v["queues"][0];
+    assert_eq!(
+        (
+            &q["index"],
+            &q["requests"],
+            &q["bytes_written"],
+            &q["bytes_read"]
+        ),
+        (&0.into(), &2.into(), &4096.into(), &4096.into()),
+        "{st}"
+    );
+    let text = status_text(&vbd);
+    assert!(
+        text.contains("VHOST-USER") && text.contains("attached") && text.contains("1/"),
+        "{text}"
+    );
+    let m = scrape_unix(&vbd);
+    let l = |op: &str| format!("{{export=\"d\",queue=\"0\",op=\"{op}\"}}");
+    assert_eq!(m.get("vbd_vhost_frontend_attached{export=\"d\"}"), 1.0);
+    assert_eq!(
+        m.get("vbd_vhost_queues{export=\"d\",state=\"running\"}"),
+        1.0
+    );
+    assert_eq!(
+        m.get(&format!("vbd_vhost_requests_total{}", l("write"))),
+        1.0
+    );
+    assert_eq!(
+        m.get(&format!("vbd_vhost_requests_total{}", l("read"))),
+        1.0
+    );
+    assert_eq!(
+        m.get(&format!("vbd_vhost_request_bytes_total{}", l("read"))),
+        4096.0
+    );
+    assert_eq!(
+        m.get(&format!("vbd_vhost_request_errors_total{}", l("write"))),
+        0.0
+    );
+    assert_eq!(
+        m.get(&format!(
+            "vbd_vhost_request_duration_seconds_count{}",
+            l("write")
+        )),
+        1.0
+    );
+    assert!(m.get("vbd_vhost_kicks_total{export=\"d\",queue=\"0\"}") >= 2.0);
+
+    // The frontend goes: the device says so, and keeps its counters.
+    drop(f);
+    wait_until(
+        "the frontend to be detached",
+        Duration::from_secs(10),
+        || status_json(&vbd)["exports"][0]["vhost_user"]["attached"] == false,
+    );
+    vbd.stop();
+    assert!(!sock.exists(), "vbd left {} behind", sock.display());
 }

@@ -5,7 +5,7 @@
 //! lists exports and a live connection, JSON logs carry the connection's
 //! fields, and a real QEMU's life shows in the VM metrics.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,7 +22,7 @@ use common::{
 };
 
 /// One scrape: samples in the order written, and by `name{labels}`.
-struct Scrape {
+pub(crate) struct Scrape {
     content_type: String,
     samples: Vec<(String, f64)>,
     by_key: HashMap<String, f64>,
@@ -59,7 +59,7 @@ impl Scrape {
         }
     }
 
-    fn get(&self, key: &str) -> f64 {
+    pub(crate) fn get(&self, key: &str) -> f64 {
         *self
             .by_key
             .get(key)
@@ -155,13 +155,13 @@ fn control(vbd: &Vbd) -> PathBuf {
     path
 }
 
-fn scrape_unix(vbd: &Vbd) -> Scrape {
+pub(crate) fn scrape_unix(vbd: &Vbd) -> Scrape {
     let mut s = UnixStream::connect(control(vbd)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     Scrape::parse(&get_raw(&mut s, "/metrics"))
 }
 
-fn status_json(vbd: &Vbd) -> Value {
+pub(crate) fn status_json(vbd: &Vbd) -> Value {
     let c = control(vbd);
     let out = vbd_cmd(&["status", "--json", "--control", c.to_str().unwrap()], &[]);
     assert!(out.status.success(), "vbd status --json: {}", out.stderr);
@@ -169,14 +169,14 @@ fn status_json(vbd: &Vbd) -> Value {
         .unwrap_or_else(|e| panic!("vbd status --json printed bad JSON ({e}):\n{}", out.stdout))
 }
 
-fn status_text(vbd: &Vbd) -> String {
+pub(crate) fn status_text(vbd: &Vbd) -> String {
     let c = control(vbd);
     let out = vbd_cmd(&["status", "--control", c.to_str().unwrap()], &[]);
     assert!(out.status.success(), "vbd status: {}", out.stderr);
     out.stdout
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < limit, "{what} within {limit:?}");

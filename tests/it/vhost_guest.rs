@@ -8,20 +8,18 @@
 //! device is stopped and started again on the same socket, and QEMU
 //! (`reconnect=1`) re-attaches with the guest's I/O resuming.
 
-mod vm_common;
-
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::vm_common::{TempDir, one_guest, test_guest, wait_for_path};
 use vbd::server::{Registry, Server, ServerConfig};
 use vbd::vhost::config::{DeviceConfig, ExportCaps};
 use vbd::vhost::cores::CoreRunner;
 use vbd::vhost::device::{SocketAccess, VhostUserDevice};
 use vbd::volume::memory::MemoryVolume;
 use vbd::volume::sync::SyncDriver;
-use vm_common::{TempDir, test_guest, wait_for_path};
 
 const DISK: u64 = 64 << 20;
 const MIB: u64 = 1 << 20;
@@ -122,8 +120,9 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[test]
 fn tcg_guest_reads_and_writes_a_vbd_volume_over_vhost_user() {
+    let _guest = one_guest();
     let dir = TempDir::new("vhost-guest");
-    let sock = dir.0.join("blk.sock");
+    let sock = dir.join("blk.sock");
     let volume = Arc::new(MemoryVolume::new(DISK, false));
     let mut io = SyncDriver::new().unwrap();
     let pat = pattern(64 << 10);
@@ -134,7 +133,7 @@ fn tcg_guest_reads_and_writes_a_vbd_volume_over_vhost_user() {
     // Two cores host the queues, as `vbd serve --threads 2` would.
     let server = Server::start(
         ServerConfig {
-            unix: vec![dir.0.join("nbd.sock")],
+            unix: vec![dir.join("nbd.sock")],
             threads: 2,
             ..ServerConfig::default()
         },
