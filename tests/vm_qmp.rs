@@ -31,6 +31,7 @@ fn spec<'a>(vol: &'a str, srv: &'a VbdServer, bus: &'a str) -> AttachSpec<'a> {
         queues: 2,
         tuning: DiskTuning::Tuned,
         read_only: false,
+        reconnect_delay_secs: 30,
     }
 }
 

@@ -75,6 +75,7 @@ impl Supervisor {
             queues: vm.config.vcpus,
             tuning: vm.config.tuning,
             read_only,
+            reconnect_delay_secs: vm.config.reconnect_delay_secs(),
         };
         if let Err(e) = hotplug::attach(&vm.qmp, &spec).await {
             if owned_export {

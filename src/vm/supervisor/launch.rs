@@ -44,7 +44,11 @@ impl Supervisor {
         r
     }
 
-    async fn start_vm(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, SupervisorError> {
+    async fn start_vm(self: &Arc<Self>, mut config: VmConfig) -> Result<VmInfo, SupervisorError> {
+        // Recorded in the config, so the VM keeps its delay across restarts.
+        config
+            .disk_reconnect_delay_secs
+            .get_or_insert(self.cfg.disk_reconnect_delay_secs);
         let _g = self.volumes.lock().await;
         let name = config.name.clone();
         if self.vms().get(&name).is_some_and(|old| old.alive()) {

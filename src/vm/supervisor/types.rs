@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::vm::config::{ConfigError, Role};
+use crate::vm::config::{ConfigError, DEFAULT_DISK_RECONNECT_DELAY_SECS, Role};
 use crate::vm::hotplug::HotplugError;
 use crate::vm::qmp::QmpError;
 use crate::vm::volume_host::ExportError;
@@ -25,6 +25,8 @@ pub struct SupervisorConfig {
     pub qmp_timeout: Duration,
     /// How long QEMU gets to exit after SIGTERM before SIGKILL.
     pub sigterm_wait: Duration,
+    /// QEMU's `reconnect-delay` for VMs whose config does not set one.
+    pub disk_reconnect_delay_secs: u32,
 }
 
 impl SupervisorConfig {
@@ -36,6 +38,7 @@ impl SupervisorConfig {
             start_timeout: Duration::from_secs(30),
             qmp_timeout: Duration::from_secs(10),
             sigterm_wait: Duration::from_secs(10),
+            disk_reconnect_delay_secs: DEFAULT_DISK_RECONNECT_DELAY_SECS,
         }
     }
 }
