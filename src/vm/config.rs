@@ -202,7 +202,7 @@ impl VmConfig {
 pub const DEFAULT_DISK_RECONNECT_DELAY_SECS: u32 = 30;
 
 /// Per-run paths the supervisor chooses.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunPaths {
     /// vbd's NBD Unix socket that QEMU connects to.
     pub nbd_socket: PathBuf,
