@@ -294,6 +294,16 @@ fn restart_under_fio(v: &mut Vbd, serial: &Path, i: u32, sig: i32, pid: u32) -> 
     assert!(exited.elapsed() < Duration::from_secs(2));
     v.spawn();
     let answered = signalled.elapsed();
+    // A clean stop drained the object volume's WAL to the store; a kill
+    // left it for the new vbd to replay.
+    let log = v.log();
+    let reopened = log
+        .lines()
+        .rfind(|l| l.contains("object volume open"))
+        .expect("the object volume reopened");
+    if sig == libc::SIGTERM {
+        assert!(reopened.contains("replayed_segments=0"), "{reopened}");
+    }
 
     let vm = v.vm("g");
     assert_eq!(vm["state"], "running", "{vm}");
@@ -306,8 +316,9 @@ fn restart_under_fio(v: &mut Vbd, serial: &Path, i: u32, sig: i32, pid: u32) -> 
     let back = v.vm("g")["disks"][0]["reconnect"].clone();
     assert_eq!(back["from_clean_stop"], sig == libc::SIGTERM, "{back}");
     eprintln!(
-        "signal {sig}: vbd exited in {:?}, answered again after {answered:?}; disk {back}",
-        exited - signalled
+        "signal {sig}: vbd exited in {:?}, answered again after {answered:?}; disk {back}; {}",
+        exited - signalled,
+        &reopened[reopened.find("replayed_segments").unwrap_or(0)..]
     );
     let text = wait_serial(
         serial,

@@ -86,10 +86,9 @@ impl Supervisor {
     /// be (logged, counted, files kept).
     async fn adopt_dir(self: &Arc<Self>, dir: &Path) -> Option<Found> {
         let path = VmRecord::path(dir);
+        let dir_name = dir.file_name().and_then(|n| n.to_str());
         let r = match VmRecord::load(&path) {
-            Ok(record) if Some(record.config.name.as_str()) == dir.file_name()?.to_str() => {
-                self.adopt(record).await
-            }
+            Ok(record) if Some(record.config.name.as_str()) == dir_name => self.adopt(record).await,
             Ok(record) => Err(SupervisorError::Record {
                 path: path.clone(),
                 source: format!("it names VM {:?}", record.config.name).into(),
