@@ -100,38 +100,61 @@ pub enum SupervisorError {
         "QEMU of VM {vm:?} (pid {pid}) did not exit after SIGKILL; it is stuck in the kernel, check its disks and dmesg"
     )]
     Unkillable { vm: String, pid: u32 },
+    /// A VM left by an earlier vbd reconnects its disks to another NBD
+    /// socket than this vbd serves, so it cannot be adopted here.
     #[error(
         "VM {vm:?} connects its disks to {theirs}, but this vbd serves {ours}: restart vbd with --unix {theirs} to adopt it"
     )]
     OtherSocket {
+        /// The VM's name.
         vm: String,
+        /// The socket its disks use.
         theirs: PathBuf,
+        /// The socket this vbd serves.
         ours: PathBuf,
     },
+    /// The name belongs to a VM an earlier vbd left running that this one
+    /// could not adopt; starting another would take its sockets.
     #[error(
         "VM {vm:?} was left running by an earlier vbd (pid {pid}) and not adopted (see this vbd's start-up log); stop that QEMU, or restart vbd once it can be adopted"
     )]
-    Unadopted { vm: String, pid: u32 },
+    Unadopted {
+        /// The VM's name.
+        vm: String,
+        /// The pid its run record names.
+        pid: u32,
+    },
+    /// An adopted VM's disk has no volume in this vbd.
     #[error(
         "disk {volume:?} of VM {vm:?} has no volume in this vbd, so the guest's I/O on it waits {delay_secs} s and then fails: give vbd the volume as before (vbd serve --export name={volume},...) and restart it"
     )]
     MissingDisk {
+        /// The VM's name.
         vm: String,
+        /// The missing volume.
         volume: String,
+        /// The disk's reconnect-delay, in seconds.
         delay_secs: u32,
     },
+    /// A QEMU left running by an earlier vbd did not answer QMP.
     #[error(
         "VM {vm:?} (pid {pid}) is running but its QMP socket did not answer, so it is not supervised; its disks are served and its run files kept for the next vbd start (is another vbd connected to it?)"
     )]
     AdoptQmp {
+        /// The VM's name.
         vm: String,
+        /// QEMU's process id.
         pid: u32,
+        /// What QMP said, or that it said nothing in time.
         #[source]
         source: QmpError,
     },
+    /// A VM's run record could not be read or does not fit its directory.
     #[error("cannot read the run record {path}")]
     Record {
+        /// The record file.
         path: PathBuf,
+        /// Why it was not usable.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
