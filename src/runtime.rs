@@ -1,4 +1,7 @@
-//! The one process-wide control runtime.
+//! The one process-wide background tokio runtime, on which the control API,
+//! QMP, S3 traffic and object-volume uploads run, apart from the reactors.
+//! Its own module (not part of `control`) so that the object volume and
+//! the supervisor can use it without importing the layer above them.
 
 use std::sync::OnceLock;
 

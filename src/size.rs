@@ -6,10 +6,13 @@ use thiserror::Error;
 /// Why a size did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SizeError {
+    /// No leading digits.
     #[error("size {0:?} must start with a number, like 512M or 1G")]
     NotANumber(String),
+    /// A suffix other than K, M, G, T or P (binary multiples).
     #[error("size {0:?} has an unknown suffix; use K, M, G, T or P")]
     UnknownSuffix(String),
+    /// The size in bytes does not fit in a u64.
     #[error("size {0:?} is too large")]
     TooLarge(String),
 }

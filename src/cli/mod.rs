@@ -2,9 +2,11 @@
 //! command's clap types and turns them into library calls (`serve` starts
 //! the server and the control plane; `volume` and `objstore` work on stores
 //! directly; `vm` and `status` talk to a running vbd through
-//! [`vbd::control::client`]). This is the binary's edge, so it may use
-//! anyhow; the library never imports it.
+//! [`vbd::control::client`]). `export_spec` and `group` parse `serve`'s
+//! `--export` and `--socket-group` values. This is the binary's edge, so it
+//! may use anyhow; the library never imports it.
 
+pub(crate) mod activation;
 pub(crate) mod export_spec;
 pub(crate) mod group;
 pub(crate) mod objstore;

@@ -18,13 +18,21 @@ use super::model::{
 /// Why a control call failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
+    /// The exchange with the server failed.
     #[error(transparent)]
     Http(#[from] HttpError),
     /// vbd refused the request and said why.
     #[error("{0}")]
     Api(String),
+    /// The server's reply is neither what was asked for nor an error body.
     #[error("vbd answered {status} with an unreadable body: {body}")]
-    BadReply { status: u16, body: String },
+    BadReply {
+        /// The HTTP status.
+        status: u16,
+        /// The body, as text.
+        body: String,
+    },
+    /// The request body could not be serialised.
     #[error("cannot encode the request")]
     Encode(#[source] serde_json::Error),
 }

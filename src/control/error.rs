@@ -15,34 +15,66 @@ use crate::vm::supervisor::SupervisorError;
 /// A failed control request.
 #[derive(Debug, Error)]
 pub enum ApiError {
+    /// The request could not be read as HTTP.
     #[error(transparent)]
     Http(#[from] HttpError),
+    /// The body is not the JSON this endpoint takes.
     #[error("bad JSON body")]
     BadBody(#[source] serde_json::Error),
+    /// A query parameter that must be seconds (0 to a day) is not.
     #[error("{key}={value:?} must be seconds, e.g. {key}=30")]
-    BadSeconds { key: &'static str, value: String },
+    BadSeconds {
+        /// The parameter's name.
+        key: &'static str,
+        /// Its value as sent.
+        value: String,
+    },
+    /// A query parameter that must be a byte count is missing or not a number; holds its name.
     #[error("{0}= must be a number of bytes")]
     BadNumber(&'static str),
+    /// A volume read asked for more than `MAX_READ` bytes; holds the length asked for.
     #[error("length {0} is larger than {MAX_READ}; read in pieces")]
     ReadTooLong(u64),
+    /// A volume read reaches past the volume's end.
     #[error("range {offset}+{length} is outside the volume ({size} bytes)")]
-    OutOfRange { offset: u64, length: u64, size: u64 },
+    OutOfRange {
+        /// First byte asked for.
+        offset: u64,
+        /// Bytes asked for.
+        length: u64,
+        /// The volume's size in bytes.
+        size: u64,
+    },
+    /// Neither the catalog nor the server's exports has this name.
     #[error("no volume or export named {0:?}")]
     NoVolume(String),
+    /// A volume create named an export `vbd serve` already has.
     #[error("an export named {0:?} already exists; pick another name")]
     ExportExists(String),
+    /// A volume delete named a volume a VM still has as a disk.
     #[error("volume {volume:?} is in use by VM {vm:?}; detach it or stop the VM first")]
-    VolumeInUse { volume: String, vm: String },
+    VolumeInUse {
+        /// The volume asked for.
+        volume: String,
+        /// The VM using it.
+        vm: String,
+    },
+    /// The path exists but not for this method; holds the method.
     #[error("{0} is not allowed on this path")]
     MethodNotAllowed(String),
+    /// No route matches the path; holds the path without its leading `/`.
     #[error("no such endpoint: /{0}")]
     NoEndpoint(String),
+    /// A volume read failed in the volume or its driver.
     #[error("read failed")]
     Read(#[source] Box<dyn Error + Send + Sync>),
+    /// A reply could not be serialised.
     #[error("cannot encode reply")]
     Encode(#[source] serde_json::Error),
+    /// The volume catalog refused or failed.
     #[error(transparent)]
     Volume(#[from] VolumeStoreError),
+    /// The VM supervisor refused or failed.
     #[error(transparent)]
     Vm(#[from] SupervisorError),
 }

@@ -69,10 +69,13 @@ pub struct VolumeSpec {
 /// Why a volume could not be opened.
 #[derive(Debug, Error)]
 pub enum OpenError {
+    /// The file backend could not open or create the file.
     #[error(transparent)]
     File(#[from] FileError),
+    /// The object backend could not open or create the volume.
     #[error(transparent)]
     Object(#[from] ObjectError),
+    /// An object volume without `store=` on a server started without a default store.
     #[error("an object volume needs store=URL: this server has no default store")]
     NoStore,
 }

@@ -21,22 +21,30 @@ pub const MAX_RESPONSE: usize = 4 << 20;
 /// Why an HTTP exchange failed.
 #[derive(Debug, Error)]
 pub enum HttpError {
+    /// Reading from or writing to the socket failed.
     #[error("I/O error")]
     Io(#[from] std::io::Error),
+    /// The bytes are not an HTTP/1.1 message; holds what was wrong.
     #[error("malformed HTTP: {0}")]
     Malformed(&'static str),
+    /// The request line and headers exceed `MAX_HEAD`.
     #[error("request head is larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
+    /// The body exceeds the limit; holds its declared length in bytes.
     #[error("body of {0} bytes is larger than allowed")]
     BodyTooLarge(usize),
+    /// `Transfer-Encoding: chunked`, which this small server does not speak.
     #[error("chunked bodies are not supported; send Content-Length")]
     Chunked,
+    /// The client could not reach a `vbd serve` on the control socket.
     #[error(
         "cannot connect to the control socket {} (is `vbd serve` running with this --control path?)",
         path.display()
     )]
     Connect {
+        /// The control socket's path.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },

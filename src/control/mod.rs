@@ -1,9 +1,12 @@
-//! The control plane's server side: the control API on a Unix socket
-//! (`api` routes, `error` refusals, `model` the JSON both ends share,
-//! `client` the blocking client the CLI uses), the volumes it manages
-//! (`volumes`, opened through `factory` like `vbd serve --export`'s), and
-//! what `/metrics` and `/v1/status` report. It runs on
-//! [`crate::runtime`], beside the reactors, never on them.
+//! The control plane, the library's top layer: the control API on a Unix
+//! socket (`api` routes, `error` refusals, `model` the JSON both ends share,
+//! `http` the small HTTP/1.1 both ends speak, `client` the blocking client
+//! the CLI uses), the volumes it manages (`volumes`, opened through
+//! `factory` like `vbd serve --export`'s), the supervisor's view of them
+//! (`vm_volumes`), what `/metrics` (`metrics`, `prometheus`) and
+//! `/v1/status` (`status`) report, and `service`, which starts it all beside
+//! the NBD server. It runs on [`crate::runtime`], beside the reactors, never
+//! on them.
 
 pub mod api;
 pub mod client;

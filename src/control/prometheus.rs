@@ -10,8 +10,11 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// A metric family's type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// A value that only grows (`_total`).
     Counter,
+    /// A value that goes up and down.
     Gauge,
+    /// Observations counted in cumulative buckets, with a sum and a count.
     Histogram,
 }
 

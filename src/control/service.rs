@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-use super::api::{ControlApi, ControlServer, serve};
+use super::api::{ControlApi, ControlServer, ControlSocket, serve};
 use super::factory::VolumeFactory;
 use super::metrics::Sources;
 use super::vm_volumes::CatalogExports;
@@ -33,14 +33,15 @@ pub fn default_control_socket(nbd_socket: &Path) -> PathBuf {
 }
 
 impl ControlPlane {
-    /// Starts the control API on `control` for the running NBD server
-    /// `nbd`; VMs run as `vms` says (their disks on its NBD socket, their
-    /// run files under its run directory); volumes created through the API
-    /// open through `factory`, the same one `vbd serve --export` used.
-    /// VMs an earlier vbd left running are adopted before the API answers.
+    /// Starts the control API on `control` (a path to bind, or a socket
+    /// passed in) for the running NBD server `nbd`; VMs run as `vms` says
+    /// (their disks on its NBD socket, their run files under its run
+    /// directory); volumes created through the API open through `factory`,
+    /// the same one `vbd serve --export` used. VMs an earlier vbd left
+    /// running are adopted before the API answers.
     pub fn start(
         nbd: ServerHandle,
-        control: &Path,
+        control: ControlSocket,
         vms: SupervisorConfig,
         factory: VolumeFactory,
     ) -> std::io::Result<ControlPlane> {

@@ -24,30 +24,45 @@ const BACKENDS: [&str; 3] = ["file", "memory", "object"];
 /// Why a volume operation failed.
 #[derive(Debug, Error)]
 pub enum VolumeStoreError {
+    /// The name cannot name an export or a store's objects.
     #[error("volume name {0:?} is invalid: use 1-256 letters, digits, '-', '_' or '.'")]
     BadName(String),
+    /// The catalog already has a volume of this name.
     #[error("a volume named {0:?} already exists; delete it first or pick another name")]
     Exists(String),
+    /// The catalog has no volume of this name.
     #[error("no volume named {0:?}; create it first (vbd vm volume create)")]
     Missing(String),
+    /// The request named a backend other than file, memory or object.
     #[error("unknown volume backend {0:?}; available: {available}", available = BACKENDS.join(", "))]
     UnknownBackend(String),
+    /// The request's fields do not fit its backend (a missing size or path, say).
     #[error("{backend} volume {name:?}: {reason}")]
     Invalid {
+        /// The backend asked for.
         backend: &'static str,
+        /// The volume's name.
         name: String,
+        /// What is wrong, as a sentence for the client.
         reason: String,
     },
+    /// An object volume's `cache` string is neither `auto` nor a size.
     #[error("object volume {name:?}: cache")]
     BadCache {
+        /// The volume's name.
         name: String,
+        /// Why the size did not parse.
         #[source]
         source: SizeError,
     },
+    /// The backend could not open or create the volume.
     #[error("{backend} volume {name:?} cannot be opened")]
     Open {
+        /// The backend asked for.
         backend: &'static str,
+        /// The volume's name.
         name: String,
+        /// The backend's reason.
         #[source]
         source: Box<OpenError>,
     },

@@ -8,28 +8,41 @@ use thiserror::Error;
 /// Why no credentials could be had.
 #[derive(Debug, Error)]
 pub enum CredentialsError {
+    /// Neither the environment nor the credentials file has a key pair.
     #[error(
         "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write them to \
          ~/.aws/credentials (or the file AWS_SHARED_CREDENTIALS_FILE names)"
     )]
     Missing,
+    /// The credentials file exists but could not be read.
     #[error("cannot read credentials file {path}")]
     Read {
+        /// The credentials file.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// The credentials file lacks the profile or one of its two keys.
     #[error(
         "credentials file {path} has no [{profile}] section with aws_access_key_id and aws_secret_access_key"
     )]
-    NoProfile { path: PathBuf, profile: String },
+    NoProfile {
+        /// The credentials file read.
+        path: PathBuf,
+        /// The profile looked for (`AWS_PROFILE`, else `default`).
+        profile: String,
+    },
 }
 
 /// An access key pair.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
+    /// AWS access key id (public half).
     pub access_key_id: String,
+    /// AWS secret access key (private half).
     pub secret_access_key: String,
+    /// Session token of temporary credentials, if any.
     pub session_token: Option<String>,
 }
 

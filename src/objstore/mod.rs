@@ -27,40 +27,58 @@ pub use faults::Faults;
 /// never repeated in the message.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// The URL names no backend this vbd knows.
     #[error("store URL {0:?} is not understood: use file:///DIR or s3://BUCKET[/PREFIX]")]
     BadUrl(String),
+    /// A `file://` store's root directory could not be created.
     #[error("cannot create store directory {path}")]
     CreateDir {
+        /// The directory.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// object_store refused the store's configuration.
     #[error("cannot open store {url}")]
     Open {
+        /// The store URL as given.
         url: String,
+        /// What object_store said.
         #[source]
         source: ClientError,
     },
+    /// An S3 store found no usable credentials.
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+    /// A read or delete named a key the store does not have.
     #[error("object {0} does not exist")]
     NotFound(String),
+    /// A conditional put found the key taken.
     #[error("object {0} already exists")]
     AlreadyExists(String),
+    /// A conditional put reached a store that cannot do one; callers fall back to check-then-put.
     #[error("the store does not support conditional writes")]
     NoConditionalPut,
+    /// Any other failure of a store call.
     #[error("store operation on {key} failed")]
     Backend {
+        /// The key the call was about.
         key: String,
+        /// What object_store said.
         #[source]
         source: ClientError,
     },
+    /// A local directory store wrote an object but could not fsync it or its directory.
     #[error("cannot make object {key} durable")]
     Durable {
+        /// The object's key.
         key: String,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// A failure injected by [`Faults`] on this key, for tests.
     #[error("injected fault on {0}")]
     Injected(String),
 }

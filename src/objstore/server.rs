@@ -20,18 +20,29 @@ use super::credentials::Credentials;
 /// Why the endpoint could not run.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("cannot prepare the object directory {path}: {source}")]
+    /// The object directory or a bucket directory could not be created or resolved.
+    #[error("cannot prepare the object directory {path}")]
     Dir {
+        /// The object directory.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
     /// `s3s-fs` keeps its error's cause private, so only its text is left.
     #[error("cannot serve S3 from {path}: {reason}")]
-    Backend { path: PathBuf, reason: String },
-    #[error("cannot listen on {addr}: {source}")]
+    Backend {
+        /// The directory being served.
+        path: PathBuf,
+        /// What s3s-fs said.
+        reason: String,
+    },
+    /// The endpoint could not bind or read back its address.
+    #[error("cannot listen on {addr}")]
     Listen {
+        /// The address asked for.
         addr: SocketAddr,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
@@ -40,8 +51,11 @@ pub enum ServerError {
 /// What to serve and how.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
+    /// Directory whose subdirectories are the buckets.
     pub dir: PathBuf,
+    /// TCP address to listen on (port 0: any free port).
     pub listen: SocketAddr,
+    /// The one access key pair clients must sign with.
     pub credentials: Credentials,
     /// Buckets to create (as directories) before serving.
     pub buckets: Vec<String>,
@@ -51,6 +65,7 @@ pub struct ServeConfig {
 pub struct Endpoint {
     listener: TcpListener,
     service: s3s::service::S3Service,
+    /// The address actually bound (the port chosen when 0 was asked for).
     pub addr: SocketAddr,
 }
 

@@ -55,7 +55,9 @@ pub enum Source {
 pub struct Disk {
     /// Volume (and export) name; also names the QEMU objects.
     pub name: String,
+    /// How the guest sees the disk: boot, data, cloud-init or EFI.
     pub role: Role,
+    /// Where its bytes come from (default: the vbd export of that name).
     #[serde(default = "default_source")]
     pub source: Source,
 }
@@ -113,21 +115,30 @@ pub enum DiskTuning {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
+    /// The VM's name; also names its run directory and QEMU's `-name`.
     pub name: String,
+    /// Virtual CPUs; also the queue count of each tuned virtio-blk disk.
     pub vcpus: u32,
+    /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// QEMU machine type (default `q35`, which hot-plug needs).
     #[serde(default = "default_machine")]
     pub machine: String,
+    /// Accelerator: `kvm` (default) or `tcg`.
     #[serde(default)]
     pub accel: Accel,
     /// `-cpu` model; default `host` under KVM and `max` under TCG.
     #[serde(default)]
     pub cpu: Option<String>,
+    /// The VM's volumes, in attachment order.
     pub disks: Vec<Disk>,
+    /// Kernel for a direct boot (`-kernel`), skipping firmware and bootloader.
     #[serde(default)]
     pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for a direct boot (`-initrd`).
     #[serde(default)]
     pub initrd: Option<PathBuf>,
+    /// Kernel command line for a direct boot (`-append`).
     #[serde(default)]
     pub append: Option<String>,
     /// Read-only UEFI code image (e.g. OVMF_CODE.fd); with it, the EFI
@@ -140,6 +151,7 @@ pub struct VmConfig {
     /// Extra `-device` values, passed through verbatim.
     #[serde(default)]
     pub extra_devices: Vec<String>,
+    /// Whether disks get vbd's iothread/cache/queue settings or QEMU's defaults.
     #[serde(default)]
     pub tuning: DiskTuning,
     /// The QEMU binary.
@@ -206,32 +218,43 @@ pub const DEFAULT_DISK_RECONNECT_DELAY_SECS: u32 = 30;
 pub struct RunPaths {
     /// vbd's NBD Unix socket that QEMU connects to.
     pub nbd_socket: PathBuf,
+    /// QEMU's QMP socket, which the supervisor connects to.
     pub qmp_socket: PathBuf,
+    /// File QEMU writes its pid to, for adopting it after a vbd restart.
     pub pidfile: PathBuf,
+    /// File the guest's serial console goes to.
     pub serial_log: PathBuf,
 }
 
 /// Why a config cannot become a QEMU command line.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// The VM's name cannot be part of QEMU ids.
     #[error(
         "name {0:?} cannot name QEMU objects: use a letter first, then up to 25 letters, digits, '-', '_' or '.'"
     )]
     BadName(String),
+    /// Zero vCPUs or zero memory.
     #[error("VM {0:?} needs at least one vCPU and some memory")]
     NoResources(String),
+    /// One volume appears twice among the disks.
     #[error("volume {0:?} is attached twice; attach each volume once")]
     DuplicateDisk(String),
+    /// Two disks have the boot role.
     #[error("more than one boot volume ({0:?} and {1:?}); mark one boot and the others data")]
     TwoBootDisks(String, String),
+    /// Two disks have the EFI role.
     #[error("more than one EFI volume ({0:?} and {1:?}); a VM has one variable store")]
     TwoEfiDisks(String, String),
+    /// More cloud-init disks than the machine has IDE/SATA ports.
     #[error("{0} cloud-init volumes do not fit the machine's 6 IDE/SATA ports")]
     TooManyCdroms(usize),
+    /// Hot-plug ports were asked for on a machine without PCIe root ports.
     #[error(
         "machine {0:?} has no PCIe root ports for hot-plug: use q35, or set hotplug_ports to 0"
     )]
     HotplugNeedsQ35(String),
+    /// A path or string would break QEMU's command-line syntax.
     #[error("{0:?} contains a newline, which QEMU's option parser cannot carry")]
     BadValue(String),
 }
@@ -270,8 +293,11 @@ fn path_value(p: &Path) -> Result<String, ConfigError> {
 /// QEMU ids of one disk's objects.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskIds {
+    /// The disk's `-object iothread` id (`ioth-<name>`).
     pub iothread: String,
+    /// The disk's block node id (`vol-<name>`).
     pub node: String,
+    /// The disk's virtio-blk device id (`disk-<name>`).
     pub device: String,
 }
 

@@ -21,26 +21,40 @@ use crate::error::Chain;
 /// Why a hot attach or detach failed.
 #[derive(Debug, Error)]
 pub enum HotplugError {
+    /// A step of the attach sequence failed; earlier steps were rolled back.
     #[error("hot attach of {volume:?} failed at {step}{}", rollback_note(.rollback))]
     Attach {
+        /// The volume being attached.
         volume: String,
+        /// The step that failed (`object-add iothread`, `blockdev-add nbd`, `device_add virtio-blk-pci`).
         step: &'static str,
+        /// Why it failed.
         #[source]
         source: QmpError,
         /// Rollback steps that failed too (the VM may hold leftovers).
         rollback: Vec<String>,
     },
+    /// A step of the detach sequence failed.
     #[error("hot detach of {volume:?} failed at {step}")]
     Detach {
+        /// The volume being detached.
         volume: String,
+        /// The step that failed.
         step: &'static str,
+        /// Why it failed.
         #[source]
         source: QmpError,
     },
+    /// No DEVICE_DELETED event came: the guest kept the device.
     #[error(
         "the guest did not release {device} within {after:?}; it may lack PCIe hot-plug support or be busy: retry the detach, or stop the VM"
     )]
-    UnplugTimeout { device: String, after: Duration },
+    UnplugTimeout {
+        /// The device's QEMU id.
+        device: String,
+        /// How long it waited.
+        after: Duration,
+    },
 }
 
 fn rollback_note(r: &[String]) -> String {
@@ -62,7 +76,9 @@ pub struct AttachSpec<'a> {
     pub bus: &'a str,
     /// Queues: the VM's vCPU count.
     pub queues: u32,
+    /// Whether the disk gets vbd's iothread/cache/queue settings or QEMU's defaults.
     pub tuning: DiskTuning,
+    /// Attach the disk read-only (cloud-init seeds).
     pub read_only: bool,
     /// QEMU's `reconnect-delay`: seconds guest I/O waits for vbd to come
     /// back; 0 fails it at once.

@@ -35,42 +35,66 @@ pub const MAX_MESSAGE: u64 = 16 << 20;
 /// Why a QMP operation failed.
 #[derive(Debug, Error)]
 pub enum QmpError {
+    /// QEMU's QMP socket could not be connected to.
     #[error("cannot connect to QMP socket {path}")]
     Connect {
+        /// The socket's path.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// Reading or writing the connected socket failed.
     #[error("QMP socket I/O failed")]
     Io(#[from] std::io::Error),
+    /// The first message was not a QMP greeting.
     #[error("QEMU sent an unexpected greeting: {greeting}")]
     Greeting {
+        /// What QEMU sent instead.
         greeting: serde_json::Value,
+        /// Why it is not a greeting.
         #[source]
         source: serde_json::Error,
     },
+    /// A command got no reply in time.
     #[error("QMP command {command} got no reply within {after:?}; QEMU may be hung")]
     Timeout {
+        /// The QMP command name.
         command: &'static str,
+        /// How long it waited.
         after: Duration,
     },
+    /// The socket closed before the reply came.
     #[error("QMP connection closed while {command} was in flight; QEMU probably exited")]
-    Closed { command: &'static str },
+    Closed {
+        /// The QMP command name.
+        command: &'static str,
+    },
+    /// QEMU answered the command with an error.
     #[error("QEMU refused {command}: {desc} ({class:?})")]
     Qemu {
+        /// The QMP command name.
         command: &'static str,
+        /// QEMU's error class.
         class: qapi::ErrorClass,
+        /// QEMU's description of the error.
         desc: String,
     },
+    /// The reply does not have the shape the command's schema gives.
     #[error("cannot decode QEMU's reply to {command}")]
     Decode {
+        /// The QMP command name.
         command: &'static str,
+        /// What serde_json said.
         #[source]
         source: serde_json::Error,
     },
+    /// The command's arguments could not be serialised.
     #[error("cannot encode QMP command {command}")]
     Encode {
+        /// The QMP command name.
         command: &'static str,
+        /// What serde_json said.
         #[source]
         source: serde_json::Error,
     },

@@ -14,8 +14,11 @@ pub struct AlignedBuf {
     len: usize,
 }
 
-// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
+// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>, so it
+// may move to another thread with its owner.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: as for Vec<u8>: a shared reference only reads the bytes, and every
+// write goes through `&mut self`.
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {

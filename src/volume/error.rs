@@ -10,20 +10,40 @@ pub enum VolumeError {
     /// A system call failed; its errno goes to the client as is.
     #[error("{op} failed")]
     Os {
+        /// The system call or step that failed, for the message.
         op: &'static str,
+        /// The OS error, whose errno the client receives.
         #[source]
         source: std::io::Error,
     },
+    /// The backing store is full.
     #[error("not enough space")]
     NoSpace,
+    /// The operation (or its fast form, for FAST_ZERO) is not available.
     #[error("operation not supported quickly")]
     NotSupported,
+    /// A write-class operation on a read-only volume.
     #[error("volume is read-only")]
     ReadOnly,
+    /// A request reaching past the volume's end.
     #[error("range {offset}+{len} is outside the volume")]
-    OutOfRange { offset: u64, len: u64 },
+    OutOfRange {
+        /// First byte of the request.
+        offset: u64,
+        /// Request length in bytes.
+        len: u64,
+    },
+    /// A request not on the volume's block boundaries.
     #[error("range {offset}+{len} is not aligned to the volume's {block}-byte blocks")]
-    Unaligned { offset: u64, len: u64, block: u32 },
+    Unaligned {
+        /// First byte of the request.
+        offset: u64,
+        /// Request length in bytes.
+        len: u64,
+        /// The volume's block size in bytes.
+        block: u32,
+    },
+    /// The volume is closing and accepts no more requests.
     #[error("volume is shutting down")]
     Shutdown,
     /// A backend's own failure (a store that stayed down, a WAL that
@@ -66,6 +86,7 @@ impl VolumeError {
 #[derive(Debug, Error)]
 #[error("{backend} volume resumed by {got}, which it did not wait for")]
 pub struct UnexpectedWake {
+    /// The backend's name (`memory`, `file`, `object`).
     pub backend: &'static str,
     /// What arrived ("a ring completion", "a remote completion", ...).
     pub got: &'static str,

@@ -52,29 +52,45 @@ fn submit_failed(source: std::io::Error) -> VolumeError {
 /// Why a file could not be opened as a volume.
 #[derive(Debug, Error)]
 pub enum FileError {
-    #[error("cannot open {path}: {source}")]
+    /// The file could not be opened or created.
+    #[error("cannot open {path}")]
     Open {
+        /// The file's path as given.
         path: PathBuf,
+        /// What `open(2)` said.
         #[source]
         source: std::io::Error,
     },
+    /// The file is absent and no size was given to create it with.
     #[error("{path} does not exist; give size= to create it")]
-    Missing { path: PathBuf },
+    Missing {
+        /// The file that was asked for.
+        path: PathBuf,
+    },
+    /// The file's size disagrees with the `size=` option.
     #[error(
         "{path} is {actual} bytes but size={wanted} was given; omit size= to use the file as it is"
     )]
     SizeMismatch {
+        /// The file's path as given.
         path: PathBuf,
+        /// The file's size in bytes.
         actual: u64,
+        /// The `size=` option in bytes.
         wanted: u64,
     },
+    /// Another process holds the file's exclusive lock.
     #[error("{path} is locked by another process (is another vbd serving it?)")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The file another process holds the lock on.
+        path: PathBuf,
+    },
 }
 
 /// How to open a file volume.
 #[derive(Clone, Debug, Default)]
 pub struct FileOptions {
+    /// Open the file read-only and refuse every write.
     pub read_only: bool,
     /// Create the file with this size if missing; must match if present.
     pub size: Option<u64>,
@@ -566,14 +582,15 @@ impl Volume for FileVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::TempDir;
     use crate::volume::IoFlags;
     use crate::volume::sync::SyncDriver;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vbd-file-unit-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("disk.img")
+    /// A fresh directory (kept if the test fails) and the image path in it.
+    fn scratch(name: &str) -> (TempDir, PathBuf) {
+        let dir = TempDir::new(&format!("file-unit-{name}"));
+        let path = dir.join("disk.img");
+        (dir, path)
     }
 
     fn open(path: &Path, size: Option<u64>) -> FileVolume {
@@ -589,7 +606,7 @@ mod tests {
 
     #[test]
     fn aligned_and_unaligned_io_round_trip() {
-        let path = scratch("rw");
+        let (_dir, path) = scratch("rw");
         let v = open(&path, Some(8 << 20));
         assert!(v.direct.is_some(), "O_DIRECT works on this filesystem");
         let mut d = SyncDriver::new().unwrap();
@@ -610,7 +627,7 @@ mod tests {
 
     #[test]
     fn page_cache_writes_inline_or_through_the_ring_read_back_alike() {
-        let path = scratch("inline");
+        let (_dir, path) = scratch("inline");
         let v = FileVolume::open(
             &path,
             &FileOptions {
@@ -646,7 +663,7 @@ mod tests {
 
     #[test]
     fn trim_zeroes_and_block_status() {
-        let path = scratch("trim");
+        let (_dir, path) = scratch("trim");
         let v = open(&path, Some(4 << 20));
         let mut d = SyncDriver::new().unwrap();
         let st = |d: &mut SyncDriver| -> Vec<(u64, bool)> {
@@ -695,7 +712,7 @@ mod tests {
 
     #[test]
     fn zeroing_falls_back_to_writes_unless_fast_is_required() {
-        let path = scratch("fallback");
+        let (_dir, path) = scratch("fallback");
         let v = open(&path, Some(4 << 20));
         let mut d = SyncDriver::new().unwrap();
         d.write(&v, 0, &vec![5u8; 3 << 20], false).unwrap();
@@ -727,7 +744,7 @@ mod tests {
 
     #[test]
     fn opening_explains_problems() {
-        let path = scratch("open");
+        let (_dir, path) = scratch("open");
         assert!(matches!(
             FileVolume::open(&path, &FileOptions::default()),
             Err(FileError::Missing { .. })

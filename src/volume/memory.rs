@@ -20,14 +20,20 @@ use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake
 /// Why a memory volume could not get memory for its pages.
 #[derive(Debug, Error)]
 pub enum MemoryError {
+    /// The anonymous mapping for a page group failed.
     #[error("cannot map {len} bytes for a memory volume")]
     Map {
+        /// Bytes asked for.
         len: usize,
+        /// What `mmap(2)` said.
         #[source]
         source: std::io::Error,
     },
+    /// `mmap` succeeded but returned address 0, which the volume cannot use.
     #[error("mmap returned a null mapping")]
     NullMap,
+    /// A page group's slot was empty right after it was filled: a bug,
+    /// reported instead of a panic.
     #[error("a memory group vanished after it was set up")]
     GroupVanished,
 }
@@ -51,9 +57,11 @@ struct Region {
     data: NonNull<u8>,
 }
 
-// SAFETY: the region is plain memory owned by its group; every access to a
-// page's bytes holds that page's lock.
+// SAFETY: the region is plain memory owned by its group, not tied to the
+// thread that mapped it.
 unsafe impl Send for Region {}
+// SAFETY: every access to a page's bytes holds that page's lock, so shared
+// references never race.
 unsafe impl Sync for Region {}
 
 impl Region {

@@ -1,6 +1,10 @@
 //! The block store: a `Volume` is a byte range with the operations NBD
 //! needs. Backends complete work inline, on the calling core's io_uring, or
 //! on another thread that wakes that core (see [`crate::uring`]).
+//!
+//! Backends: `memory` (sparse, in RAM), `file` (a file or block device)
+//! and `object` (a log-structured volume in an object store). `buf` is the
+//! aligned request buffer, `sync` drives a volume from a blocking thread.
 
 pub mod buf;
 mod error;
@@ -80,12 +84,19 @@ mod tests {
 /// An operation on a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// Read `len` bytes at `offset` into the buffer.
     Read,
+    /// Write the buffer's `len` bytes at `offset`.
     Write,
+    /// Make every completed write durable.
     Flush,
+    /// Discard a range; it may read back as zeroes or old data.
     Trim,
+    /// Make a range read as zeroes, by punching it or writing zeroes.
     WriteZeroes,
+    /// Report the range's allocation state into `Io::extents`.
     BlockStatus,
+    /// Prefetch a range into the backend's cache.
     Cache,
 }
 
@@ -103,6 +114,7 @@ pub struct IoFlags {
 /// A run of bytes with one allocation state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// Length of the run in bytes.
     pub len: u64,
     /// Not allocated in the backing store.
     pub hole: bool,
@@ -114,9 +126,13 @@ pub struct Extent {
 /// it completes. Buffers are reused between requests.
 #[derive(Debug)]
 pub struct Io {
+    /// What to do.
     pub op: Op,
+    /// First byte of the range, from the start of the volume.
     pub offset: u64,
+    /// Length of the range in bytes.
     pub len: u64,
+    /// Modifiers from the request (FUA, NO_HOLE, FAST_ZERO).
     pub flags: IoFlags,
     /// Destination of a read, source of a write; `len` bytes long for both.
     pub buf: AlignedBuf,
@@ -171,14 +187,21 @@ impl Default for Io {
 /// What a volume supports; the server turns it into NBD transmission flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Caps {
+    /// FLUSH does something (the volume has a volatile write cache).
     pub flush: bool,
+    /// Writes honour FUA.
     pub fua: bool,
+    /// TRIM is supported.
     pub trim: bool,
+    /// WRITE_ZEROES is supported.
     pub write_zeroes: bool,
+    /// WRITE_ZEROES can punch holes cheaply, so FAST_ZERO requests succeed.
     pub fast_zero: bool,
+    /// CACHE (prefetch) is supported.
     pub cache: bool,
     /// Every connection sees the same data and one flush covers all.
     pub multi_conn: bool,
+    /// Writes, trims and zeroing are refused with `ReadOnly`.
     pub read_only: bool,
 }
 

@@ -14,6 +14,7 @@ use super::{QmpError, QmpEvent};
 /// Why a line from the QMP socket is not a message.
 #[derive(Debug, Error)]
 pub enum ParseError {
+    /// The line is not valid JSON.
     #[error("QMP sent invalid JSON")]
     Json(#[from] serde_json::Error),
 }
@@ -24,7 +25,12 @@ pub enum Message {
     /// An asynchronous event, for the subscribers.
     Event(QmpEvent),
     /// A reply (`return` or `error`) to the command with this id.
-    Reply { id: u64, body: Value },
+    Reply {
+        /// The id vbd gave the command.
+        id: u64,
+        /// The whole message; the caller decodes its `return` or `error`.
+        body: Value,
+    },
     /// Neither: logged and ignored.
     Other(Value),
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// What identifies one process for as long as it lives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcIdentity {
+pub(super) struct ProcIdentity {
     /// `/proc/PID/stat` field 22: when it started, in ticks since boot.
     pub start_ticks: u64,
     /// The boot it started in: ticks restart at every boot.
@@ -26,7 +26,7 @@ pub struct ProcIdentity {
 
 /// What [`ProcIdentity::check`] found at a pid.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(super) enum Verdict {
     /// The same process, still running.
     Same,
     /// No process has that pid now (or only its zombie is left).
@@ -38,7 +38,7 @@ pub enum Verdict {
 /// The state letter and start time from the text of `/proc/PID/stat`.
 /// The command name (field 2) is in parentheses and may itself contain
 /// spaces and parentheses, so fields are counted after the last `)`.
-pub fn parse_stat(stat: &str) -> Option<(char, u64)> {
+pub(super) fn parse_stat(stat: &str) -> Option<(char, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     // Field 3 (state) is the first after the name; 22 is 19 further on.
@@ -56,7 +56,7 @@ fn stat_comm(stat: &str) -> &str {
 }
 
 /// `/proc/PID/cmdline`'s NUL-separated arguments.
-pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
+pub(super) fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
     bytes
         .strip_suffix(b"\0")
         .unwrap_or(bytes)
@@ -68,7 +68,7 @@ pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
 
 /// The executable a `/proc/PID/exe` link names; a binary replaced on disk
 /// (a QEMU package upgrade under a running VM) reads as "PATH (deleted)".
-pub fn exe_path(link: &Path) -> PathBuf {
+pub(super) fn exe_path(link: &Path) -> PathBuf {
     let s = link.to_string_lossy();
     PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
 }
@@ -87,7 +87,7 @@ impl ProcIdentity {
     /// Reads the identity of the running process `pid`. Call it after
     /// QEMU has exec'd (once QMP answers): before that the pid is still a
     /// copy of vbd.
-    pub fn read(pid: u32) -> std::io::Result<ProcIdentity> {
+    pub(super) fn read(pid: u32) -> std::io::Result<ProcIdentity> {
         let stat = std::fs::read_to_string(proc_path(pid, "stat"))?;
         let (_, start_ticks) = parse_stat(&stat).ok_or_else(|| {
             std::io::Error::new(
@@ -106,7 +106,7 @@ impl ProcIdentity {
     /// Whether `pid` is still this process. Anything that cannot be read
     /// (a process of another user hides its exe) counts as another process:
     /// a pid is only ever adopted, or signalled, when everything matches.
-    pub fn check(&self, pid: u32) -> Verdict {
+    pub(super) fn check(&self, pid: u32) -> Verdict {
         let stat = match std::fs::read_to_string(proc_path(pid, "stat")) {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Verdict::Gone,

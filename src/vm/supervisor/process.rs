@@ -16,7 +16,9 @@ use super::pidfd::PidFd;
 /// How a QEMU process ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exit {
+    /// Exit status, when QEMU exited by itself.
     pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
     pub signal: Option<i32>,
 }
 
@@ -56,6 +58,7 @@ impl std::fmt::Display for Exit {
 
 /// Handle to a running QEMU.
 pub struct Process {
+    /// QEMU's process id.
     pub pid: u32,
     signals: mpsc::UnboundedSender<i32>,
     exit: watch::Receiver<Option<Exit>>,

@@ -16,14 +16,14 @@ use super::proc_identity::ProcIdentity;
 use crate::vm::config::{RunPaths, VmConfig};
 
 /// The record's file name inside the VM's run directory.
-pub const RECORD_FILE: &str = "vm.json";
+pub(super) const RECORD_FILE: &str = "vm.json";
 
 /// The record format this vbd writes; a reader refuses newer ones.
-pub const FORMAT: u32 = 1;
+pub(super) const FORMAT: u32 = 1;
 
 /// A hot-plugged disk, as recorded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordedHotDisk {
+pub(super) struct RecordedHotDisk {
     /// The hot-plug port (`hpN`) it sits on.
     pub port: String,
     /// Attached read-only (and so exported read-only).
@@ -32,7 +32,7 @@ pub struct RecordedHotDisk {
 
 /// What `vm.json` holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VmRecord {
+pub(super) struct VmRecord {
     /// [`FORMAT`] when written.
     pub format: u32,
     /// The VM as started (with its reconnect delay filled in).
@@ -61,7 +61,7 @@ pub struct VmRecord {
 
 /// Why a record could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum RecordError {
+pub(super) enum RecordError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("not a VM run record")]
@@ -71,7 +71,7 @@ pub enum RecordError {
 }
 
 /// Milliseconds since the Unix epoch now.
-pub fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -80,12 +80,12 @@ pub fn now_ms() -> u64 {
 
 impl VmRecord {
     /// Where the record of the VM whose run directory is `dir` lives.
-    pub fn path(dir: &Path) -> PathBuf {
+    pub(super) fn path(dir: &Path) -> PathBuf {
         dir.join(RECORD_FILE)
     }
 
     /// Reads the record at `path`.
-    pub fn load(path: &Path) -> Result<VmRecord, RecordError> {
+    pub(super) fn load(path: &Path) -> Result<VmRecord, RecordError> {
         let r: VmRecord = serde_json::from_slice(&std::fs::read(path)?)?;
         if r.format > FORMAT {
             return Err(RecordError::Newer(r.format));
@@ -95,7 +95,7 @@ impl VmRecord {
 
     /// Writes the record to `path` through a temporary file and a rename,
     /// synced so that a host crash leaves the old record or the new one.
-    pub fn store(&self, path: &Path) -> std::io::Result<()> {
+    pub(super) fn store(&self, path: &Path) -> std::io::Result<()> {
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         let mut f = std::fs::File::create(&tmp)?;

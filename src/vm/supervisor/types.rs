@@ -48,58 +48,103 @@ impl SupervisorConfig {
 /// [`crate::error::Chain`].
 #[derive(Debug, Error)]
 pub enum SupervisorError {
+    /// The VM's configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A running VM already has this name.
     #[error("a VM named {0:?} is already running; stop it first or pick another name")]
     Exists(String),
+    /// No VM of this name is known.
     #[error("no VM named {0:?}; see vbd vm list")]
     NoVm(String),
+    /// The operation needs a running VM and this one has exited.
     #[error("VM {0:?} is not running; stop it to clear its record, then run it again")]
     NotRunning(String),
+    /// A disk names neither a volume nor an export this vbd serves.
     #[error(
         "no volume or export named {0:?}; create it (vbd vm volume create) or export it (vbd serve --export)"
     )]
     NoVolume(String),
+    /// Another VM already has the volume as a disk.
     #[error("volume {volume:?} is in use by VM {vm:?}; detach it or stop that VM first")]
-    VolumeInUse { volume: String, vm: String },
+    VolumeInUse {
+        /// The volume asked for.
+        volume: String,
+        /// The VM using it.
+        vm: String,
+    },
     /// The volume exists but could not be exported (never
     /// [`ExportError::NoVolume`], which becomes [`SupervisorError::NoVolume`]).
     #[error(transparent)]
     Export(ExportError),
+    /// A local file step (run directory, pidfile, log, spawn) failed.
     #[error("{what}")]
     Io {
+        /// What was being done, as a sentence for the message.
         what: String,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// QEMU exited or never opened its QMP socket during start-up.
     #[error("QEMU for VM {vm:?} did not start: {reason}; its output ends with:\n{log_tail}")]
     Start {
+        /// The VM's name.
         vm: String,
+        /// What went wrong (exit status, or the timeout).
         reason: String,
+        /// The last lines of QEMU's log, where QEMU says why.
         log_tail: String,
     },
+    /// Talking to QEMU over QMP failed.
     #[error(transparent)]
     Qmp(#[from] QmpError),
+    /// A hot attach or detach failed (and was rolled back).
     #[error(transparent)]
     Hotplug(#[from] HotplugError),
+    /// Every hot-plug root port of the VM holds a disk.
     #[error(
         "VM {vm:?} has no free hot-plug port (it has {ports}); detach a volume or run it with more --hotplug-ports"
     )]
-    NoFreePort { vm: String, ports: u32 },
+    NoFreePort {
+        /// The VM's name.
+        vm: String,
+        /// Hot-plug ports the VM was started with.
+        ports: u32,
+    },
+    /// A launch-time disk cannot be detached while the VM runs.
     #[error(
         "volume {volume:?} was attached to VM {vm:?} at launch, on the root bus, which cannot hot-unplug; stop the VM to release it"
     )]
-    ColdAttached { vm: String, volume: String },
+    ColdAttached {
+        /// The VM's name.
+        vm: String,
+        /// The volume asked for.
+        volume: String,
+    },
+    /// A detach named a volume the VM does not have.
     #[error("volume {volume:?} is not attached to VM {vm:?}")]
-    NotAttached { vm: String, volume: String },
+    NotAttached {
+        /// The VM's name.
+        vm: String,
+        /// The volume asked for.
+        volume: String,
+    },
+    /// The volume's name cannot be part of QEMU object and device ids.
     #[error(
         "volume name {0:?} cannot name QEMU objects: use a letter first and at most 26 characters"
     )]
     BadVolumeName(String),
+    /// QEMU survived SIGKILL (stuck in uninterruptible sleep).
     #[error(
         "QEMU of VM {vm:?} (pid {pid}) did not exit after SIGKILL; it is stuck in the kernel, check its disks and dmesg"
     )]
-    Unkillable { vm: String, pid: u32 },
+    Unkillable {
+        /// The VM's name.
+        vm: String,
+        /// QEMU's process id.
+        pid: u32,
+    },
     /// A VM left by an earlier vbd reconnects its disks to another NBD
     /// socket than this vbd serves, so it cannot be adopted here.
     #[error(
@@ -173,14 +218,18 @@ impl From<ExportError> for SupervisorError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum VmState {
+    /// QEMU is up and answered QMP.
     Running,
+    /// A stop was requested and is in progress.
     Stopping,
     /// Exited after a stop request or a guest-initiated shutdown.
     Stopped {
+        /// How it ended ("guest shut down", "stopped on request (...)").
         reason: String,
     },
     /// Exited without being asked to.
     Crashed {
+        /// QEMU's exit status or signal.
         reason: String,
     },
 }
@@ -188,7 +237,9 @@ pub enum VmState {
 /// A VM's disk as listed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskInfo {
+    /// The volume or export behind the disk.
     pub volume: String,
+    /// How the guest sees it: boot, data, cloud-init or EFI.
     pub role: Role,
     /// Hot-attached (and so hot-detachable), with its port.
     pub port: Option<String>,
@@ -220,14 +271,22 @@ pub struct DiskReconnect {
 /// A VM as listed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
+    /// The VM's name, unique on this host.
     pub name: String,
+    /// Running, stopping, stopped or crashed (flattened into this JSON).
     #[serde(flatten)]
     pub state: VmState,
+    /// QEMU's process id.
     pub pid: u32,
+    /// Virtual CPUs.
     pub vcpus: u32,
+    /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// Every disk, launch-time and hot-attached.
     pub disks: Vec<DiskInfo>,
+    /// File the guest's serial console is written to.
     pub serial_log: PathBuf,
+    /// QEMU's QMP socket, for debugging by hand.
     pub qmp_socket: PathBuf,
     /// When QEMU started, in milliseconds since the Unix epoch (0 if unknown).
     #[serde(default)]
@@ -283,9 +342,13 @@ pub struct VmEventCounts {
     pub guest_shutdowns: u64,
     /// QEMUs that exited abnormally without being asked.
     pub crashes: u64,
+    /// Volumes hot-attached successfully.
     pub attaches: u64,
+    /// Hot attaches that failed (and were rolled back).
     pub attach_failures: u64,
+    /// Volumes hot-detached successfully.
     pub detaches: u64,
+    /// Hot detaches that failed.
     pub detach_failures: u64,
     /// VMs found still running after a vbd restart and supervised again.
     pub adoptions: u64,

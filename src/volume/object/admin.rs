@@ -12,11 +12,14 @@ use crate::runtime::runtime;
 /// What `vbd volume info` shows.
 #[derive(Clone, Debug, Serialize)]
 pub struct VolumeInfo {
+    /// Name, size, block size and creation time, flattened into this JSON.
     #[serde(flatten)]
     pub descriptor: Descriptor,
+    /// Chunk objects in the store.
     pub chunks: u64,
     /// Bytes the volume's objects take in the store.
     pub stored_bytes: u64,
+    /// Checkpoint objects in the store.
     pub checkpoints: u64,
     /// The process holding the writer lock, if any.
     pub locked_by: Option<String>,

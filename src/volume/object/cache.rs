@@ -13,7 +13,9 @@ use super::format::BLOCK;
 /// Where a cached block came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlockKey {
+    /// The chunk holding the block.
     pub chunk: u64,
+    /// The block's index within that chunk's data.
     pub block: u32,
 }
 
@@ -127,10 +129,15 @@ struct Shard {
 /// count 4 KiB blocks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
+    /// Blocks found in the cache.
     pub hits: u64,
+    /// Blocks that had to be fetched from the store.
     pub misses: u64,
+    /// Blocks dropped to stay within the budget.
     pub evictions: u64,
+    /// Bytes held now.
     pub bytes: u64,
+    /// Bytes the cache may hold.
     pub budget: u64,
 }
 

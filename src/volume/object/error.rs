@@ -15,62 +15,94 @@ use crate::objstore::StoreError;
 /// Why an object volume could not be created, opened or changed.
 #[derive(Debug, Error)]
 pub enum ObjectError {
+    /// The object store refused or failed a call.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No descriptor for this volume name in the store.
     #[error("volume {0:?} does not exist in this store; create it with `vbd volume create`")]
     NoSuchVolume(String),
+    /// A create found the volume's descriptor already there.
     #[error("volume {0:?} already exists")]
     Exists(String),
+    /// The name cannot be part of object keys and a local directory.
     #[error("volume name {0:?} is invalid: use 1-256 letters, digits, '-', '_' or '.'")]
     BadName(String),
+    /// The size (bytes) is zero or not a whole number of blocks.
     #[error("volume size {0} is invalid: it must be a positive multiple of 4096 bytes")]
     BadSize(u64),
+    /// Another writer holds the volume's lock.
     #[error("volume {name:?} is open for writing by {owner}; stop that server first")]
-    Locked { name: String, owner: String },
+    Locked {
+        /// The volume's name.
+        name: String,
+        /// Who holds it: another local process, or `pid N on HOST`.
+        owner: String,
+    },
     /// A chunk or checkpoint whose checksums hold but whose content does not.
     #[error("object {key} is corrupt")]
     Corrupt {
+        /// Store key of the damaged object.
         key: String,
+        /// What the decoder found wrong.
         #[source]
         source: FormatError,
     },
+    /// The store returned fewer bytes than a read of a whole object asked for.
     #[error("object {key} returned {got} bytes where {want} were asked for")]
     ShortRead {
+        /// Store key of the object.
         key: String,
+        /// Bytes returned.
         got: usize,
+        /// Bytes expected.
         want: usize,
     },
+    /// The volume's descriptor is not the JSON this vbd writes.
     #[error("volume descriptor {key} cannot be parsed")]
     Descriptor {
+        /// Store key of the descriptor.
         key: String,
+        /// Why it did not parse.
         #[source]
         source: serde_json::Error,
     },
+    /// The descriptor is from a format or block size this vbd cannot read.
     #[error(
         "volume descriptor {key} has format {format} with {block_size}-byte blocks, which this vbd does not support"
     )]
     Unsupported {
+        /// Store key of the descriptor.
         key: String,
+        /// The descriptor's format version (this vbd reads 1).
         format: u32,
+        /// The descriptor's block size in bytes (this vbd uses 4096).
         block_size: u32,
     },
     /// The store claims the last sequence number: damage, not wear.
     #[error("volume {0:?} has no sequence numbers left")]
     SequenceExhausted(String),
+    /// A descriptor or lock object could not be serialised.
     #[error("cannot encode the {what}")]
     Encode {
+        /// Which object ("volume descriptor", "lock owner").
         what: &'static str,
+        /// What serde_json said.
         #[source]
         source: serde_json::Error,
     },
+    /// The local WAL directory or its lock file could not be created.
     #[error("cannot prepare the local WAL state at {path}")]
     Local {
+        /// The directory or file.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// The OS refused to spawn the WAL thread.
     #[error("cannot start the WAL thread")]
     WalThread(#[source] std::io::Error),
+    /// Replaying the local WAL at open failed.
     #[error(transparent)]
     Wal(#[from] WalError),
 }
@@ -78,39 +110,57 @@ pub enum ObjectError {
 /// Why the local write-ahead log could not be written, synced or read back.
 #[derive(Debug, Error)]
 pub enum WalError {
+    /// A new segment file could not be created.
     #[error("cannot create WAL segment {path}")]
     Create {
+        /// The segment file's path.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// Appended records could not be written to their segment file.
     #[error("cannot write WAL segment {id:016x}")]
     Write {
+        /// The segment's id (its file name in hex).
         id: u64,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// fdatasync of a segment failed: its records are not durable.
     #[error("cannot sync WAL segment {id:016x}")]
     Sync {
+        /// The segment's id (its file name in hex).
         id: u64,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// fsync of the WAL directory failed, so new segment files may not survive a crash.
     #[error("cannot sync WAL directory {path}")]
     SyncDir {
+        /// The WAL directory.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// The WAL directory could not be listed at open.
     #[error("cannot read WAL directory {path}")]
     ReadDir {
+        /// The WAL directory.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
+    /// A segment file could not be read back at open.
     #[error("cannot read WAL segment {path}")]
     Read {
+        /// The segment file's path.
         path: PathBuf,
+        /// What the filesystem said.
         #[source]
         source: std::io::Error,
     },
@@ -122,16 +172,29 @@ pub enum RequestError {
     /// Every waiter of a failed WAL round gets the same error.
     #[error(transparent)]
     Wal(Arc<WalError>),
+    /// A ranged GET of a chunk failed.
     #[error("reading chunk {chunk:016x} from the store failed")]
     Fetch {
+        /// The chunk's id.
         chunk: u64,
+        /// What the store said.
         #[source]
         source: StoreError,
     },
+    /// The store returned fewer bytes than a ranged GET of a chunk asked for.
     #[error("chunk {chunk:016x} returned {got} bytes where {want} were asked for")]
-    ShortFetch { chunk: u64, got: usize, want: usize },
+    ShortFetch {
+        /// The chunk's id.
+        chunk: u64,
+        /// Bytes the store returned.
+        got: usize,
+        /// Bytes the ranged GET asked for.
+        want: usize,
+    },
+    /// A read resolved to a chunk the map no longer knows: a bug, reported as EIO.
     #[error("chunk {0:016x} is not in the volume's map")]
     UnknownChunk(u64),
+    /// A write's record (header and data, bytes) exceeds a whole segment.
     #[error("a {0}-byte record does not fit in a WAL segment")]
     RecordTooBig(usize),
 }

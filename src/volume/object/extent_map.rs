@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 /// A value that can describe the tail of its own range.
-pub trait Piece: Clone + PartialEq {
+pub(super) trait Piece: Clone + PartialEq {
     /// The value for the part of a range starting `by` blocks later.
     fn advance(&self, by: u64) -> Self;
 }
@@ -25,7 +25,7 @@ struct Entry<V> {
 
 /// A map from block ranges to values.
 #[derive(Clone, Debug)]
-pub struct ExtentMap<V> {
+pub(super) struct ExtentMap<V> {
     map: BTreeMap<u64, Entry<V>>,
 }
 
@@ -39,29 +39,17 @@ impl<V> Default for ExtentMap<V> {
 
 /// One range of the map, clipped to a query.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Span<V> {
-    pub start: u64,
-    pub end: u64,
-    pub seq: u64,
-    pub value: V,
+pub(super) struct Span<V> {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) seq: u64,
+    pub(super) value: V,
 }
 
 impl<V: Piece> ExtentMap<V> {
-    /// An empty map.
-    pub fn new() -> Self {
-        ExtentMap {
-            map: BTreeMap::new(),
-        }
-    }
-
     /// Number of ranges.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.map.len()
-    }
-
-    /// Whether the map has no ranges.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 
     /// Removes and returns the pieces overlapping [start, end), clipped to
@@ -124,7 +112,7 @@ impl<V: Piece> ExtentMap<V> {
     }
 
     /// Sets [start, end) to `value`, reporting what it displaced.
-    pub fn insert(
+    pub(super) fn insert(
         &mut self,
         start: u64,
         end: u64,
@@ -146,7 +134,7 @@ impl<V: Piece> ExtentMap<V> {
     /// Sets the blocks of [start, end) for which `wins(new_seq, &value,
     /// old_seq, &old)` holds (and every block with no value yet); reports the
     /// pieces that lost and returns the pieces of the new value that landed.
-    pub fn merge(
+    pub(super) fn merge(
         &mut self,
         start: u64,
         end: u64,
@@ -214,7 +202,7 @@ impl<V: Piece> ExtentMap<V> {
     }
 
     /// Removes [start, end), reporting what was there.
-    pub fn remove(&mut self, start: u64, end: u64, mut displaced: impl FnMut(&Span<V>)) {
+    pub(super) fn remove(&mut self, start: u64, end: u64, mut displaced: impl FnMut(&Span<V>)) {
         if start >= end {
             return;
         }
@@ -226,7 +214,7 @@ impl<V: Piece> ExtentMap<V> {
     }
 
     /// Calls `f` for each piece overlapping [start, end), clipped to it, in order.
-    pub fn for_each_in(&self, start: u64, end: u64, mut f: impl FnMut(Span<V>)) {
+    pub(super) fn for_each_in(&self, start: u64, end: u64, mut f: impl FnMut(Span<V>)) {
         if start >= end {
             return;
         }
@@ -251,7 +239,7 @@ impl<V: Piece> ExtentMap<V> {
     }
 
     /// The piece containing `block`, if any, from `block` to its end.
-    pub fn get(&self, block: u64) -> Option<Span<V>> {
+    pub(super) fn get(&self, block: u64) -> Option<Span<V>> {
         let (&s, e) = self.map.range(..=block).next_back()?;
         (e.end > block).then(|| Span {
             start: block,
@@ -262,7 +250,7 @@ impl<V: Piece> ExtentMap<V> {
     }
 
     /// The first block at or after `block` that has a value.
-    pub fn next_start(&self, block: u64) -> Option<u64> {
+    pub(super) fn next_start(&self, block: u64) -> Option<u64> {
         if self.get(block).is_some() {
             return Some(block);
         }
@@ -270,7 +258,7 @@ impl<V: Piece> ExtentMap<V> {
     }
 
     /// Every range, in order.
-    pub fn iter(&self) -> impl Iterator<Item = Span<V>> + '_ {
+    pub(super) fn iter(&self) -> impl Iterator<Item = Span<V>> + '_ {
         self.map.iter().map(|(&s, e)| Span {
             start: s,
             end: e.end,
@@ -301,7 +289,7 @@ mod tests {
 
     #[test]
     fn insert_splits_and_overwrites() {
-        let mut m = ExtentMap::new();
+        let mut m = ExtentMap::default();
         m.insert(0, 100, 1, At(1000), |_| {});
         let mut gone = Vec::new();
         m.insert(10, 20, 2, At(5000), |p| {
@@ -340,7 +328,7 @@ mod tests {
         // Every order of application gives the same map.
         let mut results = Vec::new();
         for perm in [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]] {
-            let mut m = ExtentMap::new();
+            let mut m = ExtentMap::default();
             for i in perm {
                 let (s, e, q, v) = ops[i];
                 m.merge(s, e, q, At(v), newer, |_| {});
@@ -365,7 +353,7 @@ mod tests {
 
     #[test]
     fn merge_reports_losers_and_landed_blocks() {
-        let mut m = ExtentMap::new();
+        let mut m = ExtentMap::default();
         m.insert(0, 10, 5, At(0), |_| {});
         let mut lost = Vec::new();
         let landed = m.merge(

@@ -24,24 +24,31 @@ impl Keys {
             root: format!("volumes/{name}"),
         }
     }
+    /// Prefix of every object of this volume: `volumes/<name>`.
     pub fn root(&self) -> &str {
         &self.root
     }
+    /// The volume's descriptor, `volume.json`.
     pub fn descriptor(&self) -> String {
         format!("{}/volume.json", self.root)
     }
+    /// The writer-lock object naming the volume's owner.
     pub fn lock(&self) -> String {
         format!("{}/lock", self.root)
     }
+    /// Prefix of the chunk objects, for listing.
     pub fn chunks(&self) -> String {
         format!("{}/chunks", self.root)
     }
+    /// Chunk `id`, in hex so keys sort in id order.
     pub fn chunk(&self, id: u64) -> String {
         format!("{}/chunks/{id:016x}", self.root)
     }
+    /// Prefix of the checkpoint objects, for listing.
     pub fn checkpoints(&self) -> String {
         format!("{}/checkpoints", self.root)
     }
+    /// Checkpoint as of chunk `id`, in hex so keys sort in id order.
     pub fn checkpoint(&self, id: u64) -> String {
         format!("{}/checkpoints/{id:016x}", self.root)
     }
@@ -55,9 +62,13 @@ pub fn id_of(key: &str) -> Option<u64> {
 /// `volume.json`: what a volume is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Descriptor {
+    /// Descriptor format version; this vbd reads and writes 1.
     pub format: u32,
+    /// The volume's name, as in its keys.
     pub name: String,
+    /// The volume's size in bytes.
     pub size: u64,
+    /// Block size in bytes; this vbd supports 4096 only.
     pub block_size: u32,
     /// Seconds since the Unix epoch.
     pub created: u64,
@@ -168,7 +179,9 @@ pub fn wal_dir(root: &Path, store_url: &str, name: &str) -> PathBuf {
 /// Who holds a volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
+    /// Host name of the writer's machine.
     pub host: String,
+    /// The writer's process id on that host.
     pub pid: u32,
     /// The process's start time (clock ticks since boot), so a reused pid
     /// is not mistaken for the owner.

@@ -15,15 +15,16 @@
 pub mod admin;
 pub mod cache;
 mod error;
-pub mod extent_map;
+mod extent_map;
 pub mod format;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod layout;
 mod lifecycle;
 mod options;
 mod read;
 mod recovery;
-pub mod segment;
+mod segment;
 mod state;
 mod stats;
 #[cfg(test)]

@@ -11,6 +11,7 @@ use super::layout;
 pub struct ObjectOptions {
     /// Root of the local WAL directories.
     pub wal_root: PathBuf,
+    /// Block cache budget: default for the name, fixed bytes, or auto.
     pub cache: CacheSize,
     /// Open without the writer lock; writes are refused.
     pub read_only: bool,

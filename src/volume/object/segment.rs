@@ -9,23 +9,23 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// One segment: the exact image of its `<id>.wal` file.
-pub struct Segment {
-    pub id: u64,
+pub(super) struct Segment {
+    pub(super) id: u64,
     buf: Box<[UnsafeCell<u8>]>,
     len: AtomicUsize,
     /// Log position (across all segments) of byte 0 of this segment.
-    pub base: u64,
+    pub(super) base: u64,
     /// Sequence range of the records appended so far.
-    pub first_seq: AtomicU64,
-    pub last_seq: AtomicU64,
+    pub(super) first_seq: AtomicU64,
+    pub(super) last_seq: AtomicU64,
     /// No more appends: full, idle, or replayed from disk.
-    pub sealed: AtomicBool,
+    pub(super) sealed: AtomicBool,
     /// Bytes written to the file / made durable by the WAL thread.
-    pub written: AtomicUsize,
-    pub synced: AtomicUsize,
+    pub(super) written: AtomicUsize,
+    pub(super) synced: AtomicUsize,
     /// The segment's file, opened by the WAL thread.
-    pub file: Mutex<Option<File>>,
-    pub created: std::time::Instant,
+    pub(super) file: Mutex<Option<File>>,
+    pub(super) created: std::time::Instant,
 }
 
 // SAFETY: bytes below `len` are immutable once published with Release;
@@ -35,7 +35,7 @@ unsafe impl Sync for Segment {}
 
 impl Segment {
     /// A segment able to hold `capacity` bytes, starting with `header`.
-    pub fn new(id: u64, base: u64, capacity: usize, header: &[u8]) -> Segment {
+    pub(super) fn new(id: u64, base: u64, capacity: usize, header: &[u8]) -> Segment {
         let s = Segment {
             id,
             buf: zeroed(capacity.max(header.len())),
@@ -55,17 +55,12 @@ impl Segment {
     }
 
     /// Bytes published so far.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
     }
 
-    /// Whether nothing was published (not even a header).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Free space left.
-    pub fn room(&self) -> usize {
+    pub(super) fn room(&self) -> usize {
         self.buf.len() - self.len()
     }
 
@@ -75,7 +70,7 @@ impl Segment {
     /// # Safety
     /// Only one thread may append at a time (callers hold the volume's write
     /// lock), and never to a sealed segment.
-    pub unsafe fn append(&self, parts: &[&[u8]]) -> Option<usize> {
+    pub(super) unsafe fn append(&self, parts: &[&[u8]]) -> Option<usize> {
         let at = self.len.load(Ordering::Relaxed);
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total > self.buf.len() - at {
@@ -99,7 +94,7 @@ impl Segment {
     }
 
     /// Published bytes [off, off + len); `None` if not (yet) published.
-    pub fn bytes(&self, off: usize, len: usize) -> Option<&[u8]> {
+    pub(super) fn bytes(&self, off: usize, len: usize) -> Option<&[u8]> {
         let end = off.checked_add(len)?;
         if end > self.len() {
             return None;
@@ -112,7 +107,7 @@ impl Segment {
     }
 
     /// Log position just past the published bytes.
-    pub fn end_pos(&self) -> u64 {
+    pub(super) fn end_pos(&self) -> u64 {
         self.base + self.len() as u64
     }
 }
@@ -139,6 +134,7 @@ mod tests {
         assert_eq!(at, 4);
         assert_eq!(s.bytes(4, 6), Some(&b"abcdef"[..]));
         assert_eq!(s.bytes(8, 3), None, "not published");
+        // SAFETY: single-threaded test, segment not sealed.
         assert_eq!(unsafe { s.append(&[&[0u8; 100]]) }, None, "too big");
         assert_eq!(s.room(), 64 - 10);
         assert_eq!(s.end_pos(), 110);
@@ -152,8 +148,8 @@ mod tests {
         // SAFETY: single-threaded test.
         assert_eq!(unsafe { s.append(&[&[7u8; 60], &[]]) }, Some(4));
         assert_eq!((s.len(), s.room()), (64, 0));
-        // SAFETY: as above.
         assert_eq!(
+            // SAFETY: single-threaded test, segment not sealed.
             unsafe { s.append(&[&[]]) },
             Some(64),
             "nothing fits nothing"

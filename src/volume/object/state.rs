@@ -10,7 +10,7 @@ use super::segment::Segment;
 
 /// Where the newest version of unflushed blocks is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DirtyLoc {
+pub(super) enum DirtyLoc {
     /// In a WAL segment, at this byte offset.
     Data {
         seg: u64,
@@ -34,7 +34,7 @@ impl Piece for DirtyLoc {
 
 /// Where the chunks put a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mapping {
+pub(super) enum Mapping {
     Chunk { id: u64, block: u32 },
     Zero,
     Hole,
@@ -54,7 +54,7 @@ impl Piece for Mapping {
 
 impl Mapping {
     /// The mapping an index entry describes, for chunk `id`.
-    pub fn of(id: u64, e: &IndexEntry) -> Mapping {
+    pub(super) fn of(id: u64, e: &IndexEntry) -> Mapping {
         match e.kind {
             Kind::Data => Mapping::Chunk {
                 id,
@@ -75,51 +75,51 @@ impl Mapping {
 
 /// Newest sequence wins; on a tie (a chunk rewritten by garbage collection
 /// keeps its blocks' sequence numbers) the later chunk wins.
-pub fn newer(ns: u64, nv: &Mapping, os: u64, ov: &Mapping) -> bool {
+pub(super) fn newer(ns: u64, nv: &Mapping, os: u64, ov: &Mapping) -> bool {
     ns > os || (ns == os && nv.chunk() > ov.chunk())
 }
 
 /// Records not yet in a chunk, and the segments holding their data.
-pub struct Dirty {
-    pub map: ExtentMap<DirtyLoc>,
-    pub segments: BTreeMap<u64, Arc<Segment>>,
+pub(super) struct Dirty {
+    pub(super) map: ExtentMap<DirtyLoc>,
+    pub(super) segments: BTreeMap<u64, Arc<Segment>>,
     /// The segment taking appends; `None` until the next write.
-    pub active: Option<Arc<Segment>>,
-    pub next_seq: u64,
-    pub next_seg: u64,
+    pub(super) active: Option<Arc<Segment>>,
+    pub(super) next_seq: u64,
+    pub(super) next_seg: u64,
     /// Log position just past the last appended byte.
-    pub appended: u64,
+    pub(super) appended: u64,
     /// Bytes held in segments not yet uploaded.
-    pub backlog: u64,
+    pub(super) backlog: u64,
     /// When the last record was appended.
-    pub last_append: std::time::Instant,
+    pub(super) last_append: std::time::Instant,
 }
 
 /// What a chunk holds, as far as reads and garbage collection care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChunkInfo {
+pub(super) struct ChunkInfo {
     /// Byte offset of the first data block in the object.
-    pub data_start: u64,
-    pub data_blocks: u32,
+    pub(super) data_start: u64,
+    pub(super) data_blocks: u32,
     /// Data blocks the map still points at.
-    pub live: u64,
+    pub(super) live: u64,
 }
 
 /// The map the chunks define.
 #[derive(Default)]
-pub struct Mapped {
-    pub map: ExtentMap<Mapping>,
-    pub chunks: BTreeMap<u64, ChunkInfo>,
+pub(super) struct Mapped {
+    pub(super) map: ExtentMap<Mapping>,
+    pub(super) chunks: BTreeMap<u64, ChunkInfo>,
     /// Chunks garbage collection superseded but has not deleted yet: a read
     /// that resolved its blocks before the rewrite may still fetch from them.
-    pub retired: BTreeMap<u64, ChunkInfo>,
+    pub(super) retired: BTreeMap<u64, ChunkInfo>,
     /// Highest sequence number in any chunk.
-    pub max_seq: u64,
+    pub(super) max_seq: u64,
 }
 
 impl Mapped {
     /// Where a chunk's data lives, whether current or retired.
-    pub fn chunk_info(&self, id: u64) -> Option<ChunkInfo> {
+    pub(super) fn chunk_info(&self, id: u64) -> Option<ChunkInfo> {
         self.chunks
             .get(&id)
             .or_else(|| self.retired.get(&id))
@@ -127,14 +127,14 @@ impl Mapped {
     }
 
     /// Moves a chunk out of the live table; it stays readable until deleted.
-    pub fn retire(&mut self, id: u64) {
+    pub(super) fn retire(&mut self, id: u64) {
         if let Some(info) = self.chunks.remove(&id) {
             self.retired.insert(id, info);
         }
     }
 
     /// Merges one range into the map, keeping per-chunk live counts.
-    pub fn merge(&mut self, lba: u64, blocks: u64, seq: u64, m: Mapping) {
+    pub(super) fn merge(&mut self, lba: u64, blocks: u64, seq: u64, m: Mapping) {
         let chunks = &mut self.chunks;
         let landed = self
             .map
@@ -154,7 +154,7 @@ impl Mapped {
     }
 
     /// Applies a chunk's index (its info must be registered first).
-    pub fn apply_chunk(&mut self, id: u64, entries: &[IndexEntry]) {
+    pub(super) fn apply_chunk(&mut self, id: u64, entries: &[IndexEntry]) {
         for e in entries {
             self.merge(e.lba, u64::from(e.blocks), e.seq, Mapping::of(id, e));
         }

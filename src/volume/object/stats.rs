@@ -10,13 +10,17 @@ use crate::lock::RwLockExt;
 /// Counters an operator can read.
 #[derive(Default)]
 pub struct ObjectStats {
+    /// Chunk objects put in the store.
     pub chunks_uploaded: AtomicU64,
+    /// Bytes of chunk objects put in the store.
     pub bytes_uploaded: AtomicU64,
     /// Failed chunk puts; each one is retried.
     pub upload_failures: AtomicU64,
     /// Chunks rewritten by garbage collection.
     pub chunks_collected: AtomicU64,
+    /// Ranged GETs of chunk data (cache misses), retries included.
     pub fetches: AtomicU64,
+    /// Ranged GETs that failed (each is retried).
     pub fetch_failures: AtomicU64,
     /// Garbage-collection passes that found a chunk to rewrite or delete.
     pub gc_runs: AtomicU64,
@@ -24,12 +28,14 @@ pub struct ObjectStats {
     pub gc_failures: AtomicU64,
     /// Superseded chunks deleted from the store.
     pub chunks_deleted: AtomicU64,
+    /// Checkpoints of the whole map written to the store.
     pub checkpoints: AtomicU64,
 }
 
 /// A point-in-time copy of an object volume's counters and backlog.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ObjectCounters {
+    /// Hits, misses and bytes held by the block cache.
     pub cache: CacheStats,
     /// Bytes of acknowledged writes in the local WAL, not yet in the store.
     pub backlog_bytes: u64,
@@ -39,15 +45,25 @@ pub struct ObjectCounters {
     pub backlog_segments: u64,
     /// Backlog at which writes wait for the uploader.
     pub backlog_limit: u64,
+    /// Chunk objects put in the store.
     pub chunks_uploaded: u64,
+    /// Bytes of chunk objects put in the store.
     pub bytes_uploaded: u64,
+    /// Failed chunk puts; each one is retried.
     pub upload_failures: u64,
+    /// Ranged GETs of chunk data (cache misses), retries included.
     pub fetches: u64,
+    /// Ranged GETs that failed (each is retried).
     pub fetch_failures: u64,
+    /// Garbage-collection passes that found a chunk to rewrite or delete.
     pub gc_runs: u64,
+    /// Garbage-collection passes that failed (and will be retried).
     pub gc_failures: u64,
+    /// Chunks rewritten by garbage collection.
     pub chunks_rewritten: u64,
+    /// Superseded chunks deleted from the store.
     pub chunks_deleted: u64,
+    /// Checkpoints of the whole map written to the store.
     pub checkpoints: u64,
 }
 

@@ -28,7 +28,7 @@ const GRACE: Duration = Duration::from_secs(30);
 
 /// Runs until the volume stops and nothing is left to upload (or, when the
 /// store is down, until asked to stop).
-pub async fn run(inner: Arc<Inner>) {
+pub(super) async fn run(inner: Arc<Inner>) {
     let mut since_checkpoint = 0u64;
     let mut doomed: Vec<(u64, Instant)> = Vec::new();
     loop {
@@ -212,7 +212,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
 }
 
 /// Writes the whole map as a checkpoint and prunes all but the two newest.
-pub async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
+pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
     let (id, body) = {
         let m = inner.map.read_locked();
         let Some((&last, _)) = m.chunks.iter().next_back() else {

@@ -26,24 +26,24 @@ const MAX_AGE: Duration = Duration::from_secs(5);
 
 /// Requests to the WAL thread.
 #[derive(Default)]
-pub struct WalCtl {
+pub(super) struct WalCtl {
     /// (log position that must be durable, who to tell).
-    pub waiters: Vec<(u64, Completer)>,
-    pub wake: bool,
-    pub stop: bool,
+    pub(super) waiters: Vec<(u64, Completer)>,
+    pub(super) wake: bool,
+    pub(super) stop: bool,
 }
 
 /// Shared between writers and the WAL thread.
-pub struct Wal {
-    pub dir: PathBuf,
-    pub ctl: Mutex<WalCtl>,
-    pub cv: Condvar,
+pub(super) struct Wal {
+    pub(super) dir: PathBuf,
+    pub(super) ctl: Mutex<WalCtl>,
+    pub(super) cv: Condvar,
     /// Log position up to which everything is durable.
-    pub synced: std::sync::atomic::AtomicU64,
+    pub(super) synced: std::sync::atomic::AtomicU64,
 }
 
 impl Wal {
-    pub fn new(dir: PathBuf, synced: u64) -> Wal {
+    pub(super) fn new(dir: PathBuf, synced: u64) -> Wal {
         Wal {
             dir,
             ctl: Mutex::new(WalCtl::default()),
@@ -53,7 +53,7 @@ impl Wal {
     }
 
     /// Asks for `pos` to become durable; `done` is completed when it is.
-    pub fn wait(&self, pos: u64, done: Completer) {
+    pub(super) fn wait(&self, pos: u64, done: Completer) {
         let mut c = self.ctl.locked();
         c.waiters.push((pos, done));
         c.wake = true;
@@ -62,18 +62,18 @@ impl Wal {
     }
 
     /// Wakes the thread for a round (a seal or a shutdown step).
-    pub fn kick(&self) {
+    pub(super) fn kick(&self) {
         self.ctl.locked().wake = true;
         self.cv.notify_one();
     }
 
-    pub fn segment_path(&self, id: u64) -> PathBuf {
+    pub(super) fn segment_path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id:016x}.wal"))
     }
 }
 
 /// Runs the WAL thread until stopped.
-pub fn run(inner: Arc<Inner>) {
+pub(super) fn run(inner: Arc<Inner>) {
     let wal = &inner.wal;
     loop {
         let (waiters, stop) = {
@@ -198,17 +198,17 @@ fn round(inner: &Inner, sync: bool) -> Result<(), WalError> {
 }
 
 /// A segment file read back at open.
-pub struct Replayed {
-    pub id: u64,
+pub(super) struct Replayed {
+    pub(super) id: u64,
     /// The valid prefix of the file.
-    pub bytes: Vec<u8>,
+    pub(super) bytes: Vec<u8>,
     /// Valid records: header and data offset in `bytes`.
-    pub records: Vec<(RecordHeader, usize)>,
+    pub(super) records: Vec<(RecordHeader, usize)>,
 }
 
 /// Reads the segment files in `dir`, in order, stopping at the first torn
 /// or corrupt record: everything after it was never acknowledged as durable.
-pub fn replay(dir: &Path) -> Result<Vec<Replayed>, WalError> {
+pub(super) fn replay(dir: &Path) -> Result<Vec<Replayed>, WalError> {
     let mut files: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok())

@@ -3,19 +3,29 @@
 
 use super::{FormatError, Kind, VERSION, u32_at, u64_at};
 
+/// First 8 bytes of every checkpoint object.
 pub const CHECKPOINT_MAGIC: &[u8; 8] = b"VBDCKPT1";
+/// Bytes before the first entry.
 pub const CHECKPOINT_HEADER: usize = 48;
+/// Bytes per extent entry.
 pub const CHECKPOINT_ENTRY: usize = 40;
+/// Bytes per chunk record, after the entries.
 pub const CHUNK_RECORD: usize = 24;
 
 /// One extent of a checkpointed map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CheckpointEntry {
+    /// First block of the extent, in 4096-byte blocks.
     pub lba: u64,
+    /// Sequence number of the write that produced it.
     pub seq: u64,
+    /// Length of the extent in blocks (never 0).
     pub blocks: u32,
+    /// Data, zeroes or hole.
     pub kind: Kind,
+    /// Chunk holding the data (0 unless `kind` is data).
     pub chunk: u64,
+    /// Block within that chunk's data where the extent starts.
     pub block: u32,
 }
 
@@ -23,8 +33,11 @@ pub struct CheckpointEntry {
 /// it (so that opening a volume need not read old chunks' headers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkRecord {
+    /// The chunk's id.
     pub id: u64,
+    /// Byte offset of the first data block in the chunk object.
     pub data_start: u64,
+    /// Data blocks the chunk holds.
     pub data_blocks: u32,
 }
 
@@ -33,8 +46,11 @@ pub struct ChunkRecord {
 pub struct Checkpoint {
     /// Every chunk up to this id is reflected.
     pub id: u64,
+    /// Highest sequence number in the map, so recovery resumes numbering after it.
     pub max_seq: u64,
+    /// The map's extents, in LBA order.
     pub entries: Vec<CheckpointEntry>,
+    /// Every chunk the map points into.
     pub chunks: Vec<ChunkRecord>,
 }
 

@@ -3,29 +3,42 @@
 
 use super::{BLOCK, FormatError, Kind, VERSION, u32_at, u64_at};
 
+/// First 8 bytes of every chunk object.
 pub const CHUNK_MAGIC: &[u8; 8] = b"VBDCHNK1";
+/// Bytes before the index.
 pub const CHUNK_HEADER: usize = 64;
+/// Bytes per index entry.
 pub const INDEX_ENTRY: usize = 32;
 
 /// One entry of a chunk index: a run of blocks and where its data is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexEntry {
+    /// First block of the run, in 4096-byte blocks.
     pub lba: u64,
+    /// Sequence number of the write that produced it.
     pub seq: u64,
+    /// Length of the run in blocks.
     pub blocks: u32,
     /// First data block in the chunk (data entries only).
     pub data_block: u32,
+    /// Data, zeroes or hole.
     pub kind: Kind,
 }
 
 /// A decoded chunk header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkHeader {
+    /// The chunk's id, also in its key.
     pub id: u64,
+    /// Lowest sequence number among the entries.
     pub min_seq: u64,
+    /// Highest sequence number among the entries.
     pub max_seq: u64,
+    /// Number of index entries.
     pub entries: u32,
+    /// Data blocks after the index.
     pub data_blocks: u32,
+    /// CRC32C of the index and its per-block checksums.
     pub index_crc: u32,
 }
 

@@ -78,17 +78,39 @@ impl Kind {
 /// A corrupt or foreign object or record.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FormatError {
+    /// The first bytes are not this kind's magic: not one of our objects.
     #[error("{what}: bad magic")]
-    Magic { what: &'static str },
+    Magic {
+        /// The kind of object or record ("chunk", "checkpoint", ...).
+        what: &'static str,
+    },
+    /// Written by a format version this vbd cannot read.
     #[error("{what}: unsupported format version {version}")]
-    Version { what: &'static str, version: u32 },
+    Version {
+        /// The kind of object or record.
+        what: &'static str,
+        /// The version it carries.
+        version: u32,
+    },
+    /// A CRC32C does not match: the bytes changed after they were written.
     #[error("{what}: checksum mismatch")]
-    Checksum { what: &'static str },
+    Checksum {
+        /// The kind of object or record.
+        what: &'static str,
+    },
+    /// Shorter than its header or its counts say.
     #[error("{what}: truncated")]
-    Truncated { what: &'static str },
+    Truncated {
+        /// The kind of object or record.
+        what: &'static str,
+    },
+    /// Checksums hold but a field contradicts the rest (a count, a kind, an
+    /// extent that wraps).
     #[error("{what}: inconsistent field {field}")]
     Field {
+        /// The kind of object or record.
         what: &'static str,
+        /// Which field.
         field: &'static str,
     },
 }

@@ -3,17 +3,25 @@
 
 use super::{BLOCK, FormatError, Kind, u32_at, u64_at};
 
+/// First 4 bytes of every WAL record (little-endian "WAL1").
 pub const WAL_MAGIC: u32 = u32::from_le_bytes(*b"WAL1");
+/// Bytes of a record's header; its data follows.
 pub const WAL_RECORD_HEADER: usize = 32;
+/// First 8 bytes of every segment file.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"VBDWAL01";
+/// Bytes of a segment file's header: magic and segment id.
 pub const SEGMENT_HEADER: usize = 16;
 
 /// A WAL record's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
+    /// Sequence number: the order of writes, across segments.
     pub seq: u64,
+    /// First block written, in 4096-byte blocks.
     pub lba: u64,
+    /// Length in blocks.
     pub blocks: u32,
+    /// Data (which follows the header), zeroes or hole.
     pub kind: Kind,
 }
 

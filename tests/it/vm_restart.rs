@@ -8,22 +8,18 @@
 //! crashed and its run files removed, and a pidfile naming another process
 //! adopts nothing and leaves that process alone.
 
-mod vm_common;
+use crate::vm_common;
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use vm_common::{TempDir, guest_pattern, tag, test_guest, wait_serial};
-
-/// TCG guests are CPU-heavy: one at a time.
-static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 const VBD: &str = env!("CARGO_BIN_EXE_vbd");
 
@@ -339,9 +335,9 @@ fn restart_under_fio(v: &mut Vbd, serial: &Path, i: u32, sig: i32, pid: u32) -> 
 
 #[test]
 fn guest_io_survives_vbd_restarts_and_the_adopted_vm_hotplugs() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = vm_common::one_guest();
     let dir = TempDir::new("restart");
-    let d = &dir.0;
+    let d = dir.path();
     let store = format!("file://{}", d.join("store").display());
     let exports = vec![format!(
         "name=disk,backend=object,store={store},volume=disk,size=128M"
@@ -430,9 +426,9 @@ fn guest_io_survives_vbd_restarts_and_the_adopted_vm_hotplugs() {
 
 #[test]
 fn qemus_gone_while_vbd_was_down_are_reported_and_cleaned_up() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = vm_common::one_guest();
     let dir = TempDir::new("gone");
-    let d = &dir.0;
+    let d = dir.path();
     let exports = vec![
         format!(
             "name=a,backend=file,path={},size=16M",
