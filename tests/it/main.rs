@@ -36,4 +36,5 @@ mod tls;
 mod tls_keys;
 mod vm_guest;
 mod vm_qmp;
+mod vm_restart;
 mod vm_supervisor;
