@@ -28,6 +28,8 @@ use vbd::service::activation;
 use vbd::service::notify::Notifier;
 use vbd::size::parse_size;
 use vbd::vhost::device::SocketAccess;
+use vbd::vm::config::DEFAULT_DISK_RECONNECT_DELAY_SECS;
+use vbd::vm::supervisor::{SupervisorConfig, VmsOnExit};
 
 /// `vbd serve` arguments.
 #[derive(Args)]
@@ -105,6 +107,16 @@ pub(crate) struct ServeArgs {
     /// Seconds each VM gets to power off when vbd stops.
     #[arg(long, default_value_t = 30)]
     vm_stop_grace: u64,
+    /// What stopping vbd does to its VMs: stop them, or keep them running
+    /// for the next vbd to adopt (what the systemd unit uses; VMs on memory
+    /// volumes are stopped all the same).
+    #[arg(long, value_enum, default_value_t = VmsOnExitArg::Stop)]
+    vms_on_exit: VmsOnExitArg,
+    /// Seconds a VM's NBD disks hold guest I/O while vbd is away (a
+    /// restart) before failing it; 0 fails at once. A VM's own
+    /// disk_reconnect_delay_secs wins.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_DISK_RECONNECT_DELAY_SECS)]
+    disk_reconnect_delay: u32,
     /// TLS on TCP listeners (NBD STARTTLS): off, on (offered; plaintext
     /// clients are served too) or require (plaintext clients are refused).
     /// Unix sockets offer TLS when it is on but never require it.
@@ -130,6 +142,22 @@ pub(crate) struct ServeArgs {
     /// disconnects. Logs go to stderr; no listener, control API or VMs.
     #[arg(long, conflicts_with_all = ["unix", "tcp", "control", "run_dir", "metrics"])]
     stdin: bool,
+}
+
+/// `--vms-on-exit` values.
+#[derive(Clone, Copy, ValueEnum)]
+enum VmsOnExitArg {
+    Stop,
+    Keep,
+}
+
+impl From<VmsOnExitArg> for VmsOnExit {
+    fn from(v: VmsOnExitArg) -> VmsOnExit {
+        match v {
+            VmsOnExitArg::Stop => VmsOnExit::Stop,
+            VmsOnExitArg::Keep => VmsOnExit::Keep,
+        }
+    }
 }
 
 /// `--tls` values.
@@ -291,11 +319,16 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
         (Some(control), Some(nbd)) => Some(
             ControlPlane::start(
                 server.handle(),
-                nbd.clone(),
                 control,
-                args.run_dir
-                    .clone()
-                    .unwrap_or_else(|| nbd.with_file_name("vm")),
+                {
+                    let run_dir = args
+                        .run_dir
+                        .clone()
+                        .unwrap_or_else(|| nbd.with_file_name("vm"));
+                    let mut vms = SupervisorConfig::new(nbd.clone(), run_dir);
+                    vms.disk_reconnect_delay_secs = args.disk_reconnect_delay;
+                    vms
+                },
                 factory,
                 vhost.clone(),
             )
@@ -352,12 +385,18 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     if let Some(m) = metrics {
         m.shutdown();
     }
-    if let Some(control) = control {
-        control.stop(Duration::from_secs(args.vm_stop_grace));
+    match control {
+        Some(control) => control.shutdown(
+            server,
+            args.vms_on_exit.into(),
+            Duration::from_secs(args.vm_stop_grace),
+        )?,
+        None => {
+            // Queues finish their requests on the cores before the cores stop.
+            vhost.stop_all();
+            server.stop()?
+        }
     }
-    // Queues finish their requests on the cores before the cores stop.
-    vhost.stop_all();
-    server.stop()?;
     Ok(())
 }
 

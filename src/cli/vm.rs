@@ -107,6 +107,10 @@ struct RunArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Seconds the disks hold guest I/O while vbd is away before failing
+    /// it (default: vbd serve's --disk-reconnect-delay); 0 fails at once.
+    #[arg(long, value_name = "SECS")]
+    disk_reconnect_delay: Option<u32>,
 }
 
 /// Parses a `--volume` spec; `first` picks the default role.
@@ -155,6 +159,7 @@ impl RunArgs {
             DiskTuning::Tuned
         };
         cfg.qemu = self.qemu.clone();
+        cfg.disk_reconnect_delay_secs = self.disk_reconnect_delay;
         Ok(cfg)
     }
 }
@@ -166,6 +171,15 @@ pub(crate) fn state_text(s: &VmState) -> String {
         VmState::Stopping => "stopping".into(),
         VmState::Stopped { reason } => format!("stopped ({reason})"),
         VmState::Crashed { reason } => format!("CRASHED ({reason})"),
+    }
+}
+
+/// A VM's state with how it came to this vbd: "running, adopted".
+pub(crate) fn vm_state_text(v: &VmInfo) -> String {
+    let s = state_text(&v.state);
+    match (&v.state, v.adopted_at_ms) {
+        (VmState::Running | VmState::Stopping, Some(_)) => format!("{s}, adopted"),
+        _ => s,
     }
 }
 
@@ -250,7 +264,7 @@ fn vm_table(vms: &[VmInfo]) -> String {
             v.pid,
             v.vcpus,
             v.memory_mib,
-            state_text(&v.state),
+            vm_state_text(v),
             disks_text(&v.disks)
         );
     }

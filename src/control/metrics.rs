@@ -575,6 +575,39 @@ fn render_vms(t: &mut Text, sup: &Supervisor) {
     ] {
         t.sample("vbd_vm_hotplug_total", &[("op", op), ("result", result)], n);
     }
+    t.single(
+        "vbd_vms_adopted",
+        Kind::Gauge,
+        "Running VMs this vbd adopted from an earlier vbd process.",
+        vms.iter()
+            .filter(|v| v.adopted_at_ms.is_some() && v.state == VmState::Running)
+            .count(),
+    );
+    t.family(
+        "vbd_vm_adoptions_total",
+        Kind::Counter,
+        "VMs found in the run directory at start, by what became of them: adopted; exited while vbd was away or pid_reused (both listed as crashed); failed (left running, unsupervised, run files kept).",
+    );
+    for (result, n) in [
+        ("adopted", e.adoptions),
+        ("exited", e.adoptions_exited),
+        ("pid_reused", e.adoptions_pid_reused),
+        ("failed", e.adoption_failures),
+    ] {
+        t.sample("vbd_vm_adoptions_total", &[("result", result)], n);
+    }
+    t.single(
+        "vbd_vm_disk_reconnects_total",
+        Kind::Counter,
+        "Disks of adopted VMs whose QEMU attached to their export again after the restart.",
+        e.disk_reconnects,
+    );
+    t.single(
+        "vbd_vm_disk_reconnect_seconds_total",
+        Kind::Counter,
+        "Seconds those disks took to reconnect, summed, from the old vbd letting go (or, after a kill, this vbd's start).",
+        e.disk_reconnect_ms as f64 / 1000.0,
+    );
 }
 
 /// The `/metrics` response.

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 pub use crate::server::ConnSummary;
 pub use crate::vm::config::{Accel, Disk, DiskTuning, Role, Source, VmConfig};
-pub use crate::vm::supervisor::{DiskInfo, StopOutcome, VmInfo, VmState};
+pub use crate::vm::supervisor::{DiskInfo, DiskReconnect, StopOutcome, VmInfo, VmState, VmsOnExit};
 
 /// Largest volume read one `GET /v1/volumes/{name}/data` returns.
 pub const MAX_READ: u64 = 1 << 20;

@@ -38,4 +38,5 @@ mod vhost_frontend;
 mod vhost_guest;
 mod vm_guest;
 mod vm_qmp;
+mod vm_restart;
 mod vm_supervisor;

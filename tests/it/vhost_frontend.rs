@@ -273,7 +273,19 @@ impl Guest {
     }
 }
 
+/// Connects once the device has let go of the previous frontend: a
+/// frontend the test dropped can linger for a moment when another test's
+/// thread forks (qemu-io, nbdinfo) and the child holds a copy of its
+/// socket until it execs, and the device rightly refuses a second one.
 fn connect(s: &Served) -> Frontend {
+    let start = std::time::Instant::now();
+    while s.frontend_attached() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the device still holds the last frontend"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     connect_to(&s.sock)
 }
 

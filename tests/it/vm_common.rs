@@ -145,6 +145,27 @@ pub fn tag(what: &str) -> String {
     format!("{what}{}x{t}", std::process::id())
 }
 
+/// Waits for `marker` on a guest's serial console log; fails at once if
+/// the guest reports `VBD-ERROR`. Returns the whole console text.
+pub fn wait_serial(log: &Path, marker: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(marker) {
+            return text;
+        }
+        assert!(
+            !text.contains("VBD-ERROR"),
+            "guest reported an error:\n{text}"
+        );
+        assert!(
+            start.elapsed() < limit,
+            "guest did not print {marker} within {limit:?}; serial log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn wait_for_path(p: &Path, limit: Duration) {
     let start = Instant::now();
     while !p.exists() {

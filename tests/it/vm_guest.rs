@@ -6,13 +6,13 @@
 
 use crate::vm_common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use vm_common::{TempDir, guest_pattern, tag, test_guest, wait_for_path};
+use vm_common::{TempDir, guest_pattern, tag, test_guest, wait_for_path, wait_serial};
 
 const VBD: &str = env!("CARGO_BIN_EXE_vbd");
 
@@ -111,25 +111,6 @@ impl Drop for Serve {
 /// What the guest's `fill` writes: one 4 KiB block of `line\n`.
 fn pattern(line: &str) -> Vec<u8> {
     guest_pattern(line, 4096)
-}
-
-fn wait_serial(log: &Path, marker: &str, limit: Duration) {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(marker) {
-            return;
-        }
-        assert!(
-            !text.contains("VBD-ERROR"),
-            "guest reported an error:\n{text}"
-        );
-        assert!(
-            start.elapsed() < limit,
-            "guest did not print {marker} within {limit:?}; serial log:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn start_guest(s: &Serve, name: &str, tag: &str) -> (PathBuf, Value) {

@@ -15,7 +15,8 @@ use vbd::vm::qmp::Qmp;
 
 use vm_common::{Qemu, VbdServer, names};
 
-const T: Duration = Duration::from_secs(10);
+/// Generous: QEMU starts slowly when the two cores are busy.
+const T: Duration = Duration::from_secs(30);
 
 async fn connect(q: &Qemu) -> (Qmp, vbd::vm::qmp::EventStream) {
     Qmp::connect(&q.paths.qmp_socket, T)
@@ -31,6 +32,7 @@ fn spec<'a>(vol: &'a str, srv: &'a VbdServer, bus: &'a str) -> AttachSpec<'a> {
         queues: 2,
         tuning: DiskTuning::Tuned,
         read_only: false,
+        reconnect_delay_secs: 30,
     }
 }
 

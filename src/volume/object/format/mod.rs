@@ -41,6 +41,7 @@ pub use chunk::{
     CHUNK_HEADER, CHUNK_MAGIC, ChunkHeader, INDEX_ENTRY, IndexEntry, decode_chunk_header,
     decode_chunk_index, encode_chunk,
 };
+#[cfg(feature = "fuzzing")]
 pub(super) use chunk::{INDEX_CRC_AT, seal_chunk_header};
 pub use wal::{
     RecordHeader, SEGMENT_HEADER, SEGMENT_MAGIC, SegmentRecords, WAL_MAGIC, WAL_RECORD_HEADER,
