@@ -28,7 +28,7 @@ use vbd::service::activation;
 use vbd::service::notify::Notifier;
 use vbd::size::parse_size;
 use vbd::vhost::device::SocketAccess;
-use vbd::vm::config::DEFAULT_DISK_RECONNECT_DELAY_SECS;
+use vbd::vm::config::{DEFAULT_DISK_RECONNECT_DELAY_SECS, DiskTransport};
 use vbd::vm::supervisor::{SupervisorConfig, VmsOnExit};
 
 /// `vbd serve` arguments.
@@ -117,6 +117,11 @@ pub(crate) struct ServeArgs {
     /// disk_reconnect_delay_secs wins.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_DISK_RECONNECT_DELAY_SECS)]
     disk_reconnect_delay: u32,
+    /// How VMs' boot and data disks reach QEMU unless a VM says otherwise:
+    /// vhost-user (each disk a vhost-user-blk device whose queues run on
+    /// vbd's cores; guest RAM becomes a shared memfd) or nbd.
+    #[arg(long, value_name = "nbd|vhost-user", default_value = "vhost-user")]
+    disk_transport: DiskTransport,
     /// TLS on TCP listeners (NBD STARTTLS): off, on (offered; plaintext
     /// clients are served too) or require (plaintext clients are refused).
     /// Unix sockets offer TLS when it is on but never require it.
@@ -327,6 +332,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
                         .unwrap_or_else(|| nbd.with_file_name("vm"));
                     let mut vms = SupervisorConfig::new(nbd.clone(), run_dir);
                     vms.disk_reconnect_delay_secs = args.disk_reconnect_delay;
+                    vms.disk_transport = args.disk_transport;
                     vms
                 },
                 factory,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use crate::server::ConnSummary;
-pub use crate::vm::config::{Accel, Disk, DiskTuning, Role, Source, VmConfig};
+pub use crate::vm::config::{Accel, Disk, DiskTransport, DiskTuning, Role, Source, VmConfig};
 pub use crate::vm::supervisor::{DiskInfo, DiskReconnect, StopOutcome, VmInfo, VmState, VmsOnExit};
 
 /// Largest volume read one `GET /v1/volumes/{name}/data` returns.

@@ -52,7 +52,11 @@ impl ControlPlane {
         let registry = nbd.registry.clone();
         let supervisor = Supervisor::new(
             vms,
-            Arc::new(CatalogExports::new(registry.clone(), catalog.clone())),
+            Arc::new(CatalogExports::new(
+                nbd.clone(),
+                catalog.clone(),
+                vhost.clone(),
+            )),
         );
         let sup = supervisor.clone();
         let adopted = runtime().block_on(async move { sup.adopt_all().await });

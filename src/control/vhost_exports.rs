@@ -46,6 +46,12 @@ pub enum VhostExportError {
         #[source]
         source: ConfigError,
     },
+    /// The export has a device already.
+    #[error("export {0:?} is served over vhost-user already")]
+    Exists(String),
+    /// The export has no device to stop.
+    #[error("export {0:?} has no vhost-user device")]
+    NoDevice(String),
     /// The device's socket or thread could not be set up.
     #[error("export {export:?}")]
     Device {
@@ -70,14 +76,20 @@ impl VhostExports {
     }
 
     /// Serves export `name` of `server` on a vhost-user-blk socket at
-    /// `path`, with `access` as its mode and group.
+    /// `path`, with `access` as its mode and group; returns the queues it
+    /// offers.
     pub fn start(
         &self,
         server: &ServerHandle,
         name: &str,
         path: &Path,
         access: SocketAccess,
-    ) -> Result<(), VhostExportError> {
+    ) -> Result<u16, VhostExportError> {
+        // Held across the start, so two starts for one export cannot race.
+        let mut devices = self.devices.locked();
+        if devices.iter().any(|(n, _)| n == name) {
+            return Err(VhostExportError::Exists(name.to_owned()));
+        }
         let export = server
             .registry
             .by_name(name)
@@ -98,8 +110,42 @@ impl VhostExports {
                 }
             })?;
         info!(export = name, socket = %path.display(), queues = caps.num_queues, read_only = caps.read_only, "serving over vhost-user-blk");
-        self.devices.locked().push((name.to_owned(), device));
+        devices.push((name.to_owned(), device));
+        Ok(caps.num_queues)
+    }
+
+    /// Stops export `name`'s device (its queues finish what is in flight)
+    /// and removes its socket.
+    pub fn stop(&self, name: &str) -> Result<(), VhostExportError> {
+        let device = {
+            let mut devices = self.devices.locked();
+            let i = devices
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| VhostExportError::NoDevice(name.to_owned()))?;
+            devices.remove(i).1
+        };
+        // Dropped outside the lock: stopping waits for the queues.
+        drop(device);
+        info!(export = name, "vhost-user device stopped");
         Ok(())
+    }
+
+    /// Export `name`'s device: its socket and the queues it offers.
+    pub fn device(&self, name: &str) -> Option<(PathBuf, u16)> {
+        self.devices
+            .locked()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| (d.path().to_path_buf(), d.num_queues()))
+    }
+
+    /// Whether a frontend is attached to export `name`'s device.
+    pub fn attached(&self, name: &str) -> bool {
+        self.devices
+            .locked()
+            .iter()
+            .any(|(n, d)| n == name && d.frontend_attached())
     }
 
     /// Every device's status, by export name.
@@ -109,15 +155,6 @@ impl VhostExports {
             .iter()
             .map(|(n, d)| (n.clone(), d.status()))
             .collect()
-    }
-
-    /// The socket of export `name`'s device, if it has one.
-    pub fn socket(&self, name: &str) -> Option<PathBuf> {
-        self.devices
-            .locked()
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, d)| d.path().to_path_buf())
     }
 
     /// Stops every device (their queues finish what is in flight) and

@@ -156,6 +156,11 @@ impl VhostUserDevice {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Queues the device offers.
+    pub fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
 }
 
 impl Drop for VhostUserDevice {

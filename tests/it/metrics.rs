@@ -498,7 +498,10 @@ fn qemu_lifecycle_shows_in_vm_metrics_and_status() {
 
     let bad = vm_cmd(&c, &args(&vm("bad", "nope")));
     assert!(!bad.status.success(), "a VM on a missing volume started");
-    let one = vm("one", "va");
+    // "one" is on NBD, so its connection shows; "two" below on
+    // vhost-user, the default, so its device's frontend does.
+    let mut one = vm("one", "va");
+    one.extend(["--disk-transport".into(), "nbd".into()]);
     vm_ok(&c, &args(&one));
     vm_ok(&c, &["attach", "one", "vb"]);
     let full = vm_cmd(&c, &["attach", "one", "vc"]);
@@ -558,6 +561,9 @@ fn qemu_lifecycle_shows_in_vm_metrics_and_status() {
 
     // A QEMU killed behind vbd's back is a crash.
     vm_ok(&c, &args(&vm("two", "va")));
+    wait_until("QEMU on va's device", Duration::from_secs(20), || {
+        scrape_unix(&vbd).get("vbd_vhost_frontend_attached{export=\"va\"}") == 1.0
+    });
     let pid = status_json(&vbd)["vms"][0]["pid"].as_i64().unwrap() as i32;
     // SAFETY: kill(2) on the QEMU this test started through vbd.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -567,6 +573,8 @@ fn qemu_lifecycle_shows_in_vm_metrics_and_status() {
     let m = scrape_unix(&vbd);
     assert_eq!(m.get("vbd_vms{state=\"crashed\"}"), 1.0);
     assert_eq!(m.get("vbd_vm_starts_total"), 2.0);
+    // The crash cleaned up the device vbd started for the VM.
+    assert!(!m.text.contains("export=\"va\""), "{}", m.text);
     vm_ok(&c, &["stop", "two"]);
     assert_eq!(scrape_unix(&vbd).get("vbd_vms{state=\"crashed\"}"), 0.0);
 }
