@@ -131,6 +131,23 @@ impl VhostExports {
         Ok(())
     }
 
+    /// Export `name`'s volume is `size_bytes` now (a resize): its device
+    /// reports the new size and tells the attached frontend. Returns
+    /// whether a frontend was told; `Ok(false)` too when the export has no
+    /// device.
+    pub fn set_capacity(&self, name: &str, size_bytes: u64) -> Result<bool, VhostExportError> {
+        let devices = self.devices.locked();
+        let Some((_, device)) = devices.iter().find(|(n, _)| n == name) else {
+            return Ok(false);
+        };
+        device
+            .set_capacity(size_bytes)
+            .map_err(|source| VhostExportError::Device {
+                export: name.to_owned(),
+                source,
+            })
+    }
+
     /// Export `name`'s device: its socket and the queues it offers.
     pub fn device(&self, name: &str) -> Option<(PathBuf, u16)> {
         self.devices

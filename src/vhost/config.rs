@@ -140,6 +140,14 @@ fn bit(b: u32) -> u64 {
     1 << b
 }
 
+/// The sectors a disk of `size_bytes` advertises with `block_size`-byte
+/// blocks: whole blocks only, since a partial last block could be neither
+/// read nor written with aligned I/O.
+pub fn whole_block_sectors(size_bytes: u64, block_size: u32) -> u64 {
+    let block = u64::from(block_size.max(SECTOR_SIZE as u32));
+    size_bytes / block * (block / SECTOR_SIZE)
+}
+
 impl DeviceConfig {
     /// What to offer for `caps`.
     pub fn new(caps: &ExportCaps) -> Result<Self, ConfigError> {
@@ -152,10 +160,7 @@ impl DeviceConfig {
         }
         // virtio-blk cannot describe blocks below a sector.
         let block_size = bs.max(SECTOR_SIZE as u32);
-        // The capacity only covers whole blocks: a partial last block could
-        // be neither read nor written with aligned I/O.
-        let capacity_sectors =
-            caps.size_bytes / u64::from(block_size) * (u64::from(block_size) / SECTOR_SIZE);
+        let capacity_sectors = whole_block_sectors(caps.size_bytes, block_size);
         if capacity_sectors == 0 {
             return Err(ConfigError::TooSmall(caps.size_bytes, block_size));
         }
@@ -203,7 +208,9 @@ impl DeviceConfig {
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-                | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                // The channel a resize is announced on (CONFIG_CHANGE_MSG).
+                | VhostUserProtocolFeatures::BACKEND_REQ,
             num_queues: caps.num_queues,
             limits,
         })
@@ -219,13 +226,14 @@ impl DeviceConfig {
         l
     }
 
-    /// The config space, with the write cache in `writeback` mode or not.
-    pub fn config_space(&self, writeback: bool) -> [u8; CONFIG_SIZE] {
+    /// The config space, with the write cache in `writeback` mode or not,
+    /// and `capacity_sectors` (the disk's size now: a resize changes it).
+    pub fn config_space(&self, writeback: bool, capacity_sectors: u64) -> [u8; CONFIG_SIZE] {
         type C = virtio_blk_config;
         let l = &self.limits;
         let mut c = [0u8; CONFIG_SIZE];
         let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
-        put(offset_of!(C, capacity), &l.capacity_sectors.to_le_bytes());
+        put(offset_of!(C, capacity), &capacity_sectors.to_le_bytes());
         put(offset_of!(C, size_max), &l.size_max.to_le_bytes());
         put(offset_of!(C, seg_max), &l.seg_max.to_le_bytes());
         put(offset_of!(C, blk_size), &l.block_size.to_le_bytes());
@@ -316,10 +324,11 @@ mod tests {
             VhostUserProtocolFeatures::REPLY_ACK,
             VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
             VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            VhostUserProtocolFeatures::BACKEND_REQ,
         ] {
             assert!(p.contains(f), "{f:?}");
         }
-        let c = d.config_space(true);
+        let c = d.config_space(true, d.limits.capacity_sectors);
         assert_eq!(
             u64::from_le_bytes(c[0..8].try_into().unwrap()),
             (64 << 20) / 512
@@ -335,7 +344,7 @@ mod tests {
         assert_eq!(le32(&c, 48), MAX_DISCARD_SECTORS);
         assert_eq!(le32(&c, 52), MAX_DISCARD_SEG);
         assert_eq!(c[56], 1, "write_zeroes_may_unmap");
-        assert_eq!(d.config_space(false)[32], 0, "writethrough");
+        assert_eq!(d.config_space(false, 1)[32], 0, "writethrough");
         assert_eq!(CONFIG_SIZE, 96);
     }
 
@@ -350,7 +359,7 @@ mod tests {
         assert_eq!(d.features & bit(VIRTIO_BLK_F_DISCARD), 0);
         assert_eq!(d.features & bit(VIRTIO_BLK_F_WRITE_ZEROES), 0);
         assert!(d.limits.read_only && !d.limits.discard && !d.limits.write_zeroes);
-        let c = d.config_space(true);
+        let c = d.config_space(true, d.limits.capacity_sectors);
         assert!(c[36..60].iter().all(|&b| b == 0), "no discard limits");
     }
 
@@ -386,6 +395,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(d.limits.capacity_sectors, 24, "whole 4 KiB blocks only");
+        // A resize counts the same way.
+        assert_eq!(whole_block_sectors(3 * 4096 + 4095, 4096), 24);
+        assert_eq!(whole_block_sectors(10_000, 1), 19);
+        assert_eq!(whole_block_sectors(4095, 4096), 0);
     }
 
     #[test]

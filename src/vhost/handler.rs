@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
@@ -109,6 +109,9 @@ pub(crate) struct Handler<R: QueueRunner> {
     vrings: Vec<VringConfig>,
     inflight: Option<Arc<InflightRegion>>,
     writeback: Arc<AtomicBool>,
+    /// The disk's size in sectors: the device's (a resize changes it), not
+    /// the frontend's, so a reset keeps it.
+    capacity_sectors: Arc<AtomicU64>,
     /// Shared with the running queues; made when the first one starts.
     device: Option<Arc<DeviceState>>,
     /// Per-queue counters, handed to each queue as it starts.
@@ -131,7 +134,6 @@ impl<R: QueueRunner> Handler<R> {
             .map(|_| VringConfig::default())
             .collect();
         Handler {
-            config,
             serial: id,
             runner,
             owned: false,
@@ -141,9 +143,23 @@ impl<R: QueueRunner> Handler<R> {
             vrings,
             inflight: None,
             writeback: Arc::new(AtomicBool::new(true)),
+            capacity_sectors: Arc::new(AtomicU64::new(config.limits.capacity_sectors)),
             device: None,
             metrics,
+            config,
         }
+    }
+
+    /// The disk's size in sectors, shared with the queues and GET_CONFIG.
+    pub(crate) fn capacity_sectors(&self) -> Arc<AtomicU64> {
+        self.capacity_sectors.clone()
+    }
+
+    /// Whether the frontend took the backend request channel
+    /// (BACKEND_REQ), on which a resize is announced.
+    pub(crate) fn backend_channel_acked(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     /// Stops every queue and forgets the frontend: for a disconnect or a
@@ -198,6 +214,7 @@ impl<R: QueueRunner> Handler<R> {
                     limits,
                     serial: self.serial,
                     writeback: self.writeback.clone(),
+                    capacity_sectors: self.capacity_sectors.clone(),
                 })
             })
             .clone()
@@ -479,9 +496,10 @@ impl<R: QueueRunner> VhostUserBackendReqHandlerMut for Handler<R> {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VhostResult<Vec<u8>> {
-        let space = self
-            .config
-            .config_space(self.writeback.load(Ordering::Relaxed));
+        let space = self.config.config_space(
+            self.writeback.load(Ordering::Relaxed),
+            self.capacity_sectors.load(Ordering::Relaxed),
+        );
         let start = offset as usize;
         match start.checked_add(size as usize) {
             Some(end) if end <= CONFIG_SIZE => Ok(space[start..end].to_vec()),

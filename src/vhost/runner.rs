@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
@@ -16,7 +16,7 @@ use super::memory::SharedRam;
 use super::metrics::QueueMetrics;
 
 /// What a queue's requests need to know about the device, shared by all
-/// its queues and fixed while any runs (but `writeback`).
+/// its queues and fixed while any runs (but `writeback` and the capacity).
 #[derive(Debug)]
 pub struct DeviceState {
     /// The negotiated limits the parser enforces.
@@ -26,6 +26,9 @@ pub struct DeviceState {
     /// Write cache on (the driver's CONFIG_WCE choice): off means every
     /// write is durable before it completes.
     pub(crate) writeback: Arc<AtomicBool>,
+    /// The disk's size in sectors now, which a resize changes under the
+    /// running queues (`limits.capacity_sectors` is the size at start).
+    pub(crate) capacity_sectors: Arc<AtomicU64>,
 }
 
 /// Where a queue's inflight log lives.

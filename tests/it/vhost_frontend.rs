@@ -1002,3 +1002,77 @@ fn serve_exports_a_vhost_user_socket_beside_nbd_and_reports_it() {
     vbd.stop();
     assert!(!sock.exists(), "vbd left {} behind", sock.display());
 }
+
+/// The capacity GET_CONFIG reports, in sectors.
+fn capacity(f: &mut Frontend) -> u64 {
+    let (_, space) = f
+        .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+        .unwrap();
+    u64::from_le_bytes(space[..8].try_into().unwrap())
+}
+
+/// Reads one backend-channel message header: (request, flags, size).
+fn backend_message(ch: &mut std::os::unix::net::UnixStream) -> (u32, u32, u32) {
+    use std::io::Read;
+    let mut h = [0u8; 12];
+    ch.read_exact(&mut h)
+        .expect("a message on the backend channel");
+    let word = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap());
+    (word(0), word(4), word(8))
+}
+
+/// A resize: requests are checked against the new size at once, GET_CONFIG
+/// reports it, and a frontend that gave a backend request channel hears
+/// CONFIG_CHANGE_MSG (2, version flag, no payload, no reply asked) on it,
+/// as QEMU needs to re-read the config space and tell the guest.
+#[test]
+fn a_resize_is_enforced_reported_and_announced_on_the_backend_channel() {
+    let s = serve(1, false);
+    let mut f = connect(&s);
+    negotiate(&mut f);
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    f.set_backend_request_fd(&theirs).unwrap();
+    drop(theirs);
+    let mut g = Guest::new();
+    start_queue(&mut f, &g);
+    let sectors = DISK / 512;
+    let last = sectors - 1;
+    assert_eq!(g.request(T_IN, last, Some((DATA, 512, true))), (0, 513));
+
+    assert!(s.set_capacity(DISK / 2).unwrap(), "the frontend was told");
+    assert_eq!(backend_message(&mut ours), (2, 1, 0));
+    assert_eq!(capacity(&mut f), sectors / 2);
+    assert_eq!(s.capacity_bytes(), DISK / 2);
+    // Past the new end: refused; just inside it: served.
+    assert_eq!(g.request(T_IN, last, Some((DATA, 512, true))).0, 1);
+    assert_eq!(
+        g.request(T_IN, sectors / 2 - 1, Some((DATA, 512, true))),
+        (0, 513)
+    );
+
+    // Growing back; a partial block does not count.
+    assert!(s.set_capacity(DISK + 100).unwrap());
+    assert_eq!(backend_message(&mut ours), (2, 1, 0));
+    assert_eq!(capacity(&mut f), sectors);
+    assert_eq!(g.request(T_IN, last, Some((DATA, 512, true))), (0, 513));
+    assert!(s.set_capacity(100).is_err(), "less than a block");
+    assert_eq!(capacity(&mut f), sectors);
+
+    // The next frontend gives no channel: the size still changes, and
+    // nobody is told.
+    drop(f);
+    drop(g);
+    let mut f = connect(&s);
+    negotiate(&mut f);
+    assert!(!s.set_capacity(DISK / 4).unwrap());
+    assert_eq!(capacity(&mut f), sectors / 4);
+    ours.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(std::io::Read::read(&mut ours, &mut b), Ok(0)),
+        "the old channel was closed, not written to"
+    );
+}

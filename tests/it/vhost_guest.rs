@@ -4,9 +4,10 @@
 //! data both ways: what the host put in the volume reads back in the
 //! guest, what the guest writes (copied from the disk itself, and from a
 //! file) lands in the volume, a guest discard zeroes the range, and the
-//! guest sees the size, the serial (GET_ID) and two queues. Then the
-//! device is stopped and started again on the same socket, and QEMU
-//! (`reconnect=1`) re-attaches with the guest's I/O resuming.
+//! guest sees the size, the serial (GET_ID) and two queues, and a resize
+//! of the device while it runs. Then the device is stopped and started
+//! again on the same socket, and QEMU (`reconnect=1`) re-attaches with the
+//! guest's I/O resuming.
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -155,6 +156,19 @@ fn tcg_guest_reads_and_writes_a_vbd_volume_over_vhost_user() {
     g.run(
         "echo VBD-SIZE=$(cat /sys/block/vda/size)-$(cat /sys/block/vda/serial)-$(ls /sys/block/vda/mq | wc -l)-END",
         &format!("VBD-SIZE={}-vbd-e2e-2-END", DISK / 512),
+    );
+
+    // A resize reaches the guest: QEMU hears CONFIG_CHANGE_MSG on the
+    // backend channel, re-reads the capacity and interrupts the driver.
+    assert!(device.set_capacity(DISK / 2).unwrap(), "QEMU was told");
+    g.run(
+        "sleep 1; echo VBD-RESIZED=$(cat /sys/block/vda/size)-END",
+        &format!("VBD-RESIZED={}-END", DISK / 2 / 512),
+    );
+    assert!(device.set_capacity(DISK).unwrap());
+    g.run(
+        "sleep 1; echo VBD-REGROWN=$(cat /sys/block/vda/size)-END",
+        &format!("VBD-REGROWN={}-END", DISK / 512),
     );
 
     // Host data read by the guest.

@@ -112,8 +112,10 @@ impl VirtQueue {
         cx: &mut HostCx<'_, RemoteResult>,
     ) {
         let started = Instant::now();
-        let limits = &self.device.limits;
-        match request::parse(&**mem, descs, self.size, limits, &mut self.scratch) {
+        // A copy of a few words, so that a resize is seen by the next chain.
+        let mut limits = self.device.limits;
+        limits.capacity_sectors = self.device.capacity_sectors.load(Ordering::Relaxed);
+        match request::parse(&**mem, descs, self.size, &limits, &mut self.scratch) {
             Ok(req) => self.begin(head, req, mem, started, cx),
             Err(refusal) => {
                 self.refusals += 1;
