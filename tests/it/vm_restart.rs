@@ -379,18 +379,20 @@ fn check_transport(v: &Vbd, transport: &str) {
 
 #[test]
 fn guest_io_survives_vbd_restarts_over_vhost_user_and_the_adopted_vm_hotplugs() {
-    restarts_under_fio("vhost-user");
+    // Shorter fio runs: what matters is that each restart hits I/O in flight.
+    restarts_under_fio("vhost-user", 8);
 }
 
 #[test]
 fn guest_io_survives_vbd_restarts_over_nbd_and_the_adopted_vm_hotplugs() {
-    restarts_under_fio("nbd");
+    restarts_under_fio("nbd", 12);
 }
 
 /// The restart scenario with the VM's disks on `transport`: fio verifies
-/// the boot disk across a SIGTERM and a SIGKILL of vbd, then the disk
-/// hot-attached before both is detached and attached again.
-fn restarts_under_fio(transport: &str) {
+/// the boot disk across a SIGTERM and a SIGKILL of vbd (each run for
+/// `fio_secs`), then the disk hot-attached before both is detached and
+/// attached again.
+fn restarts_under_fio(transport: &str, fio_secs: u32) {
     let _one = vm_common::one_guest();
     let dir = TempDir::new("restart");
     let d = dir.path();
@@ -418,7 +420,7 @@ fn restarts_under_fio(transport: &str) {
     let t = tag("RESTART");
     let append = format!(
         "console=ttyS0 quiet panic=-1 vbd.mode=fio-verify vbd.fio_runs=2 \
-         vbd.fio_size=48M vbd.fio_runtime=12 vbd.pattern={t}"
+         vbd.fio_size=48M vbd.fio_runtime={fio_secs} vbd.pattern={t}"
     );
     let vm = v.run_vm(
         "g",
