@@ -14,7 +14,10 @@ use super::layout::{self, Keys, WriterLock};
 use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
-use super::{Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, upload};
+use super::{
+    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, clone, refs, snapshot, transfer,
+    upload,
+};
 use crate::error::Chain;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
@@ -123,16 +126,40 @@ impl Drop for ObjectVolume {
 
 /// Takes the writer lock, recovers the map and the WAL, and starts the
 /// WAL thread and the uploader.
-async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVolume, ObjectError> {
-    let desc = layout::read_descriptor(&store, name).await?;
-    let keys = Keys::new(name);
+async fn open(
+    store: Store,
+    name: &str,
+    mut opts: ObjectOptions,
+) -> Result<ObjectVolume, ObjectError> {
+    // `volume@snapshot` names a snapshot, which is only ever read.
+    let (volume, snap) = snapshot::split(name);
+    if snap.is_some() {
+        opts.read_only = true;
+    }
+    let mut desc = layout::read_descriptor(&store, volume).await?;
+    transfer::check_finished(&store, volume).await?;
+    let keys = Keys::new(volume);
     let wal_dir = layout::wal_dir(&opts.wal_root, store.url(), name);
     let lock = if opts.read_only {
         None
     } else {
-        Some(WriterLock::take(&store, name, &wal_dir).await?)
+        Some(WriterLock::take(&store, volume, &wal_dir).await?)
     };
-    let mut mapped = load_map(&store, &keys).await?;
+    let (mut mapped, layers) = match snap {
+        Some(snap) => {
+            let (m, meta) = snapshot::load(&store, volume, snap).await?;
+            desc.size = meta.size;
+            (m, meta.layers)
+        }
+        None => {
+            let mut m = load_map(&store, &keys).await?;
+            let layers = clone::apply_parent(&store, volume, &mut m).await?;
+            if !opts.read_only {
+                m.pinned = refs::pinned_chunks(&store, volume).await?;
+            }
+            (m, layers)
+        }
+    };
     let store_seq = mapped.max_seq;
     // A damaged but checksummed index could claim the last sequence number.
     let next_seq = store_seq
@@ -171,7 +198,7 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
     let replayed = dirty.segments.len();
     let inner = Arc::new(Inner {
         name: name.to_owned(),
-        size: desc.size,
+        size: AtomicU64::new(desc.size),
         store,
         keys,
         cache: BlockCache::new(budget),
@@ -188,6 +215,11 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
         read_only: opts.read_only,
         opts,
         lock: Mutex::new(lock),
+        layers: RwLock::new(layers),
+        upload_limit: AtomicU64::new(u64::MAX),
+        admin: Mutex::new(()),
+        gc: tokio::sync::Mutex::new(()),
+        resize_hooks: Mutex::new(Vec::new()),
     });
     let (wal_thread, uploader) = if inner.read_only {
         (None, None)
