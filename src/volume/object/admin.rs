@@ -76,6 +76,8 @@ pub fn open_url(
             Err(e) => return Err(e),
         }
     }
+    let volume = super::snapshot::split(name).0;
+    runtime().block_on(transfer::check_finished(&store, volume))?;
     ObjectVolume::open(store, name, opts)
 }
 

@@ -15,8 +15,7 @@ use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
 use super::{
-    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, clone, refs, snapshot, transfer,
-    upload,
+    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, clone, refs, snapshot, upload,
 };
 use crate::error::Chain;
 use crate::lock::{MutexExt, RwLockExt};
@@ -137,7 +136,6 @@ async fn open(
         opts.read_only = true;
     }
     let mut desc = layout::read_descriptor(&store, volume).await?;
-    transfer::check_finished(&store, volume).await?;
     let keys = Keys::new(volume);
     let wal_dir = layout::wal_dir(&opts.wal_root, store.url(), name);
     let lock = if opts.read_only {

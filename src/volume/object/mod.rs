@@ -23,6 +23,8 @@ mod gc;
 mod ingest;
 pub mod layout;
 mod lifecycle;
+#[cfg(test)]
+mod lifecycle_tests;
 pub mod lineage;
 mod options;
 mod read;

@@ -7,7 +7,7 @@
 //! map has data for, so it has holes wherever the volume has none.
 //!
 //! An import marks its volume unfinished (`volumes/<name>/importing`)
-//! until it completes; an unfinished volume cannot be opened, and the CLI
+//! until it completes; an unfinished volume cannot be served, and the CLI
 //! deletes it when the import is interrupted or fails, or when a new
 //! import of the same name finds one left by a process that died.
 
@@ -85,7 +85,7 @@ pub async fn is_unfinished(store: &Store, name: &str) -> Result<bool, ObjectErro
     }
 }
 
-/// Refuses to open an import that never finished.
+/// Refuses to serve an import that never finished.
 pub(super) async fn check_finished(store: &Store, name: &str) -> Result<(), ObjectError> {
     if is_unfinished(store, name).await? {
         return Err(ObjectError::Unfinished(name.to_owned()));
