@@ -8,7 +8,10 @@
 
 pub(crate) mod export_spec;
 pub(crate) mod group;
+pub(crate) mod lifecycle;
 pub(crate) mod objstore;
+pub(crate) mod progress;
+pub(crate) mod route;
 pub(crate) mod serve;
 pub(crate) mod status;
 pub(crate) mod vm;

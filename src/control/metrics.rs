@@ -182,7 +182,7 @@ impl Sources {
                     ("backend", e.volume.backend()),
                     ("read_only", ro),
                 ],
-                e.info.size,
+                e.volume.size(),
             );
         }
         t.family(

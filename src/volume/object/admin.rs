@@ -2,7 +2,7 @@
 //! Deleting respects clones: a volume (or one of its snapshots) that
 //! something still reads through stays, and the error names what.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use tracing::info;
 
@@ -14,7 +14,7 @@ use crate::objstore::Store;
 use crate::runtime::runtime;
 
 /// What `vbd volume info` shows.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VolumeInfo {
     /// Name, size, block size and creation time, flattened into this JSON.
     #[serde(flatten)]

@@ -233,6 +233,16 @@ fn now_ms() -> u64 {
 }
 
 impl ObjectVolume {
+    /// The name it was opened by: `volume`, or `volume@snapshot`.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Whether it was opened read-only (a snapshot always is).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
     /// The store-side name of this volume (without a snapshot).
     pub fn volume_name(&self) -> &str {
         split(&self.inner.name).0

@@ -85,8 +85,8 @@ pub async fn is_unfinished(store: &Store, name: &str) -> Result<bool, ObjectErro
     }
 }
 
-/// Refuses to serve an import that never finished.
-pub(super) async fn check_finished(store: &Store, name: &str) -> Result<(), ObjectError> {
+/// Refuses to serve or change an import that never finished.
+pub async fn check_finished(store: &Store, name: &str) -> Result<(), ObjectError> {
     if is_unfinished(store, name).await? {
         return Err(ObjectError::Unfinished(name.to_owned()));
     }
