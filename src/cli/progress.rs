@@ -58,7 +58,7 @@ impl Shown {
         } else {
             "?".into()
         };
-        let pct = if total > 0 { done * 100 / total } else { 100 };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         format!(
             "{}: {} of {} ({pct}%), {}/s, ETA {eta}",
             self.what,

@@ -143,6 +143,7 @@ async fn open(
     } else {
         Some(WriterLock::take(&store, volume, &wal_dir).await?)
     };
+    let mut snapshots = 0;
     let (mut mapped, layers) = match snap {
         Some(snap) => {
             let (m, meta) = snapshot::load(&store, volume, snap).await?;
@@ -154,6 +155,7 @@ async fn open(
             let layers = clone::apply_parent(&store, volume, &mut m).await?;
             if !opts.read_only {
                 m.pinned = refs::pinned_chunks(&store, volume).await?;
+                snapshots = snapshot::names(&store, volume).await?.len() as u64;
             }
             (m, layers)
         }
@@ -194,6 +196,8 @@ async fn open(
     let budget = opts.cache.budget(name);
     let synced = dirty.appended;
     let replayed = dirty.segments.len();
+    let stats = ObjectStats::default();
+    stats.snapshots.store(snapshots, Ordering::Relaxed);
     let inner = Arc::new(Inner {
         name: name.to_owned(),
         size: AtomicU64::new(desc.size),
@@ -209,7 +213,7 @@ async fn open(
         last_read_end: AtomicU64::new(u64::MAX),
         stopping: AtomicBool::new(false),
         abort: AtomicBool::new(false),
-        stats: ObjectStats::default(),
+        stats,
         read_only: opts.read_only,
         opts,
         lock: Mutex::new(lock),

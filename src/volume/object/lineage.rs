@@ -130,6 +130,6 @@ mod tests {
         assert_eq!(layer_of(id), 0);
         let p = shifted(shifted(id));
         assert_eq!((layer_of(p), local_id(p)), (2, 0x1234));
-        assert!(MAX_DEPTH >= 16);
+        const { assert!(MAX_DEPTH >= 16) };
     }
 }

@@ -350,6 +350,7 @@ impl ObjectVolume {
             }
             Err(e) => return Err(e.into()),
         }
+        inner.stats.snapshots.fetch_add(1, Ordering::Relaxed);
         info!(volume = %volume, snapshot = snap, extents = entries.len(), "snapshot taken");
         Ok(meta)
     }
@@ -390,6 +391,8 @@ impl ObjectVolume {
         runtime().block_on(delete(&inner.store, &volume, snap))?;
         let pinned = runtime().block_on(refs::pinned_chunks(&inner.store, &volume))?;
         inner.map.write_locked().pinned = pinned;
+        let n = runtime().block_on(names(&inner.store, &volume))?.len() as u64;
+        inner.stats.snapshots.store(n, Ordering::Relaxed);
         Ok(())
     }
 }
