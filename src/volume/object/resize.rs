@@ -52,7 +52,7 @@ impl ObjectVolume {
                 inner.upload_wake.notify_one();
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let cut = self.cut();
+            let cut = self.cut(false);
             self.wait_uploaded(cut)?;
         }
         desc.size = size;

@@ -255,12 +255,25 @@ impl ObjectVolume {
 
     /// Seals the open segment: every write acknowledged so far is in a
     /// segment at or below the returned id, every later one above it.
-    pub(super) fn cut(&self) -> u64 {
+    /// With `hold`, segments above it wait until [`Self::release`].
+    pub(super) fn cut(&self, hold: bool) -> u64 {
         let mut d = self.inner.dirty.write_locked();
         if let Some(a) = d.active.take() {
             a.sealed.store(true, Ordering::Release);
         }
-        d.next_seg - 1
+        let cut = d.next_seg - 1;
+        if hold {
+            // Under the lock the uploader packs under (see upload::pack).
+            self.inner.upload_limit.store(cut, Ordering::Release);
+        }
+        cut
+    }
+
+    /// Lets the uploader take every segment again.
+    pub(super) fn release(&self) {
+        let _d = self.inner.dirty.write_locked();
+        self.inner.upload_limit.store(u64::MAX, Ordering::Release);
+        self.inner.upload_wake.notify_one();
     }
 
     /// Waits until every segment up to `cut` is in the store (bounded by
@@ -310,11 +323,9 @@ impl ObjectVolume {
             Err(StoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let cut = self.cut();
-        inner.upload_limit.store(cut, Ordering::Release);
+        let cut = self.cut(true);
         let frozen = self.wait_uploaded(cut).map(|()| self.freeze());
-        inner.upload_limit.store(u64::MAX, Ordering::Release);
-        inner.upload_wake.notify_one();
+        self.release();
         let (entries, chunks, max_seq) = frozen?;
         let depth = entries
             .iter()

@@ -82,9 +82,13 @@ fn next_segment(inner: &Inner) -> Option<Arc<Segment>> {
 }
 
 /// Entries and data of the chunk for one segment: each record's blocks
-/// that no later record has overwritten.
+/// that no later record has overwritten. While a snapshot holds segments
+/// back, whole records: a later record that overwrote some blocks may lie
+/// beyond the snapshot's cut, so the older version must reach the map.
 fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
     let d = inner.dirty.read_locked();
+    // Read under the lock the snapshot's cut sets it under.
+    let whole = inner.upload_limit.load(Ordering::Acquire) != u64::MAX;
     let mut entries = Vec::new();
     let mut data = Vec::new();
     let mut pos = SEGMENT_HEADER;
@@ -97,6 +101,23 @@ fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
             break;
         };
         let rec_data = pos + format::WAL_RECORD_HEADER;
+        if whole {
+            let mut e = IndexEntry {
+                lba: h.lba,
+                seq: h.seq,
+                blocks: h.blocks,
+                data_block: 0,
+                kind: h.kind,
+            };
+            if h.kind == Kind::Data {
+                e.data_block = (data.len() / BLOCK) as u32;
+                let n = h.blocks as usize * BLOCK;
+                data.extend_from_slice(seg.bytes(rec_data, n).unwrap_or_default());
+            }
+            entries.push(e);
+            pos += rec_len;
+            continue;
+        }
         d.map.for_each_in(h.lba, h.lba + u64::from(h.blocks), |sp| {
             if sp.seq != h.seq {
                 return;
