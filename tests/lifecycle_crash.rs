@@ -344,13 +344,12 @@ fn snapshots_and_clones_survive_sigkill_rounds() {
                     "round {round}: snapshot {name} changed after it was taken"
                 ),
                 (None, Some(p)) => {
-                    for blk in 0..n {
+                    for (blk, (tag, (floor, may))) in
+                        tags.iter().zip(p.floor.iter().zip(&p.may)).enumerate()
+                    {
                         assert!(
-                            tags[blk] == p.floor[blk] || p.may[blk].contains(&tags[blk]),
-                            "round {round}: snapshot {name} block {blk} holds {}, must hold {} (or one of {:?})",
-                            tags[blk],
-                            p.floor[blk],
-                            p.may[blk]
+                            tag == floor || may.contains(tag),
+                            "round {round}: snapshot {name} block {blk} holds {tag}, must hold {floor} (or one of {may:?})",
                         );
                     }
                     known.insert(name.clone(), tags);

@@ -254,9 +254,13 @@ fn list_volumes(api: &ControlApi) -> Vec<VolumeListing> {
             used_by: api.supervisor.user_of(&v.name),
             store: store_of(api, &v.name).map(|s| s.0),
             store_volume: store_of(api, &v.name).map(|s| s.1),
+            // Live: the volume may have been resized since it was created.
+            size: api
+                .catalog
+                .get(&v.name)
+                .map_or(v.size, |(vol, _)| vol.size()),
             name: v.name,
             backend: v.backend,
-            size: v.size,
             read_only: v.read_only,
             description: v.description,
         })
