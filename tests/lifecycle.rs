@@ -366,6 +366,7 @@ fn clones_are_isolated_chains_flatten_and_deletes_are_refused() {
         "name=gold,volume=gold",
         "name=a,volume=a",
         "name=b,volume=b",
+        "name=base,volume=gold@base",
     ]);
     qemu_io(&[], &["write -P 0xaa 1M 1M".into()], &v.uri("a"));
     qemu_io(&[], &["write -P 0xbb 2M 1M".into()], &v.uri("b"));
@@ -394,6 +395,19 @@ fn clones_are_isolated_chains_flatten_and_deletes_are_refused() {
             "read -P 0x99 3M 1M".into(),
             "read -P 0x11 4M 4M".into(),
         ],
+    );
+    // The snapshot, served: what it was, and read-only.
+    check("base", &["read -P 0x11 0 8M".into()]);
+    let o = output(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k"])
+            .arg(v.uri("base")),
+    );
+    assert!(
+        !o.status.success() || o.stdout.contains("failed") || o.stderr.contains("failed"),
+        "a served snapshot refuses writes: {}{}",
+        o.stdout,
+        o.stderr
     );
     drop(v);
     let base = e.export("gold@base");
