@@ -63,10 +63,15 @@ pub async fn create(
             return Err(e);
         }
     };
-    // A delete of the snapshot that raced this clone may have missed it.
-    if let Err(e) = snapshot::read_meta(store, parent, snap).await {
+    // A delete of the snapshot that raced this clone may have missed it;
+    // it marks the snapshot before it looks for clones, so one of the two
+    // sees the other.
+    if snapshot::is_being_deleted(store, parent, snap).await? {
         super::admin::delete(store, new, true).await?;
-        return Err(e);
+        return Err(ObjectError::NoSuchSnapshot {
+            volume: parent.to_owned(),
+            snapshot: snap.to_owned(),
+        });
     }
     info!(clone = new, parent, snapshot = snap, "clone created");
     Ok(d)

@@ -214,16 +214,51 @@ pub async fn list(store: &Store, volume: &str) -> Result<Vec<SnapshotInfo>, Obje
 /// conservative until it reopens.
 pub async fn delete(store: &Store, volume: &str, snap: &str) -> Result<(), ObjectError> {
     read_meta(store, volume, snap).await?;
-    let dependents = refs::dependents(store, volume, Some(snap)).await?;
+    // Marked before the search for dependents: a clone committed after the
+    // search finds the mark and undoes itself (see `is_being_deleted`).
+    let mark = deleting_key(volume, snap);
+    store.put(&mark, bytes::Bytes::new()).await?;
+    let dependents = match refs::dependents(store, volume, Some(snap)).await {
+        Ok(d) => d,
+        Err(e) => {
+            store.delete(&mark).await?;
+            return Err(e);
+        }
+    };
     if !dependents.is_empty() {
+        store.delete(&mark).await?;
         return Err(ObjectError::HasDependents {
             what: format!("snapshot {volume}@{snap}"),
             dependents,
         });
     }
     store.delete(&key(volume, snap)).await?;
+    store.delete(&mark).await?;
     info!(volume, snapshot = snap, "snapshot deleted");
     Ok(())
+}
+
+fn deleting_key(volume: &str, snap: &str) -> String {
+    format!("{}/deleting/{snap}", Keys::new(volume).root())
+}
+
+/// Whether a delete of `volume@snap` is under way (or it is gone): a clone
+/// made from it must not stand.
+pub(super) async fn is_being_deleted(
+    store: &Store,
+    volume: &str,
+    snap: &str,
+) -> Result<bool, ObjectError> {
+    match store.get_range(&deleting_key(volume, snap), 0..1).await {
+        Ok(_) => return Ok(true),
+        Err(StoreError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match read_meta(store, volume, snap).await {
+        Ok(_) => Ok(false),
+        Err(ObjectError::NoSuchSnapshot { .. }) => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 fn now_ms() -> u64 {
