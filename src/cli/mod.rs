@@ -6,6 +6,7 @@
 //! `--export` and `--socket-group` values. This is the binary's edge, so it
 //! may use anyhow; the library never imports it.
 
+pub(crate) mod activation;
 pub(crate) mod export_spec;
 pub(crate) mod group;
 pub(crate) mod lifecycle;

@@ -68,24 +68,37 @@ pub struct ControlApi {
     pub sources: Arc<Sources>,
 }
 
+/// Where the control API listens.
+#[derive(Debug)]
+pub enum ControlSocket {
+    /// Bind this path (mode 0600) and remove it on shutdown.
+    Bind(PathBuf),
+    /// A listening socket a service manager opened (socket activation):
+    /// served as it is, and left in place on shutdown.
+    Passed(std::os::unix::net::UnixListener),
+}
+
 /// A running control socket.
 pub struct ControlServer {
-    path: PathBuf,
+    /// The socket file vbd made, removed on shutdown.
+    owned: Option<PathBuf>,
     task: StoppableTask,
 }
 
 impl ControlServer {
-    /// Stops accepting, and removes the socket file.
+    /// Stops accepting, and removes the socket file vbd made.
     pub fn shutdown(self) {
         self.task.stop();
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            warn!(path = %self.path.display(), "cannot remove control socket: {e}");
+        if let Some(path) = &self.owned
+            && let Err(e) = std::fs::remove_file(path)
+        {
+            warn!(path = %path.display(), "cannot remove control socket: {e}");
         }
     }
 }
 
-/// Binds `path` (mode 0600) and serves `api` on the control runtime.
-pub fn serve(path: &Path, api: Arc<ControlApi>) -> std::io::Result<ControlServer> {
+/// Binds `path` (mode 0600), refusing to take a live vbd's socket.
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -107,7 +120,31 @@ pub fn serve(path: &Path, api: Arc<ControlApi>) -> std::io::Result<ControlServer
         UnixListener::bind(path)?
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    info!(path = %path.display(), "control API listening");
+    Ok(listener)
+}
+
+/// Serves `api` on `socket`, on the control runtime.
+pub fn serve(socket: ControlSocket, api: Arc<ControlApi>) -> std::io::Result<ControlServer> {
+    let (listener, owned) = match socket {
+        ControlSocket::Bind(path) => (bind(&path)?, Some(path)),
+        ControlSocket::Passed(std) => {
+            std.set_nonblocking(true)?;
+            let _rt = runtime().enter();
+            (UnixListener::from_std(std)?, None)
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => match addr.as_pathname() {
+            Some(p) => {
+                info!(path = %p.display(), passed = owned.is_none(), "control API listening")
+            }
+            None => info!(
+                passed = owned.is_none(),
+                "control API listening on an unnamed socket"
+            ),
+        },
+        Err(e) => warn!("control API listening; its address is unknown: {e}"),
+    }
     let task = StoppableTask::spawn(|mut stop| async move {
         loop {
             tokio::select! {
@@ -124,10 +161,7 @@ pub fn serve(path: &Path, api: Arc<ControlApi>) -> std::io::Result<ControlServer
             }
         }
     });
-    Ok(ControlServer {
-        path: path.to_owned(),
-        task,
-    })
+    Ok(ControlServer { owned, task })
 }
 
 async fn connection(mut stream: UnixStream, api: Arc<ControlApi>) {

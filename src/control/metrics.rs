@@ -504,7 +504,20 @@ impl MetricsServer {
 
 /// Serves `GET /metrics` over plain HTTP on `addr`, on the control runtime.
 pub fn serve_tcp(addr: SocketAddr, sources: Arc<Sources>) -> std::io::Result<MetricsServer> {
-    let listener = runtime().block_on(TcpListener::bind(addr))?;
+    serve_listener(std::net::TcpListener::bind(addr)?, sources)
+}
+
+/// Serves `GET /metrics` on a listening socket opened elsewhere (bound by
+/// [`serve_tcp`], or passed in by a service manager).
+pub fn serve_listener(
+    listener: std::net::TcpListener,
+    sources: Arc<Sources>,
+) -> std::io::Result<MetricsServer> {
+    listener.set_nonblocking(true)?;
+    let listener = {
+        let _rt = runtime().enter();
+        TcpListener::from_std(listener)?
+    };
     let addr = listener.local_addr()?;
     info!(%addr, "metrics listening (GET /metrics)");
     let permits = Arc::new(Semaphore::new(MAX_SCRAPES));

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::api::{ControlApi, ControlServer, serve};
+use super::api::{ControlApi, ControlServer, ControlSocket, serve};
 use super::factory::VolumeFactory;
 use super::metrics::Sources;
 use super::vm_volumes::CatalogExports;
@@ -31,14 +31,15 @@ pub fn default_control_socket(nbd_socket: &Path) -> PathBuf {
 }
 
 impl ControlPlane {
-    /// Starts the control API on `control` for the running NBD server
-    /// `nbd`; VMs reach their disks through `nbd_socket` and keep their run
-    /// files under `run_dir`; volumes created through the API open through
-    /// `factory`, the same one `vbd serve --export` used.
+    /// Starts the control API on `control` (a path to bind, or a socket
+    /// passed in) for the running NBD server `nbd`; VMs reach their disks
+    /// through `nbd_socket` and keep their run files under `run_dir`;
+    /// volumes created through the API open through `factory`, the same one
+    /// `vbd serve --export` used.
     pub fn start(
         nbd: ServerHandle,
         nbd_socket: PathBuf,
-        control: &Path,
+        control: ControlSocket,
         run_dir: PathBuf,
         factory: VolumeFactory,
     ) -> std::io::Result<ControlPlane> {

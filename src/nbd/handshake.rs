@@ -22,6 +22,11 @@ pub enum TlsMode {
     Require,
 }
 
+/// The largest READ or WRITE a server takes unless told otherwise: twice
+/// the spec's 32 MiB, which nbdkit and nbd-server serve and which clients
+/// that ignore the advertised maximum (qemu-img convert, nbdcopy) send.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
+
 /// Limits and policy for one handshake.
 #[derive(Clone, Copy, Debug)]
 pub struct HandshakeConfig {
@@ -29,6 +34,9 @@ pub struct HandshakeConfig {
     pub max_options: usize,
     /// Whether TLS is offered, required or off.
     pub tls: TlsMode,
+    /// The largest READ, WRITE or CACHE the server takes, in bytes: every
+    /// export's advertised maximum block size is capped by it.
+    pub max_payload: u32,
 }
 
 impl Default for HandshakeConfig {
@@ -36,6 +44,7 @@ impl Default for HandshakeConfig {
         HandshakeConfig {
             max_options: 1024,
             tls: TlsMode::Off,
+            max_payload: DEFAULT_MAX_PAYLOAD,
         }
     }
 }
@@ -452,7 +461,11 @@ impl Handshake {
         self.cfg.tls == TlsMode::Require && !self.tls
     }
 
-    fn session(&self, export: ExportInfo) -> Session {
+    fn session(&self, mut export: ExportInfo) -> Session {
+        // The server's limit caps the export's own; never below the
+        // preferred size, which the spec requires the maximum to cover.
+        let block = &mut export.block;
+        block.maximum = block.maximum.min(self.cfg.max_payload).max(block.preferred);
         let mut flags = export.flags | FLAG_HAS_FLAGS;
         if self.mode != ReplyMode::Simple {
             flags |= FLAG_SEND_DF;
@@ -532,6 +545,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::client::{go_data, meta_data, option as opt};
     use crate::nbd::export::BlockSizes;
 
     struct One;
@@ -549,14 +563,6 @@ mod tests {
         fn list(&self) -> Vec<(String, String)> {
             vec![("disk".into(), "a disk".into())]
         }
-    }
-
-    fn opt(o: u32, data: &[u8]) -> Vec<u8> {
-        let mut v = IHAVEOPT.to_be_bytes().to_vec();
-        v.extend_from_slice(&o.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        v.extend_from_slice(data);
-        v
     }
 
     fn start() -> (Handshake, Vec<u8>) {
@@ -631,16 +637,9 @@ mod tests {
     fn go_with_structured_replies_and_meta_context() {
         let (mut hs, mut out) = start();
         let mut input = opt(OPT_STRUCTURED_REPLY, &[]);
-        let mut meta = 4u32.to_be_bytes().to_vec();
-        meta.extend_from_slice(b"disk");
-        meta.extend_from_slice(&1u32.to_be_bytes());
-        meta.extend_from_slice(&15u32.to_be_bytes());
-        meta.extend_from_slice(b"base:allocation");
+        let meta = meta_data("disk", &["base:allocation"]);
         input.extend(opt(OPT_SET_META_CONTEXT, &meta));
-        let mut go = 0u32.to_be_bytes().to_vec();
-        go.extend_from_slice(&1u16.to_be_bytes());
-        go.extend_from_slice(&INFO_NAME.to_be_bytes());
-        input.extend(opt(OPT_GO, &go));
+        input.extend(opt(OPT_GO, &go_data("", &[INFO_NAME])));
         let (n, p) = hs.feed(&input, &One, &mut out).unwrap();
         assert_eq!(n, input.len());
         let Progress::Transmission(s) = p else {
@@ -671,14 +670,63 @@ mod tests {
         assert_eq!(r[4].2, [&INFO_NAME.to_be_bytes()[..], b"disk"].concat());
     }
 
+    /// An export whose volume sets no maximum of its own.
+    struct Unlimited;
+    impl Exports for Unlimited {
+        fn lookup(&self, _: &str) -> Option<ExportInfo> {
+            let mut e = One.lookup("disk")?;
+            e.block = BlockSizes {
+                minimum: 512,
+                preferred: 4096,
+                maximum: u32::MAX,
+            };
+            Some(e)
+        }
+        fn list(&self) -> Vec<(String, String)> {
+            One.list()
+        }
+    }
+
+    #[test]
+    fn the_server_limit_caps_the_advertised_maximum() {
+        let block_size = |max_payload: u32, exports: &dyn Exports| {
+            let mut out = Vec::new();
+            let cfg = HandshakeConfig {
+                max_payload,
+                ..HandshakeConfig::default()
+            };
+            let mut hs = Handshake::new(cfg, &mut out);
+            let mut input = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+            input.extend(opt(OPT_GO, &[0, 0, 0, 0, 0, 0]));
+            out.clear();
+            let (_, p) = hs.feed(&input, exports, &mut out).unwrap();
+            let Progress::Transmission(s) = p else {
+                panic!("{p:?}")
+            };
+            let info = replies(&out)
+                .into_iter()
+                .find(|r| r.1 == REP_INFO && r.2[..2] == INFO_BLOCK_SIZE.to_be_bytes())
+                .expect("NBD_INFO_BLOCK_SIZE");
+            let max = be_u32(&info.2, 10).unwrap();
+            assert_eq!(max, s.export.block.maximum, "advertised = enforced");
+            (
+                be_u32(&info.2, 2).unwrap(),
+                be_u32(&info.2, 6).unwrap(),
+                max,
+            )
+        };
+        assert_eq!(block_size(64 << 20, &Unlimited), (512, 4096, 64 << 20));
+        assert_eq!(block_size(8 << 20, &Unlimited), (512, 4096, 8 << 20));
+        // An export's own, smaller maximum stays.
+        assert_eq!(block_size(64 << 20, &One), (1, 4096, 32 << 20));
+    }
+
     #[test]
     fn meta_context_for_another_export_is_not_kept() {
         let (mut hs, mut out) = start();
         hs.feed(&opt(OPT_STRUCTURED_REPLY, &[]), &One, &mut out)
             .unwrap();
-        let mut meta = 7u32.to_be_bytes().to_vec();
-        meta.extend_from_slice(b"missing");
-        meta.extend_from_slice(&0u32.to_be_bytes());
+        let meta = meta_data("missing", &[]);
         out.clear();
         hs.feed(&opt(OPT_SET_META_CONTEXT, &meta), &One, &mut out)
             .unwrap();
@@ -764,20 +812,13 @@ mod tests {
         (hs, out)
     }
 
-    fn go_data(name: &str) -> Vec<u8> {
-        let mut go = (name.len() as u32).to_be_bytes().to_vec();
-        go.extend_from_slice(name.as_bytes());
-        go.extend_from_slice(&0u16.to_be_bytes());
-        go
-    }
-
     #[test]
     fn require_refuses_all_but_starttls_and_abort() {
         let (mut hs, mut out) = start_tls_mode(TlsMode::Require, FLAG_C_FIXED_NEWSTYLE);
         for (o, data) in [
             (OPT_LIST, vec![]),
-            (OPT_INFO, go_data("disk")),
-            (OPT_GO, go_data("disk")),
+            (OPT_INFO, go_data("disk", &[])),
+            (OPT_GO, go_data("disk", &[])),
             (OPT_STRUCTURED_REPLY, vec![]),
             (OPT_EXTENDED_HEADERS, vec![]),
             (OPT_LIST_META_CONTEXT, vec![0; 8]),
@@ -794,10 +835,7 @@ mod tests {
         }
         // An oversized option is skipped and refused the same way.
         out.clear();
-        let mut big = IHAVEOPT.to_be_bytes().to_vec();
-        big.extend_from_slice(&OPT_LIST.to_be_bytes());
-        big.extend_from_slice(&(MAX_OPTION_DATA + 1).to_be_bytes());
-        big.resize(big.len() + MAX_OPTION_DATA as usize + 1, 0);
+        let big = opt(OPT_LIST, &vec![0; MAX_OPTION_DATA as usize + 1]);
         hs.feed(&big, &One, &mut out).unwrap();
         assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD);
         // EXPORT_NAME cannot carry an error: the connection ends.
@@ -839,18 +877,16 @@ mod tests {
     #[test]
     fn starttls_forgets_plaintext_negotiation() {
         let (mut hs, mut out) = start_tls_mode(TlsMode::On, FLAG_C_FIXED_NEWSTYLE);
-        let mut meta = 4u32.to_be_bytes().to_vec();
-        meta.extend_from_slice(b"disk");
-        meta.extend_from_slice(&1u32.to_be_bytes());
-        meta.extend_from_slice(&15u32.to_be_bytes());
-        meta.extend_from_slice(b"base:allocation");
+        let meta = meta_data("disk", &["base:allocation"]);
         let mut input = opt(OPT_STRUCTURED_REPLY, &[]);
         input.extend(opt(OPT_SET_META_CONTEXT, &meta));
         input.extend(opt(OPT_STARTTLS, &[]));
         let (_, p) = hs.feed(&input, &One, &mut out).unwrap();
         assert_eq!(p, Progress::StartTls);
         // Without renegotiating, the session is simple with no context.
-        let (_, p) = hs.feed(&opt(OPT_GO, &go_data("")), &One, &mut out).unwrap();
+        let (_, p) = hs
+            .feed(&opt(OPT_GO, &go_data("", &[])), &One, &mut out)
+            .unwrap();
         let Progress::Transmission(s) = p else {
             panic!("{p:?}")
         };
@@ -861,7 +897,9 @@ mod tests {
     /// GO on `disk` succeeds, with no TLS_REQD among the replies.
     fn assert_go_attaches(hs: &mut Handshake, out: &mut Vec<u8>) {
         out.clear();
-        let (_, p) = hs.feed(&opt(OPT_GO, &go_data("disk")), &One, out).unwrap();
+        let (_, p) = hs
+            .feed(&opt(OPT_GO, &go_data("disk", &[])), &One, out)
+            .unwrap();
         assert!(matches!(p, Progress::Transmission(_)), "{p:?}");
         assert!(replies(out).iter().all(|r| r.1 != REP_ERR_TLS_REQD));
     }

@@ -101,7 +101,9 @@ impl Registry {
             block: BlockSizes {
                 minimum: volume.block_size().max(1),
                 preferred: volume.block_size().max(4096),
-                ..BlockSizes::default()
+                // Volumes take any length; the handshake advertises the
+                // server's --max-request in its place.
+                maximum: u32::MAX,
             },
         };
         let export = Arc::new(Export {

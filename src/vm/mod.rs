@@ -5,6 +5,7 @@
 //! layer above implements, so nothing here imports upward.
 
 pub mod config;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod hotplug;
 pub mod qmp;

@@ -336,10 +336,11 @@ impl FakeQemu {
             Behaviour::Runs | Behaviour::NoMonitor => String::new(),
         };
         let script = format!(
-            "#!/bin/sh\n# Stands in for QEMU: ignores its arguments, runs until told to exit.\n\
+            "#!/bin/sh\n# Stands in for QEMU: ignores its arguments, runs until told to exit\n\
+             # (or until its directory or its parent is gone: a test never leaves it behind).\n\
              [ \"$1\" = --probe ] && exit 0\n\
              {body}echo $$ > '{d}/started'\n\
-             while [ ! -e '{d}/exit' ]; do sleep 0.01; done\n\
+             while [ ! -e '{d}/exit' ]; do [ -d '{d}' ] && kill -0 $PPID 2>/dev/null || exit 0; sleep 0.02; done\n\
              read code < '{d}/exit'\nexit \"$code\"\n"
         );
         let binary = dir.0.join("qemu");

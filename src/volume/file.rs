@@ -582,14 +582,15 @@ impl Volume for FileVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::TempDir;
     use crate::volume::IoFlags;
     use crate::volume::sync::SyncDriver;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vbd-file-unit-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("disk.img")
+    /// A fresh directory (kept if the test fails) and the image path in it.
+    fn scratch(name: &str) -> (TempDir, PathBuf) {
+        let dir = TempDir::new(&format!("file-unit-{name}"));
+        let path = dir.join("disk.img");
+        (dir, path)
     }
 
     fn open(path: &Path, size: Option<u64>) -> FileVolume {
@@ -605,7 +606,7 @@ mod tests {
 
     #[test]
     fn aligned_and_unaligned_io_round_trip() {
-        let path = scratch("rw");
+        let (_dir, path) = scratch("rw");
         let v = open(&path, Some(8 << 20));
         assert!(v.direct.is_some(), "O_DIRECT works on this filesystem");
         let mut d = SyncDriver::new().unwrap();
@@ -626,7 +627,7 @@ mod tests {
 
     #[test]
     fn page_cache_writes_inline_or_through_the_ring_read_back_alike() {
-        let path = scratch("inline");
+        let (_dir, path) = scratch("inline");
         let v = FileVolume::open(
             &path,
             &FileOptions {
@@ -662,7 +663,7 @@ mod tests {
 
     #[test]
     fn trim_zeroes_and_block_status() {
-        let path = scratch("trim");
+        let (_dir, path) = scratch("trim");
         let v = open(&path, Some(4 << 20));
         let mut d = SyncDriver::new().unwrap();
         let st = |d: &mut SyncDriver| -> Vec<(u64, bool)> {
@@ -711,7 +712,7 @@ mod tests {
 
     #[test]
     fn zeroing_falls_back_to_writes_unless_fast_is_required() {
-        let path = scratch("fallback");
+        let (_dir, path) = scratch("fallback");
         let v = open(&path, Some(4 << 20));
         let mut d = SyncDriver::new().unwrap();
         d.write(&v, 0, &vec![5u8; 3 << 20], false).unwrap();
@@ -743,7 +744,7 @@ mod tests {
 
     #[test]
     fn opening_explains_problems() {
-        let path = scratch("open");
+        let (_dir, path) = scratch("open");
         assert!(matches!(
             FileVolume::open(&path, &FileOptions::default()),
             Err(FileError::Missing { .. })

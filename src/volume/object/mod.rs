@@ -18,6 +18,7 @@ pub mod clone;
 mod error;
 mod extent_map;
 pub mod format;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 mod gc;
 mod ingest;

@@ -3,13 +3,14 @@
 //! never read their replies. Each limit must hold, be logged, and leave
 //! well-behaved clients unaffected.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::*;
+use vbd::nbd::client;
 use vbd::nbd::wire::*;
 
 /// Connects and reads the 18-byte greeting; `None` if the server closed
@@ -40,23 +41,10 @@ fn attach(vbd: &Vbd) -> UnixStream {
     let mut s = greet(vbd).expect("server refused a connection");
     let flags = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
     s.write_all(&flags.to_be_bytes()).unwrap();
-    s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
-    s.write_all(&OPT_EXPORT_NAME.to_be_bytes()).unwrap();
-    s.write_all(&0u32.to_be_bytes()).unwrap();
+    s.write_all(&client::option(OPT_EXPORT_NAME, b"")).unwrap();
     let mut info = [0u8; 10];
     s.read_exact(&mut info).expect("export size and flags");
     s
-}
-
-fn read_request(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut r = Vec::with_capacity(28);
-    r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    r.extend_from_slice(&0u16.to_be_bytes());
-    r.extend_from_slice(&CMD_READ.to_be_bytes());
-    r.extend_from_slice(&cookie.to_be_bytes());
-    r.extend_from_slice(&offset.to_be_bytes());
-    r.extend_from_slice(&len.to_be_bytes());
-    r
 }
 
 /// Reads one simple reply with `len` bytes of data; returns its cookie.
@@ -143,7 +131,8 @@ fn handshake_timeout_disconnects_idle_negotiators_only() {
     wait_for_log(&vbd, "handshake not finished in time");
     // A client past the handshake is not subject to it.
     std::thread::sleep(Duration::from_millis(1500));
-    good.write_all(&read_request(7, 0, 4096)).unwrap();
+    good.write_all(&client::request(false, 0, CMD_READ, 7, 0, 4096))
+        .unwrap();
     assert_eq!(read_reply(&mut good, 4096), 7);
     vbd.assert_running();
 }
@@ -152,7 +141,7 @@ fn handshake_timeout_disconnects_idle_negotiators_only() {
 fn flood_reads(s: &mut UnixStream, count: u64) {
     let mut reqs = Vec::new();
     for i in 0..count {
-        reqs.extend_from_slice(&read_request(i, (i % 32) * MIB, MIB as u32));
+        reqs.extend_from_slice(&client::request(false, 0, CMD_READ, i, (i % 32) * MIB, MIB));
     }
     s.write_all(&reqs)
         .expect("requests fit in the socket buffer");

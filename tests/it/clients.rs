@@ -2,7 +2,7 @@
 //! nbdinfo, nbdcopy, fio and libnbd (through its Python bindings). Every test
 //! checks the data that comes back, not just exit codes.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -189,7 +189,7 @@ fn nbdinfo_json_reports_capabilities_and_block_sizes() {
         assert_eq!(e["is_read_only"], false, "{name}");
         assert_eq!(e["block_size_minimum"], 1, "{name}");
         assert_eq!(e["block_size_preferred"], 4096, "{name}");
-        assert_eq!(e["block_size_maximum"], 33_554_432, "{name}");
+        assert_eq!(e["block_size_maximum"], 67_108_864, "{name}");
         assert_eq!(
             e["contexts"],
             serde_json::json!(["base:allocation"]),
@@ -207,7 +207,7 @@ fn nbdinfo_json_reports_capabilities_and_block_sizes() {
         e["can_zero"], false,
         "zero advertised on a read-only export"
     );
-    assert_eq!(e["block_size_maximum"], 33_554_432);
+    assert_eq!(e["block_size_maximum"], 67_108_864);
 }
 
 /// `nbdinfo --map` as (offset, length, type) with adjacent equal types merged.

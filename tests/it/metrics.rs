@@ -5,7 +5,7 @@
 //! lists exports and a live connection, JSON logs carry the connection's
 //! fields, and a real QEMU's life shows in the VM metrics.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

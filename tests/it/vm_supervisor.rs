@@ -3,7 +3,7 @@
 //! QEMU's own words and nothing left behind, volumes held by one VM only,
 //! and the SIGTERM step of a stop when no guest answers the power button.
 
-mod vm_common;
+use crate::vm_common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +31,7 @@ fn setup(volumes: &[&str]) -> (VbdServer, Arc<Supervisor>, TempDir) {
     }
     let run = TempDir::new("run");
     let sup = Supervisor::new(
-        SupervisorConfig::new(srv.socket.clone(), run.0.clone()),
+        SupervisorConfig::new(srv.socket.clone(), run.path().to_path_buf()),
         Arc::new(CatalogExports::new(srv.registry.clone(), catalog)),
     );
     (srv, sup, run)

@@ -5,14 +5,11 @@
 //! Nothing here skips: a missing tool fails the test and names the Debian
 //! package that provides it.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,49 +20,7 @@ pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
 /// How long vbd may take to start accepting or to exit after SIGTERM.
 const SERVER_DEADLINE: Duration = Duration::from_secs(60);
 
-/// A directory that lives as long as the test; kept (and named) when the
-/// test fails, so its files and the server log can be examined.
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    /// A fresh, empty directory whose name includes `tag`, the process id and
-    /// a counter, so parallel tests and parallel test binaries never collide.
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        // Kept short: Unix socket paths are limited to 107 bytes.
-        let short: String = tag.chars().take(24).collect();
-        let path =
-            std::env::temp_dir().join(format!("vbd-{short}-{}-{n}-{nanos:x}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("test files kept in {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
+pub use vbd::test_support::TempDir;
 
 /// Fails the test unless `tool` is on PATH, naming the Debian package.
 pub fn require(tool: &str, package: &str) {
@@ -561,42 +516,6 @@ pub fn qemu_io_scattered(vbd: &Vbd, export: &str, size: u64) -> Vec<u8> {
         out.stdout
     );
     model
-}
-
-/// An NBD option as a client sends it: magic, option, length, data.
-pub fn nbd_option(opt: u32, data: &[u8]) -> Vec<u8> {
-    let mut m = vbd::nbd::wire::IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    m
-}
-
-/// A length-prefixed string, as options carry them.
-pub fn string(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-/// NBD_OPT_INFO/GO data: export name and a list of info requests.
-pub fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut v = string(name);
-    v.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        v.extend_from_slice(&i.to_be_bytes());
-    }
-    v
-}
-
-/// LIST/SET_META_CONTEXT data: export name and context queries.
-pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut v = string(name);
-    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        v.extend(string(q));
-    }
-    v
 }
 
 /// A free TCP port on loopback.

@@ -3,7 +3,7 @@
 //! store kind (local directory, the embedded S3 endpoint, moto), and crash
 //! consistency under SIGKILL.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::BufRead;

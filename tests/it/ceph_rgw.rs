@@ -2,12 +2,10 @@
 //! S3 gateway (RGW 16.2, see `tests/ceph_common` and `tools/ceph-rgw`),
 //! through the real `vbd` binary and real clients.
 
-mod ceph_common;
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::ceph_common;
+use crate::common::*;
 use serde_json::Value;
 
 fn json(o: &Output) -> Value {

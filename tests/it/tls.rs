@@ -4,7 +4,7 @@
 //! they never send. Every test checks data or the exact refusal, then that
 //! the server is still up.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use vbd::nbd::client::{self, go_data};
 use vbd::nbd::wire::*;
 
 const SIZE: u64 = 64 * MIB;
@@ -410,7 +411,7 @@ impl Raw {
     }
 
     fn option(&mut self, opt: u32, data: &[u8]) {
-        self.send(&nbd_option(opt, data));
+        self.send(&client::option(opt, data));
     }
 
     /// One option reply: (option, type, data).
@@ -487,7 +488,7 @@ fn hostile_clients_get_refusals_or_a_clean_disconnect() {
 
     // Garbage sent along with STARTTLS, before its ACK could be read.
     let mut c = Raw::connect(port, fixed);
-    let mut m = nbd_option(OPT_STARTTLS, &[]);
+    let mut m = client::option(OPT_STARTTLS, &[]);
     m.extend_from_slice(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4]);
     c.send(&m);
     assert_eq!(c.reply(), (OPT_STARTTLS, REP_ACK, vec![]));

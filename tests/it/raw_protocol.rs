@@ -3,13 +3,14 @@
 //! (or disconnect) the spec asks for, and then that the server is still up
 //! and a well-behaved client on a fresh connection reads the right data.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
+use vbd::nbd::client::{self, go_data, meta_data, string};
 use vbd::nbd::wire::*;
 
 const MIB: u64 = 1 << 20;
@@ -19,7 +20,8 @@ const SIZE: u64 = 64 * MIB;
 const RO_SIZE: u64 = MIB;
 /// Bytes at offset 0 of `mem` that every test seeds and checks afterwards.
 const SEED_LEN: usize = 64 * 1024;
-/// The largest READ/WRITE the server accepts (NBD_INFO_BLOCK_SIZE maximum).
+/// The largest READ/WRITE the server accepts (NBD_INFO_BLOCK_SIZE maximum):
+/// these servers run with `--max-request 32M`, below the export's size.
 const MAX_IO: u64 = 32 * MIB;
 
 const EPERM: u32 = 1;
@@ -45,6 +47,8 @@ impl Server {
         let vbd = Vbd::start(
             tag,
             &[
+                "--max-request",
+                "32M",
                 "--export",
                 "name=mem,backend=memory,size=64M",
                 "--export",
@@ -129,33 +133,6 @@ fn be32(b: &[u8]) -> u32 {
 }
 fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b[..8].try_into().unwrap())
-}
-
-/// A request header: compact (28 bytes) or extended (32 bytes).
-fn encode_request(
-    extended: bool,
-    flags: u16,
-    cmd: u16,
-    cookie: u64,
-    offset: u64,
-    len: u64,
-) -> Vec<u8> {
-    let magic = if extended {
-        EXTENDED_REQUEST_MAGIC
-    } else {
-        REQUEST_MAGIC
-    };
-    let mut m = magic.to_be_bytes().to_vec();
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&cmd.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    if extended {
-        m.extend_from_slice(&len.to_be_bytes());
-    } else {
-        m.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    m
 }
 
 struct Client {
@@ -249,7 +226,7 @@ impl Client {
     // ---- handshake ----
 
     fn option(&mut self, opt: u32, data: &[u8]) {
-        self.send(&nbd_option(opt, data));
+        self.send(&client::option(opt, data));
     }
 
     fn opt_reply(&mut self) -> OptReply {
@@ -372,7 +349,7 @@ impl Client {
     // ---- transmission ----
 
     fn request(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u64, data: &[u8]) {
-        let mut m = encode_request(self.mode == Mode::Extended, flags, cmd, cookie, offset, len);
+        let mut m = client::request(self.mode == Mode::Extended, flags, cmd, cookie, offset, len);
         m.extend_from_slice(data);
         self.send(&m);
     }
@@ -867,11 +844,31 @@ fn write_past_end_is_enospc_with_the_payload_consumed() {
 }
 
 #[test]
-fn write_payload_over_maximum_disconnects() {
+fn write_over_maximum_is_einval_with_the_payload_dropped() {
     let mut srv = Server::start("raw-write-max");
-    let mut c = srv.attach("mem", Mode::Simple);
-    // Only the header: the server cannot take 32 MiB + 1 and must not wait.
-    c.request(0, CMD_WRITE, 1, 0, MAX_IO + 1, &[]);
+    for mode in [Mode::Simple, Mode::Extended] {
+        let mut c = srv.attach("mem", mode);
+        // The payload is request headers: parsed, they would be answered.
+        let junk = client::request(mode == Mode::Extended, 0, CMD_TRIM, 99, 0, 4096);
+        let payload: Vec<u8> = junk
+            .iter()
+            .copied()
+            .cycle()
+            .take((MAX_IO + 4096) as usize)
+            .collect();
+        c.request(0, CMD_WRITE, 1, 0, MAX_IO + 4096, &payload);
+        c.expect_error(1, EINVAL);
+        // Same connection: the seed is intact and the next write lands.
+        srv.assert_reads_seed(&mut c, 2, "after the refused write");
+        c.write_ok(3, 8 * MIB, &[0x3c; 4096]);
+        assert_eq!(c.read_ok(4, 8 * MIB, 4096), vec![0x3c; 4096]);
+        c.request(0, CMD_WRITE_ZEROES, 5, 8 * MIB, 4096, &[]);
+        c.expect_ok(5);
+        c.disconnect();
+    }
+    // An extended header may claim a payload no server should wait for.
+    let mut c = srv.attach("mem", Mode::Extended);
+    c.request(0, CMD_WRITE, 1, 0, 5 << 30, &[]);
     c.expect_closed();
     srv.assert_healthy();
 }
@@ -932,7 +929,7 @@ fn disc_answers_requests_in_flight_then_closes() {
     let mut c = srv.attach("mem", Mode::Simple);
     // Eight reads and a write in one burst, DISC right behind them.
     let mut burst = Vec::new();
-    let header = |cmd, cookie, offset, len| encode_request(false, 0, cmd, cookie, offset, len);
+    let header = |cmd, cookie, offset, len| client::request(false, 0, cmd, cookie, offset, len);
     for i in 0..8u64 {
         burst.extend(header(CMD_READ, 100 + i, i * 8192, 8192));
     }

@@ -1,7 +1,7 @@
 //! The benchmark tool's quick mode, so CI keeps `tools/bench-peers` working.
 //! It checks the plumbing and the report's shape, never speed.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -3,7 +3,7 @@
 //! failing step leaves nothing behind. QEMU's disks are exports of an
 //! in-process vbd server, as in production.
 
-mod vm_common;
+use crate::vm_common;
 
 use std::time::Duration;
 

@@ -4,19 +4,15 @@
 //! reads both patterns back. A second scenario kills QEMU mid-run and
 //! checks that vbd reports the crash and cleans up.
 
-mod vm_common;
+use crate::vm_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use vm_common::{TempDir, guest_pattern, tag, test_guest, wait_for_path};
-
-/// TCG guests are CPU-heavy: run one at a time.
-static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 const VBD: &str = env!("CARGO_BIN_EXE_vbd");
 
@@ -35,14 +31,14 @@ struct Serve {
 impl Serve {
     fn start(exports: &[&str]) -> Serve {
         let dir = TempDir::new("e2e");
-        let control = dir.0.join("control.sock");
+        let control = dir.join("control.sock");
         let mut cmd = Command::new(VBD);
         cmd.arg("serve")
             .arg("--unix")
-            .arg(dir.0.join("nbd.sock"))
+            .arg(dir.join("nbd.sock"))
             .args(["--threads", "1", "--vm-stop-grace", "5"])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.0.join("serve.log")).unwrap());
+            .stderr(std::fs::File::create(dir.join("serve.log")).unwrap());
         for e in exports {
             cmd.arg("--export").arg(e);
         }
@@ -77,7 +73,7 @@ impl Serve {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.0.join("serve.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
     }
 
     fn vms(&self) -> Vec<Value> {
@@ -171,7 +167,7 @@ fn start_guest(s: &Serve, name: &str, tag: &str) -> (PathBuf, Value) {
 
 #[test]
 fn guest_boots_from_vbd_writes_hot_attached_disk_and_data_reads_back() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = vm_common::one_guest();
     let s = Serve::start(&["name=boot,backend=memory,size=64M"]);
     s.ok(&["vm", "volume", "create", "data", "--size", "32M"]);
     let t = tag("E2E");
@@ -208,7 +204,7 @@ fn guest_boots_from_vbd_writes_hot_attached_disk_and_data_reads_back() {
 
 #[test]
 fn killed_qemu_is_reported_as_crashed_and_cleaned_up() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = vm_common::one_guest();
     let s = Serve::start(&["name=boot,backend=memory,size=64M"]);
     s.ok(&["vm", "volume", "create", "data", "--size", "32M"]);
     let t = tag("CRASH");

@@ -9,6 +9,7 @@ use std::time::Duration;
 use object_store::memory::InMemory;
 use vbd::objstore::{Faults, Store};
 use vbd::runtime::runtime;
+use vbd::test_support::TempDir;
 use vbd::volume::object::{ObjectOptions, ObjectVolume, admin};
 use vbd::volume::sync::SyncDriver;
 use vbd::volume::{IoFlags, Op, Volume};
@@ -21,8 +22,7 @@ fn block(tag: u32) -> Vec<u8> {
 
 #[test]
 fn writes_stay_safe_while_uploads_fail_then_catch_up() {
-    let dir = std::env::temp_dir().join(format!("vbd-faults-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = TempDir::new("faults");
     let faults = Arc::new(Faults::new(0.0, 42));
     let store = Store::from_object_store(Arc::new(InMemory::new()), "memory://faults")
         .with_faults(faults.clone());
@@ -89,13 +89,11 @@ fn writes_stay_safe_while_uploads_fail_then_catch_up() {
     let s = vol.cache_stats();
     assert!(s.misses > 0, "cold reads went to the store");
     vol.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn garbage_collection_rewrites_sparse_chunks_and_keeps_data() {
-    let dir = std::env::temp_dir().join(format!("vbd-gc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = TempDir::new("gc");
     let store = Store::from_object_store(Arc::new(InMemory::new()), "memory://gc");
     runtime()
         .block_on(admin::create(&store, "g", 64 << 20))
@@ -158,5 +156,4 @@ fn garbage_collection_rewrites_sparse_chunks_and_keeps_data() {
     let vol = ObjectVolume::open(store.clone(), "g", opts("w2")).unwrap();
     check(&mut d, &vol);
     vol.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }

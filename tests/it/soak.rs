@@ -2,9 +2,9 @@
 //! fio's nbd engine round after round, while the server's memory is
 //! watched. CI runs a short form; the long form is by hand:
 //!
-//!   VBD_SOAK_SECS=600 cargo test --release --test soak -- --nocapture
+//!   VBD_SOAK_SECS=600 cargo test --release --test it soak:: -- --nocapture
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -13,19 +13,15 @@
 //! A second case attaches a read-only export: reads return the host's
 //! data, writes fail in the guest, and the file is unchanged.
 
-mod common;
-mod vm_common;
+use crate::common;
+use crate::vm_common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{MIB, TempDir, Vbd, assert_bytes_eq, free_port, pattern, require, run, wait_deadline};
 use vm_common::{guest_pattern, tag, test_guest};
-
-/// TCG guests are CPU-heavy: run one at a time.
-static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 /// How long the guest may take from boot to VBD-NBD-DONE; it needs about
 /// half a minute on an idle 2-core machine under TCG. Only a hang guard.
@@ -233,7 +229,7 @@ fn assert_clean_log(log: &str) {
 
 #[test]
 fn kernel_client_writes_discards_and_reads_back_through_vbd() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = vm_common::one_guest();
     require("qemu-img", "qemu-utils");
     let dir = TempDir::new("knbd-rw");
     // A disk full of the host's bytes, so that what the guest did not touch
@@ -319,7 +315,7 @@ fn kernel_client_writes_discards_and_reads_back_through_vbd() {
 
 #[test]
 fn kernel_client_reads_a_read_only_export_and_cannot_write_it() {
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = vm_common::one_guest();
     let dir = TempDir::new("knbd-ro");
     let t = tag("KNBDRO");
     // The guest expects its own pattern for `t` in the first 64 KiB.

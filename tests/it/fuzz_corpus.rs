@@ -1,14 +1,11 @@
 //! Replays the fuzz corpora through the library's target bodies, so plain
 //! `cargo test` on stable keeps every past finding and seed honest.
-//! `cargo test --test fuzz_corpus -- --ignored write_seeds` regenerates the
+//! `cargo test --test it fuzz_corpus::write_seeds -- --ignored` regenerates the
 //! hand-made seeds (named `seed-*`; fuzzer findings keep their hash names).
-
-mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{go_data, meta_data, nbd_option};
-
+use vbd::nbd::client::{go_data, meta_data, option, put_request};
 use vbd::nbd::wire::*;
 use vbd::volume::object::format::{
     self as fmt, BLOCK, CHUNK_HEADER, IndexEntry, Kind, RecordHeader, SEGMENT_HEADER,
@@ -72,7 +69,7 @@ fn replay_every_corpus() {
 }
 
 fn opt(out: &mut Vec<u8>, o: u32, data: &[u8]) {
-    out.extend(nbd_option(o, data));
+    out.extend(option(o, data));
 }
 
 fn handshake_seeds() -> Vec<Vec<u8>> {
@@ -134,6 +131,7 @@ fn handshake_seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// A request; a WRITE's payload is 0xa5 bytes.
 fn req(
     out: &mut Vec<u8>,
     extended: bool,
@@ -143,21 +141,7 @@ fn req(
     offset: u64,
     len: u64,
 ) {
-    let magic = if extended {
-        EXTENDED_REQUEST_MAGIC
-    } else {
-        REQUEST_MAGIC
-    };
-    out.extend_from_slice(&magic.to_be_bytes());
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&cmd.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    if extended {
-        out.extend_from_slice(&len.to_be_bytes());
-    } else {
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-    }
+    put_request(out, extended, flags, cmd, cookie, offset, len);
     if cmd == CMD_WRITE {
         out.extend(std::iter::repeat_n(0xa5, len as usize));
     }

@@ -1,45 +1,31 @@
 //! Helpers shared by the VM integration tests.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
+use vbd::lock::MutexExt;
 use vbd::server::{Registry, Server, ServerConfig};
 use vbd::vm::config::{RunPaths, VmConfig, argv};
 use vbd::vm::qmp::Qmp;
 use vbd::volume::memory::MemoryVolume;
 
-/// A directory removed when dropped.
-pub struct TempDir(pub PathBuf);
+pub use vbd::test_support::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vbd-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// TCG guests are CPU-heavy: the tests that boot one hold this guard, so
+/// only one guest runs at a time across the whole test binary.
+pub fn one_guest() -> MutexGuard<'static, ()> {
+    static ONE_GUEST: Mutex<()> = Mutex::new(());
+    ONE_GUEST.locked()
 }
 
 /// An in-process vbd NBD server with memory exports.
 pub struct VbdServer {
-    pub dir: TempDir,
+    /// Holds the socket; removed with the server (kept if a test fails).
+    _dir: TempDir,
     pub socket: PathBuf,
     pub registry: Arc<Registry>,
     server: Option<Server>,
@@ -48,7 +34,7 @@ pub struct VbdServer {
 impl VbdServer {
     pub fn start(exports: &[(&str, u64)]) -> VbdServer {
         let dir = TempDir::new("srv");
-        let socket = dir.0.join("nbd.sock");
+        let socket = dir.join("nbd.sock");
         let registry = Arc::new(Registry::new());
         for (name, size) in exports {
             registry
@@ -62,7 +48,7 @@ impl VbdServer {
         };
         let server = Server::start(cfg, registry.clone()).unwrap();
         VbdServer {
-            dir,
+            _dir: dir,
             socket,
             registry,
             server: Some(server),
@@ -82,7 +68,8 @@ impl Drop for VbdServer {
 pub struct Qemu {
     pub child: Child,
     pub paths: RunPaths,
-    pub dir: TempDir,
+    /// Holds QMP socket, pidfile and serial log (kept if a test fails).
+    _dir: TempDir,
 }
 
 impl Qemu {
@@ -90,9 +77,9 @@ impl Qemu {
         let dir = TempDir::new("qemu");
         let paths = RunPaths {
             nbd_socket: srv.socket.clone(),
-            qmp_socket: dir.0.join("qmp.sock"),
-            pidfile: dir.0.join("qemu.pid"),
-            serial_log: dir.0.join("serial.log"),
+            qmp_socket: dir.join("qmp.sock"),
+            pidfile: dir.join("qemu.pid"),
+            serial_log: dir.join("serial.log"),
         };
         let args = argv(cfg, &paths).unwrap();
         let child = Command::new(&args[0])
@@ -101,7 +88,11 @@ impl Qemu {
             .stdin(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64 must be installed");
-        let q = Qemu { child, paths, dir };
+        let q = Qemu {
+            child,
+            paths,
+            _dir: dir,
+        };
         wait_for_path(&q.paths.qmp_socket, Duration::from_secs(20));
         q
     }
