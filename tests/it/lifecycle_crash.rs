@@ -8,7 +8,7 @@
 //! garbage collection (run offline every few rounds, deleting at once)
 //! never deleted a chunk a snapshot or clone still needs.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};

@@ -4,8 +4,7 @@
 //! plus its own marker, the golden snapshot is unchanged, and the store
 //! holds the golden data once.
 
-mod common;
-mod vm_common;
+use crate::{common, vm_common};
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -35,6 +34,7 @@ fn wait_serial(log: &PathBuf, marker: &str, limit: Duration) {
 
 #[test]
 fn four_guests_boot_from_clones_of_one_golden_image() {
+    let _one = vm_common::one_guest();
     let (kernel, initrd) = vm_common::test_guest(&[], "initrd.img");
     let dir = TempDir::new("lc-fleet");
     let store = format!("file://{}", dir.join("store").display());

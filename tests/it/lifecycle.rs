@@ -5,7 +5,7 @@
 //! resize, garbage collection back to the golden image's size, on a local
 //! directory, the embedded S3 endpoint and moto.
 
-mod common;
+use crate::common;
 
 use std::io::BufRead;
 use std::os::unix::fs::MetadataExt;
