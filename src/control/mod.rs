@@ -3,7 +3,7 @@
 //! `http` the small HTTP/1.1 both ends speak, `client` the blocking client
 //! the CLI uses), the volumes it manages (`volumes`, opened through
 //! `factory` like `vbd serve --export`'s), the supervisor's view of them
-//! (`vm_volumes`), what `/metrics` (`metrics`, `prometheus`) and
+//! (`vm_volumes`), their snapshots, clones and resizes (`lifecycle`), what `/metrics` (`metrics`, `prometheus`) and
 //! `/v1/status` (`status`) report, and `service`, which starts it all beside
 //! the NBD server. It runs on [`crate::runtime`], beside the reactors, never
 //! on them.
@@ -13,6 +13,7 @@ pub mod client;
 pub mod error;
 pub mod factory;
 pub mod http;
+mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod prometheus;
