@@ -15,6 +15,7 @@
 
 mod ceph_common;
 mod common;
+mod crash_common;
 mod vm_common;
 
 mod activation;
