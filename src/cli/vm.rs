@@ -10,8 +10,8 @@ use serde_json::Value;
 use super::{ControlArg, print};
 use vbd::control::client::ControlClient;
 use vbd::control::model::{
-    Accel, AttachRequest, CreateVolume, Disk, DiskInfo, DiskTransport, DiskTuning, MAX_READ, Role,
-    Source, VmConfig, VmInfo, VmState, VolumeListing,
+    Accel, AttachRequest, CloneRequest, CreateVolume, Disk, DiskInfo, DiskTransport, DiskTuning,
+    MAX_READ, ResizeRequest, Role, Source, VmConfig, VmInfo, VmState, VolumeListing,
 };
 use vbd::size::parse_size;
 
@@ -60,6 +60,8 @@ enum VmCommand {
     /// Create, list, delete and read the volumes VMs use.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshot every object-volume disk of a running VM (VOLUME@SNAP each).
+    Snapshot { vm: String, snapshot: String },
 }
 
 /// `vbd vm run` arguments.
@@ -254,6 +256,11 @@ pub(crate) fn run(args: VmArgs) -> Result<()> {
             format!("detached {volume} from VM {vm}\n")
         }
         VmCommand::Volume(cmd) => return run_volume(&c, cmd),
+        VmCommand::Snapshot { vm, snapshot } => c
+            .snapshot_vm(&vm, &snapshot)?
+            .iter()
+            .map(|d| format!("snapshot {}@{} taken\n", d.volume, d.snapshot.name))
+            .collect(),
     };
     print(text.as_bytes())
 }
@@ -326,6 +333,24 @@ enum VolumeCommand {
     List,
     /// Forget a volume (a file backend's file stays on disk).
     Delete { name: String },
+    /// Snapshot an object volume the server has open: NAME@SNAP.
+    Snapshot { name: String },
+    /// Clone NAME@SNAP into NEW, in the same store.
+    Clone {
+        snapshot: String,
+        new: String,
+        /// Also open the clone here, ready to attach to a VM.
+        #[arg(long)]
+        open: bool,
+    },
+    /// Resize an object volume the server has open; clients see the new size.
+    Resize {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        #[arg(long)]
+        allow_shrink: bool,
+    },
     /// Copy bytes of a volume to stdout.
     Read {
         name: String,
@@ -380,6 +405,45 @@ fn run_volume(c: &ControlClient, command: VolumeCommand) -> Result<()> {
             offset,
             length,
         } => return read_volume(c, &name, offset, length),
+        VolumeCommand::Snapshot { name } => {
+            let Some((volume, snap)) = name.split_once('@') else {
+                bail!("{name:?}: name the snapshot as VOLUME@SNAPSHOT");
+            };
+            let m = c.snapshot(volume, snap)?;
+            format!("snapshot {volume}@{} taken\n", m.name)
+        }
+        VolumeCommand::Clone {
+            snapshot,
+            new,
+            open,
+        } => {
+            let Some((volume, snap)) = snapshot.split_once('@') else {
+                bail!("{snapshot:?}: name the snapshot as VOLUME@SNAPSHOT");
+            };
+            let r = c.clone_volume(
+                volume,
+                &CloneRequest {
+                    snapshot: snap.to_owned(),
+                    name: new,
+                    open,
+                },
+            )?;
+            format!(
+                "created clone {} of {} ({} bytes){}\n",
+                r.name,
+                r.parent,
+                r.size,
+                if r.opened { ", open" } else { "" }
+            )
+        }
+        VolumeCommand::Resize {
+            name,
+            size,
+            allow_shrink,
+        } => {
+            let r = c.resize(&name, &ResizeRequest { size, allow_shrink })?;
+            format!("resized {name} from {} to {} bytes\n", r.old_size, r.size)
+        }
     };
     print(text.as_bytes())
 }

@@ -188,7 +188,7 @@ impl Sources {
                     ("backend", e.volume.backend()),
                     ("read_only", ro),
                 ],
-                e.info.size,
+                e.volume.size(),
             );
         }
         t.family(
@@ -371,7 +371,7 @@ impl Sources {
             .filter_map(|(n, v)| v.counters().map(|c| (n, c)))
             .collect();
         type Field = fn(&crate::volume::object::ObjectCounters) -> u64;
-        let families: [(&str, Kind, &str, Field); 19] = [
+        let families: [(&str, Kind, &str, Field); 23] = [
             (
                 "vbd_cache_hits_total",
                 Kind::Counter,
@@ -486,7 +486,37 @@ impl Sources {
                 "Extent-map checkpoints written.",
                 |c| c.checkpoints,
             ),
+            (
+                "vbd_volume_snapshots",
+                Kind::Gauge,
+                "Snapshots of the volume.",
+                |c| c.snapshots,
+            ),
+            (
+                "vbd_volume_clone_layers",
+                Kind::Gauge,
+                "Parent snapshots a clone reads through (0: not a clone).",
+                |c| c.layers,
+            ),
+            (
+                "vbd_volume_shared_bytes",
+                Kind::Gauge,
+                "Bytes a clone reads from its parents' chunks, shared with them and their other clones.",
+                |c| c.shared_bytes,
+            ),
+            (
+                "vbd_volume_own_bytes",
+                Kind::Gauge,
+                "Bytes of data in the volume's own chunks that its map points at.",
+                |c| c.own_bytes,
+            ),
         ];
+        t.single(
+            "vbd_clones_open",
+            Kind::Gauge,
+            "Open object volumes that are clones (read through a parent snapshot).",
+            volumes.iter().filter(|(_, c)| c.layers > 0).count(),
+        );
         for (name, kind, help, field) in families {
             t.family(name, kind, help);
             for (v, c) in &volumes {

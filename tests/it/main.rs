@@ -15,6 +15,7 @@
 
 mod ceph_common;
 mod common;
+mod crash_common;
 mod vm_common;
 
 mod activation;
@@ -24,6 +25,9 @@ mod clients;
 mod fuzz_corpus;
 mod kernel_nbd_client;
 mod large_requests;
+mod lifecycle;
+mod lifecycle_crash;
+mod lifecycle_vm;
 mod limits;
 mod metrics;
 mod object;

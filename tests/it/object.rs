@@ -10,6 +10,7 @@ use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::crash_common::{Allowed, crash_seed, tag_of};
 use common::*;
 use serde_json::Value;
 
@@ -430,28 +431,6 @@ except Exception as e:
     out("E", e)
 "#;
 
-/// Per block: the value that must have survived and others that may have.
-#[derive(Clone, Default)]
-struct Allowed {
-    durable: u64,
-    maybe: Vec<u64>,
-}
-
-/// Decodes a block written by the writer: its tag, 0 for zeroes, or None
-/// if the block is neither (torn or corrupt).
-fn tag_of(block: &[u8], blk: u64) -> Option<u64> {
-    if block.iter().all(|&b| b == 0) {
-        return Some(0);
-    }
-    let tag = u64::from_le_bytes(block[..8].try_into().unwrap());
-    let mut want = Vec::with_capacity(4096);
-    for _ in 0..256 {
-        want.extend_from_slice(&tag.to_le_bytes());
-        want.extend_from_slice(&blk.to_le_bytes());
-    }
-    (block == want.as_slice()).then_some(tag)
-}
-
 #[test]
 fn acknowledged_writes_survive_sigkill_50_rounds() {
     require("nbdcopy", "libnbd-bin");
@@ -460,23 +439,7 @@ fn acknowledged_writes_survive_sigkill_50_rounds() {
     let wal = e.wal(1);
     let nblocks = 2048u64;
     let spec = format!("name=c,store={store},size=16M");
-    let seed0: u64 = std::env::var("VBD_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(1)
-        });
-    eprintln!("crash test seed {seed0} (set VBD_CRASH_SEED to repeat)");
-    let mut rng = seed0 | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let (seed0, mut next) = crash_seed();
     let mut allowed: HashMap<u64, Allowed> = HashMap::new();
     let mut v = serve("crash-srv", &spec, &wal, &[]);
     let mut total_acked = 0;

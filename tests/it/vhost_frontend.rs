@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::common::{TempDir, Vbd, qemu_io};
+use crate::common::{TempDir, Vbd, qemu_io, vbd_cmd};
 use crate::metrics::{scrape_unix, status_json, status_text, wait_until};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -287,6 +287,19 @@ fn connect(s: &Served) -> Frontend {
         std::thread::sleep(Duration::from_millis(5));
     }
     connect_to(&s.sock)
+}
+
+/// Waits for a device's socket to appear.
+fn wait_for_socket(sock: &Path) {
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} did not appear",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn connect_to(sock: &Path) -> Frontend {
@@ -908,6 +921,8 @@ fn serve_exports_a_vhost_user_socket_beside_nbd_and_reports_it() {
         sock.display()
     );
     let mut vbd = Vbd::start_in(dir, &["--threads", "2", "--export", &spec]);
+    // vbd greets on NBD as soon as its cores run; the device comes next.
+    wait_for_socket(&sock);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
     let printed = vbd.printed_uris(2).join("\n");
@@ -1075,4 +1090,51 @@ fn a_resize_is_enforced_reported_and_announced_on_the_backend_channel() {
         matches!(std::io::Read::read(&mut ours, &mut b), Ok(0)),
         "the old channel was closed, not written to"
     );
+}
+
+/// `vbd volume resize` of an object export served over vhost-user (routed
+/// to the server that has it open): the attached frontend hears
+/// CONFIG_CHANGE_MSG and reads the new capacity, as QEMU would before
+/// telling the guest.
+#[test]
+fn resizing_an_export_tells_its_vhost_user_frontend() {
+    let dir = TempDir::new("vhost-resize");
+    let store = format!("file://{}", dir.join("store").display());
+    let wal = dir.join("wal").display().to_string();
+    let sock = dir.join("v.vhost");
+    let spec = format!(
+        "name=v,backend=object,store={store},volume=v,size=16M,vhost-user={}",
+        sock.display()
+    );
+    let _vbd = Vbd::start_in(dir, &["--wal-dir", &wal, "--export", &spec]);
+    wait_for_socket(&sock);
+    let mut f = connect_to(&sock);
+    negotiate(&mut f);
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    f.set_backend_request_fd(&theirs).unwrap();
+    drop(theirs);
+    assert_eq!(capacity(&mut f), (16 << 20) / 512);
+    let out = vbd_cmd(
+        &[
+            "volume",
+            "resize",
+            "--store",
+            &store,
+            "--wal-dir",
+            &wal,
+            "v",
+            "64M",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success() && out.stdout.contains("to 67108864"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(backend_message(&mut ours), (2, 1, 0));
+    assert_eq!(capacity(&mut f), (64 << 20) / 512);
 }

@@ -14,7 +14,9 @@ use super::layout::{self, Keys, WriterLock};
 use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
-use super::{Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, upload};
+use super::{
+    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, clone, refs, snapshot, upload,
+};
 use crate::error::Chain;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
@@ -123,16 +125,41 @@ impl Drop for ObjectVolume {
 
 /// Takes the writer lock, recovers the map and the WAL, and starts the
 /// WAL thread and the uploader.
-async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVolume, ObjectError> {
-    let desc = layout::read_descriptor(&store, name).await?;
-    let keys = Keys::new(name);
+async fn open(
+    store: Store,
+    name: &str,
+    mut opts: ObjectOptions,
+) -> Result<ObjectVolume, ObjectError> {
+    // `volume@snapshot` names a snapshot, which is only ever read.
+    let (volume, snap) = snapshot::split(name);
+    if snap.is_some() {
+        opts.read_only = true;
+    }
+    let mut desc = layout::read_descriptor(&store, volume).await?;
+    let keys = Keys::new(volume);
     let wal_dir = layout::wal_dir(&opts.wal_root, store.url(), name);
     let lock = if opts.read_only {
         None
     } else {
-        Some(WriterLock::take(&store, name, &wal_dir).await?)
+        Some(WriterLock::take(&store, volume, &wal_dir).await?)
     };
-    let mut mapped = load_map(&store, &keys).await?;
+    let mut snapshots = 0;
+    let (mut mapped, layers) = match snap {
+        Some(snap) => {
+            let (m, meta) = snapshot::load(&store, volume, snap).await?;
+            desc.size = meta.size;
+            (m, meta.layers)
+        }
+        None => {
+            let mut m = load_map(&store, &keys).await?;
+            let layers = clone::apply_parent(&store, volume, &mut m).await?;
+            if !opts.read_only {
+                m.pinned = refs::pinned_chunks(&store, volume).await?;
+                snapshots = snapshot::names(&store, volume).await?.len() as u64;
+            }
+            (m, layers)
+        }
+    };
     let store_seq = mapped.max_seq;
     // A damaged but checksummed index could claim the last sequence number.
     let next_seq = store_seq
@@ -169,9 +196,11 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
     let budget = opts.cache.budget(name);
     let synced = dirty.appended;
     let replayed = dirty.segments.len();
+    let stats = ObjectStats::default();
+    stats.snapshots.store(snapshots, Ordering::Relaxed);
     let inner = Arc::new(Inner {
         name: name.to_owned(),
-        size: desc.size,
+        size: AtomicU64::new(desc.size),
         store,
         keys,
         cache: BlockCache::new(budget),
@@ -184,10 +213,15 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
         last_read_end: AtomicU64::new(u64::MAX),
         stopping: AtomicBool::new(false),
         abort: AtomicBool::new(false),
-        stats: ObjectStats::default(),
+        stats,
         read_only: opts.read_only,
         opts,
         lock: Mutex::new(lock),
+        layers: RwLock::new(layers),
+        upload_limit: AtomicU64::new(u64::MAX),
+        admin: Mutex::new(()),
+        gc: tokio::sync::Mutex::new(()),
+        resize_hooks: Mutex::new(Vec::new()),
     });
     let (wal_thread, uploader) = if inner.read_only {
         (None, None)
