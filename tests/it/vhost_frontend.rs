@@ -1026,6 +1026,15 @@ fn capacity(f: &mut Frontend) -> u64 {
     u64::from_le_bytes(space[..8].try_into().unwrap())
 }
 
+/// Gives the device a backend request channel; returns the frontend's end.
+fn backend_channel(f: &mut Frontend) -> std::os::unix::net::UnixStream {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    f.set_backend_request_fd(&theirs).unwrap();
+    ours
+}
+
 /// Reads one backend-channel message header: (request, flags, size).
 fn backend_message(ch: &mut std::os::unix::net::UnixStream) -> (u32, u32, u32) {
     use std::io::Read;
@@ -1045,11 +1054,7 @@ fn a_resize_is_enforced_reported_and_announced_on_the_backend_channel() {
     let s = serve(1, false);
     let mut f = connect(&s);
     negotiate(&mut f);
-    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    ours.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    f.set_backend_request_fd(&theirs).unwrap();
-    drop(theirs);
+    let mut ours = backend_channel(&mut f);
     let mut g = Guest::new();
     start_queue(&mut f, &g);
     let sectors = DISK / 512;
@@ -1110,11 +1115,7 @@ fn resizing_an_export_tells_its_vhost_user_frontend() {
     wait_for_socket(&sock);
     let mut f = connect_to(&sock);
     negotiate(&mut f);
-    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    ours.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    f.set_backend_request_fd(&theirs).unwrap();
-    drop(theirs);
+    let mut ours = backend_channel(&mut f);
     assert_eq!(capacity(&mut f), (16 << 20) / 512);
     let out = vbd_cmd(
         &[
