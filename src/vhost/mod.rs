@@ -75,9 +75,12 @@
 //! FLUSH, and writes, discards and zeroing while the driver has the write
 //! cache off (CONFIG_WCE: writeback=0), complete only once durable.
 //!
-//! # Left for later
-//! The supervisor's vhost-user argv and hot attach/detach; restart-under-
-//! fio tests; benchmarks against the raw file and qemu-storage-daemon.
+//! # Resize
+//! [`device::VhostUserDevice::set_capacity`] changes the capacity the
+//! queues enforce (an atomic in the shared device state, read per chain)
+//! and GET_CONFIG reports, and announces it with CONFIG_CHANGE_MSG on the
+//! backend request channel; see [`device`] for how vbd keeps that channel
+//! (the `vhost` crate's `Backend` cannot send the message).
 
 mod chain;
 pub mod config;
