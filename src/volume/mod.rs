@@ -234,6 +234,11 @@ pub trait Volume: Send + Sync + 'static {
     /// Called once when the server stops, after the final flush: a backend
     /// with background work finishes or hands it off here.
     fn shutdown(&self) {}
+    /// The object volume behind this one, for what only object volumes do
+    /// (release to another host, writer generations); `None` otherwise.
+    fn as_object(&self) -> Option<&object::ObjectVolume> {
+        None
+    }
     /// Begins `io`.
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>>;
     /// Continues `io` after the work it queued finished.

@@ -4,8 +4,9 @@ use serde::Serialize;
 
 use tracing::info;
 
+use super::generation;
 use super::layout::{self, Descriptor, Keys};
-use super::{ObjectError, ObjectOptions, ObjectVolume};
+use super::{CloseOutcome, Durability, ObjectError, ObjectOptions, ObjectVolume};
 use crate::objstore::Store;
 use crate::runtime::runtime;
 
@@ -21,8 +22,18 @@ pub struct VolumeInfo {
     pub stored_bytes: u64,
     /// Checkpoint objects in the store.
     pub checkpoints: u64,
-    /// The process holding the writer lock, if any.
+    /// The process holding the volume for writing, if any.
     pub locked_by: Option<String>,
+    /// The newest writer generation (0: never opened for writing since
+    /// vbd had generations).
+    pub generation: u64,
+    /// Whether that generation released the volume cleanly (nothing left
+    /// in its WAL: another host opens it with nothing to recover).
+    pub released: bool,
+    /// What that generation's FLUSH promised (`local` or `store`).
+    pub durability: Option<Durability>,
+    /// The generation it took the volume over from without a release, if any.
+    pub took_over_from: Option<u64>,
 }
 
 /// Creates an empty volume: only a descriptor, so any size is instant and
@@ -79,7 +90,8 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         .filter(|(k, _)| k.contains("/checkpoints/"))
         .count() as u64;
     let stored_bytes = objects.iter().map(|(_, s)| s).sum();
-    let locked_by = layout::lock_owner(store, name)
+    let h = generation::holding(store, &keys).await?;
+    let legacy = layout::lock_owner(store, name)
         .await?
         .map(|o| format!("pid {} on {}", o.pid, o.host));
     Ok(VolumeInfo {
@@ -87,7 +99,50 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         chunks,
         stored_bytes,
         checkpoints,
-        locked_by,
+        locked_by: legacy.or_else(|| h.holder()),
+        generation: h.generation,
+        released: h.released,
+        durability: h.record.as_ref().map(|r| r.durability),
+        took_over_from: h.record.as_ref().and_then(|r| r.took_over),
+    })
+}
+
+/// Who holds a volume for writing, as text; `None` when nobody does.
+pub async fn holder(store: &Store, name: &str) -> Result<Option<String>, ObjectError> {
+    if let Some(o) = layout::lock_owner(store, name).await? {
+        return Ok(Some(format!("pid {} on {}", o.pid, o.host)));
+    }
+    Ok(generation::holding(store, &Keys::new(name)).await?.holder())
+}
+
+/// What `vbd volume take-over` (and `release` of a volume nobody serves)
+/// did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Handoff {
+    /// The generation that opened the volume and then released it.
+    pub generation: u64,
+    /// How it came to that generation (`released`, `stale-local`, `take-over`, ...).
+    pub handover: String,
+    /// What the previous holder may have lost, if it did not release.
+    pub loss: Option<String>,
+    /// Whether the volume is now released (free for any host).
+    pub released: bool,
+}
+
+/// Opens volume `name` for writing (fencing its holder if `opts.take_over`),
+/// which settles it at what the store and this host's WAL hold, and closes
+/// it again, releasing it for whichever host opens it next.
+pub fn settle(url: &str, name: &str, opts: ObjectOptions) -> Result<Handoff, ObjectError> {
+    let v = ObjectVolume::open(Store::open(url)?, name, opts)?;
+    let generation = v.generation();
+    let handover = v.handover().unwrap_or("read-only").to_owned();
+    let loss = v.loss_report().map(str::to_owned);
+    let released = matches!(v.release(), CloseOutcome::Released { .. });
+    Ok(Handoff {
+        generation,
+        handover,
+        loss,
+        released,
     })
 }
 
@@ -95,12 +150,12 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
 /// `force` (for a lock left by a machine that is gone).
 pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), ObjectError> {
     layout::read_descriptor(store, name).await?;
-    if let Some(o) = layout::lock_owner(store, name).await?
+    if let Some(owner) = holder(store, name).await?
         && !force
     {
         return Err(ObjectError::Locked {
             name: name.to_owned(),
-            owner: format!("pid {} on {}", o.pid, o.host),
+            owner,
         });
     }
     let keys = Keys::new(name);

@@ -81,6 +81,9 @@ pub enum ObjectError {
     /// The store claims the last sequence number: damage, not wear.
     #[error("volume {0:?} has no sequence numbers left")]
     SequenceExhausted(String),
+    /// Every generation number an id can carry has been used.
+    #[error("volume {0:?} has no writer generations left")]
+    GenerationsExhausted(String),
     /// A descriptor or lock object could not be serialised.
     #[error("cannot encode the {what}")]
     Encode {
@@ -194,6 +197,16 @@ pub enum RequestError {
     /// A read resolved to a chunk the map no longer knows: a bug, reported as EIO.
     #[error("chunk {0:016x} is not in the volume's map")]
     UnknownChunk(u64),
+    /// Another writer took the volume over: this one may not change it.
+    #[error(
+        "this writer (generation {generation}) was fenced by generation {by}, which took the volume over"
+    )]
+    Fenced {
+        /// This writer's generation.
+        generation: u64,
+        /// The generation that took over.
+        by: u64,
+    },
     /// A write's record (header and data, bytes) exceeds a whole segment.
     #[error("a {0}-byte record does not fit in a WAL segment")]
     RecordTooBig(usize),

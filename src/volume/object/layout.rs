@@ -52,6 +52,22 @@ impl Keys {
     pub fn checkpoint(&self, id: u64) -> String {
         format!("{}/checkpoints/{id:016x}", self.root)
     }
+    /// Prefix of the writer-generation records, for listing.
+    pub fn generations(&self) -> String {
+        format!("{}/gens", self.root)
+    }
+    /// The record of a generation, created if absent by the writer that takes it.
+    pub fn generation(&self, generation: u64) -> String {
+        format!("{}/gens/{generation:016x}", self.root)
+    }
+    /// The fences a generation started from, written before its first chunk.
+    pub fn generation_start(&self, generation: u64) -> String {
+        format!("{}/gens/{generation:016x}.start", self.root)
+    }
+    /// Written when a generation released the volume with nothing left locally.
+    pub fn generation_released(&self, generation: u64) -> String {
+        format!("{}/gens/{generation:016x}.released", self.root)
+    }
 }
 
 /// The id at the end of a chunk or checkpoint key.
@@ -216,9 +232,32 @@ impl Owner {
     }
 
     /// Whether the owner is this host's process that no longer runs.
-    fn is_stale(&self, me: &Owner) -> bool {
+    pub fn is_stale(&self, me: &Owner) -> bool {
         self.host == me.host && process_start(self.pid) != Some(self.started)
     }
+}
+
+/// Creates a volume's WAL directory and takes an exclusive flock on its
+/// `lock` file, so two processes on one host never share a WAL; the lock
+/// lasts as long as the returned file stays open.
+pub fn lock_wal_dir(name: &str, wal: &Path) -> Result<File, ObjectError> {
+    std::fs::create_dir_all(wal).map_err(|source| ObjectError::Local {
+        path: wal.to_owned(),
+        source,
+    })?;
+    let path = wal.join("lock");
+    let file = match File::create(&path) {
+        Ok(f) => f,
+        Err(source) => return Err(ObjectError::Local { path, source }),
+    };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(ObjectError::Locked {
+            name: name.to_owned(),
+            owner: "another vbd process on this host".into(),
+        });
+    }
+    Ok(file)
 }
 
 /// The one-writer lock: an exclusive flock on the local WAL directory and a
@@ -232,22 +271,7 @@ impl WriterLock {
     /// Takes the lock, replacing a lock object left by a dead process on
     /// this host.
     pub async fn take(store: &Store, name: &str, wal: &Path) -> Result<WriterLock, ObjectError> {
-        std::fs::create_dir_all(wal).map_err(|source| ObjectError::Local {
-            path: wal.to_owned(),
-            source,
-        })?;
-        let path = wal.join("lock");
-        let file = match File::create(&path) {
-            Ok(f) => f,
-            Err(source) => return Err(ObjectError::Local { path, source }),
-        };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(ObjectError::Locked {
-                name: name.to_owned(),
-                owner: "another vbd process on this host".into(),
-            });
-        }
+        let file = lock_wal_dir(name, wal)?;
         let key = Keys::new(name).lock();
         let me = Owner::me();
         let body = serde_json::to_vec(&me).map_err(|source| ObjectError::Encode {

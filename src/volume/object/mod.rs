@@ -14,10 +14,15 @@
 
 pub mod admin;
 pub mod cache;
+mod durability;
 mod error;
 mod extent_map;
+mod fence;
 pub mod format;
 pub mod fuzz;
+pub mod generation;
+#[cfg(test)]
+mod handoff_tests;
 pub mod layout;
 mod lifecycle;
 mod options;
@@ -38,14 +43,16 @@ use std::task::Poll;
 
 use self::cache::BlockCache;
 use self::format::BLOCK;
-use self::layout::{Keys, WriterLock};
+use self::layout::Keys;
 use self::state::{Dirty, Mapped};
 use self::wal::Wal;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
 use crate::volume::{Caps, Completer, Ctx, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
 
+pub use self::durability::Durability;
 pub use self::error::{ObjectError, RequestError, WalError};
+pub use self::lifecycle::CloseOutcome;
 pub use self::options::ObjectOptions;
 pub use self::stats::{ObjectCounters, ObjectStats};
 
@@ -76,8 +83,11 @@ pub(crate) struct Inner {
     abort: AtomicBool,
     stats: ObjectStats,
     read_only: bool,
-    /// Held while writable; released by a close that drained everything.
-    lock: Mutex<Option<WriterLock>>,
+    /// Closing: writes, FLUSH and FUA are refused while the WAL drains.
+    closing: AtomicBool,
+    /// The writer's generation, whether it was fenced, and what FLUSH
+    /// waits for.
+    fence: fence::Fence,
 }
 
 impl Inner {
@@ -116,7 +126,11 @@ impl ObjectVolume {
     fn check(&self, io: &Io) -> Result<(), VolumeError> {
         let b = BLOCK as u64;
         if io.op == Op::Flush {
-            return Ok(());
+            return if self.read_only {
+                Ok(())
+            } else {
+                self.refuse_if_closed()
+            };
         }
         if io.offset > self.inner.size || io.len > self.inner.size - io.offset {
             return Err(VolumeError::OutOfRange {
@@ -131,10 +145,29 @@ impl ObjectVolume {
                 block: BLOCK as u32,
             });
         }
-        if self.read_only && matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes) {
+        let changes = matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes);
+        if self.read_only && changes {
             return Err(VolumeError::ReadOnly);
         }
+        if changes {
+            self.refuse_if_closed()?;
+        }
         Ok(())
+    }
+}
+
+impl ObjectVolume {
+    /// Writes, FLUSH and FUA fail once the volume is closing (its WAL is
+    /// draining for a release) or its writer was fenced.
+    fn refuse_if_closed(&self) -> Result<(), VolumeError> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(VolumeError::Shutdown);
+        }
+        self.inner.fence.check()
     }
 }
 
@@ -178,6 +211,10 @@ impl Volume for ObjectVolume {
 
     fn shutdown(&self) {
         self.close();
+    }
+
+    fn as_object(&self) -> Option<&ObjectVolume> {
+        Some(self)
     }
 
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
