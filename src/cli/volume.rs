@@ -1,14 +1,21 @@
 //! `vbd volume`: create, list, inspect and delete object-store volumes,
-//! straight in the store (no running vbd needed).
+//! straight in the store (no running vbd needed); release a volume to
+//! another host (through the control API of the vbd serving it here) or
+//! take one over from a host that is gone.
 
-use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use super::default_store_url;
+use super::{ControlArg, default_store_url};
+use vbd::control::model::ReleaseRequest;
 use vbd::objstore::Store;
 use vbd::runtime::runtime;
 use vbd::size::parse_size;
-use vbd::volume::object::admin;
+use vbd::volume::object::generation;
+use vbd::volume::object::layout::{Keys, Owner, default_wal_root};
+use vbd::volume::object::{ObjectOptions, admin};
 
 #[derive(Args)]
 pub(crate) struct StoreArg {
@@ -53,6 +60,31 @@ pub(crate) enum VolumeCmd {
         store: StoreArg,
         name: String,
     },
+    /// Drain a volume's WAL to the store and release it, so another host
+    /// opens it with nothing to recover: through the control API of the vbd
+    /// on this host that serves it, or directly if its holder on this host
+    /// is gone (replaying the WAL it left here first).
+    Release {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        #[command(flatten)]
+        control: ControlArg,
+        /// Where this host keeps WALs (as `vbd serve --wal-dir`).
+        #[arg(long, value_name = "DIR")]
+        wal_dir: Option<PathBuf>,
+    },
+    /// Take a volume whose holder is gone or unreachable: fence its
+    /// generation, settle the volume at what the store holds, print what may
+    /// be lost, and release it for the next host to open.
+    TakeOver {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        /// Where this host keeps WALs (as `vbd serve --wal-dir`).
+        #[arg(long, value_name = "DIR")]
+        wal_dir: Option<PathBuf>,
+    },
     /// Delete a volume and all its objects.
     Delete {
         #[command(flatten)]
@@ -86,10 +118,119 @@ pub(crate) fn run(cmd: VolumeCmd) -> Result<()> {
             let i = rt.block_on(admin::info(&store.open()?, &name))?;
             println!("{}", serde_json::to_string_pretty(&i)?);
         }
+        VolumeCmd::Release {
+            store,
+            name,
+            control,
+            wal_dir,
+        } => release(&store, &name, &control, wal_dir)?,
+        VolumeCmd::TakeOver {
+            store,
+            name,
+            wal_dir,
+        } => {
+            let url = store.url();
+            let h = admin::settle(&url, &name, options(wal_dir, true))
+                .with_context(|| format!("taking over volume {name} in {url}"))?;
+            println!(
+                "took over volume {name} in {url} as generation {} ({})",
+                h.generation, h.handover
+            );
+            match &h.loss {
+                Some(loss) => println!("may be lost: {loss}"),
+                None => println!("nothing lost: the previous holder released the volume"),
+            }
+            if !h.released {
+                bail!("volume {name} could not be released after the take-over; see the log");
+            }
+            println!("released: any host can open volume {name} now");
+        }
         VolumeCmd::Delete { store, name, force } => {
             rt.block_on(admin::delete(&store.open()?, &name, force))?;
             println!("deleted volume {name}");
         }
+    }
+    Ok(())
+}
+
+fn options(wal_dir: Option<PathBuf>, take_over: bool) -> ObjectOptions {
+    ObjectOptions {
+        wal_root: wal_dir.unwrap_or_else(default_wal_root),
+        take_over,
+        ..ObjectOptions::default()
+    }
+}
+
+/// `vbd volume release`: asks the vbd on this host that holds the volume,
+/// or settles it here if that vbd is gone.
+fn release(
+    store: &StoreArg,
+    name: &str,
+    control: &ControlArg,
+    wal_dir: Option<PathBuf>,
+) -> Result<()> {
+    let url = store.url();
+    let h = runtime().block_on(generation::holding(&store.open()?, &Keys::new(name)))?;
+    let holder = match (&h.record, h.released) {
+        (_, true) => {
+            println!(
+                "volume {name} is not held (generation {} released it)",
+                h.generation
+            );
+            return Ok(());
+        }
+        (Some(r), false) => r.holder.clone(),
+        (None, false) => bail!(
+            "volume {name} is held by generation {}, whose record is unreadable; \
+             take it over with `vbd volume take-over`",
+            h.generation
+        ),
+    };
+    let me = Owner::me();
+    if holder.host != me.host {
+        bail!(
+            "volume {name} is held by pid {} on {}: release it there, or take it over with \
+             `vbd volume take-over` if that host is gone",
+            holder.pid,
+            holder.host
+        );
+    }
+    if holder.is_stale(&me) {
+        let s = admin::settle(&url, name, options(wal_dir, false))
+            .with_context(|| format!("releasing volume {name} in {url}"))?;
+        if !s.released {
+            bail!("volume {name} could not be drained to the store; see the log");
+        }
+        println!(
+            "released volume {name} (its holder, pid {}, is gone; generation {} drained what it left here)",
+            holder.pid, s.generation
+        );
+        return Ok(());
+    }
+    let client = control.client();
+    let reply = client
+        .release_volume(&ReleaseRequest {
+            store: url.clone(),
+            volume: name.to_owned(),
+        })
+        .with_context(|| {
+            format!(
+                "volume {name} is held by pid {} on this host; asking it through {} failed \
+                 (pass --control with that vbd's control socket)",
+                holder.pid,
+                client.socket.display()
+            )
+        })?;
+    match reply.outcome.as_str() {
+        "released" => println!(
+            "released volume {name} (export {}, generation {}): any host can open it now",
+            reply.export, reply.generation
+        ),
+        other => bail!(
+            "volume {name} (export {}, generation {}) was not released: {other}; see the server's log",
+            reply.export,
+            reply.generation
+        ),
     }
     Ok(())
 }

@@ -11,8 +11,8 @@ use thiserror::Error;
 
 use super::http::{self, HttpError};
 use super::model::{
-    AttachRequest, CreateVolume, DiskInfo, Done, ErrorBody, Status, StopOutcome, StopReply,
-    VmConfig, VmInfo, VolumeInfo, VolumeListing,
+    AttachRequest, CreateVolume, DiskInfo, Done, ErrorBody, ReleaseReply, ReleaseRequest, Status,
+    StopOutcome, StopReply, VmConfig, VmInfo, VolumeInfo, VolumeListing,
 };
 
 /// Why a control call failed.
@@ -153,6 +153,12 @@ impl ControlClient {
     pub fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
         let _: Done = self.delete(&format!("/v1/volumes/{name}"))?;
         Ok(())
+    }
+
+    /// `POST /v1/volumes/release`: drains and releases an object volume
+    /// this server serves.
+    pub fn release_volume(&self, req: &ReleaseRequest) -> Result<ReleaseReply, ClientError> {
+        self.call("POST", "/v1/volumes/release", Some(req))
     }
 
     /// `GET /v1/volumes/{name}/data`: `length` bytes (at most

@@ -45,6 +45,14 @@ pub enum ApiError {
         /// The volume's size in bytes.
         size: u64,
     },
+    /// No export or catalogued volume of this server is that object volume.
+    #[error("this vbd does not serve volume {volume:?} of store {store}")]
+    NotServed {
+        /// The store URL asked for.
+        store: String,
+        /// The volume's name in the store.
+        volume: String,
+    },
     /// Neither the catalog nor the server's exports has this name.
     #[error("no volume or export named {0:?}")]
     NoVolume(String),
@@ -93,7 +101,7 @@ impl ApiError {
             | ApiError::BadNumber(_)
             | ApiError::ReadTooLong(_)
             | ApiError::OutOfRange { .. } => 400,
-            ApiError::NoVolume(_) | ApiError::NoEndpoint(_) => 404,
+            ApiError::NoVolume(_) | ApiError::NoEndpoint(_) | ApiError::NotServed { .. } => 404,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::ExportExists(_) | ApiError::VolumeInUse { .. } => 409,
             ApiError::Read(_) | ApiError::Encode(_) => 500,
