@@ -34,6 +34,9 @@ pub struct VolumeInfo {
     pub durability: Option<Durability>,
     /// The generation it took the volume over from without a release, if any.
     pub took_over_from: Option<u64>,
+    /// Chunks and checkpoints that fenced generations put after their fence:
+    /// ignored by every reader, deleted by the holder's garbage collection.
+    pub fenced_objects: u64,
 }
 
 /// Creates an empty volume: only a descriptor, so any size is instant and
@@ -90,6 +93,13 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         .filter(|(k, _)| k.contains("/checkpoints/"))
         .count() as u64;
     let stored_bytes = objects.iter().map(|(_, s)| s).sum();
+    let fences = generation::read_fences(store, &keys).await?;
+    let fenced_objects = objects
+        .iter()
+        .filter(|(k, _)| k.contains("/chunks/") || k.contains("/checkpoints/"))
+        .filter_map(|(k, _)| layout::id_of(k))
+        .filter(|&id| !fences.counts(id))
+        .count() as u64;
     let h = generation::holding(store, &keys).await?;
     let legacy = layout::lock_owner(store, name)
         .await?
@@ -104,6 +114,7 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         released: h.released,
         durability: h.record.as_ref().map(|r| r.durability),
         took_over_from: h.record.as_ref().and_then(|r| r.took_over),
+        fenced_objects,
     })
 }
 
