@@ -7,8 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use vbd::nbd::client;
 use vbd::nbd::wire::*;
 use vbd::server::{Registry, Server, ServerConfig};
+use vbd::test_support::TempDir;
 use vbd::volume::memory::MemoryVolume;
 
 struct Client {
@@ -23,13 +25,8 @@ impl Client {
         s.read_exact(&mut greeting).expect("greeting");
         s.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
         // GO "m" with no info requests; simple replies.
-        let mut go = IHAVEOPT.to_be_bytes().to_vec();
-        go.extend_from_slice(&OPT_GO.to_be_bytes());
-        go.extend_from_slice(&7u32.to_be_bytes());
-        go.extend_from_slice(&1u32.to_be_bytes());
-        go.push(b'm');
-        go.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&go).unwrap();
+        s.write_all(&client::option(OPT_GO, &client::go_data("m", &[])))
+            .unwrap();
         loop {
             let mut h = [0u8; 20];
             s.read_exact(&mut h).unwrap();
@@ -48,12 +45,7 @@ impl Client {
     fn batch(&mut self, cmd: u16, depth: usize, payload: &[u8]) {
         self.buf.clear();
         for i in 0..depth as u64 {
-            self.buf.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            self.buf.extend_from_slice(&0u16.to_be_bytes());
-            self.buf.extend_from_slice(&cmd.to_be_bytes());
-            self.buf.extend_from_slice(&i.to_be_bytes());
-            self.buf.extend_from_slice(&(i * 4096).to_be_bytes());
-            self.buf.extend_from_slice(&4096u32.to_be_bytes());
+            client::put_request(&mut self.buf, false, 0, cmd, i, i * 4096, 4096);
             if cmd == CMD_WRITE {
                 self.buf.extend_from_slice(payload);
             }
@@ -66,8 +58,7 @@ impl Client {
 }
 
 fn loopback(c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("vbd-loopback-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = TempDir::new("loopback");
     let sock = dir.join("vbd.sock");
     let registry = Arc::new(Registry::new());
     registry
@@ -95,7 +86,6 @@ fn loopback(c: &mut Criterion) {
     g.finish();
     drop(client);
     let _ = server.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 criterion_group!(benches, loopback);

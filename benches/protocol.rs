@@ -4,6 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use vbd::nbd::client;
 use vbd::nbd::reply::{self, Extent};
 use vbd::nbd::request::{Decoder, Event};
 use vbd::nbd::wire::*;
@@ -13,21 +14,7 @@ fn requests(extended: bool, n: usize, write_len: u32) -> Vec<u8> {
     let mut out = Vec::new();
     for i in 0..n as u64 {
         let cmd = if write_len > 0 { CMD_WRITE } else { CMD_READ };
-        let magic = if extended {
-            EXTENDED_REQUEST_MAGIC
-        } else {
-            REQUEST_MAGIC
-        };
-        out.extend_from_slice(&magic.to_be_bytes());
-        out.extend_from_slice(&0u16.to_be_bytes());
-        out.extend_from_slice(&cmd.to_be_bytes());
-        out.extend_from_slice(&i.to_be_bytes());
-        out.extend_from_slice(&(i * 4096).to_be_bytes());
-        if extended {
-            out.extend_from_slice(&4096u64.to_be_bytes());
-        } else {
-            out.extend_from_slice(&4096u32.to_be_bytes());
-        }
+        client::put_request(&mut out, extended, 0, cmd, i, i * 4096, 4096);
         out.extend(std::iter::repeat_n(0u8, write_len as usize));
     }
     out

@@ -31,7 +31,10 @@ pub mod nbd;
 pub mod objstore;
 pub mod runtime;
 pub mod server;
+pub mod service;
 pub mod size;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod uring;
 pub mod vm;
 pub mod volume;

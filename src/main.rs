@@ -35,7 +35,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve volumes over NBD until SIGTERM or SIGINT.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
     /// Create, list, inspect and delete object-store volumes.
     #[command(subcommand)]
     Volume(cli::volume::VolumeCmd),
@@ -63,7 +63,7 @@ fn main() {
         LogFormat::Json => logs.json().with_current_span(false).init(),
     }
     let result = match cli.command {
-        Command::Serve(args) => cli::serve::run(args),
+        Command::Serve(args) => cli::serve::run(*args),
         Command::Volume(cmd) => cli::volume::run(cmd),
         Command::Objstore(cmd) => cli::objstore::run(cmd),
         Command::Vm(args) => cli::vm::run(args),

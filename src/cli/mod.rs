@@ -6,9 +6,13 @@
 //! `--export` and `--socket-group` values. This is the binary's edge, so it
 //! may use anyhow; the library never imports it.
 
+pub(crate) mod activation;
 pub(crate) mod export_spec;
 pub(crate) mod group;
+pub(crate) mod lifecycle;
 pub(crate) mod objstore;
+pub(crate) mod progress;
+pub(crate) mod route;
 pub(crate) mod serve;
 pub(crate) mod status;
 pub(crate) mod vm;

@@ -8,20 +8,26 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use tracing::info;
+use tracing::{info, warn};
 
+use super::activation::{self as passed_sockets, Sockets};
 use super::export_spec::ExportSpec;
 use super::group::parse_group;
 use super::{default_socket, default_store_url};
+use vbd::control::api::ControlSocket;
 use vbd::control::factory::{BackendSpec, VolumeFactory};
 use vbd::control::metrics::{self, Sources};
 use vbd::control::service::{ControlPlane, default_control_socket};
-use vbd::nbd::TlsMode;
+use vbd::nbd::{DEFAULT_MAX_PAYLOAD, HandshakeConfig, TlsMode};
 use vbd::server::{
     ConnConfig, DEFAULT_BUSY_POLL_US, Registry, Server, ServerConfig, SocketTuning, TlsOptions,
-    TlsServer, signals,
+    TlsServer, signals, stdio,
 };
+use vbd::service::activation;
+use vbd::service::notify::Notifier;
 use vbd::size::parse_size;
+use vbd::vm::config::DEFAULT_DISK_RECONNECT_DELAY_SECS;
+use vbd::vm::supervisor::{SupervisorConfig, VmsOnExit};
 
 /// `vbd serve` arguments.
 #[derive(Args)]
@@ -64,6 +70,12 @@ pub(crate) struct ServeArgs {
     /// Request data all connections together may hold, e.g. 1G.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     max_buffered_total: u64,
+    /// The largest READ or WRITE a client may send, e.g. 64M: advertised as
+    /// the maximum block size; longer requests get EINVAL (a WRITE's data
+    /// is read and dropped, so the connection goes on). At most
+    /// --max-buffered. Default: 64M, or --max-buffered if that is less.
+    #[arg(long, value_parser = parse_size)]
+    max_request: Option<u64>,
     /// Microseconds a core spins for more requests before it sleeps, after
     /// serving some; 0 sleeps at once (least CPU, most latency).
     #[arg(long, value_name = "US", default_value_t = DEFAULT_BUSY_POLL_US)]
@@ -93,6 +105,16 @@ pub(crate) struct ServeArgs {
     /// Seconds each VM gets to power off when vbd stops.
     #[arg(long, default_value_t = 30)]
     vm_stop_grace: u64,
+    /// What stopping vbd does to its VMs: stop them, or keep them running
+    /// for the next vbd to adopt (what the systemd unit uses; VMs on memory
+    /// volumes are stopped all the same).
+    #[arg(long, value_enum, default_value_t = VmsOnExitArg::Stop)]
+    vms_on_exit: VmsOnExitArg,
+    /// Seconds a VM's NBD disks hold guest I/O while vbd is away (a
+    /// restart) before failing it; 0 fails at once. A VM's own
+    /// disk_reconnect_delay_secs wins.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_DISK_RECONNECT_DELAY_SECS)]
+    disk_reconnect_delay: u32,
     /// TLS on TCP listeners (NBD STARTTLS): off, on (offered; plaintext
     /// clients are served too) or require (plaintext clients are refused).
     /// Unix sockets offer TLS when it is on but never require it.
@@ -113,6 +135,27 @@ pub(crate) struct ServeArgs {
     /// always serves them too).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Serve one NBD client on standard input and output (inetd style, as
+    /// libnbd's nbd_connect_command runs a server), then exit when it
+    /// disconnects. Logs go to stderr; no listener, control API or VMs.
+    #[arg(long, conflicts_with_all = ["unix", "tcp", "control", "run_dir", "metrics"])]
+    stdin: bool,
+}
+
+/// `--vms-on-exit` values.
+#[derive(Clone, Copy, ValueEnum)]
+enum VmsOnExitArg {
+    Stop,
+    Keep,
+}
+
+impl From<VmsOnExitArg> for VmsOnExit {
+    fn from(v: VmsOnExitArg) -> VmsOnExit {
+        match v {
+            VmsOnExitArg::Stop => VmsOnExit::Stop,
+            VmsOnExitArg::Keep => VmsOnExit::Keep,
+        }
+    }
 }
 
 /// `--tls` values.
@@ -138,17 +181,32 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 impl ServeArgs {
+    /// --max-request, or its default bounded by --max-buffered (in whole
+    /// 4 KiB blocks). Out of range becomes a value `validate` refuses.
+    fn max_payload(&self) -> u32 {
+        let bytes = self
+            .max_request
+            .unwrap_or_else(|| u64::from(DEFAULT_MAX_PAYLOAD).min(self.max_buffered / 4096 * 4096));
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
     /// The server settings these flags describe, without TLS (loaded after
-    /// the cheap checks) and with the default listener filled in.
-    fn server_config(&self) -> ServerConfig {
+    /// the cheap checks). The default listener is filled in unless clients
+    /// come `elsewhere` (sockets passed in, or standard input).
+    fn server_config(&self, elsewhere: bool) -> ServerConfig {
         let mut unix = self.unix.clone();
-        if unix.is_empty() && self.tcp.is_empty() {
+        if unix.is_empty() && self.tcp.is_empty() && !elsewhere {
             unix.push(default_socket());
         }
         ServerConfig {
             unix,
             tcp: self.tcp.clone(),
-            threads: self.threads,
+            // One client needs one core.
+            threads: if self.stdin && self.threads == 0 {
+                1
+            } else {
+                self.threads
+            },
             tuning: SocketTuning {
                 sndbuf: self.sndbuf.map(|v| v.min(u32::MAX.into()) as u32),
                 rcvbuf: self.rcvbuf.map(|v| v.min(u32::MAX.into()) as u32),
@@ -159,6 +217,10 @@ impl ServeArgs {
                 max_buffered: self.max_buffered,
                 max_buffered_total: self.max_buffered_total,
                 handshake_timeout: Duration::from_secs(self.handshake_timeout),
+                handshake: HandshakeConfig {
+                    max_payload: self.max_payload(),
+                    ..HandshakeConfig::default()
+                },
                 ..ConnConfig::default()
             },
             socket_mode: self.socket_mode,
@@ -171,6 +233,14 @@ impl ServeArgs {
 
 /// Runs `vbd serve` until a termination signal.
 pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
+    // SAFETY: main has parsed the command line and set up logging, neither
+    // of which starts a thread, so nothing else touches the environment.
+    let passed = unsafe { activation::take() }.context("socket activation")?;
+    // SAFETY: as above; still no other thread.
+    let notifier = unsafe { Notifier::from_env() }.unwrap_or_else(|e| {
+        warn!("{e}");
+        Notifier::disabled()
+    });
     let mut exports = std::mem::take(&mut args.export);
     if exports.is_empty() {
         // The embedded default: a 1 GiB object volume in the local store.
@@ -180,7 +250,10 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
         );
         exports.push(spec.parse().map_err(anyhow::Error::msg)?);
     }
-    let mut cfg = args.server_config();
+    let sockets = passed_sockets::by_role(passed, args.stdin)?;
+    let passed_any =
+        !sockets.nbd.is_empty() || sockets.control.is_some() || sockets.metrics.is_some();
+    let mut cfg = args.server_config(args.stdin || !sockets.nbd.is_empty());
     cfg.validate()?;
     cfg.tls = TlsServer::load(&TlsOptions {
         mode: args.tls.into(),
@@ -208,68 +281,165 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     }
     // Block termination signals before any thread starts, so only sigwait sees them.
     signals::block_termination().context("blocking SIGTERM/SIGINT")?;
-    let server = Server::start(cfg.clone(), registry.clone())?;
-    let control = match cfg.unix.first() {
-        Some(nbd) => Some(
+    if args.stdin {
+        return serve_one_client(cfg, registry, sockets, &notifier);
+    }
+    let server = Server::start_on(cfg.clone(), registry.clone(), sockets.nbd)?;
+    // The control API runs where it was asked for: on a socket passed in
+    // as `control`, on --control, or beside the first --unix socket. A
+    // passed NBD socket alone (libnbd starting vbd for itself) gets none.
+    let control_socket = match (sockets.control, &args.control) {
+        (Some(_), Some(path)) => anyhow::bail!(
+            "--control {} and a control socket passed in: give one of them",
+            path.display()
+        ),
+        (Some(passed), None) => Some(ControlSocket::Passed(passed)),
+        (None, Some(path)) => Some(ControlSocket::Bind(path.clone())),
+        (None, None) => cfg
+            .unix
+            .first()
+            .map(|nbd| ControlSocket::Bind(default_control_socket(nbd))),
+    };
+    let control = match (control_socket, server.unix_paths().first()) {
+        (Some(control), Some(nbd)) => Some(
             ControlPlane::start(
                 server.handle(),
-                nbd.clone(),
-                &args
-                    .control
-                    .clone()
-                    .unwrap_or_else(|| default_control_socket(nbd)),
-                args.run_dir
-                    .clone()
-                    .unwrap_or_else(|| nbd.with_file_name("vm")),
+                control,
+                {
+                    let run_dir = args
+                        .run_dir
+                        .clone()
+                        .unwrap_or_else(|| nbd.with_file_name("vm"));
+                    let mut vms = SupervisorConfig::new(nbd.clone(), run_dir);
+                    vms.disk_reconnect_delay_secs = args.disk_reconnect_delay;
+                    vms
+                },
                 factory,
             )
             .context("starting the control API")?,
         ),
-        None => {
-            info!("no --unix socket: control API and VMs are off");
+        (Some(_), None) => anyhow::bail!(
+            "the control API needs a Unix NBD socket for VMs to reach their disks: \
+             give --unix, or pass one (FileDescriptorName=nbd)"
+        ),
+        (None, _) => {
+            info!(
+                "no control socket: control API and VMs are off \
+                 (give --unix or --control, or pass a socket named control)"
+            );
             None
         }
     };
-    let metrics = match args.metrics {
-        Some(addr) => {
-            let sources = match &control {
-                Some(c) => c.sources.clone(),
-                None => Arc::new(Sources::server_only(server.handle())),
-            };
-            Some(
-                metrics::serve_tcp(addr, sources)
-                    .with_context(|| format!("starting the metrics listener on {addr}"))?,
-            )
-        }
-        None => None,
+    let sources = || match &control {
+        Some(c) => c.sources.clone(),
+        None => Arc::new(Sources::server_only(server.handle())),
     };
-    print_urls(&cfg, &server, &registry);
+    let metrics = match (sockets.metrics, args.metrics) {
+        (Some(_), Some(addr)) => {
+            anyhow::bail!("--metrics {addr} and a metrics socket passed in: give one of them")
+        }
+        (Some(passed), None) => Some(
+            metrics::serve_listener(passed, sources())
+                .context("starting the metrics listener passed in")?,
+        ),
+        (None, Some(addr)) => Some(
+            metrics::serve_tcp(addr, sources())
+                .with_context(|| format!("starting the metrics listener on {addr}"))?,
+        ),
+        (None, None) => None,
+    };
+    // On stdout for people and scripts; but a server started with sockets
+    // passed in shares stdout with whoever started it (nbdinfo's output,
+    // say), so then they only go to the log.
+    for url in urls(&cfg, &server, &registry) {
+        if passed_any {
+            info!(%url, "serving");
+        } else {
+            println!("{url}");
+        }
+    }
+    notifier.ready(&format!(
+        "serving {} export(s) on {}",
+        registry.all().len(),
+        server.addresses().join(", ")
+    ));
     let sig = signals::wait_for_termination().context("waiting for SIGTERM/SIGINT")?;
     info!(signal = sig, "received termination signal");
+    notifier.stopping("stopping: finishing in-flight requests");
     if let Some(m) = metrics {
         m.shutdown();
     }
-    if let Some(control) = control {
-        control.stop(Duration::from_secs(args.vm_stop_grace));
+    match control {
+        Some(control) => control.shutdown(
+            server,
+            args.vms_on_exit.into(),
+            Duration::from_secs(args.vm_stop_grace),
+        )?,
+        None => server.stop()?,
     }
+    Ok(())
+}
+
+/// `--stdin`: serves the one client on standard input and output until it
+/// disconnects (or a termination signal). A socket passed in stands for
+/// standard input: a connection (a systemd unit with Accept=yes), or a
+/// listener, as libnbd's `[ CMD ]` (nbdcopy, nbdinfo) starts the server
+/// with socket activation and its client may open several connections;
+/// the server exits once they have come and gone.
+fn serve_one_client(
+    cfg: ServerConfig,
+    registry: Arc<Registry>,
+    sockets: Sockets,
+    notifier: &Notifier,
+) -> Result<()> {
+    if sockets.control.is_some() || sockets.metrics.is_some() {
+        info!("--stdin: closing the control and metrics sockets passed in");
+    }
+    let server = if let Some(conn) = sockets.connection {
+        info!("serving the client connection passed in");
+        Server::start_one(cfg, registry, conn, "passed connection".into())?
+    } else if sockets.nbd.is_empty() {
+        let stdio = stdio::take()?;
+        info!(
+            connected_by = stdio.kind,
+            "serving one client on standard input and output"
+        );
+        Server::start_one(cfg, registry, stdio.conn, "stdin".into())?
+    } else {
+        info!("--stdin with a socket passed in: serving its client, then exiting");
+        Server::start_on(cfg, registry, sockets.nbd)?
+    };
+    notifier.ready("serving one client");
+    // The client's going is noticed within this long.
+    let poll = Duration::from_millis(50);
+    let client_here = || server.accepted() == 0 || server.connections() > 0;
+    match signals::wait_for_termination_while(poll, client_here)
+        .context("waiting for the client or SIGTERM/SIGINT")?
+    {
+        Some(sig) => info!(signal = sig, "received termination signal"),
+        None => info!("the client disconnected"),
+    }
+    notifier.stopping("stopping");
     server.stop()?;
     Ok(())
 }
 
-/// One NBD URL per export and listener, on stdout, for people and scripts.
-fn print_urls(cfg: &ServerConfig, server: &Server, registry: &Registry) {
-    for path in &cfg.unix {
+/// One NBD URL per export and listener.
+fn urls(cfg: &ServerConfig, server: &Server, registry: &Registry) -> Vec<String> {
+    let mut out = Vec::new();
+    for path in server.unix_paths() {
         for e in registry.all() {
-            println!("nbd+unix:///{}?socket={}", e.name, path.display());
+            out.push(format!("nbd+unix:///{}?socket={}", e.name, path.display()));
         }
     }
-    for addr in server.addresses().iter().filter(|a| !a.starts_with('/')) {
+    for addr in server.tcp_addresses() {
         for scheme in TlsServer::tcp_schemes(cfg.tls.as_deref()) {
             for e in registry.all() {
-                println!("{scheme}://{addr}/{}", e.name);
+                out.push(format!("{scheme}://{addr}/{}", e.name));
             }
         }
     }
+    out
 }
 
 #[cfg(test)]
@@ -286,7 +456,10 @@ mod tests {
 
     fn config(argv: &[&str]) -> ServerConfig {
         let argv = std::iter::once("serve").chain(argv.iter().copied());
-        Serve::try_parse_from(argv).unwrap().args.server_config()
+        Serve::try_parse_from(argv)
+            .unwrap()
+            .args
+            .server_config(false)
     }
 
     #[test]
@@ -309,5 +482,39 @@ mod tests {
             refused(&["--max-buffered", "2G", "--max-buffered-total", "1G"]),
             ConfigError::Buffered
         );
+        assert_eq!(config(&[]).conn.handshake.max_payload, 64 << 20);
+        let small = config(&["--max-buffered", "8M"]);
+        assert_eq!(small.conn.handshake.max_payload, 8 << 20, "bounded");
+        assert_eq!(small.validate(), Ok(()));
+        assert_eq!(
+            config(&["--max-request", "128M", "--max-buffered", "128M"])
+                .conn
+                .handshake
+                .max_payload,
+            128 << 20
+        );
+        for bad in [
+            &["--max-request", "512M"][..], // over --max-buffered (256M)
+            &[
+                "--max-request",
+                "5G",
+                "--max-buffered",
+                "8G",
+                "--max-buffered-total",
+                "8G",
+            ],
+            &[
+                "--max-request",
+                "4G",
+                "--max-buffered",
+                "8G",
+                "--max-buffered-total",
+                "8G",
+            ],
+            &["--max-request", "32K"],
+            &["--max-request", "1000000"],
+        ] {
+            assert_eq!(refused(bad), ConfigError::MaxRequest, "{bad:?}");
+        }
     }
 }

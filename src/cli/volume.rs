@@ -1,21 +1,24 @@
 //! `vbd volume`: create, list, inspect and delete object-store volumes,
-//! straight in the store (no running vbd needed); release a volume to
-//! another host (through the control API of the vbd serving it here) or
-//! take one over from a host that is gone.
+//! straight in the store (no running vbd needed), their lifecycle
+//! (import, export, snapshots, clones, resize), which goes through a
+//! running `vbd serve` that has the volume open (see `lifecycle`), and
+//! their moves between hosts: release a volume to another host (through
+//! the control API of the vbd serving it here) or take one over from a
+//! host that is gone.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use super::{ControlArg, default_store_url};
+use super::{ControlArg, default_store_url, lifecycle, print};
 use vbd::control::model::ReleaseRequest;
 use vbd::objstore::Store;
 use vbd::runtime::runtime;
 use vbd::size::parse_size;
 use vbd::volume::object::generation;
 use vbd::volume::object::layout::{Keys, Owner, default_wal_root};
-use vbd::volume::object::{ObjectOptions, admin};
+use vbd::volume::object::{ObjectOptions, admin, snapshot};
 
 #[derive(Args)]
 pub(crate) struct StoreArg {
@@ -85,19 +88,112 @@ pub(crate) enum VolumeCmd {
         #[arg(long, value_name = "DIR")]
         wal_dir: Option<PathBuf>,
     },
-    /// Delete a volume and all its objects.
+    /// Delete a volume and all its objects (and its snapshots), or one
+    /// snapshot (NAME@SNAP). Refused while clones read through them.
     Delete {
         #[command(flatten)]
         store: StoreArg,
+        #[command(flatten)]
+        at: Where,
         name: String,
         /// Delete even if a writer lock is held (for a lock left by a lost machine).
         #[arg(long)]
         force: bool,
     },
+    /// Create NAME from an image file: raw is read directly, other formats
+    /// (qcow2, vmdk, vhdx, ...) through qemu-img. Zero blocks are not
+    /// stored. An interrupted import deletes what it made.
+    Import {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        at: Where,
+        name: String,
+        file: PathBuf,
+        /// The image's format (default: what qemu-img detects; raw without qemu-img).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Write a volume or snapshot (NAME[@SNAP]) to a sparse raw file.
+    Export {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        at: Where,
+        name: String,
+        file: PathBuf,
+    },
+    /// Take a crash-consistent snapshot, NAME@SNAP (instant; no data copied).
+    Snapshot {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        at: Where,
+        name: String,
+    },
+    /// List a volume's snapshots: name, time, size and the bytes only each holds.
+    Snapshots {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+    },
+    /// Make NEW, a writable clone of NAME@SNAP (instant; reads through to it).
+    Clone {
+        #[command(flatten)]
+        store: StoreArg,
+        snapshot: String,
+        new: String,
+    },
+    /// Copy into a clone what it still reads from its parents, so they can go.
+    Flatten {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        at: Where,
+        name: String,
+    },
+    /// Grow a volume (instant), or shrink it with --allow-shrink (the tail is discarded).
+    Resize {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        at: Where,
+        name: String,
+        /// New size, e.g. 20G (a multiple of 4 KiB).
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        #[arg(long)]
+        allow_shrink: bool,
+    },
+    /// Collect garbage now: delete chunks no map or snapshot points into.
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        at: Where,
+        name: String,
+    },
+}
+
+/// Where a volume open in a running vbd is reached, and where it keeps its
+/// write-ahead log when opened here.
+#[derive(Args)]
+pub(crate) struct Where {
+    /// Control socket of the `vbd serve` that may have the volume open
+    /// (default: the default one, then the one the lock holder's command line names).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// WAL directory root when the volume is opened here (as `vbd serve --wal-dir`).
+    #[arg(long, value_name = "DIR")]
+    wal_dir: Option<PathBuf>,
 }
 
 /// Runs a `vbd volume` subcommand.
 pub(crate) fn run(cmd: VolumeCmd) -> Result<()> {
+    if matches!(cmd, VolumeCmd::Import { .. } | VolumeCmd::Export { .. }) {
+        // Before the runtime's threads start, so they inherit the mask.
+        lifecycle::catch_interrupts()?;
+    }
     let rt = runtime();
     match cmd {
         VolumeCmd::Create { store, name, size } => {
@@ -145,9 +241,105 @@ pub(crate) fn run(cmd: VolumeCmd) -> Result<()> {
             }
             println!("released: any host can open volume {name} now");
         }
-        VolumeCmd::Delete { store, name, force } => {
-            rt.block_on(admin::delete(&store.open()?, &name, force))?;
-            println!("deleted volume {name}");
+        VolumeCmd::Delete {
+            store,
+            at,
+            name,
+            force,
+        } => match snapshot::split(&name) {
+            (volume, Some(snap)) => {
+                lifecycle::delete_snapshot(&store.open()?, volume, snap, at.control.as_deref())?;
+                println!("deleted snapshot {name}");
+            }
+            (_, None) => {
+                rt.block_on(admin::delete(&store.open()?, &name, force))?;
+                println!("deleted volume {name}");
+            }
+        },
+        VolumeCmd::Import {
+            store,
+            at,
+            name,
+            file,
+            format,
+        } => {
+            let s = lifecycle::import(
+                &store.open()?,
+                &name,
+                &file,
+                format.as_deref(),
+                at.wal_dir.as_deref(),
+            )?;
+            print(s.as_bytes())?;
+        }
+        VolumeCmd::Export {
+            store,
+            at,
+            name,
+            file,
+        } => {
+            let s = lifecycle::export(
+                &store.open()?,
+                &name,
+                &file,
+                at.wal_dir.as_deref(),
+                at.control.as_deref(),
+            )?;
+            print(s.as_bytes())?;
+        }
+        VolumeCmd::Snapshot { store, at, name } => {
+            let s = lifecycle::snapshot(
+                &store.open()?,
+                &name,
+                at.wal_dir.as_deref(),
+                at.control.as_deref(),
+            )?;
+            print(s.as_bytes())?;
+        }
+        VolumeCmd::Snapshots { store, name } => {
+            print(lifecycle::snapshots(&store.open()?, &name)?.as_bytes())?;
+        }
+        VolumeCmd::Clone {
+            store,
+            snapshot,
+            new,
+        } => {
+            print(lifecycle::clone_volume(&store.open()?, &snapshot, &new)?.as_bytes())?;
+        }
+        VolumeCmd::Flatten { store, at, name } => {
+            let s = lifecycle::flatten(
+                &store.open()?,
+                &name,
+                at.wal_dir.as_deref(),
+                at.control.as_deref(),
+            )?;
+            print(s.as_bytes())?;
+        }
+        VolumeCmd::Resize {
+            store,
+            at,
+            name,
+            size,
+            allow_shrink,
+        } => {
+            let s = lifecycle::resize(
+                &store.open()?,
+                &name,
+                size,
+                allow_shrink,
+                at.wal_dir.as_deref(),
+                at.control.as_deref(),
+            )?;
+            print(s.as_bytes())?;
+        }
+        VolumeCmd::Gc { store, at, name } => {
+            let s = lifecycle::gc(
+                &store.open()?,
+                &name,
+                at.wal_dir.as_deref(),
+                at.control.as_deref(),
+            )?;
+            print(s.as_bytes())?;
         }
     }
     Ok(())

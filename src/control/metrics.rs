@@ -182,7 +182,7 @@ impl Sources {
                     ("backend", e.volume.backend()),
                     ("read_only", ro),
                 ],
-                e.info.size,
+                e.volume.size(),
             );
         }
         t.family(
@@ -254,7 +254,7 @@ impl Sources {
             .filter_map(|(n, v)| v.counters().map(|c| (n, c)))
             .collect();
         type Field = fn(&crate::volume::object::ObjectCounters) -> u64;
-        let families: [(&str, Kind, &str, Field); 19] = [
+        let families: [(&str, Kind, &str, Field); 23] = [
             (
                 "vbd_cache_hits_total",
                 Kind::Counter,
@@ -369,7 +369,37 @@ impl Sources {
                 "Extent-map checkpoints written.",
                 |c| c.checkpoints,
             ),
+            (
+                "vbd_volume_snapshots",
+                Kind::Gauge,
+                "Snapshots of the volume.",
+                |c| c.snapshots,
+            ),
+            (
+                "vbd_volume_clone_layers",
+                Kind::Gauge,
+                "Parent snapshots a clone reads through (0: not a clone).",
+                |c| c.layers,
+            ),
+            (
+                "vbd_volume_shared_bytes",
+                Kind::Gauge,
+                "Bytes a clone reads from its parents' chunks, shared with them and their other clones.",
+                |c| c.shared_bytes,
+            ),
+            (
+                "vbd_volume_own_bytes",
+                Kind::Gauge,
+                "Bytes of data in the volume's own chunks that its map points at.",
+                |c| c.own_bytes,
+            ),
         ];
+        t.single(
+            "vbd_clones_open",
+            Kind::Gauge,
+            "Open object volumes that are clones (read through a parent snapshot).",
+            volumes.iter().filter(|(_, c)| c.layers > 0).count(),
+        );
         for (name, kind, help, field) in families {
             t.family(name, kind, help);
             for (v, c) in &volumes {
@@ -447,6 +477,39 @@ fn render_vms(t: &mut Text, sup: &Supervisor) {
     ] {
         t.sample("vbd_vm_hotplug_total", &[("op", op), ("result", result)], n);
     }
+    t.single(
+        "vbd_vms_adopted",
+        Kind::Gauge,
+        "Running VMs this vbd adopted from an earlier vbd process.",
+        vms.iter()
+            .filter(|v| v.adopted_at_ms.is_some() && v.state == VmState::Running)
+            .count(),
+    );
+    t.family(
+        "vbd_vm_adoptions_total",
+        Kind::Counter,
+        "VMs found in the run directory at start, by what became of them: adopted; exited while vbd was away or pid_reused (both listed as crashed); failed (left running, unsupervised, run files kept).",
+    );
+    for (result, n) in [
+        ("adopted", e.adoptions),
+        ("exited", e.adoptions_exited),
+        ("pid_reused", e.adoptions_pid_reused),
+        ("failed", e.adoption_failures),
+    ] {
+        t.sample("vbd_vm_adoptions_total", &[("result", result)], n);
+    }
+    t.single(
+        "vbd_vm_disk_reconnects_total",
+        Kind::Counter,
+        "Disks of adopted VMs whose QEMU attached to their export again after the restart.",
+        e.disk_reconnects,
+    );
+    t.single(
+        "vbd_vm_disk_reconnect_seconds_total",
+        Kind::Counter,
+        "Seconds those disks took to reconnect, summed, from the old vbd letting go (or, after a kill, this vbd's start).",
+        e.disk_reconnect_ms as f64 / 1000.0,
+    );
 }
 
 /// The `/metrics` response.
@@ -474,7 +537,20 @@ impl MetricsServer {
 
 /// Serves `GET /metrics` over plain HTTP on `addr`, on the control runtime.
 pub fn serve_tcp(addr: SocketAddr, sources: Arc<Sources>) -> std::io::Result<MetricsServer> {
-    let listener = runtime().block_on(TcpListener::bind(addr))?;
+    serve_listener(std::net::TcpListener::bind(addr)?, sources)
+}
+
+/// Serves `GET /metrics` on a listening socket opened elsewhere (bound by
+/// [`serve_tcp`], or passed in by a service manager).
+pub fn serve_listener(
+    listener: std::net::TcpListener,
+    sources: Arc<Sources>,
+) -> std::io::Result<MetricsServer> {
+    listener.set_nonblocking(true)?;
+    let listener = {
+        let _rt = runtime().enter();
+        TcpListener::from_std(listener)?
+    };
     let addr = listener.local_addr()?;
     info!(%addr, "metrics listening (GET /metrics)");
     let permits = Arc::new(Semaphore::new(MAX_SCRAPES));

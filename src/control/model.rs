@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 
 pub use crate::server::ConnSummary;
 pub use crate::vm::config::{Accel, Disk, DiskTuning, Role, Source, VmConfig};
-pub use crate::vm::supervisor::{DiskInfo, StopOutcome, VmInfo, VmState};
+pub use crate::vm::supervisor::{DiskInfo, DiskReconnect, StopOutcome, VmInfo, VmState, VmsOnExit};
+pub use crate::volume::object::admin::VolumeInfo as StoreVolumeInfo;
+pub use crate::volume::object::snapshot::{SnapshotInfo, SnapshotMeta};
 
 /// Largest volume read one `GET /v1/volumes/{name}/data` returns.
 pub const MAX_READ: u64 = 1 << 20;
@@ -64,6 +66,81 @@ pub struct VolumeListing {
     pub exported: bool,
     /// The VM whose disk it is, if any.
     pub used_by: Option<String>,
+    /// An object volume's store URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// An object volume's name in its store (`volume@snapshot` for a
+    /// snapshot served read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_volume: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/snapshots` (and `/v1/vms/{name}/snapshots`):
+/// the snapshot to take.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// The snapshot's name (volume-name rules).
+    pub name: String,
+}
+
+/// `POST /v1/volumes/{name}/clones`: a clone of one of its snapshots.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CloneRequest {
+    /// The snapshot to clone.
+    pub snapshot: String,
+    /// The new volume's name, in the same store.
+    pub name: String,
+    /// Also open the clone in this server's catalog, ready to attach.
+    #[serde(default)]
+    pub open: bool,
+}
+
+/// What a clone request made.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CloneReply {
+    /// The new volume.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// `volume@snapshot` it reads through.
+    pub parent: String,
+    /// Whether it is now in the catalog.
+    pub opened: bool,
+}
+
+/// `POST /v1/volumes/{name}/resize`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ResizeRequest {
+    /// The new size in bytes.
+    pub size: u64,
+    /// Allow a smaller size (the tail is discarded).
+    #[serde(default)]
+    pub allow_shrink: bool,
+}
+
+/// What a resize did.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ResizeReply {
+    /// Bytes before.
+    pub old_size: u64,
+    /// Bytes now.
+    pub size: u64,
+}
+
+/// What a flatten or a collection did.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct WorkReply {
+    /// Bytes copied (flatten) or chunks collected (gc).
+    pub count: u64,
+}
+
+/// One disk of a VM snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskSnapshot {
+    /// The disk's volume (catalog or export name).
+    pub volume: String,
+    /// The snapshot taken.
+    pub snapshot: SnapshotMeta,
 }
 
 /// `POST /v1/vms/{name}/disks`: a volume to hot-attach.

@@ -26,7 +26,7 @@ pub async fn gather(sources: &Arc<Sources>) -> Status {
             name: e.name.clone(),
             backend: e.volume.backend().to_owned(),
             description: e.description.clone(),
-            size: e.info.size,
+            size: e.volume.size(),
             read_only: e.read_only,
             connections: e.metrics.totals().connections,
         })

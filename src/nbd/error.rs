@@ -75,7 +75,7 @@ pub enum ProtocolError {
     /// A request did not start with the magic the session expects.
     #[error("request header has magic {0:#010x}, expected {1:#010x}")]
     BadRequestMagic(u32, u32),
-    /// A WRITE payload longer than the export's maximum.
+    /// A payload too long even to read and discard.
     #[error("request carries a payload of {0} bytes, over the {1}-byte limit")]
     PayloadTooLarge(u64, u64),
 }

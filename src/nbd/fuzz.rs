@@ -99,6 +99,7 @@ pub fn handshake(data: &[u8]) {
     let cfg = HandshakeConfig {
         max_options: 64,
         tls,
+        ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(cfg, &mut out);
     assert_eq!(out.len(), 18, "greeting");

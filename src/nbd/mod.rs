@@ -7,8 +7,11 @@
 //! `export` describes an export without knowing its storage, `wire` holds
 //! the protocol's constants and `error` its error codes.
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod client;
 pub mod error;
 pub mod export;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod handshake;
 pub mod reply;
@@ -18,6 +21,6 @@ pub mod wire;
 
 pub use error::{ErrorCode, ProtocolError};
 pub use export::{BlockSizes, ExportInfo, Exports, Features};
-pub use handshake::{Handshake, HandshakeConfig, Progress, TlsMode};
+pub use handshake::{DEFAULT_MAX_PAYLOAD, Handshake, HandshakeConfig, Progress, TlsMode};
 pub use request::{Command, Decoder, Event, Refusal, Request};
 pub use session::{ReplyMode, Session};

@@ -11,6 +11,11 @@ pub const COMPACT_HEADER: usize = 28;
 /// Size of an extended request header.
 pub const EXTENDED_HEADER: usize = 32;
 
+/// The longest payload worth reading just to discard it with a refused
+/// WRITE: any length a compact header can carry (32 bits). Only extended
+/// headers can claim more; the spec lets a server hang up on those.
+pub const MAX_DISCARDED_PAYLOAD: u64 = u32::MAX as u64;
+
 /// A decoded request header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
@@ -100,8 +105,10 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// A decoder for the session's header style; payloads over `max_payload`
-    /// end the connection, since they cannot be buffered safely.
+    /// A decoder for the session's header style. Payloads up to
+    /// `max_payload` are passed on as events (a request refused for its
+    /// length is answered once its payload is read and dropped); longer
+    /// ones end the connection, as skipping them is not worth the wait.
     pub fn new(mode: ReplyMode, max_payload: u64) -> Self {
         Decoder {
             extended: mode == ReplyMode::Extended,
@@ -351,28 +358,9 @@ pub fn check(req: &Request, s: &Session) -> Result<Command, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::client::request as header;
     use crate::nbd::export::{BlockSizes, ExportInfo, Features};
     use crate::nbd::session::BASE_ALLOCATION_ID;
-
-    fn header(extended: bool, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
-        let mut v = if extended {
-            EXTENDED_REQUEST_MAGIC
-        } else {
-            REQUEST_MAGIC
-        }
-        .to_be_bytes()
-        .to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&cmd.to_be_bytes());
-        v.extend_from_slice(&cookie.to_be_bytes());
-        v.extend_from_slice(&offset.to_be_bytes());
-        if extended {
-            v.extend_from_slice(&len.to_be_bytes());
-        } else {
-            v.extend_from_slice(&(len as u32).to_be_bytes());
-        }
-        v
-    }
 
     fn session(mode: ReplyMode, read_only: bool) -> Session {
         let f = Features {

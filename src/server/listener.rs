@@ -3,6 +3,7 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,40 @@ pub enum ListenError {
     /// The Unix socket path is taken by something else.
     #[error("{0} exists and is not a socket; remove it or choose another --unix path")]
     NotSocket(PathBuf),
+    /// A passed-in descriptor is one client's connection (Accept=yes).
+    #[error(
+        "socket {name:?} (descriptor {}) passed by the service manager is one client's connection (Accept=yes): serve it with --stdin, or use Accept=no",
+        fd.as_raw_fd()
+    )]
+    Connected {
+        /// Its name (`FileDescriptorName=`).
+        name: String,
+        /// The descriptor, still open: the caller may serve it.
+        fd: OwnedFd,
+    },
+    /// A passed-in descriptor is not a listening stream socket.
+    #[error(
+        "socket {name:?} (descriptor {fd}) passed by the service manager is {what}, not a listening stream socket"
+    )]
+    NotListening {
+        /// Its name (`FileDescriptorName=`).
+        name: String,
+        /// The descriptor.
+        fd: RawFd,
+        /// What it is instead.
+        what: &'static str,
+    },
+    /// A passed-in descriptor could not be inspected.
+    #[error("cannot inspect socket {name:?} (descriptor {fd}) passed by the service manager")]
+    Inspect {
+        /// Its name.
+        name: String,
+        /// The descriptor.
+        fd: RawFd,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The socket could not be opened.
     #[error("cannot listen on {what}")]
     Io {
@@ -33,7 +68,9 @@ pub enum ListenError {
 /// What kind of socket a connection arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
+    /// A Unix socket: local clients, guarded by the socket's file mode.
     Unix,
+    /// TCP: remote clients, where TLS may be required.
     Tcp,
 }
 
@@ -45,8 +82,11 @@ pub struct Listener {
     pub transport: Transport,
     /// Human-readable address for logs.
     pub addr: String,
-    /// Socket file to remove on shutdown.
+    /// The Unix socket's file, if it has one.
     pub path: Option<PathBuf>,
+    /// vbd bound the socket, so it removes the file on shutdown; a socket
+    /// passed in belongs to whoever bound it and outlives vbd.
+    pub owned: bool,
 }
 
 impl Listener {
@@ -79,6 +119,7 @@ impl Listener {
             transport: Transport::Unix,
             addr: path.display().to_string(),
             path: Some(path.to_owned()),
+            owned: true,
         })
     }
 
@@ -97,7 +138,71 @@ impl Listener {
             transport: Transport::Tcp,
             addr: local,
             path: None,
+            owned: true,
         })
+    }
+
+    /// A listening socket passed in by a service manager (socket
+    /// activation) under `name`: Unix or TCP, told by its address family.
+    /// Its file, if any, is left in place on shutdown.
+    pub fn inherited(fd: OwnedFd, name: &str) -> Result<Self, ListenError> {
+        let raw = fd.as_raw_fd();
+        let inspect = |source| ListenError::Inspect {
+            name: name.to_owned(),
+            fd: raw,
+            source,
+        };
+        let not_listening = |what| ListenError::NotListening {
+            name: name.to_owned(),
+            fd: raw,
+            what,
+        };
+        match getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_TYPE) {
+            Ok(libc::SOCK_STREAM) => {}
+            Ok(_) => return Err(not_listening("not a stream socket")),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+                return Err(not_listening("not a socket"));
+            }
+            Err(e) => return Err(inspect(e)),
+        }
+        if getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).map_err(inspect)? == 0 {
+            // Accept=yes passes one connection, not a listener.
+            return Err(ListenError::Connected {
+                name: name.to_owned(),
+                fd,
+            });
+        }
+        match getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(inspect)? {
+            libc::AF_UNIX => {
+                let listener = UnixListener::from(fd);
+                let local = listener.local_addr().map_err(inspect)?;
+                let path = local.as_pathname().map(Path::to_path_buf);
+                let addr = match (&path, local.as_abstract_name()) {
+                    (Some(p), _) => p.display().to_string(),
+                    (None, Some(abs)) => format!("@{}", String::from_utf8_lossy(abs)),
+                    (None, None) => format!("{name} (unnamed Unix socket)"),
+                };
+                Ok(Listener {
+                    fd: listener.into(),
+                    transport: Transport::Unix,
+                    addr,
+                    path,
+                    owned: false,
+                })
+            }
+            libc::AF_INET | libc::AF_INET6 => {
+                let listener = TcpListener::from(fd);
+                let addr = listener.local_addr().map_err(inspect)?.to_string();
+                Ok(Listener {
+                    fd: listener.into(),
+                    transport: Transport::Tcp,
+                    addr,
+                    path: None,
+                    owned: false,
+                })
+            }
+            _ => Err(not_listening("neither a Unix nor a TCP socket")),
+        }
     }
 }
 
@@ -184,6 +289,60 @@ pub(super) fn log_granted(tuning: SocketTuning, granted: (Option<i32>, Option<i3
         debug!(
             sndbuf_granted = granted.0,
             rcvbuf_granted = granted.1,
+            "{msg}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    fn refusal(fd: OwnedFd) -> String {
+        match Listener::inherited(fd, "nbd") {
+            Ok(l) => panic!("{} taken as a listener", l.addr),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn inherited_sockets_are_told_apart_by_family() {
+        let dir = std::env::temp_dir().join(format!("vbd-listener-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("passed.sock");
+        let _ = std::fs::remove_file(&path);
+        let unix = UnixListener::bind(&path).unwrap();
+        let l = Listener::inherited(unix.into(), "nbd").unwrap();
+        assert_eq!(l.transport, Transport::Unix);
+        assert_eq!(l.path.as_deref(), Some(path.as_path()));
+        assert!(!l.owned, "a passed socket's file is not vbd's to remove");
+
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let l = Listener::inherited(tcp.into(), "nbd").unwrap();
+        assert_eq!(
+            (l.transport, l.addr, l.path),
+            (Transport::Tcp, format!("127.0.0.1:{port}"), None)
+        );
+
+        let name = format!("vbd-listener-unit-{}", std::process::id());
+        let abs = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let l = Listener::inherited(UnixListener::bind_addr(&abs).unwrap().into(), "x").unwrap();
+        assert_eq!((l.addr, l.path), (format!("@{name}"), None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn what_is_not_a_listening_stream_socket_is_named() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(refusal(a.into()).contains("is one client's connection (Accept=yes)"));
+        let (d, _e) = UnixDatagram::pair().unwrap();
+        assert!(refusal(d.into()).contains("is not a stream socket"));
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let msg = refusal(file.into());
+        assert!(
+            msg.starts_with("socket \"nbd\" (descriptor ") && msg.contains("is not a socket"),
             "{msg}"
         );
     }

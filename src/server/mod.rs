@@ -15,9 +15,11 @@ pub mod metrics;
 pub mod reactor;
 pub mod registry;
 pub mod signals;
+pub mod stdio;
 pub mod tls;
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,7 +31,7 @@ use tracing::{info, warn};
 
 pub use conn::ConnConfig;
 pub use limits::Gauges;
-pub use listener::{ListenError, Listener, SocketTuning};
+pub use listener::{ListenError, Listener, SocketTuning, Transport};
 pub use metrics::ConnSummary;
 use reactor::{CoreHandle, CoreMsg, CoreSetup};
 pub use registry::{Export, Registry, RegistryError};
@@ -42,6 +44,11 @@ use crate::volume::{IoFlags, Op};
 
 /// Default busy-poll window of a core, in microseconds.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;
+
+/// The smallest maximum block size a server may advertise. The spec asks
+/// for 1 MiB; less is allowed only so that a small --max-buffered, which
+/// bounds it, still leaves a working server.
+const MIN_MAX_PAYLOAD: u32 = 64 << 10;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -99,6 +106,10 @@ impl ServerConfig {
         if c.max_buffered == 0 || c.max_buffered_total < c.max_buffered {
             return Err(ConfigError::Buffered);
         }
+        let max = c.handshake.max_payload;
+        if !max.is_multiple_of(4096) || max < MIN_MAX_PAYLOAD || u64::from(max) > c.max_buffered {
+            return Err(ConfigError::MaxRequest);
+        }
         Ok(())
     }
 }
@@ -115,6 +126,11 @@ pub enum ConfigError {
     /// The per-connection buffered-bytes limit is zero or exceeds the server-wide one.
     #[error("--max-buffered must be above zero and no more than --max-buffered-total")]
     Buffered,
+    /// The largest request is not one the server can advertise and hold.
+    #[error(
+        "--max-request must be a multiple of 4K, at least 64K, below 4G and no more than --max-buffered"
+    )]
+    MaxRequest,
 }
 
 /// Why the server could not start or stopped badly.
@@ -151,16 +167,26 @@ pub struct Server {
     cores: Vec<CoreHandle>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
     addresses: Vec<String>,
+    unix_paths: Vec<PathBuf>,
+    tcp_addresses: Vec<String>,
+    /// Socket files vbd made, removed on stop.
     socket_paths: Vec<PathBuf>,
 }
 
 impl Server {
     /// Binds every listener, then starts the cores.
     pub fn start(cfg: ServerConfig, registry: Arc<Registry>) -> Result<Server, ServerError> {
+        Self::start_on(cfg, registry, Vec::new())
+    }
+
+    /// Binds the configured listeners, adds `passed` (sockets a service
+    /// manager opened), then starts the cores.
+    pub fn start_on(
+        cfg: ServerConfig,
+        registry: Arc<Registry>,
+        passed: Vec<Listener>,
+    ) -> Result<Server, ServerError> {
         cfg.validate()?;
-        if cfg.unix.is_empty() && cfg.tcp.is_empty() {
-            return Err(ServerError::NoListener);
-        }
         let mut listeners = Vec::new();
         for path in &cfg.unix {
             listeners.push(Listener::unix(path, cfg.socket_mode, cfg.socket_group)?);
@@ -168,8 +194,54 @@ impl Server {
         for addr in &cfg.tcp {
             listeners.push(Listener::tcp(*addr)?);
         }
+        listeners.extend(passed);
+        if listeners.is_empty() {
+            return Err(ServerError::NoListener);
+        }
+        Self::launch(cfg, registry, listeners)
+    }
+
+    /// Serves the one client on `conn` (already connected: `vbd serve
+    /// --stdin`) and listens nowhere; [`Server::connections`] falls to
+    /// zero when that client is gone.
+    pub fn start_one(
+        cfg: ServerConfig,
+        registry: Arc<Registry>,
+        conn: OwnedFd,
+        peer: String,
+    ) -> Result<Server, ServerError> {
+        cfg.validate()?;
+        let server = Self::launch(cfg, registry, Vec::new())?;
+        // Counted as core 0's accept would, so closing uncounts it
+        // (`validate` made room for at least one connection).
+        if server.gauges.try_connect() {
+            server.cores[0].send(CoreMsg::Conn {
+                fd: conn,
+                transport: Transport::Unix,
+                peer,
+            });
+        }
+        Ok(server)
+    }
+
+    /// Starts the cores; core 0 accepts on `listeners`.
+    fn launch(
+        cfg: ServerConfig,
+        registry: Arc<Registry>,
+        listeners: Vec<Listener>,
+    ) -> Result<Server, ServerError> {
         let addresses: Vec<String> = listeners.iter().map(|l| l.addr.clone()).collect();
-        let socket_paths: Vec<PathBuf> = listeners.iter().filter_map(|l| l.path.clone()).collect();
+        let unix_paths: Vec<PathBuf> = listeners.iter().filter_map(|l| l.path.clone()).collect();
+        let tcp_addresses: Vec<String> = listeners
+            .iter()
+            .filter(|l| l.transport == Transport::Tcp)
+            .map(|l| l.addr.clone())
+            .collect();
+        let socket_paths: Vec<PathBuf> = listeners
+            .iter()
+            .filter(|l| l.owned)
+            .filter_map(|l| l.path.clone())
+            .collect();
         let n = if cfg.threads == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -247,8 +319,20 @@ impl Server {
             cores: handles,
             threads,
             addresses,
+            unix_paths,
+            tcp_addresses,
             socket_paths,
         })
+    }
+
+    /// Connections open now (negotiating or attached).
+    pub fn connections(&self) -> usize {
+        self.gauges.connections()
+    }
+
+    /// Connections let in so far (including the one of [`Server::start_one`]).
+    pub fn accepted(&self) -> u64 {
+        self.gauges.events().accepted
     }
 
     /// The exports being served.
@@ -259,6 +343,16 @@ impl Server {
     /// Where the server listens (socket paths and TCP addresses).
     pub fn addresses(&self) -> &[String] {
         &self.addresses
+    }
+
+    /// The files of its Unix listeners, bound or passed in.
+    pub fn unix_paths(&self) -> &[PathBuf] {
+        &self.unix_paths
+    }
+
+    /// The addresses of its TCP listeners.
+    pub fn tcp_addresses(&self) -> &[String] {
+        &self.tcp_addresses
     }
 
     /// A handle through which the control plane observes the server.

@@ -157,6 +157,13 @@ pub struct VmConfig {
     /// The QEMU binary.
     #[serde(default = "default_qemu")]
     pub qemu: PathBuf,
+    /// Seconds an NBD disk holds guest I/O while vbd is away (a restart)
+    /// before failing it: QEMU's `reconnect-delay`. 0 fails at once;
+    /// unset takes the supervisor's setting (`vbd serve
+    /// --disk-reconnect-delay`), [`DEFAULT_DISK_RECONNECT_DELAY_SECS`]
+    /// when argv is built without one.
+    #[serde(default)]
+    pub disk_reconnect_delay_secs: Option<u32>,
 }
 
 fn default_machine() -> String {
@@ -188,12 +195,26 @@ impl VmConfig {
             extra_devices: Vec::new(),
             tuning: DiskTuning::default(),
             qemu: default_qemu(),
+            disk_reconnect_delay_secs: None,
         }
+    }
+
+    /// The `reconnect-delay` its NBD disks get.
+    pub fn reconnect_delay_secs(&self) -> u32 {
+        self.disk_reconnect_delay_secs
+            .unwrap_or(DEFAULT_DISK_RECONNECT_DELAY_SECS)
     }
 }
 
+/// How long NBD disks wait for vbd by default. QEMU 7.x reconnects when
+/// the guest next does I/O on the disk and retries 1, 2, 4, 8 and then
+/// every 16 s later, so a vbd back within 15 s is found by the attempt at
+/// 15 s, inside the 30; a vbd gone for good surfaces as guest I/O errors
+/// rather than a silent hang.
+pub const DEFAULT_DISK_RECONNECT_DELAY_SECS: u32 = 30;
+
 /// Per-run paths the supervisor chooses.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunPaths {
     /// vbd's NBD Unix socket that QEMU connects to.
     pub nbd_socket: PathBuf,
@@ -294,20 +315,29 @@ pub fn hotplug_port(n: u32) -> String {
     format!("hp{n}")
 }
 
-/// `-blockdev` value for a disk: NBD on vbd's socket, or a raw file.
+/// `-blockdev` value for a disk: NBD on vbd's socket (waiting up to
+/// `reconnect_delay_secs` for vbd when it goes away; 0 fails at once), or
+/// a raw file.
 pub fn blockdev(
     disk: &Disk,
     nbd_socket: &Path,
     tuning: DiskTuning,
     read_only: bool,
+    reconnect_delay_secs: u32,
 ) -> Result<String, ConfigError> {
     let node = disk_ids(&disk.name).node;
     let mut v = match &disk.source {
-        Source::Export => format!(
-            "driver=nbd,node-name={node},server.type=unix,server.path={},export={}",
-            path_value(nbd_socket)?,
-            disk.name
-        ),
+        Source::Export => {
+            let mut v = format!(
+                "driver=nbd,node-name={node},server.type=unix,server.path={},export={}",
+                path_value(nbd_socket)?,
+                disk.name
+            );
+            if reconnect_delay_secs > 0 {
+                v.push_str(&format!(",reconnect-delay={reconnect_delay_secs}"));
+            }
+            v
+        }
         Source::RawFile(path) => format!(
             "driver=raw,node-name={node},file.driver=file,file.filename={}{}",
             path_value(path)?,
@@ -468,6 +498,7 @@ pub fn argv(cfg: &VmConfig, paths: &RunPaths) -> Result<Vec<String>, ConfigError
         push("-blockdev", fw);
     }
 
+    let delay = cfg.reconnect_delay_secs();
     let mut cdrom = 0;
     for d in &cfg.disks {
         let ids = disk_ids(&d.name);
@@ -478,14 +509,14 @@ pub fn argv(cfg: &VmConfig, paths: &RunPaths) -> Result<Vec<String>, ConfigError
                 }
                 push(
                     "-blockdev",
-                    blockdev(d, &paths.nbd_socket, cfg.tuning, false)?,
+                    blockdev(d, &paths.nbd_socket, cfg.tuning, false, delay)?,
                 );
                 push("-device", virtio_blk(d, cfg.vcpus, cfg.tuning, None));
             }
             Role::CloudInit => {
                 push(
                     "-blockdev",
-                    blockdev(d, &paths.nbd_socket, cfg.tuning, true)?,
+                    blockdev(d, &paths.nbd_socket, cfg.tuning, true, delay)?,
                 );
                 push(
                     "-device",
@@ -499,7 +530,7 @@ pub fn argv(cfg: &VmConfig, paths: &RunPaths) -> Result<Vec<String>, ConfigError
             Role::Efi => {
                 push(
                     "-blockdev",
-                    blockdev(d, &paths.nbd_socket, cfg.tuning, false)?,
+                    blockdev(d, &paths.nbd_socket, cfg.tuning, false, delay)?,
                 );
             }
         }

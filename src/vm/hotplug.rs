@@ -80,6 +80,9 @@ pub struct AttachSpec<'a> {
     pub tuning: DiskTuning,
     /// Attach the disk read-only (cloud-init seeds).
     pub read_only: bool,
+    /// QEMU's `reconnect-delay`: seconds guest I/O waits for vbd to come
+    /// back; 0 fails it at once.
+    pub reconnect_delay_secs: u32,
 }
 
 /// `object-add` of an iothread with QEMU's default polling.
@@ -99,7 +102,8 @@ pub fn iothread_add(id: &str) -> object_add {
     })
 }
 
-/// `blockdev-add` of an NBD node on vbd's socket; tuned means `cache=none`.
+/// `blockdev-add` of an NBD node on vbd's socket; tuned means `cache=none`,
+/// and requests wait `reconnect_delay_secs` for vbd as on the command line.
 pub fn nbd_blockdev_add(spec: &AttachSpec<'_>) -> blockdev_add {
     let cache = (spec.tuning == DiskTuning::Tuned).then_some(BlockdevCacheOptions {
         direct: Some(true),
@@ -118,7 +122,7 @@ pub fn nbd_blockdev_add(spec: &AttachSpec<'_>) -> blockdev_add {
         nbd: BlockdevOptionsNbd {
             export: Some(spec.volume.to_owned()),
             open_timeout: None,
-            reconnect_delay: None,
+            reconnect_delay: (spec.reconnect_delay_secs > 0).then_some(spec.reconnect_delay_secs),
             tls_creds: None,
             tls_hostname: None,
             x_dirty_bitmap: None,

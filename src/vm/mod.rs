@@ -5,12 +5,13 @@
 //! layer above implements, so nothing here imports upward.
 
 pub mod config;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod hotplug;
 pub mod qmp;
 pub mod supervisor;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod volume_host;
 
-pub use volume_host::{ExportError, VolumeHost};
+pub use volume_host::{ExportError, Restart, VolumeHost};

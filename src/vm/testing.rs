@@ -157,6 +157,10 @@ impl Monitor {
                 "device_del" => self.device_del(&target, &mut events),
                 "system_powerdown" => {
                     if let (true, Some(dir)) = (self.guest_powers_off, &self.qemu_dir) {
+                        // As QEMU does when the guest powers off.
+                        events.push(json!({"event": "SHUTDOWN",
+                            "timestamp": {"seconds": 1, "microseconds": 0},
+                            "data": {"guest": true, "reason": "guest-shutdown"}}));
                         write_exit(dir, 0);
                     }
                     Ok(())
@@ -223,10 +227,11 @@ impl Monitor {
 /// A monitor shared between the test and the task serving it.
 pub(crate) type SharedMonitor = Arc<Mutex<Monitor>>;
 
-/// Serves QMP for one client on `path`, bound once `ready` exists (at once
-/// when `None`), the way QEMU opens its socket only after it started.
-/// Events an answer causes go out before its reply, the order that tests
-/// a client's subscription hardest.
+/// Serves QMP on `path`, bound once `ready` exists (at once when `None`),
+/// the way QEMU opens its socket only after it started; one client at a
+/// time, as QEMU 7.2 does, the next once the last has gone (a vbd that
+/// adopts a VM after a restart). Events an answer causes go out before its
+/// reply, the order that tests a client's subscription hardest.
 pub(crate) fn serve_monitor(path: PathBuf, ready: Option<PathBuf>, monitor: SharedMonitor) {
     let listener = ready.is_none().then(|| bind(&path));
     tokio::spawn(async move {
@@ -244,40 +249,60 @@ pub(crate) fn serve_monitor(path: PathBuf, ready: Option<PathBuf>, monitor: Shar
                 bind(&path)
             }
         };
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
-        let (read, mut write) = stream.into_split();
-        let greeting = json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
-            "package": "fake"}, "capabilities": ["oob"]}});
-        let mut out = vec![greeting];
-        let mut lines = BufReader::new(read).lines();
-        loop {
-            for msg in out.drain(..) {
-                let line = format!("{msg}\r\n");
-                if write.write_all(line.as_bytes()).await.is_err() {
-                    return;
-                }
+        let exit_file = monitor.locked().qemu_dir.as_ref().map(|d| d.join("exit"));
+        while let Ok((stream, _)) = listener.accept().await {
+            // The session ends as the stand-in QEMU exits, as QEMU's does.
+            tokio::select! {
+                biased;
+                _ = serve_client(stream, &monitor) => {}
+                _ = exited(exit_file.clone()) => {}
             }
-            let Ok(Some(line)) = lines.next_line().await else {
-                return;
-            };
-            let Ok(msg) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            let Some(name) = msg.get("execute").and_then(Value::as_str) else {
-                continue;
-            };
-            let args = msg.get("arguments").cloned().unwrap_or(Value::Null);
-            let answer = monitor.locked().answer(name, &args);
-            out.extend(answer.events);
-            let id = msg.get("id").cloned().unwrap_or(Value::Null);
-            out.push(match answer.reply {
-                Ok(()) => json!({"return": {}, "id": id}),
-                Err((class, desc)) => json!({"error": {"class": class, "desc": desc}, "id": id}),
-            });
         }
     });
+}
+
+/// Returns once `exit_file` exists (never without one).
+async fn exited(exit_file: Option<PathBuf>) {
+    let Some(f) = exit_file else {
+        return std::future::pending().await;
+    };
+    while !f.exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One QMP session, until the client leaves.
+async fn serve_client(stream: tokio::net::UnixStream, monitor: &SharedMonitor) {
+    let (read, mut write) = stream.into_split();
+    let greeting = json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+            "package": "fake"}, "capabilities": ["oob"]}});
+    let mut out = vec![greeting];
+    let mut lines = BufReader::new(read).lines();
+    loop {
+        for msg in out.drain(..) {
+            let line = format!("{msg}\r\n");
+            if write.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        let Ok(Some(line)) = lines.next_line().await else {
+            return;
+        };
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        let Some(name) = msg.get("execute").and_then(Value::as_str) else {
+            continue;
+        };
+        let args = msg.get("arguments").cloned().unwrap_or(Value::Null);
+        let answer = monitor.locked().answer(name, &args);
+        out.extend(answer.events);
+        let id = msg.get("id").cloned().unwrap_or(Value::Null);
+        out.push(match answer.reply {
+            Ok(()) => json!({"return": {}, "id": id}),
+            Err((class, desc)) => json!({"error": {"class": class, "desc": desc}, "id": id}),
+        });
+    }
 }
 
 fn bind(path: &Path) -> UnixListener {
@@ -336,10 +361,11 @@ impl FakeQemu {
             Behaviour::Runs | Behaviour::NoMonitor => String::new(),
         };
         let script = format!(
-            "#!/bin/sh\n# Stands in for QEMU: ignores its arguments, runs until told to exit.\n\
+            "#!/bin/sh\n# Stands in for QEMU: ignores its arguments, runs until told to exit\n\
+             # (or until its directory or its parent is gone: a test never leaves it behind).\n\
              [ \"$1\" = --probe ] && exit 0\n\
              {body}echo $$ > '{d}/started'\n\
-             while [ ! -e '{d}/exit' ]; do sleep 0.01; done\n\
+             while [ ! -e '{d}/exit' ]; do [ -d '{d}' ] && kill -0 $PPID 2>/dev/null || exit 0; sleep 0.02; done\n\
              read code < '{d}/exit'\nexit \"$code\"\n"
         );
         let binary = dir.0.join("qemu");

@@ -27,6 +27,11 @@ pub type Wake = crate::uring::Wake<RemoteResult>;
 /// Completes a pending request from another thread.
 pub type Completer = crate::uring::Completer<RemoteResult>;
 
+/// Told a volume's new size in bytes after a live resize: NBD reads the
+/// size at each handshake, so only transports that push a change to their
+/// clients (vhost-user-blk's config-change notification) need one.
+pub type ResizeHook = Box<dyn Fn(u64) + Send + Sync>;
+
 /// Most extents one block-status call returns; clients ask again for the rest.
 pub const MAX_EXTENTS: usize = 1024;
 
@@ -234,10 +239,16 @@ pub trait Volume: Send + Sync + 'static {
     /// Called once when the server stops, after the final flush: a backend
     /// with background work finishes or hands it off here.
     fn shutdown(&self) {}
-    /// The object volume behind this one, for what only object volumes do
-    /// (release to another host, writer generations); `None` otherwise.
+    /// The object volume behind this one, for lifecycle operations
+    /// (snapshot, clone, resize) through the control API.
     fn as_object(&self) -> Option<&object::ObjectVolume> {
         None
+    }
+    /// Registers `hook` to hear of live size changes; false when this
+    /// volume's size never changes (the hook is dropped).
+    fn watch_size(&self, hook: ResizeHook) -> bool {
+        let _ = hook;
+        false
     }
     /// Begins `io`.
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>>;

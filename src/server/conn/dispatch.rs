@@ -10,7 +10,7 @@ use super::slots::{SlotState, Tail};
 use super::{Conn, Env, Phase, Transmission};
 use crate::error::Chain;
 use crate::nbd::reply::{self, Header};
-use crate::nbd::request::{self, Command, Decoder, Request};
+use crate::nbd::request::{self, Command, Decoder, MAX_DISCARDED_PAYLOAD, Request};
 use crate::nbd::wire::{CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE};
 use crate::nbd::{ErrorCode, Session};
 use crate::server::metrics::Timer;
@@ -26,8 +26,10 @@ impl Conn {
             return;
         };
         info!(peer = %self.peer, export = %export.name, mode = ?session.mode, "client attached");
-        let max_payload = u64::from(session.export.block.maximum);
-        let decoder = Decoder::new(session.mode, max_payload);
+        // A WRITE over the maximum block size is refused by `check` with
+        // EINVAL; its payload is still read (and dropped) so the
+        // connection stays usable.
+        let decoder = Decoder::new(session.mode, MAX_DISCARDED_PAYLOAD);
         let n = env.cfg.max_inflight.clamp(1, u16::MAX as usize);
         self.slots.open(n);
         self.phase = Phase::Transmission(Box::new(Transmission {

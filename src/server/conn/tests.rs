@@ -414,6 +414,40 @@ fn refusals_carry_the_nbd_error_and_the_connection_goes_on() {
 }
 
 #[test]
+fn requests_over_the_maximum_are_einval_and_a_write_payload_is_dropped() {
+    let max = 64 << 10;
+    let core = Core::start_with(
+        ConnConfig {
+            handshake: crate::nbd::HandshakeConfig {
+                max_payload: max,
+                ..Default::default()
+            },
+            ..ConnConfig::default()
+        },
+        SocketTuning::default(),
+    );
+    let mut c = core.attach("mem");
+    c.send(&read(1, 0, max + 512));
+    assert_eq!(c.reply(), (1, EINVAL), "read over the maximum");
+    // The payload is made of request headers: had the server parsed it,
+    // they would be answered.
+    let junk: Vec<u8> = (0u64..)
+        .map(|i| write(100 + i, 0, &[0xee; 8]))
+        .take(2000)
+        .flatten()
+        .take(max as usize + 512)
+        .collect();
+    c.send(&write(2, 0, &junk));
+    assert_eq!(c.reply(), (2, EINVAL), "write over the maximum");
+    let data = pattern(4, max as usize);
+    c.send(&write(3, 0, &data));
+    c.ok(3);
+    c.send(&read(4, 0, max));
+    c.ok(4);
+    assert_eq!(c.recv(max as usize), data, "the connection goes on");
+}
+
+#[test]
 fn replies_leave_in_completion_order_and_volumes_see_arrival_order() {
     let core = Core::start();
     let mut c = core.attach("gate");

@@ -74,6 +74,18 @@ pub enum TlsError {
         /// The key's path.
         key: PathBuf,
     },
+    /// The key is PEM, but not a kind or size TLS can sign with here.
+    #[error(
+        "private key {} cannot sign TLS handshakes: use RSA of 2048 to 8192 bits, ECDSA on P-256, P-384 or P-521, or Ed25519",
+        key.display()
+    )]
+    UnsupportedKey {
+        /// The key's path.
+        key: PathBuf,
+        /// What the crypto provider said.
+        #[source]
+        source: rustls::Error,
+    },
     /// rustls refused the certificate and key.
     #[error("certificate {} with key {} cannot be used", cert.display(), key.display())]
     BadCertificate {
@@ -124,11 +136,20 @@ impl TlsServer {
             (_, Some(cert), Some(key)) => (cert, key),
             (mode, ..) => return Err(TlsError::NoCertificate(mode_name(mode))),
         };
-        // Chosen explicitly: object_store's dependencies enable another
-        // provider in the same rustls, so there is no single default.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Chosen explicitly, so no process-wide default is needed. aws-lc-rs
+        // (already built for object_store's S3 client) loads every RSA key
+        // of 2048 to 8192 bits; ring refused those whose primes are not a
+        // multiple of 512 bits, such as 2432-bit keys that OpenSSL accepts.
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let chain = read_certs("certificate", cert)?;
         let key_der = read_key(key)?;
+        // Loaded once here only to tell an unusable key from a mismatch.
+        if let Err(source) = provider.key_provider.load_private_key(key_der.clone_key()) {
+            return Err(TlsError::UnsupportedKey {
+                key: key.clone(),
+                source,
+            });
+        }
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Setup)?;
@@ -274,8 +295,7 @@ mod tests {
 
     #[test]
     fn not_pem_is_named() {
-        let dir = std::env::temp_dir().join(format!("vbd-tls-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_support::TempDir::new("tls-unit");
         let junk = dir.join("junk.pem");
         std::fs::write(&junk, "not a certificate\n").unwrap();
         let e = TlsServer::load(&TlsOptions {
@@ -290,7 +310,6 @@ mod tests {
             msg.contains("junk.pem") && msg.contains("no CERTIFICATE"),
             "{msg}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

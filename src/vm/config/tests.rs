@@ -58,7 +58,7 @@ fn boot_volume_kvm() {
         "-object",
         "iothread,id=ioth-web-root",
         "-blockdev",
-        "driver=nbd,node-name=vol-web-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=web-root,cache.direct=on,cache.no-flush=off",
+        "driver=nbd,node-name=vol-web-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=web-root,reconnect-delay=30,cache.direct=on,cache.no-flush=off",
         "-device",
         "virtio-blk-pci,id=disk-web-root,drive=vol-web-root,iothread=ioth-web-root,num-queues=4,bootindex=1",
     ]));
@@ -96,19 +96,19 @@ fn boot_and_data_volumes_tcg_with_kernel_and_hotplug_ports() {
         "-object",
         "iothread,id=ioth-root",
         "-blockdev",
-        "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,cache.direct=on,cache.no-flush=off",
+        "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,reconnect-delay=30,cache.direct=on,cache.no-flush=off",
         "-device",
         "virtio-blk-pci,id=disk-root,drive=vol-root,iothread=ioth-root,num-queues=2,bootindex=1",
         "-object",
         "iothread,id=ioth-db",
         "-blockdev",
-        "driver=nbd,node-name=vol-db,server.type=unix,server.path=/run/vbd/vbd.sock,export=db,cache.direct=on,cache.no-flush=off",
+        "driver=nbd,node-name=vol-db,server.type=unix,server.path=/run/vbd/vbd.sock,export=db,reconnect-delay=30,cache.direct=on,cache.no-flush=off",
         "-device",
         "virtio-blk-pci,id=disk-db,drive=vol-db,iothread=ioth-db,num-queues=2",
         "-object",
         "iothread,id=ioth-logs",
         "-blockdev",
-        "driver=nbd,node-name=vol-logs,server.type=unix,server.path=/run/vbd/vbd.sock,export=logs,cache.direct=on,cache.no-flush=off",
+        "driver=nbd,node-name=vol-logs,server.type=unix,server.path=/run/vbd/vbd.sock,export=logs,reconnect-delay=30,cache.direct=on,cache.no-flush=off",
         "-device",
         "virtio-blk-pci,id=disk-logs,drive=vol-logs,iothread=ioth-logs,num-queues=2",
         "-global",
@@ -141,11 +141,11 @@ fn cloud_init_is_a_read_only_cdrom_without_iothread() {
         tail,
         sv(&[
             "-blockdev",
-            "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,cache.direct=on,cache.no-flush=off",
+            "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,reconnect-delay=30,cache.direct=on,cache.no-flush=off",
             "-device",
             "virtio-blk-pci,id=disk-root,drive=vol-root,iothread=ioth-root,num-queues=1,bootindex=1",
             "-blockdev",
-            "driver=nbd,node-name=vol-seed,server.type=unix,server.path=/run/vbd/vbd.sock,export=seed,cache.direct=on,cache.no-flush=off,read-only=on",
+            "driver=nbd,node-name=vol-seed,server.type=unix,server.path=/run/vbd/vbd.sock,export=seed,reconnect-delay=30,cache.direct=on,cache.no-flush=off,read-only=on",
             "-device",
             "ide-cd,id=disk-seed,drive=vol-seed,bus=ide.0",
         ])
@@ -185,11 +185,11 @@ fn efi_volume_is_pflash_with_firmware_code() {
         "-object",
         "iothread,id=ioth-root",
         "-blockdev",
-        "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,cache.direct=on,cache.no-flush=off",
+        "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,reconnect-delay=30,cache.direct=on,cache.no-flush=off",
         "-device",
         "virtio-blk-pci,id=disk-root,drive=vol-root,iothread=ioth-root,num-queues=2,bootindex=1",
         "-blockdev",
-        "driver=nbd,node-name=vol-vars,server.type=unix,server.path=/run/vbd/vbd.sock,export=vars,cache.direct=on,cache.no-flush=off",
+        "driver=nbd,node-name=vol-vars,server.type=unix,server.path=/run/vbd/vbd.sock,export=vars,reconnect-delay=30,cache.direct=on,cache.no-flush=off",
     ]));
     assert_eq!(argv(&cfg, &paths()).unwrap(), want);
 }
@@ -201,7 +201,7 @@ fn efi_volume_alone_is_pflash0() {
     let got = argv(&cfg, &paths()).unwrap();
     let i = got.iter().position(|a| a == "-machine").unwrap();
     assert_eq!(got[i + 1], "q35,pflash0=vol-fw");
-    assert!(got.contains(&"driver=nbd,node-name=vol-fw,server.type=unix,server.path=/run/vbd/vbd.sock,export=fw,cache.direct=on,cache.no-flush=off".to_string()));
+    assert!(got.contains(&"driver=nbd,node-name=vol-fw,server.type=unix,server.path=/run/vbd/vbd.sock,export=fw,reconnect-delay=30,cache.direct=on,cache.no-flush=off".to_string()));
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn untuned_has_no_iothread_default_cache_one_queue() {
         got[got.len() - 4..],
         sv(&[
             "-blockdev",
-            "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root",
+            "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,reconnect-delay=30",
             "-device",
             "virtio-blk-pci,id=disk-root,drive=vol-root,num-queues=1,bootindex=1",
         ])
@@ -305,4 +305,36 @@ fn json_config_uses_defaults_and_rejects_unknown_fields() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("iothreads"), "{err}");
+}
+
+#[test]
+fn reconnect_delay_is_set_per_vm_and_zero_leaves_qemus_default() {
+    let mut cfg: VmConfig = serde_json::from_str(
+        r#"{"name":"web","vcpus":1,"memory_mib":256,"hotplug_ports":0,
+            "disks":[{"name":"root","role":"boot"},{"name":"seed","role":"cloud-init"}],
+            "disk_reconnect_delay_secs":7}"#,
+    )
+    .unwrap();
+    let nbd = |cfg: &VmConfig| -> Vec<String> {
+        argv(cfg, &paths())
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.starts_with("driver=nbd"))
+            .collect()
+    };
+    assert_eq!(
+        nbd(&cfg),
+        sv(&[
+            "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,reconnect-delay=7,cache.direct=on,cache.no-flush=off",
+            "driver=nbd,node-name=vol-seed,server.type=unix,server.path=/run/vbd/vbd.sock,export=seed,reconnect-delay=7,cache.direct=on,cache.no-flush=off,read-only=on",
+        ])
+    );
+    cfg.disk_reconnect_delay_secs = Some(0);
+    assert_eq!(
+        nbd(&cfg),
+        sv(&[
+            "driver=nbd,node-name=vol-root,server.type=unix,server.path=/run/vbd/vbd.sock,export=root,cache.direct=on,cache.no-flush=off",
+            "driver=nbd,node-name=vol-seed,server.type=unix,server.path=/run/vbd/vbd.sock,export=seed,cache.direct=on,cache.no-flush=off,read-only=on",
+        ])
+    );
 }

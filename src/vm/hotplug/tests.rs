@@ -66,6 +66,7 @@ fn spec<'a>(volume: &'a str, bus: &'a str, tuning: DiskTuning) -> AttachSpec<'a>
         queues: 2,
         tuning,
         read_only: false,
+        reconnect_delay_secs: 30,
     }
 }
 
@@ -211,4 +212,20 @@ async fn detaching_a_device_qemu_lacks_fails_at_device_del() {
         other => panic!("{other}"),
     }
     assert_eq!(b.log(), ["device_del disk-d"]);
+}
+
+#[test]
+fn blockdev_add_waits_for_vbd_like_the_command_line() {
+    let json = |delay| {
+        let mut s = spec("d", "hp0", DiskTuning::Tuned);
+        s.reconnect_delay_secs = delay;
+        serde_json::to_value(nbd_blockdev_add(&s)).unwrap()
+    };
+    let with = json(30);
+    assert_eq!(with["reconnect-delay"], 30, "{with}");
+    assert_eq!(with["driver"], "nbd");
+    assert_eq!(with["export"], "d");
+    // 0 leaves QEMU's default (fail at once) by not sending the member.
+    let without = json(0);
+    assert!(without.get("reconnect-delay").is_none(), "{without}");
 }

@@ -75,24 +75,32 @@ impl Supervisor {
             queues: vm.config.vcpus,
             tuning: vm.config.tuning,
             read_only,
+            reconnect_delay_secs: vm.config.reconnect_delay_secs(),
         };
-        if let Err(e) = hotplug::attach(&vm.qmp, &spec).await {
+        let attached = match vm.qmp() {
+            Ok(qmp) => hotplug::attach(qmp, &spec).await.map_err(Into::into),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = attached {
             if owned_export {
                 self.drop_export(volume);
             }
-            return Err(e.into());
+            return Err(e);
         }
         vm.hot.locked().insert(
             volume.to_owned(),
             HotDisk {
                 port: port.clone(),
                 owned_export,
+                read_only,
             },
         );
+        self.save(&vm, None);
         Ok(DiskInfo {
             volume: volume.to_owned(),
             role: Role::Data,
             port: Some(port),
+            reconnect: None,
         })
     }
 
@@ -135,8 +143,10 @@ impl Supervisor {
                 }
             });
         };
-        hotplug::detach(&vm.qmp, volume, vm.config.tuning, wait).await?;
+        hotplug::detach(vm.qmp()?, volume, vm.config.tuning, wait).await?;
         vm.hot.locked().remove(volume);
+        vm.reconnects.locked().remove(volume);
+        self.save(&vm, None);
         if owned_export {
             self.drop_export(volume);
         }

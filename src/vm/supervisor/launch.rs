@@ -14,7 +14,9 @@ use tracing::{info, warn};
 
 use super::events::Events;
 use super::handle::Vm;
+use super::proc_identity::ProcIdentity;
 use super::process::Process;
+use super::record::{VmRecord, now_ms};
 use super::types::{SupervisorError, VmInfo, VmState};
 use super::{Supervisor, remove_if_present};
 use crate::error::Chain;
@@ -44,13 +46,25 @@ impl Supervisor {
         r
     }
 
-    async fn start_vm(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, SupervisorError> {
+    async fn start_vm(self: &Arc<Self>, mut config: VmConfig) -> Result<VmInfo, SupervisorError> {
+        // Recorded in the config, so the VM keeps its delay across restarts.
+        config
+            .disk_reconnect_delay_secs
+            .get_or_insert(self.cfg.disk_reconnect_delay_secs);
         let _g = self.volumes.lock().await;
         let name = config.name.clone();
         if self.vms().get(&name).is_some_and(|old| old.alive()) {
             return Err(SupervisorError::Exists(name));
         }
-        let dir = self.cfg.run_dir.join(&name);
+        let dir = self.vm_dir(&name);
+        if let Ok(old) = VmRecord::load(&VmRecord::path(&dir)) {
+            // Left by an earlier vbd and not adopted (see the log of this
+            // vbd's start): its QEMU may still run on these sockets.
+            return Err(SupervisorError::Unadopted {
+                vm: name,
+                pid: old.pid,
+            });
+        }
         let paths = RunPaths {
             nbd_socket: self.cfg.nbd_socket.clone(),
             qmp_socket: dir.join("qmp.sock"),
@@ -68,15 +82,25 @@ impl Supervisor {
         }
         let mut owned = Vec::new();
         let started = self.launch(&config, &paths, &dir, &args, &mut owned).await;
+        let started_at_ms = now_ms();
         let (process, qmp) = match started {
             Ok(p) => p,
             Err(e) => {
                 for v in &owned {
                     self.drop_export(v);
                 }
-                remove_if_present(&paths.qmp_socket);
-                remove_if_present(&paths.pidfile);
+                self.remove_run_files(&name, &paths);
                 return Err(e);
+            }
+        };
+        // QEMU has exec'd by now (it answered QMP), so this is its identity,
+        // not that of the vbd it was forked from.
+        let identity = match ProcIdentity::read(process.pid) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                warn!(vm = %name, pid = process.pid,
+                    "cannot read QEMU's identity from /proc; the VM would not be adopted after a vbd restart: {e}");
+                None
             }
         };
         let (cleaned_tx, cleaned) = watch::channel(false);
@@ -84,15 +108,21 @@ impl Supervisor {
             config,
             paths,
             process,
-            qmp,
+            identity,
+            qmp: Some(qmp),
             state: Mutex::new(VmState::Running),
             stopping: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             owned,
             hot: Mutex::new(BTreeMap::new()),
             op: tokio::sync::Mutex::new(()),
             cleaned,
+            started_at_ms,
+            adopted_at_ms: None,
+            reconnects: Mutex::new(BTreeMap::new()),
         });
         info!(vm = %name, pid = vm.process.pid, "VM started");
+        self.save(&vm, None);
         self.vms().insert(name, vm.clone());
         self.watch(vm.clone(), cleaned_tx);
         Ok(vm.info())

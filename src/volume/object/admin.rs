@@ -1,17 +1,24 @@
 //! Volume administration against a store: create, list, inspect, delete.
+//! Deleting respects clones: a volume (or one of its snapshots) that
+//! something still reads through stays, and the error names what.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use tracing::info;
 
 use super::generation;
 use super::layout::{self, Descriptor, Keys};
-use super::{CloseOutcome, Durability, ObjectError, ObjectOptions, ObjectVolume};
+use super::lineage::{self, Layer, layer_of};
+use super::state::Mapping;
+use super::{
+    CloseOutcome, Durability, ObjectError, ObjectOptions, ObjectVolume, recovery, refs, snapshot,
+    transfer,
+};
 use crate::objstore::Store;
 use crate::runtime::runtime;
 
 /// What `vbd volume info` shows.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VolumeInfo {
     /// Name, size, block size and creation time, flattened into this JSON.
     #[serde(flatten)]
@@ -37,11 +44,35 @@ pub struct VolumeInfo {
     /// Chunks and checkpoints that fenced generations put after their fence:
     /// ignored by every reader, deleted by the holder's garbage collection.
     pub fenced_objects: u64,
+    /// The snapshot this clone reads through (`volume@snapshot`), if any.
+    pub parent: Option<String>,
+    /// What a clone was made from, kept after it is flattened.
+    pub origin: Option<String>,
+    /// Its parent chain, parent first (`volume@snapshot` each).
+    pub ancestors: Vec<String>,
+    /// The volume's snapshots, oldest name first.
+    pub snapshots: Vec<String>,
+    /// Clones and clones' snapshots that read through this volume's snapshots.
+    pub clones: Vec<String>,
+    /// Bytes of data the volume's map points at in its own chunks.
+    pub own_bytes: u64,
+    /// Bytes of data it reads through from its parents' chunks (shared
+    /// with them and their other clones).
+    pub shared_bytes: u64,
+    /// An import that never finished.
+    pub unfinished_import: bool,
 }
 
 /// Creates an empty volume: only a descriptor, so any size is instant and
 /// costs nothing until written.
 pub async fn create(store: &Store, name: &str, size: u64) -> Result<Descriptor, ObjectError> {
+    if !layout::valid_name(name) {
+        return Err(ObjectError::BadName(name.to_owned()));
+    }
+    // A clone that never got its descriptor may have left its lineage.
+    if layout::read_descriptor(store, name).await.is_err() {
+        lineage::remove(store, name).await?;
+    }
     layout::create_descriptor(store, name, size).await
 }
 
@@ -62,6 +93,8 @@ pub fn open_url(
             Err(e) => return Err(e),
         }
     }
+    let volume = super::snapshot::split(name).0;
+    runtime().block_on(transfer::check_finished(&store, volume))?;
     ObjectVolume::open(store, name, opts)
 }
 
@@ -104,6 +137,20 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
     let legacy = layout::lock_owner(store, name)
         .await?
         .map(|o| format!("pid {} on {}", o.pid, o.host));
+    let record = lineage::read(store, name).await?;
+    let mut map = recovery::load_map(store, &keys, &fences).await?;
+    super::clone::apply_parent(store, name, &mut map).await?;
+    let (mut own_bytes, mut shared_bytes) = (0, 0);
+    for sp in map.map.iter() {
+        if let Mapping::Chunk { id, .. } = sp.value {
+            let bytes = (sp.end - sp.start) * super::format::BLOCK as u64;
+            if layer_of(id) == 0 {
+                own_bytes += bytes;
+            } else {
+                shared_bytes += bytes;
+            }
+        }
+    }
     Ok(VolumeInfo {
         descriptor,
         chunks,
@@ -115,6 +162,19 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         durability: h.record.as_ref().map(|r| r.durability),
         took_over_from: h.record.as_ref().and_then(|r| r.took_over),
         fenced_objects,
+        parent: record
+            .as_ref()
+            .and_then(|l| l.parent.as_ref())
+            .map(Layer::to_string),
+        origin: record.as_ref().map(|l| l.origin.to_string()),
+        ancestors: record
+            .map(|l| l.layers.iter().map(Layer::to_string).collect())
+            .unwrap_or_default(),
+        snapshots: snapshot::names(store, name).await?,
+        clones: refs::dependents(store, name, None).await?,
+        own_bytes,
+        shared_bytes,
+        unfinished_import: transfer::is_unfinished(store, name).await?,
     })
 }
 
@@ -161,6 +221,13 @@ pub fn settle(url: &str, name: &str, opts: ObjectOptions) -> Result<Handoff, Obj
 /// `force` (for a lock left by a machine that is gone).
 pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), ObjectError> {
     layout::read_descriptor(store, name).await?;
+    let dependents = refs::dependents(store, name, None).await?;
+    if !dependents.is_empty() {
+        return Err(ObjectError::HasDependents {
+            what: format!("volume {name}"),
+            dependents,
+        });
+    }
     if let Some(owner) = holder(store, name).await?
         && !force
     {

@@ -231,6 +231,11 @@ impl Owner {
         }
     }
 
+    /// Whether the owner is a process on this host that still runs.
+    pub fn is_alive_here(&self) -> bool {
+        self.host == Owner::me().host && process_start(self.pid) == Some(self.started)
+    }
+
     /// Whether the owner is this host's process that no longer runs.
     pub fn is_stale(&self, me: &Owner) -> bool {
         self.host == me.host && process_start(self.pid) != Some(self.started)

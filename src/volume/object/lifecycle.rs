@@ -16,7 +16,9 @@ use super::layout::{self, Keys};
 use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
-use super::{Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, upload};
+use super::{
+    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, clone, refs, snapshot, upload,
+};
 use crate::error::Chain;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
@@ -233,9 +235,18 @@ impl Drop for ObjectVolume {
 /// Takes a writer generation (fencing the previous one if this is a
 /// take-over), recovers the map and the WAL, and starts the WAL thread and
 /// the uploader.
-async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVolume, ObjectError> {
-    let desc = layout::read_descriptor(&store, name).await?;
-    let keys = Keys::new(name);
+async fn open(
+    store: Store,
+    name: &str,
+    mut opts: ObjectOptions,
+) -> Result<ObjectVolume, ObjectError> {
+    // `volume@snapshot` names a snapshot, which is only ever read.
+    let (volume, snap) = snapshot::split(name);
+    if snap.is_some() {
+        opts.read_only = true;
+    }
+    let mut desc = layout::read_descriptor(&store, volume).await?;
+    let keys = Keys::new(volume);
     let wal_dir = layout::wal_dir(&opts.wal_root, store.url(), name);
     let (taken, local_lock, fences, wal_is_previous) = if opts.read_only {
         (
@@ -245,18 +256,34 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
             false,
         )
     } else {
-        let local_lock = layout::lock_wal_dir(name, &wal_dir)?;
+        let local_lock = layout::lock_wal_dir(volume, &wal_dir)?;
         let take = TakeOptions {
             take_over: opts.take_over,
             durability: opts.durability,
             wal_dir: wal_dir.display().to_string(),
         };
-        let taken = generation::take(&store, name, &take).await?;
-        let wal_is_previous = fence::adopt_wal(&wal_dir, name, &taken)?;
+        let taken = generation::take(&store, volume, &take).await?;
+        let wal_is_previous = fence::adopt_wal(&wal_dir, volume, &taken)?;
         let fences = taken.fences.clone();
         (Some(taken), Some(local_lock), fences, wal_is_previous)
     };
-    let mut mapped = load_map(&store, &keys, &fences).await?;
+    let mut snapshots = 0;
+    let (mut mapped, layers) = match snap {
+        Some(snap) => {
+            let (m, meta) = snapshot::load(&store, volume, snap).await?;
+            desc.size = meta.size;
+            (m, meta.layers)
+        }
+        None => {
+            let mut m = load_map(&store, &keys, &fences).await?;
+            let layers = clone::apply_parent(&store, volume, &mut m).await?;
+            if !opts.read_only {
+                m.pinned = refs::pinned_chunks(&store, volume).await?;
+                snapshots = snapshot::names(&store, volume).await?.len() as u64;
+            }
+            (m, layers)
+        }
+    };
     let store_seq = mapped.max_seq;
     // A damaged but checksummed index could claim the last sequence number.
     let next_seq = store_seq
@@ -318,9 +345,11 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
         .next()
         .map_or(dirty.appended, |s| s.base);
     let replayed = dirty.segments.len();
+    let stats = ObjectStats::default();
+    stats.snapshots.store(snapshots, Ordering::Relaxed);
     let inner = Arc::new(Inner {
         name: name.to_owned(),
-        size: desc.size,
+        size: AtomicU64::new(desc.size),
         store,
         keys,
         cache: BlockCache::new(budget),
@@ -333,7 +362,7 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
         last_read_end: AtomicU64::new(u64::MAX),
         stopping: AtomicBool::new(false),
         abort: AtomicBool::new(false),
-        stats: ObjectStats::default(),
+        stats,
         read_only: opts.read_only,
         closing: AtomicBool::new(false),
         fence: Fence::new(
@@ -345,6 +374,11 @@ async fn open(store: Store, name: &str, opts: ObjectOptions) -> Result<ObjectVol
             loss_report,
         ),
         opts,
+        layers: RwLock::new(layers),
+        upload_limit: AtomicU64::new(u64::MAX),
+        admin: Mutex::new(()),
+        gc: tokio::sync::Mutex::new(()),
+        resize_hooks: Mutex::new(Vec::new()),
     });
     let (wal_thread, uploader) = if inner.read_only {
         (None, None)

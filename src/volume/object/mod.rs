@@ -14,30 +14,41 @@
 
 pub mod admin;
 pub mod cache;
+pub mod clone;
 mod durability;
 mod error;
 mod extent_map;
 mod fence;
 pub mod format;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
+mod gc;
 pub mod generation;
 #[cfg(test)]
 mod handoff_tests;
+mod ingest;
 pub mod layout;
 mod lifecycle;
+#[cfg(test)]
+mod lifecycle_tests;
+pub mod lineage;
 mod options;
 mod read;
 mod recovery;
+pub mod refs;
+mod resize;
 mod segment;
+pub mod snapshot;
 mod state;
 mod stats;
 #[cfg(test)]
 mod tests;
+pub mod transfer;
 mod upload;
 mod wal;
 mod write;
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
 
@@ -58,9 +69,10 @@ pub use self::stats::{ObjectCounters, ObjectStats};
 
 /// State shared by the volume handle, the WAL thread and the uploader.
 pub(crate) struct Inner {
+    /// The volume's name, `volume@snapshot` for a snapshot opened read-only.
     name: String,
-    /// Bytes, from the descriptor.
-    size: u64,
+    /// Bytes, from the descriptor; changed live by resize.
+    size: AtomicU64,
     store: Store,
     keys: Keys,
     opts: ObjectOptions,
@@ -88,6 +100,17 @@ pub(crate) struct Inner {
     /// The writer's generation, whether it was fenced, and what FLUSH
     /// waits for.
     fence: fence::Fence,
+    /// The volumes layers 1, 2, ... of the map's chunk ids live in (see `lineage`).
+    layers: RwLock<Vec<lineage::Layer>>,
+    /// Segments above this id wait: a snapshot is freezing the map as of
+    /// the segments below it.
+    upload_limit: AtomicU64,
+    /// One snapshot, resize, flatten or collection at a time.
+    admin: Mutex<()>,
+    /// Garbage collection by the uploader or on request, one at a time.
+    gc: tokio::sync::Mutex<()>,
+    /// Told the new size after a live resize.
+    resize_hooks: Mutex<Vec<crate::volume::ResizeHook>>,
 }
 
 impl Inner {
@@ -132,7 +155,8 @@ impl ObjectVolume {
                 self.refuse_if_closed()
             };
         }
-        if io.offset > self.inner.size || io.len > self.inner.size - io.offset {
+        let size = self.inner.size.load(Ordering::Acquire);
+        if io.offset > size || io.len > size - io.offset {
             return Err(VolumeError::OutOfRange {
                 offset: io.offset,
                 len: io.len,
@@ -173,7 +197,7 @@ impl ObjectVolume {
 
 impl Volume for ObjectVolume {
     fn size(&self) -> u64 {
-        self.inner.size
+        self.inner.size.load(Ordering::Acquire)
     }
 
     fn caps(&self) -> Caps {
@@ -215,6 +239,11 @@ impl Volume for ObjectVolume {
 
     fn as_object(&self) -> Option<&ObjectVolume> {
         Some(self)
+    }
+
+    fn watch_size(&self, hook: crate::volume::ResizeHook) -> bool {
+        self.inner.resize_hooks.locked().push(hook);
+        true
     }
 
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {

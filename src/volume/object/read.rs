@@ -250,7 +250,7 @@ async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeE
             .max(r.block + r.blocks);
         let n = end - start;
         let from = info.data_start + u64::from(start) * BLOCK as u64;
-        let key = inner.keys.chunk(r.chunk);
+        let key = inner.chunk_key(r.chunk);
         let mut attempt = 0;
         let bytes = loop {
             inner.stats.fetches.fetch_add(1, Ordering::Relaxed);

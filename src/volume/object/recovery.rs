@@ -59,24 +59,7 @@ pub(super) async fn load_map(
                         },
                     );
                 }
-                for e in &c.entries {
-                    let v = match e.kind {
-                        Kind::Data => Mapping::Chunk {
-                            id: e.chunk,
-                            block: e.block,
-                        },
-                        Kind::Zero => Mapping::Zero,
-                        Kind::Hole => Mapping::Hole,
-                    };
-                    m.map.merge(
-                        e.lba,
-                        e.lba + u64::from(e.blocks),
-                        e.seq,
-                        v,
-                        super::state::newer,
-                        |_| {},
-                    );
-                }
+                m.merge_entries(&c.entries, |id| id);
                 m.max_seq = c.max_seq;
                 base = c.id;
                 break;

@@ -14,9 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::extent_map::ExtentMap;
 use super::fence;
-use super::format::{
-    self, BLOCK, CHUNK_HEADER, CheckpointEntry, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER,
-};
+use super::format::{self, BLOCK, CHUNK_HEADER, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER};
 use super::generation::base_id;
 use super::layout::id_of;
 use super::recovery::read_chunk_index;
@@ -27,7 +25,7 @@ use crate::error::Chain;
 use crate::objstore::StoreError;
 
 /// How long a rewritten or dead chunk stays readable for reads already in flight.
-const GRACE: Duration = Duration::from_secs(30);
+pub(super) const GRACE: Duration = Duration::from_secs(30);
 
 /// Runs until the volume stops and nothing is left to upload (or, when the
 /// store is down, until asked to stop).
@@ -92,7 +90,9 @@ pub(super) async fn run(inner: Arc<Inner>) {
 fn next_segment(inner: &Inner) -> Option<Arc<Segment>> {
     let d = inner.dirty.read_locked();
     let s = d.segments.values().next()?;
-    let ready = s.sealed.load(Ordering::Acquire) && s.synced.load(Ordering::Acquire) >= s.len();
+    let ready = s.sealed.load(Ordering::Acquire)
+        && s.synced.load(Ordering::Acquire) >= s.len()
+        && s.id <= inner.upload_limit.load(Ordering::Acquire);
     ready.then(|| s.clone())
 }
 
@@ -259,31 +259,7 @@ pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
         let Some((&last, _)) = m.chunks.iter().next_back() else {
             return Ok(());
         };
-        let mut entries = Vec::with_capacity(m.map.len());
-        for sp in m.map.iter() {
-            let (kind, chunk, block) = match sp.value {
-                Mapping::Chunk { id, block } => (Kind::Data, id, block),
-                Mapping::Zero => (Kind::Zero, 0, 0),
-                Mapping::Hole => (Kind::Hole, 0, 0),
-            };
-            let mut lba = sp.start;
-            while lba < sp.end {
-                let n = (sp.end - lba).min(u64::from(u32::MAX)) as u32;
-                entries.push(CheckpointEntry {
-                    lba,
-                    seq: sp.seq,
-                    blocks: n,
-                    kind,
-                    chunk,
-                    block: if kind == Kind::Data {
-                        block + (lba - sp.start) as u32
-                    } else {
-                        0
-                    },
-                });
-                lba += u64::from(n);
-            }
-        }
+        let entries = m.entries();
         let table: Vec<ChunkRecord> = m
             .chunks
             .iter()
@@ -328,7 +304,8 @@ pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
 
 /// Rewrites one chunk whose live share fell below the threshold, or marks a
 /// dead one for deletion. Returns chunks to delete after the grace period.
-async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
+pub(super) async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
+    let _one = inner.gc.lock().await;
     let (victim, info, newest) = {
         let m = inner.map.read_locked();
         let newest = *m.chunks.keys().next_back()?;
@@ -337,6 +314,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
             **id < newest
                 && c.data_blocks > 0
                 && (c.live as f64) < threshold * f64::from(c.data_blocks)
+                && super::refs::collectable(&m, **id)
         })?;
         (id, info, newest)
     };
@@ -409,33 +387,15 @@ async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(),
         e.data_block = (data.len() / BLOCK) as u32;
         data.extend_from_slice(&bytes);
     }
-    let id = inner.next_chunk.fetch_add(1, Ordering::AcqRel);
-    let body = Bytes::from(format::encode_chunk(id, &live, &data));
-    inner.store.put(&inner.keys.chunk(id), body).await?;
-    if !fence::verify(inner).await {
-        // Fenced: the copy is an orphan, and the victim stays (nothing is
-        // deleted from now on).
-        return Ok(());
-    }
-    let data_start =
-        (CHUNK_HEADER + live.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64;
+    let id = super::ingest::put_chunk(inner, &live, &data).await?;
     let mut m = inner.map.write_locked();
-    m.chunks.insert(
-        id,
-        ChunkInfo {
-            data_start,
-            data_blocks: (data.len() / BLOCK) as u32,
-            live: 0,
-        },
-    );
-    m.apply_chunk(id, &live);
     m.retire(victim);
     inner.stats.chunks_collected.fetch_add(1, Ordering::Relaxed);
     info!(volume = %inner.name, from = victim, to = id, blocks = data.len() / BLOCK, "chunk rewritten by garbage collection");
     Ok(())
 }
 
-async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
+pub(super) async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
     if inner.fence.fenced_by().is_some() {
         return;
     }

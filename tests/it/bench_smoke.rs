@@ -1,0 +1,60 @@
+//! The benchmark tool's quick mode, so CI keeps `tools/bench-peers` working.
+//! It checks the plumbing and the report's shape, never speed.
+
+use crate::common;
+
+use std::process::Command;
+
+use common::*;
+
+/// Runs `tools/bench-peers --smoke` with `args` before `--out OUT` and
+/// returns the JSON report `report` it wrote there.
+fn smoke(dir: &TempDir, args: &[&str], report: &str) -> serde_json::Value {
+    let out = dir.join("out");
+    run(
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/bench-peers"))
+            .args(["--smoke", "--vbd", env!("CARGO_BIN_EXE_vbd")])
+            .args(args)
+            .arg("--out")
+            .arg(&out)
+            .env("BENCH_DIR", dir.path()),
+    );
+    serde_json::from_str(&std::fs::read_to_string(out.join(report)).unwrap()).unwrap()
+}
+
+#[test]
+fn bench_peers_smoke_mode_produces_a_report() {
+    require("fio", "fio");
+    require("nbdkit", "nbdkit");
+    require("qemu-nbd", "qemu-utils");
+    let dir = TempDir::new("bench-smoke");
+    let doc = smoke(
+        &dir,
+        &["--only", "vbd-memory", "nbdkit-memory"],
+        "results.json",
+    );
+    for target in ["vbd-memory", "nbdkit-memory"] {
+        for wl in doc["workloads"].as_array().unwrap() {
+            let r = &doc["results"][target][wl.as_str().unwrap()];
+            assert!(r["iops"].as_f64().unwrap() > 0.0, "{target} {wl}: {r}");
+            assert!(r["p99_us"].as_f64().unwrap() > 0.0, "{target} {wl}: {r}");
+        }
+    }
+    assert!(
+        doc["ratios"]["vbd-memory/nbdkit-memory"]["randrw-4k-1x32"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let svg = std::fs::read_to_string(dir.join("out").join("chart.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("vbd-memory"));
+
+    // The per-request cost mode measures the server's and fio's CPU.
+    let cost = smoke(&dir, &["--cost", "--only", "vbd-memory"], "cost.json");
+    for wl in ["randrw-4k-1x1", "randrw-4k-1x32", "randrw-4k-4x32"] {
+        let r = &cost["vbd-memory"][wl];
+        for key in ["iops", "server_us", "client_us"] {
+            assert!(r[key].as_f64().unwrap() > 0.0, "{wl} {key}: {r}");
+        }
+    }
+}
