@@ -11,13 +11,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
+use super::route::{self, Route};
 use super::{ControlArg, default_store_url, lifecycle, print};
 use vbd::control::model::ReleaseRequest;
 use vbd::objstore::Store;
 use vbd::runtime::runtime;
 use vbd::size::parse_size;
 use vbd::volume::object::generation;
-use vbd::volume::object::layout::{Keys, Owner, default_wal_root};
+use vbd::volume::object::layout::{Keys, default_wal_root};
 use vbd::volume::object::{ObjectOptions, admin, snapshot};
 
 #[derive(Args)]
@@ -362,67 +363,61 @@ fn release(
     wal_dir: Option<PathBuf>,
 ) -> Result<()> {
     let url = store.url();
-    let h = runtime().block_on(generation::holding(&store.open()?, &Keys::new(name)))?;
-    let holder = match (&h.record, h.released) {
-        (_, true) => {
+    let s = store.open()?;
+    match route::locate(&s, name, control.control.as_deref())? {
+        Route::Server {
+            client,
+            name: export,
+        } => {
+            let reply = client
+                .release_volume(&ReleaseRequest {
+                    store: url.clone(),
+                    volume: name.to_owned(),
+                })
+                .with_context(|| {
+                    format!(
+                        "asking the vbd that serves volume {name} (export {export}) through {} \
+                         to release it",
+                        client.socket.display()
+                    )
+                })?;
+            match reply.outcome.as_str() {
+                "released" => println!(
+                    "released volume {name} (export {}, generation {}): any host can open it now",
+                    reply.export, reply.generation
+                ),
+                other => bail!(
+                    "volume {name} (export {}, generation {}) was not released: {other}; see the \
+                     server's log",
+                    reply.export,
+                    reply.generation
+                ),
+            }
+        }
+        Route::Direct => {
+            let h = runtime().block_on(generation::holding(&s, &Keys::new(name)))?;
+            if h.released {
+                println!(
+                    "volume {name} is not held (generation {} released it)",
+                    h.generation
+                );
+                return Ok(());
+            }
+            // Its holder was a process on this host that is gone.
+            let gone = h
+                .record
+                .map_or_else(|| "?".to_owned(), |r| r.holder.pid.to_string());
+            let settled = admin::settle(&url, name, options(wal_dir, false))
+                .with_context(|| format!("releasing volume {name} in {url}"))?;
+            if !settled.released {
+                bail!("volume {name} could not be drained to the store; see the log");
+            }
             println!(
-                "volume {name} is not held (generation {} released it)",
-                h.generation
+                "released volume {name} (its holder, pid {gone}, is gone; generation {} drained \
+                 what it left here)",
+                settled.generation
             );
-            return Ok(());
         }
-        (Some(r), false) => r.holder.clone(),
-        (None, false) => bail!(
-            "volume {name} is held by generation {}, whose record is unreadable; \
-             take it over with `vbd volume take-over`",
-            h.generation
-        ),
-    };
-    let me = Owner::me();
-    if holder.host != me.host {
-        bail!(
-            "volume {name} is held by pid {} on {}: release it there, or take it over with \
-             `vbd volume take-over` if that host is gone",
-            holder.pid,
-            holder.host
-        );
-    }
-    if holder.is_stale(&me) {
-        let s = admin::settle(&url, name, options(wal_dir, false))
-            .with_context(|| format!("releasing volume {name} in {url}"))?;
-        if !s.released {
-            bail!("volume {name} could not be drained to the store; see the log");
-        }
-        println!(
-            "released volume {name} (its holder, pid {}, is gone; generation {} drained what it left here)",
-            holder.pid, s.generation
-        );
-        return Ok(());
-    }
-    let client = control.client();
-    let reply = client
-        .release_volume(&ReleaseRequest {
-            store: url.clone(),
-            volume: name.to_owned(),
-        })
-        .with_context(|| {
-            format!(
-                "volume {name} is held by pid {} on this host; asking it through {} failed \
-                 (pass --control with that vbd's control socket)",
-                holder.pid,
-                client.socket.display()
-            )
-        })?;
-    match reply.outcome.as_str() {
-        "released" => println!(
-            "released volume {name} (export {}, generation {}): any host can open it now",
-            reply.export, reply.generation
-        ),
-        other => bail!(
-            "volume {name} (export {}, generation {}) was not released: {other}; see the server's log",
-            reply.export,
-            reply.generation
-        ),
     }
     Ok(())
 }

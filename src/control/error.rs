@@ -165,7 +165,12 @@ fn object_status(e: &ObjectError) -> u16 {
     use ObjectError as O;
     match e {
         O::NoSuchVolume(_) | O::NoSuchSnapshot { .. } => 404,
-        O::Exists(_) | O::SnapshotExists { .. } | O::HasDependents { .. } | O::Locked { .. } => 409,
+        O::Exists(_)
+        | O::SnapshotExists { .. }
+        | O::HasDependents { .. }
+        | O::Locked { .. }
+        | O::Fenced { .. }
+        | O::TakingOver { .. } => 409,
         O::BadName(_)
         | O::BadSnapshotName(_)
         | O::BadSize(_)

@@ -41,8 +41,9 @@ pub struct VolumeInfo {
     pub durability: Option<Durability>,
     /// The generation it took the volume over from without a release, if any.
     pub took_over_from: Option<u64>,
-    /// Chunks and checkpoints that fenced generations put after their fence:
-    /// ignored by every reader, deleted by the holder's garbage collection.
+    /// Objects (chunks, checkpoints, snapshots, flatten marks, resize
+    /// records) that fenced generations put after their fence: ignored by
+    /// every reader, deleted by the holder's garbage collection.
     pub fenced_objects: u64,
     /// The snapshot this clone reads through (`volume@snapshot`), if any.
     pub parent: Option<String>,
@@ -127,12 +128,18 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         .count() as u64;
     let stored_bytes = objects.iter().map(|(_, s)| s).sum();
     let fences = generation::read_fences(store, &keys).await?;
+    let with_ids = keys.with_ids();
+    let (snapshots, fenced_snapshots): (Vec<_>, Vec<_>) = snapshot::all(store, name)
+        .await?
+        .into_iter()
+        .partition(|(_, meta)| meta.counts(&fences));
     let fenced_objects = objects
         .iter()
-        .filter(|(k, _)| k.contains("/chunks/") || k.contains("/checkpoints/"))
+        .filter(|(k, _)| with_ids.iter().any(|p| k.starts_with(&format!("{p}/"))))
         .filter_map(|(k, _)| layout::id_of(k))
         .filter(|&id| !fences.counts(id))
-        .count() as u64;
+        .count() as u64
+        + fenced_snapshots.len() as u64;
     let h = generation::holding(store, &keys).await?;
     let legacy = layout::lock_owner(store, name)
         .await?
@@ -170,7 +177,7 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         ancestors: record
             .map(|l| l.layers.iter().map(Layer::to_string).collect())
             .unwrap_or_default(),
-        snapshots: snapshot::names(store, name).await?,
+        snapshots: snapshots.into_iter().map(|(n, _)| n).collect(),
         clones: refs::dependents(store, name, None).await?,
         own_bytes,
         shared_bytes,
@@ -204,7 +211,9 @@ pub struct Handoff {
 /// which settles it at what the store and this host's WAL hold, and closes
 /// it again, releasing it for whichever host opens it next.
 pub fn settle(url: &str, name: &str, opts: ObjectOptions) -> Result<Handoff, ObjectError> {
-    let v = ObjectVolume::open(Store::open(url)?, name, opts)?;
+    let store = Store::open(url)?;
+    runtime().block_on(transfer::check_finished(&store, name))?;
+    let v = ObjectVolume::open(store, name, opts)?;
     let generation = v.generation();
     let handover = v.handover().unwrap_or("read-only").to_owned();
     let loss = v.loss_report().map(str::to_owned);

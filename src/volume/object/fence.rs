@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use super::durability::Durability;
-use super::generation::{self, Fences, Taken, generation_of};
+use super::generation::{self, Fences, Handover, Taken, generation_of};
 use super::layout::id_of;
 use super::{Inner, ObjectError, RequestError};
 use crate::error::Chain;
@@ -55,6 +55,13 @@ pub(super) struct Fence {
     pub(super) taken: Option<Taken>,
     /// What the take-over may have lost, if this was one.
     pub(super) loss_report: Option<String>,
+    /// Held from the allocation of a new id until the object carrying it
+    /// is in the store, so that this writer's objects land in id order:
+    /// a successor that lists id `k` of this generation has every lower
+    /// one that will ever land (see `generation`).
+    order: tokio::sync::Mutex<()>,
+    /// The next id of this writer's sequence.
+    ids: AtomicU64,
 }
 
 impl Fence {
@@ -66,6 +73,7 @@ impl Fence {
         local_lock: Option<File>,
         uploaded_to: u64,
         loss_report: Option<String>,
+        next_id: u64,
     ) -> Fence {
         Fence {
             generation: taken.as_ref().map_or(0, |t| t.generation),
@@ -78,6 +86,8 @@ impl Fence {
             last_orphan_scan: Mutex::new(None),
             taken,
             loss_report,
+            order: tokio::sync::Mutex::new(()),
+            ids: AtomicU64::new(next_id),
         }
     }
 
@@ -99,6 +109,38 @@ impl Fence {
             generation: self.generation,
             by,
         })
+    }
+
+    /// The fenced error for a lifecycle operation, if this writer was fenced.
+    pub(super) fn check_admin(&self) -> Result<(), ObjectError> {
+        match self.fenced_by() {
+            Some(by) => Err(ObjectError::Fenced {
+                generation: self.generation,
+                by,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the right to allocate an id and put the object carrying
+    /// it; hold the guard until the put is done (see `order`).
+    pub(super) async fn put_order(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.order.lock().await
+    }
+
+    /// The next id of this writer's sequence. Call with the
+    /// [`put_order`](Self::put_order) guard held, and put the object
+    /// before letting it go.
+    pub(super) fn next_id(
+        &self,
+        _order: &tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<u64, ObjectError> {
+        self.check_admin()?;
+        let id = self.ids.fetch_add(1, Ordering::AcqRel);
+        if self.generation != 0 && generation_of(id) != self.generation {
+            return Err(ObjectError::IdsExhausted);
+        }
+        Ok(id)
     }
 
     /// Drops the WAL directory's flock (at close, or when fenced).
@@ -135,6 +177,17 @@ pub(super) async fn verify(inner: &Inner) -> bool {
             }
         }
     }
+}
+
+/// [`verify`] for lifecycle operations: `Ok` when the objects put so far
+/// may be published, the fenced error when another writer took over, and
+/// [`ObjectError::Interrupted`] when the volume is aborting.
+pub(super) async fn verified(inner: &Inner) -> Result<(), ObjectError> {
+    if verify(inner).await {
+        return Ok(());
+    }
+    inner.fence.check_admin()?;
+    Err(ObjectError::Interrupted)
 }
 
 /// This writer was fenced by generation `by`: from now on it writes
@@ -189,12 +242,16 @@ pub(super) fn fail_store_waiters(inner: &Inner) {
     }
 }
 
-/// Deletes the chunks and checkpoints that fenced generations put after
-/// their fence: objects of an earlier generation that do not count. This is
-/// the only place garbage collection looks at other generations' objects;
-/// it never touches this generation's or a later one's. Runs when the
-/// uploader is idle (at most every [`ORPHAN_SCAN_EVERY`] unless `now`) and
-/// at close. Returns how many objects it deleted.
+/// Deletes what fenced generations put after their fence: chunks,
+/// checkpoints, flatten marks, resize records and snapshots of an earlier
+/// generation that do not count (and deleting marks of snapshots that are
+/// gone). This is the only place garbage collection looks at other
+/// generations' objects; it never touches this generation's or a later
+/// one's. Runs when the uploader is idle (at most every
+/// [`ORPHAN_SCAN_EVERY`] unless `now`) and at close; snapshots, whose
+/// descriptions must be read to be judged, only at close and when this
+/// writer took the volume from one that did not release it. Returns how
+/// many objects it deleted.
 pub(super) async fn collect_fenced_orphans(inner: &Inner, now: bool) -> usize {
     let f = &inner.fence;
     if f.generation == 0 || f.fenced_by().is_some() {
@@ -208,7 +265,7 @@ pub(super) async fn collect_fenced_orphans(inner: &Inner, now: bool) -> usize {
         *last = Some(Instant::now());
     }
     let mut orphans = Vec::new();
-    for prefix in [inner.keys.chunks(), inner.keys.checkpoints()] {
+    for prefix in inner.keys.with_ids() {
         match inner.store.list(&prefix).await {
             Ok(objects) => orphans.extend(objects.into_iter().filter_map(|(key, _)| {
                 let id = id_of(&key)?;
@@ -220,10 +277,24 @@ pub(super) async fn collect_fenced_orphans(inner: &Inner, now: bool) -> usize {
             }
         }
     }
-    if orphans.is_empty() || !verify(inner).await {
+    let took_over = f
+        .taken
+        .as_ref()
+        .is_some_and(|t| matches!(t.handover, Handover::TakeOver | Handover::StaleLocal));
+    let snapshots = now || took_over;
+    if (orphans.is_empty() && !snapshots) || !verify(inner).await {
         return 0;
     }
     let mut deleted = 0;
+    if snapshots {
+        let volume = super::snapshot::split(&inner.name).0;
+        match super::snapshot::collect_fenced(&inner.store, volume, &f.fences).await {
+            Ok(n) => deleted += n,
+            Err(e) => {
+                warn!(volume = %inner.name, "cannot collect fenced generations' snapshots: {}", Chain(&e))
+            }
+        }
+    }
     for key in &orphans {
         match inner.store.delete(key).await {
             Ok(()) => deleted += 1,
@@ -232,12 +303,14 @@ pub(super) async fn collect_fenced_orphans(inner: &Inner, now: bool) -> usize {
             }
         }
     }
-    info!(
-        volume = %inner.name,
-        generation = f.generation,
-        deleted,
-        "deleted objects that fenced generations put after their fence"
-    );
+    if deleted > 0 {
+        info!(
+            volume = %inner.name,
+            generation = f.generation,
+            deleted,
+            "deleted objects that fenced generations put after their fence"
+        );
+    }
     deleted
 }
 

@@ -8,8 +8,12 @@
 //! Ceph RGW 16.2 refuses `If-Match` with a quoted ETag, a local directory
 //! has no `If-Match` at all), so nothing here needs more.
 //!
-//! Chunk and checkpoint ids carry their writer's generation in their top
-//! bits (`id = generation << 40 | n`): every object names its writer, and a
+//! Every object a writer creates that later readers must judge carries an
+//! id from one sequence per writer, its generation in the middle bits
+//! (`id = generation << 32 | n`, `n` counting from 1; the top 8 bits stay
+//! free for the layer tag of `lineage`): chunks and checkpoints (in their
+//! keys), snapshots (in their description), a clone's flatten marks and
+//! resize records (in their keys). Every object names its writer, and a
 //! later generation's objects sort after an earlier one's.
 //!
 //! Right after taking generation `n`, the writer lists the store and writes
@@ -21,7 +25,12 @@
 //! after each put, that no later generation exists before it treats the
 //! object as published (`fence::verify`), everything a writer published
 //! was in the store before its successor listed it, so the fence never cuts
-//! off an acknowledged write.
+//! off an acknowledged write. And because a writer allocates a new id and
+//! puts its object under one lock (`fence::Fence::put_order`), its objects
+//! land in id order: a successor that found id `k` of a generation has
+//! every lower id of it that will ever land, so nothing put late falls
+//! under the fence. (An import's parallel chunk puts are the one
+//! exception: nobody may open a volume while it is being imported.)
 //!
 //! A clean release writes `gens/<n>.released`; `gens/` records are never
 //! rewritten, only created, so no store needs more than create-if-absent.
@@ -38,15 +47,18 @@ use super::durability::Durability;
 use super::layout::{self, Keys, Owner, id_of};
 use crate::objstore::{Store, StoreError};
 
-/// Bits of a chunk or checkpoint id below the generation.
-pub const GENERATION_SHIFT: u32 = 40;
-/// The highest generation an id can carry.
-pub const MAX_GENERATION: u64 = (1 << (64 - GENERATION_SHIFT)) - 1;
+/// Bits of an id below the generation: 2^32 ids per generation (16 PiB of
+/// 4 MiB chunks), far more than one writer's session uses.
+pub const GENERATION_SHIFT: u32 = 32;
+/// The highest generation an id can carry: 24 bits, so that the id keeps
+/// clear of the top 8 bits, which a map uses for the layer tag of a
+/// clone's parents (`lineage::LAYER_SHIFT`).
+pub const MAX_GENERATION: u64 = (1 << 24) - 1;
 
-/// The generation a chunk or checkpoint id belongs to (0: written before
-/// vbd had generations).
+/// The generation an id belongs to (0: written before vbd had
+/// generations). Ignores a layer tag, if any.
 pub fn generation_of(id: u64) -> u64 {
-    id >> GENERATION_SHIFT
+    (id >> GENERATION_SHIFT) & MAX_GENERATION
 }
 
 /// The lowest id of a generation: its checkpoints are never below it, and
@@ -259,6 +271,15 @@ async fn start_fences(store: &Store, keys: &Keys, g: u64) -> Result<Fences, Stor
     )
 }
 
+/// The newest generation if it has not written its start record yet: a
+/// take under way (or one whose taker died), whose fence is not drawn, so
+/// whether older generations' latest objects count is not settled.
+pub async fn unsettled(store: &Store, keys: &Keys) -> Result<Option<u64>, StoreError> {
+    let l = Listing::read(store, keys).await?;
+    let latest = l.latest();
+    Ok((latest > 0 && l.latest_start() != Some(latest)).then_some(latest))
+}
+
 /// How the volume came to this writer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Handover {
@@ -411,19 +432,27 @@ pub async fn take(store: &Store, name: &str, opts: &TakeOptions) -> Result<Taken
     };
     let mut limits: BTreeMap<u64, u64> = BTreeMap::new();
     let mut previous_last_upload_unix = None;
-    for prefix in [keys.chunks(), keys.checkpoints()] {
+    let mut found = |id: u64, modified_unix: Option<i64>| {
+        let g = generation_of(id);
+        if id == 0 || g >= generation || !previous_fences.counts(id) {
+            return;
+        }
+        let max = limits.entry(g).or_insert(id);
+        *max = (*max).max(id);
+        if g == previous {
+            previous_last_upload_unix = previous_last_upload_unix.max(modified_unix);
+        }
+    };
+    for prefix in keys.with_ids() {
         for o in store.list_modified(&prefix).await? {
-            let Some(id) = id_of(&o.key) else { continue };
-            let g = generation_of(id);
-            if g >= generation || !previous_fences.counts(id) {
-                continue;
-            }
-            let max = limits.entry(g).or_insert(id);
-            *max = (*max).max(id);
-            if g == previous {
-                previous_last_upload_unix = previous_last_upload_unix.max(Some(o.modified_unix));
+            if let Some(id) = id_of(&o.key) {
+                found(id, Some(o.modified_unix));
             }
         }
+    }
+    // Snapshots carry their id in their description.
+    for (_, meta) in super::snapshot::all(store, name).await? {
+        found(meta.id, None);
     }
     let start = StartRecord {
         generation,

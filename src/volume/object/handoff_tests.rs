@@ -336,3 +336,306 @@ fn a_wal_from_a_generation_taken_over_is_set_aside() {
     );
     let _ = x.release();
 }
+
+// Lifecycle operations (snapshots, clones, flatten, resize, garbage
+// collection) across a take-over.
+
+/// Opens `name` on `site` with `opts`.
+fn open_named(site: &Site, name: &str, opts: ObjectOptions) -> ObjectVolume {
+    ObjectVolume::open(site.store(), name, opts)
+        .unwrap_or_else(|e| panic!("open {name}: {}", Chain(&e)))
+}
+
+fn take_over(opts: ObjectOptions) -> ObjectOptions {
+    ObjectOptions {
+        take_over: true,
+        ..opts
+    }
+}
+
+fn read_only(opts: ObjectOptions) -> ObjectOptions {
+    ObjectOptions {
+        read_only: true,
+        ..opts
+    }
+}
+
+/// A take-over of `name` that opens nothing (so no holder's garbage
+/// collection races the checks): the new generation and its fence.
+fn bare_take_over(site: &Site, name: &str) -> u64 {
+    let opts = TakeOptions {
+        take_over: true,
+        durability: Durability::Local,
+        wal_dir: "/nowhere".into(),
+    };
+    runtime()
+        .block_on(generation::take(&site.store(), name, &opts))
+        .unwrap_or_else(|e| panic!("take-over: {}", Chain(&e)))
+        .generation
+}
+
+fn assert_fenced(r: Result<impl std::fmt::Debug, ObjectError>, what: &str) {
+    match r {
+        Err(ObjectError::Fenced { .. }) => {}
+        other => panic!("{what} by a fenced writer: {other:?}"),
+    }
+}
+
+/// Every snapshot object of `NAME` in the store, counted or not.
+fn snapshot_objects(site: &Site) -> Vec<String> {
+    let prefix = format!("{}/snapshots", Keys::new(NAME).root());
+    runtime()
+        .block_on(site.store().list(&prefix))
+        .expect("list")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+#[test]
+fn a_snapshot_and_the_clone_reading_through_it_survive_a_take_over_and_its_gc() {
+    let site = Site::new("snap-take");
+    let mut d = SyncDriver::new().expect("driver");
+    let a = site.open(site.opts("a"));
+    for blk in 0..8 {
+        d.write(&a, blk * B, &block(1), false).expect("write");
+    }
+    a.snapshot("s1").expect("snapshot on A");
+    // A overwrites everything: s1's chunks are garbage to the volume's map.
+    for blk in 0..8 {
+        d.write(&a, blk * B, &block(2), false).expect("overwrite");
+    }
+    flush(&mut d, &a).expect("flush");
+    assert!(a.sync_to_store(Duration::from_secs(30)));
+    runtime()
+        .block_on(super::clone::create(&site.store(), NAME, "s1", "c"))
+        .expect("clone of h@s1");
+    // B takes the volume over from A, which never released it.
+    let b = site.open(take_over(site.opts("b")));
+    assert_eq!(b.handover(), Some("take-over"));
+    let names = runtime()
+        .block_on(super::snapshot::names(&site.store(), NAME))
+        .expect("names");
+    assert_eq!(names, ["s1"], "the snapshot A took before the fence counts");
+    // B collects all it may: s1 pins its chunks, and the clone reads them.
+    b.collect_garbage(true).expect("gc on B");
+    for blk in 0..8 {
+        assert_eq!(read_tag(&mut d, &b, blk), 2, "B's view of block {blk}");
+    }
+    let snap = open_named(&site, &format!("{NAME}@s1"), read_only(site.opts("r")));
+    let clone = open_named(&site, "c", site.opts("c"));
+    for blk in 0..8 {
+        assert_eq!(read_tag(&mut d, &snap, blk), 1, "h@s1 block {blk}");
+        assert_eq!(read_tag(&mut d, &clone, blk), 1, "clone block {blk}");
+    }
+    assert!(matches!(b.release(), CloseOutcome::Released { .. }));
+    drop(snap);
+    assert!(matches!(clone.release(), CloseOutcome::Released { .. }));
+    // After B's close (and its collection of fenced leftovers) too, with
+    // an empty cache.
+    let clone = open_named(&site, "c", read_only(site.opts("r2")));
+    for blk in 0..8 {
+        assert_eq!(read_tag(&mut d, &clone, blk), 1, "clone block {blk}");
+    }
+    assert!(matches!(a.release(), CloseOutcome::Fenced { .. }));
+}
+
+#[test]
+fn a_fenced_writer_cannot_snapshot_resize_or_collect_and_its_late_objects_never_count() {
+    let site = Site::new("fenced-admin");
+    let mut d = SyncDriver::new().expect("driver");
+    let a = site.open(site.opts("a"));
+    d.write(&a, 0, &block(1), false).expect("write");
+    a.snapshot("before").expect("snapshot before the fence");
+    let g = bare_take_over(&site, NAME);
+    // A does not know yet: its resize record lands, then it finds itself
+    // fenced. The record does not count.
+    assert_fenced(a.resize(8 << 20, false), "a resize");
+    assert_eq!(a.fenced_by(), Some(g));
+    let size = |site: &Site| {
+        runtime()
+            .block_on(super::layout::read_descriptor(&site.store(), NAME))
+            .expect("descriptor")
+            .size
+    };
+    let records = |site: &Site| {
+        runtime()
+            .block_on(site.store().list(&Keys::new(NAME).sizes()))
+            .expect("list")
+            .len()
+    };
+    assert_eq!(records(&site), 1, "A's record landed");
+    assert_eq!(
+        size(&site),
+        4 << 20,
+        "a fenced writer's resize does not count"
+    );
+    // Now that it knows, everything else fails at once.
+    assert_fenced(a.snapshot("late"), "a snapshot");
+    assert_fenced(a.collect_garbage(true), "a collection");
+    assert_fenced(a.delete_snapshot("before"), "a snapshot delete");
+    assert_fenced(a.flatten(), "a flatten");
+    // B's resize counts.
+    let b = site.open(take_over(site.opts("b")));
+    b.resize(6 << 20, false).expect("resize on B");
+    assert_eq!(size(&site), 6 << 20);
+    assert!(matches!(b.release(), CloseOutcome::Released { .. }));
+    let info = runtime()
+        .block_on(admin::info(&site.store(), NAME))
+        .expect("info");
+    assert_eq!(info.descriptor.size, 6 << 20);
+    assert_eq!(info.snapshots, ["before"]);
+    assert_eq!(
+        info.fenced_objects, 0,
+        "B's close collected A's leftovers: {info:?}"
+    );
+    assert_eq!(records(&site), 1, "B's record alone is left");
+    let _ = a.release();
+}
+
+#[test]
+fn a_snapshot_a_fenced_writer_takes_is_refused_ignored_and_collected() {
+    let site = Site::new("late-snap");
+    let mut d = SyncDriver::new().expect("driver");
+    let a = site.open(site.opts("a"));
+    d.write(&a, 0, &block(1), false).expect("write");
+    flush(&mut d, &a).expect("flush");
+    // Nothing left to upload: A's snapshot goes straight to its object.
+    assert!(a.sync_to_store(Duration::from_secs(30)));
+    bare_take_over(&site, NAME);
+    // A does not know it was fenced: its snapshot object lands, then it
+    // checks and fails.
+    assert_fenced(a.snapshot("late"), "a snapshot");
+    assert_eq!(snapshot_objects(&site).len(), 1, "the late object is there");
+    let store = site.store();
+    let rt = runtime();
+    assert!(
+        rt.block_on(super::snapshot::names(&store, NAME))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        rt.block_on(super::snapshot::read_meta(&store, NAME, "late")),
+        Err(ObjectError::NoSuchSnapshot { .. })
+    ));
+    assert!(matches!(
+        rt.block_on(super::clone::create(&store, NAME, "late", "c")),
+        Err(ObjectError::NoSuchSnapshot { .. })
+    ));
+    let info = rt.block_on(admin::info(&store, NAME)).expect("info");
+    assert!(info.fenced_objects >= 1, "{info:?}");
+    // A holder may take a snapshot of that name; the fenced one goes.
+    let b = site.open(take_over(site.opts("b")));
+    b.snapshot("late").expect("B's snapshot");
+    assert_eq!(read_tag(&mut d, &b, 0), 1);
+    assert!(matches!(b.release(), CloseOutcome::Released { .. }));
+    let snap = open_named(&site, &format!("{NAME}@late"), read_only(site.opts("r")));
+    assert_eq!(read_tag(&mut d, &snap, 0), 1);
+    let _ = a.release();
+}
+
+#[test]
+fn a_clone_is_taken_over_flattened_and_released_and_a_fenced_flatten_never_counts() {
+    let site = Site::new("clone-take");
+    let mut d = SyncDriver::new().expect("driver");
+    let rt = runtime();
+    let base = site.open(site.opts("base"));
+    for blk in 0..4 {
+        d.write(&base, blk * B, &block(1), false)
+            .expect("write base");
+    }
+    base.snapshot("gold").expect("snapshot");
+    assert!(matches!(base.release(), CloseOutcome::Released { .. }));
+    rt.block_on(super::clone::create(&site.store(), NAME, "gold", "c"))
+        .expect("clone");
+    // A serves the clone and overwrites all it inherited but block 3.
+    let a = open_named(&site, "c", site.opts("a"));
+    for blk in 0..3 {
+        d.write(&a, blk * B, &block(2), false).expect("write clone");
+    }
+    flush(&mut d, &a).expect("flush");
+    assert!(a.sync_to_store(Duration::from_secs(30)));
+    // B takes the clone over: A's uploads and the parent's block are there.
+    let b = open_named(&site, "c", take_over(site.opts("b")));
+    assert_eq!(b.handover(), Some("take-over"));
+    let tags: Vec<u8> = (0..5).map(|blk| read_tag(&mut d, &b, blk)).collect();
+    assert_eq!(tags, [2, 2, 2, 1, 0]);
+    // A's flatten copies block 3 in; the copy's put finds A fenced.
+    assert_fenced(a.flatten(), "a flatten");
+    let lineage = rt
+        .block_on(super::lineage::read(&site.store(), "c"))
+        .expect("lineage")
+        .expect("c is a clone");
+    assert!(lineage.parent.is_some(), "a fenced flatten cut nothing off");
+    // The holder flattens; the parent may go.
+    b.flatten().expect("flatten on B");
+    assert!(matches!(b.release(), CloseOutcome::Released { .. }));
+    let lineage = rt
+        .block_on(super::lineage::read(&site.store(), "c"))
+        .expect("lineage")
+        .expect("c was a clone");
+    assert!(lineage.parent.is_none(), "{lineage:?}");
+    rt.block_on(super::snapshot::delete(&site.store(), NAME, "gold", 0))
+        .expect("the parent snapshot is no longer needed");
+    let c = open_named(&site, "c", site.opts("c"));
+    assert_eq!(c.handover(), Some("released"));
+    let tags: Vec<u8> = (0..5).map(|blk| read_tag(&mut d, &c, blk)).collect();
+    assert_eq!(tags, [2, 2, 2, 1, 0]);
+    assert!(matches!(c.release(), CloseOutcome::Released { .. }));
+    assert!(matches!(a.release(), CloseOutcome::Fenced { .. }));
+}
+
+#[test]
+fn a_flatten_mark_a_fenced_writer_leaves_does_not_count() {
+    let site = Site::new("late-flatten");
+    let mut d = SyncDriver::new().expect("driver");
+    let rt = runtime();
+    let base = site.open(site.opts("base"));
+    d.write(&base, 0, &block(1), false).expect("write base");
+    base.snapshot("gold").expect("snapshot");
+    assert!(matches!(base.release(), CloseOutcome::Released { .. }));
+    rt.block_on(super::clone::create(&site.store(), NAME, "gold", "c"))
+        .expect("clone");
+    let a = open_named(&site, "c", site.opts("a"));
+    d.write(&a, 8 * B, &block(2), false).expect("write clone");
+    flush(&mut d, &a).expect("flush");
+    assert!(a.sync_to_store(Duration::from_secs(30)));
+    bare_take_over(&site, "c");
+    // A mark of A's generation lands after B drew its fence: what A would
+    // leave if it were paused between its last check and the mark's put.
+    let late = generation::base_id(a.generation()) + 1_000;
+    let store = site.store();
+    rt.block_on(store.put(&Keys::new("c").flattened_mark(late), "{}".into()))
+        .expect("put the late mark");
+    let lineage = rt
+        .block_on(super::lineage::read(&store, "c"))
+        .expect("lineage")
+        .expect("c is a clone");
+    assert!(lineage.parent.is_some(), "A's late mark does not count");
+    let info = rt.block_on(admin::info(&store, "c")).expect("info");
+    assert_eq!(info.parent.as_deref(), Some("h@gold"), "{info:?}");
+    assert_eq!(info.fenced_objects, 1, "{info:?}");
+    // A holder reads through the parent, and its close collects the mark.
+    let b = open_named(&site, "c", take_over(site.opts("b")));
+    assert_eq!(
+        read_tag(&mut d, &b, 0),
+        1,
+        "B still reads through the parent"
+    );
+    assert_eq!(read_tag(&mut d, &b, 8), 2);
+    assert!(matches!(b.release(), CloseOutcome::Released { .. }));
+    let marks = rt
+        .block_on(store.list(&Keys::new("c").flattened()))
+        .expect("list");
+    assert!(marks.is_empty(), "B's close collected it: {marks:?}");
+    // A real flatten on the holder counts.
+    let c = open_named(&site, "c", site.opts("c"));
+    c.flatten().expect("flatten");
+    let lineage = rt
+        .block_on(super::lineage::read(&store, "c"))
+        .expect("lineage")
+        .expect("c was a clone");
+    assert!(lineage.parent.is_none(), "{lineage:?}");
+    assert!(matches!(c.release(), CloseOutcome::Released { .. }));
+    let _ = a.release();
+}

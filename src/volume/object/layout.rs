@@ -52,6 +52,34 @@ impl Keys {
     pub fn checkpoint(&self, id: u64) -> String {
         format!("{}/checkpoints/{id:016x}", self.root)
     }
+    /// Prefix of a clone's flatten marks, for listing: `flattened/<id>`
+    /// says the clone stands alone (once its id counts, see `generation`).
+    pub fn flattened(&self) -> String {
+        format!("{}/flattened", self.root)
+    }
+    /// The flatten mark with id `id`.
+    pub fn flattened_mark(&self, id: u64) -> String {
+        format!("{}/flattened/{id:016x}", self.root)
+    }
+    /// Prefix of the resize records, for listing: the size is the one in
+    /// the newest record that counts, else the descriptor's.
+    pub fn sizes(&self) -> String {
+        format!("{}/sizes", self.root)
+    }
+    /// The resize record with id `id`.
+    pub fn size(&self, id: u64) -> String {
+        format!("{}/sizes/{id:016x}", self.root)
+    }
+    /// Prefixes of the objects whose keys end in their writer's id (see
+    /// `generation`): what a take-over's fence is drawn through.
+    pub fn with_ids(&self) -> [String; 4] {
+        [
+            self.chunks(),
+            self.checkpoints(),
+            self.flattened(),
+            self.sizes(),
+        ]
+    }
     /// Prefix of the writer-generation records, for listing.
     pub fn generations(&self) -> String {
         format!("{}/gens", self.root)
@@ -70,7 +98,7 @@ impl Keys {
     }
 }
 
-/// The id at the end of a chunk or checkpoint key.
+/// The id at the end of a key of one of [`Keys::with_ids`]' prefixes.
 pub fn id_of(key: &str) -> Option<u64> {
     u64::from_str_radix(key.rsplit('/').next()?, 16).ok()
 }
@@ -108,7 +136,7 @@ pub async fn read_descriptor(store: &Store, name: &str) -> Result<Descriptor, Ob
         Err(StoreError::NotFound(_)) => return Err(ObjectError::NoSuchVolume(name.to_owned())),
         Err(e) => return Err(e.into()),
     };
-    let d: Descriptor = match serde_json::from_slice(&bytes) {
+    let mut d: Descriptor = match serde_json::from_slice(&bytes) {
         Ok(d) => d,
         Err(source) => return Err(ObjectError::Descriptor { key, source }),
     };
@@ -118,6 +146,11 @@ pub async fn read_descriptor(store: &Store, name: &str) -> Result<Descriptor, Ob
             format: d.format,
             block_size: d.block_size,
         });
+    }
+    // The size a resize set, if one did (the descriptor keeps the size
+    // the volume was created with).
+    if let Some(size) = super::resize::resized(store, &Keys::new(name)).await? {
+        d.size = size;
     }
     Ok(d)
 }

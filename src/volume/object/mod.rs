@@ -86,7 +86,6 @@ pub(crate) struct Inner {
     upload_wake: tokio::sync::Notify,
     /// Writes waiting for the uploader to shrink the backlog.
     backlog_waiters: Mutex<Vec<Completer>>,
-    next_chunk: AtomicU64,
     /// Block after the last read, for detecting sequential reads.
     last_read_end: AtomicU64,
     /// Shutdown asked for: drain and stop.

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::extent_map::ExtentMap;
 use super::fence;
@@ -168,7 +168,16 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
     let chunk_id = if entries.is_empty() {
         None
     } else {
-        let id = inner.next_chunk.fetch_add(1, Ordering::AcqRel);
+        // Allocated and put under the put-order lock: this writer's
+        // objects land in id order (see `generation`).
+        let order = inner.fence.put_order().await;
+        let id = match inner.fence.next_id(&order) {
+            Ok(id) => id,
+            Err(e) => {
+                error!(volume = %inner.name, "cannot upload: {}", Chain(&e));
+                return false;
+            }
+        };
         let body = Bytes::from(format::encode_chunk(id, &entries, &data));
         let key = inner.keys.chunk(id);
         let mut delay = Duration::from_millis(50);
@@ -186,6 +195,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
                 }
             }
         }
+        drop(order);
         if !fence::verify(inner).await {
             return false;
         }
