@@ -387,16 +387,17 @@ impl Site {
 
     /// Creates volume `name` and makes it the one the hosts export (as `v`).
     fn use_volume(&self, name: &str) {
-        self.ok(&[
-            "volume",
-            "create",
-            "--store",
-            &self.store.url,
-            name,
-            "--size",
-            SIZE,
-        ]);
         *self.volume.borrow_mut() = name.to_owned();
+        self.volume_cmd("create", &["--size", SIZE]);
+    }
+
+    /// `vbd volume SUB --store URL VOLUME EXTRA...` on the volume in use;
+    /// it must succeed.
+    fn volume_cmd(&self, sub: &str, extra: &[&str]) -> String {
+        let vol = self.volume();
+        let mut args = vec!["volume", sub, "--store", &self.store.url, &vol];
+        args.extend_from_slice(extra);
+        self.ok(&args)
     }
 
     fn volume(&self) -> String {
@@ -421,7 +422,7 @@ impl Site {
     }
 
     fn info(&self) -> Value {
-        let out = self.ok(&["volume", "info", "--store", &self.store.url, &self.volume()]);
+        let out = self.volume_cmd("info", &[]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("info JSON ({e}): {out}"))
     }
 
@@ -486,17 +487,7 @@ fn release_then_open_elsewhere(site: &Site) {
     run(Command::new("nbdcopy").arg(&src).arg(a.uri("v")));
     let control = a.path("control.sock").display().to_string();
     let wal_a = site.wal("a").display().to_string();
-    let out = site.ok(&[
-        "volume",
-        "release",
-        "--store",
-        &site.store.url,
-        &vol,
-        "--control",
-        &control,
-        "--wal-dir",
-        &wal_a,
-    ]);
+    let out = site.volume_cmd("release", &["--control", &control, "--wal-dir", &wal_a]);
     assert!(out.contains(&format!("released volume {vol}")), "{out}");
     let i = site.info();
     assert_eq!(i["released"], true, "{i}");
@@ -536,15 +527,7 @@ fn release_then_open_elsewhere(site: &Site) {
     );
     a.kill();
     drop(ca);
-    let out = site.ok(&[
-        "volume",
-        "release",
-        "--store",
-        &site.store.url,
-        &vol,
-        "--wal-dir",
-        &wal_a,
-    ]);
+    let out = site.volume_cmd("release", &["--wal-dir", &wal_a]);
     assert!(out.contains("is gone"), "{out}");
     let mut b = site.serve("b", "");
     let image = site.image(&b);
@@ -733,15 +716,7 @@ fn host_loss_rounds(site: &Site, durability: &str, rounds: u32) -> (usize, usize
             b
         } else {
             let wal = site.wal("b").display().to_string();
-            let out = site.ok(&[
-                "volume",
-                "take-over",
-                "--store",
-                &site.store.url,
-                &site.volume(),
-                "--wal-dir",
-                &wal,
-            ]);
+            let out = site.volume_cmd("take-over", &["--wal-dir", &wal]);
             assert!(
                 out.contains("may be lost: took the volume over") && out.contains("released"),
                 "{what}: vbd volume take-over said: {out}"

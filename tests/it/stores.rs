@@ -1,9 +1,7 @@
-//! The object stores the handoff tests run against, each started for the
-//! test that asks and stopped when it is dropped: a local directory, vbd's
-//! embedded S3 endpoint (`vbd objstore serve`), moto, and Ceph RGW (from
-//! `tests/ceph_common`, shared by the test process).
-
-#![allow(dead_code)] // each test binary uses a different part of the harness
+//! The object stores tests run against (handoff, lifecycle, object), each
+//! started for the test that asks and stopped when it is dropped: a local
+//! directory, vbd's embedded S3 endpoint (`vbd objstore serve`), moto, and
+//! Ceph RGW (from `ceph_common`, shared by the test process).
 
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
@@ -13,8 +11,9 @@ use crate::ceph_common;
 use crate::common::{TempDir, free_port, run};
 
 /// The key pair the embedded endpoint and moto are started with.
-const KEY: &str = "vbdtestkey";
-const SECRET: &str = "vbdtestsecret";
+pub const KEY: &str = "vbdtestkey";
+/// Its secret.
+pub const SECRET: &str = "vbdtestsecret";
 
 /// A child process killed on drop.
 struct Reaper(Child);
@@ -40,6 +39,14 @@ impl TestStore {
     /// The environment (S3 settings) every vbd command needs for this store.
     pub fn env(&self) -> Vec<(&'static str, &str)> {
         self.env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+
+    /// The S3 endpoint, for a store served over S3.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| *k == "AWS_ENDPOINT_URL")
+            .map(|(_, v)| v.as_str())
     }
 }
 
