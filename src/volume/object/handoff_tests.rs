@@ -4,7 +4,7 @@
 //! uploads never count and are collected), a clean release, FLUSH under
 //! durability=store, and a WAL left by a generation that was taken over.
 //! The two-process versions, over every kind of store, are in
-//! tests/handoff.rs.
+//! tests/it/handoff.rs.
 
 use std::path::PathBuf;
 use std::sync::Arc;

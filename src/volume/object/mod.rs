@@ -5,12 +5,19 @@
 //! uploader (`upload`) packs sealed segments into immutable chunk objects
 //! whose indexes are the map's deltas, with periodic checkpoints. Reads go
 //! cache → write-ahead layer → map → ranged GET. Formats are in `format`,
-//! object names and the writer lock in `layout`.
+//! object names in `layout`.
 //!
 //! The volume's rooms: `write` and `read` (the request paths), `lifecycle`
 //! (open, drain, close) over `recovery` (map and WAL replay at open),
-//! `options`, `stats` and `error`. This module holds the shared state and
-//! turns requests into calls on those paths.
+//! `generation` (who may write: generations taken with conditional writes,
+//! and the fences that decide which objects count) and `fence` (a writer's
+//! generation at run time: checks after each put, fenced leftovers),
+//! `durability` (what FLUSH waits for), the lifecycle of snapshots
+//! (`snapshot`), clones (`clone`, `lineage`), what garbage collection may
+//! take (`refs`, `gc`), chunks made without the WAL (`ingest`), `resize`,
+//! import and export (`transfer`), `options`, `stats` and `error`. This
+//! module holds the shared state and turns requests into calls on those
+//! paths.
 
 pub mod admin;
 pub mod cache;
