@@ -30,6 +30,28 @@ fn create_only(c: Option<&IfNoneMatch>) -> bool {
     c.is_some_and(ETagCondition::is_any)
 }
 
+/// Largest create-if-absent PUT body the endpoint buffers (vbd's chunk
+/// objects are far smaller).
+const MAX_CREATE_BODY: usize = 1 << 30;
+
+/// Reads a PUT's whole body before the create is tried. s3s-fs answers a
+/// losing create (412) without reading the body, and hyper then closes the
+/// connection under a client still sending it, which sees "error sending
+/// request" instead of the 412 (one in a few hundred racing creates here).
+async fn with_body_read(mut req: S3Request<PutObjectInput>) -> S3Result<S3Request<PutObjectInput>> {
+    if let Some(blob) = req.input.body.take() {
+        let mut body = s3s::Body::from(blob);
+        let bytes = body.store_all_limited(MAX_CREATE_BODY).await.map_err(|e| {
+            s3s::s3_error!(
+                InvalidRequest,
+                "cannot read the body of a create-if-absent PUT (at most 1 GiB): {e}"
+            )
+        })?;
+        req.input.body = Some(StreamingBlob::from(s3s::Body::from(bytes)));
+    }
+    Ok(req)
+}
+
 /// The S3 impl: the two calls that can carry `If-None-Match: *` are
 /// serialised when they do; the rest are the operations s3s-fs implements,
 /// passed through.
@@ -42,6 +64,7 @@ macro_rules! s3_impl {
                 req: S3Request<PutObjectInput>,
             ) -> S3Result<S3Response<PutObjectOutput>> {
                 if create_only(req.input.if_none_match.as_ref()) {
+                    let req = with_body_read(req).await?;
                     let _one = self.creates.lock().await;
                     return self.inner.put_object(req).await;
                 }
