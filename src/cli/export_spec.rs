@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use vbd::control::factory::{BackendSpec, VolumeSpec};
 use vbd::size::parse_size;
+use vbd::volume::object::Durability;
 use vbd::volume::object::cache::CacheSize;
 
 /// One parsed `--export`: a name and the volume behind it.
@@ -39,6 +40,8 @@ impl std::str::FromStr for ExportSpec {
         let mut volume = None;
         let mut cache = CacheSize::Default;
         let mut vhost_user = None;
+        let mut durability = Durability::Local;
+        let mut take_over = false;
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (k, v) = item.split_once('=').unwrap_or((item, ""));
             match k {
@@ -56,6 +59,8 @@ impl std::str::FromStr for ExportSpec {
                         "--export {s:?}: vhost-user= needs the socket path, e.g. vhost-user=/run/vbd/os.vhost"
                     ));
                 }
+                "durability" => durability = v.parse()?,
+                "take-over" | "take_over" => take_over = parse_bool(k, v)?,
                 "cache" => {
                     cache = match v {
                         "auto" => CacheSize::Auto,
@@ -65,7 +70,7 @@ impl std::str::FromStr for ExportSpec {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown key {k:?} in --export {s:?}; known keys: name, backend, size, path, read-only, direct, store, volume, cache, vhost-user"
+                        "unknown key {k:?} in --export {s:?}; known keys: name, backend, size, path, read-only, direct, store, volume, cache, durability, take-over, vhost-user"
                     ));
                 }
             }
@@ -98,6 +103,8 @@ impl std::str::FromStr for ExportSpec {
                     volume: volume.unwrap_or_else(|| name.clone()),
                     cache,
                     create: size,
+                    durability,
+                    take_over,
                 },
                 other => {
                     return Err(format!(
@@ -162,7 +169,9 @@ mod tests {
                 store: Some("file:///s".into()),
                 volume: "os".into(),
                 cache: CacheSize::Auto,
-                create: None
+                create: None,
+                durability: Durability::Local,
+                take_over: false,
             }
         );
         let o: ExportSpec = "name=a,store=s3://b,volume=v,cache=64M,size=1T"
@@ -174,8 +183,27 @@ mod tests {
                 store: Some("s3://b".into()),
                 volume: "v".into(),
                 cache: CacheSize::Bytes(64 << 20),
-                create: Some(1 << 40)
+                create: Some(1 << 40),
+                durability: Durability::Local,
+                take_over: false,
             }
+        );
+        let o: ExportSpec = "name=a,store=s3://b,durability=store,take-over"
+            .parse()
+            .unwrap();
+        assert!(matches!(
+            o.volume.backend,
+            BackendSpec::Object {
+                durability: Durability::Store,
+                take_over: true,
+                ..
+            }
+        ));
+        assert!(
+            "name=a,store=s3://b,durability=disk"
+                .parse::<ExportSpec>()
+                .unwrap_err()
+                .contains("local or store")
         );
         assert!(
             "name=a,backend=object"

@@ -42,11 +42,14 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     tcp: Vec<SocketAddr>,
     /// An export: name=NAME,backend=memory|file|object[,size=1G][,path=FILE]
-    /// [,store=URL,volume=NAME,cache=SIZE|auto][,read-only][,direct=off]
-    /// [,vhost-user=SOCKET] (repeatable). The first export is also the
-    /// default (empty name). vhost-user= serves it to QEMU as a
-    /// vhost-user-blk device on that socket too (same --socket-mode and
-    /// --socket-group as the NBD sockets).
+    /// [,store=URL,volume=NAME,cache=SIZE|auto,durability=local|store,take-over]
+    /// [,read-only][,direct=off][,vhost-user=SOCKET] (repeatable). The first
+    /// export is also the default (empty name). durability=store: FLUSH and
+    /// FUA wait until the writes are in the object store; take-over: fence a
+    /// holder that did not release the volume (its unuploaded writes are
+    /// lost). vhost-user= serves it to QEMU as a vhost-user-blk device on
+    /// that socket too (same --socket-mode and --socket-group as the NBD
+    /// sockets).
     /// Default: a 1 GiB object volume "vbd" in the local store.
     #[arg(long, value_name = "SPEC")]
     export: Vec<ExportSpec>,

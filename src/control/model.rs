@@ -160,6 +160,29 @@ pub struct StopReply {
     pub outcome: StopOutcome,
 }
 
+/// `POST /v1/volumes/release`: the object volume to drain and release, so
+/// that another host can open it with nothing to recover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    /// The store's URL, as the volume was opened with.
+    pub store: String,
+    /// The volume's name in the store.
+    pub volume: String,
+}
+
+/// What `POST /v1/volumes/release` did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReply {
+    /// The export or catalog name it was served under (now removed).
+    pub export: String,
+    /// The writer generation that held it.
+    pub generation: u64,
+    /// `released` (another host may open it), `held` (acknowledged writes
+    /// could not be uploaded: it stays this host's), or `fenced` (another
+    /// host had already taken it over).
+    pub outcome: String,
+}
+
 /// The `{}` that a successful delete or detach returns.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Done {}

@@ -16,6 +16,7 @@
 mod ceph_common;
 mod common;
 mod crash_common;
+mod stores;
 mod vm_common;
 
 mod activation;
@@ -23,6 +24,7 @@ mod bench_smoke;
 mod ceph_rgw;
 mod clients;
 mod fuzz_corpus;
+mod handoff;
 mod kernel_nbd_client;
 mod large_requests;
 mod lifecycle;

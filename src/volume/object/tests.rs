@@ -192,7 +192,8 @@ impl Rig {
     /// Copies the WAL under root `wal` and then the store `store` to a new
     /// store and WAL root, returning their names. The WAL goes first: a
     /// segment deleted before the copy was already in a chunk, which the
-    /// store copy then finds. The lock object goes: its writer is gone.
+    /// store copy then finds. Its writer is gone: the image's generation
+    /// record names a process that no longer runs.
     fn crash_image(&mut self, store: &str, wal: &str) -> (String, String) {
         self.images += 1;
         let (img_store, img_wal) = (
@@ -203,8 +204,17 @@ impl Rig {
         let to = wal_dir(&self.path(&img_wal), &self.url(&img_store), NAME);
         copy_tree(&from, &to, &|p| p.file_name().is_some_and(|n| n == "lock"));
         copy_tree(&self.path(store), &self.path(&img_store), &|_| false);
-        let lock = self.path(&img_store).join(Keys::new(NAME).lock());
-        std::fs::remove_file(lock).expect("the image holds the writer's lock");
+        let gens = self.path(&img_store).join(Keys::new(NAME).generations());
+        let newest = std::fs::read_dir(&gens)
+            .expect("the image holds generation records")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_none())
+            .max()
+            .expect("the writer's generation record");
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&newest).expect("read the record")).unwrap();
+        record["holder"]["started"] = u64::MAX.into();
+        std::fs::write(&newest, serde_json::to_vec(&record).unwrap()).expect("rewrite the record");
         (img_store, img_wal)
     }
 
@@ -728,7 +738,8 @@ fn a_corrupt_chunk_is_named_with_its_cause_once() {
     // Without checkpoints, opening reads every chunk's header.
     let keys = Keys::new(NAME);
     std::fs::remove_dir_all(rig.path("store").join(keys.checkpoints())).expect("checkpoints");
-    let key = keys.chunk(1);
+    // The first chunk of the first writer generation.
+    let key = keys.chunk(super::generation::base_id(1) + 1);
     let path = rig.path("store").join(&key);
     let mut chunk = std::fs::read(&path).expect("the first chunk");
     chunk[20] ^= 1;

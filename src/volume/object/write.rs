@@ -10,7 +10,7 @@ use std::task::Poll;
 use super::format::{self, BLOCK, Kind, RecordHeader, SEGMENT_HEADER, WAL_RECORD_HEADER};
 use super::segment::Segment;
 use super::state::{Dirty, DirtyLoc};
-use super::{Inner, ObjectVolume, RequestError, STAGE_BACKLOG, STAGE_DURABLE};
+use super::{Durability, Inner, ObjectVolume, RequestError, STAGE_BACKLOG, STAGE_DURABLE};
 use crate::lock::{MutexExt, RwLockExt};
 use crate::volume::{Ctx, Io, IoData, Op, VolumeError};
 
@@ -130,6 +130,11 @@ impl ObjectVolume {
         if blocks == 0 {
             return Poll::Ready(Ok(()));
         }
+        // Also here, not only in `check`: a write that waited for room
+        // comes back through this path.
+        if let Err(e) = self.refuse_if_closed() {
+            return Poll::Ready(Err(e));
+        }
         let payload = (kind == Kind::Data).then_some(&io.data);
         match self.append(kind, lba, blocks, payload) {
             Err(e) => Poll::Ready(Err(e)),
@@ -154,13 +159,17 @@ impl ObjectVolume {
         self.durable(pos, io, ctx)
     }
 
-    /// Completes once log position `pos` is durable.
+    /// Completes once log position `pos` is durable: synced to the local
+    /// WAL, or in the store under durability=store.
     pub(super) fn durable(
         &self,
         pos: u64,
         io: &mut Io,
         ctx: &mut Ctx<'_>,
     ) -> Poll<Result<(), VolumeError>> {
+        if self.inner.fence.durability == Durability::Store {
+            return self.store_durable(pos, io, ctx);
+        }
         if self.inner.wal.synced.load(Ordering::Acquire) >= pos {
             return Poll::Ready(Ok(()));
         }
