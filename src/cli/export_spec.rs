@@ -1,5 +1,6 @@
 //! `--export` specifications: `name=os,backend=file,path=disk.img,read-only`,
-//! parsed into the [`VolumeSpec`] that the control API's volumes use too.
+//! parsed into the [`VolumeSpec`] that the control API's volumes use too,
+//! plus how the export is served besides NBD (`vhost-user=PATH`).
 
 use std::path::PathBuf;
 
@@ -13,6 +14,8 @@ use vbd::volume::object::cache::CacheSize;
 pub(crate) struct ExportSpec {
     pub(crate) name: String,
     pub(crate) volume: VolumeSpec,
+    /// Also serve it as a vhost-user-blk device on this socket.
+    pub(crate) vhost_user: Option<PathBuf>,
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
@@ -36,6 +39,7 @@ impl std::str::FromStr for ExportSpec {
         let mut store = None;
         let mut volume = None;
         let mut cache = CacheSize::Default;
+        let mut vhost_user = None;
         let mut durability = Durability::Local;
         let mut take_over = false;
         for item in s.split(',').filter(|i| !i.is_empty()) {
@@ -49,6 +53,12 @@ impl std::str::FromStr for ExportSpec {
                 "direct" => direct = parse_bool(k, v)?,
                 "store" => store = Some(v.to_owned()),
                 "volume" => volume = Some(v.to_owned()),
+                "vhost-user" if !v.is_empty() => vhost_user = Some(PathBuf::from(v)),
+                "vhost-user" => {
+                    return Err(format!(
+                        "--export {s:?}: vhost-user= needs the socket path, e.g. vhost-user=/run/vbd/os.vhost"
+                    ));
+                }
                 "durability" => durability = v.parse()?,
                 "take-over" | "take_over" => take_over = parse_bool(k, v)?,
                 "cache" => {
@@ -60,7 +70,7 @@ impl std::str::FromStr for ExportSpec {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown key {k:?} in --export {s:?}; known keys: name, backend, size, path, read-only, direct, store, volume, cache, durability, take-over"
+                        "unknown key {k:?} in --export {s:?}; known keys: name, backend, size, path, read-only, direct, store, volume, cache, durability, take-over, vhost-user"
                     ));
                 }
             }
@@ -105,6 +115,7 @@ impl std::str::FromStr for ExportSpec {
         Ok(ExportSpec {
             name,
             volume: VolumeSpec { backend, read_only },
+            vhost_user,
         })
     }
 }
@@ -130,6 +141,21 @@ mod tests {
             }
         );
         assert!(f.volume.read_only);
+    }
+
+    #[test]
+    fn vhost_user_names_a_socket() {
+        let e: ExportSpec = "name=os,backend=file,path=os.img,vhost-user=/run/vbd/os.vhost"
+            .parse()
+            .unwrap();
+        assert_eq!(e.vhost_user, Some(PathBuf::from("/run/vbd/os.vhost")));
+        assert!(matches!(e.volume.backend, BackendSpec::File { .. }));
+        let plain: ExportSpec = "name=a,size=1M".parse().unwrap();
+        assert_eq!(plain.vhost_user, None);
+        let err = "name=a,size=1M,vhost-user"
+            .parse::<ExportSpec>()
+            .unwrap_err();
+        assert!(err.contains("socket path"), "{err}");
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! `factory` like `vbd serve --export`'s), the supervisor's view of them
 //! (`vm_volumes`), their snapshots, clones and resizes (`lifecycle`),
 //! `release` (an object volume drained and handed to another host), what
-//! `/metrics` (`metrics`, `prometheus`) and
-//! `/v1/status` (`status`) report, and `service`, which starts it all beside
-//! the NBD server. It runs on [`crate::runtime`], beside the reactors, never
+//! `/metrics` (`metrics`, `prometheus`) and `/v1/status` (`status`) report,
+//! `vhost_exports` (exports served over vhost-user too, their queues on the
+//! server's cores), and `service`, which starts it all beside the NBD
+//! server. It runs on [`crate::runtime`], beside the reactors, never
 //! on them.
 
 pub mod api;
@@ -22,5 +23,6 @@ pub mod prometheus;
 pub mod release;
 pub mod service;
 pub mod status;
+pub mod vhost_exports;
 pub mod vm_volumes;
 pub mod volumes;

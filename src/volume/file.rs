@@ -17,7 +17,7 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 use super::buf::ALIGN;
-use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
+use super::{Caps, Ctx, Extent, Io, IoData, Op, UnexpectedWake, Volume, VolumeError, Wake};
 
 /// Largest chunk of one read or write SQE (the kernel caps I/O near 2 GiB).
 const MAX_CHUNK: u64 = 1 << 30;
@@ -115,6 +115,22 @@ pub struct FileVolume {
     epoch: Instant,
 }
 
+/// Where the next chunk of a read or write goes, in memory and in the file.
+struct Piece {
+    off: u64,
+    len: u64,
+    fd: types::Fd,
+    direct: bool,
+    mem: Mem,
+}
+
+/// A chunk's memory: one range of an owned buffer, or guest iovecs.
+#[derive(Clone, Copy)]
+enum Mem {
+    Buf(*mut u8),
+    Iov(*const libc::iovec, u32),
+}
+
 // Stages of multi-step operations.
 const STAGE_MAIN: u8 = 0;
 const STAGE_FSYNC: u8 = 1;
@@ -188,11 +204,13 @@ impl FileVolume {
         })
     }
 
-    /// The descriptor for the next chunk: O_DIRECT when everything is aligned.
-    fn fd_for(&self, offset: u64, len: u64, ptr: *const u8) -> (types::Fd, bool) {
-        let aligned = offset.is_multiple_of(ALIGN as u64)
-            && len.is_multiple_of(ALIGN as u64)
-            && (ptr as usize).is_multiple_of(ALIGN);
+    /// The descriptor for the next chunk: O_DIRECT when the file range and
+    /// the memory (`mem_aligned`: every buffer's address and length) are
+    /// aligned to [`ALIGN`], which covers any logical block size up to
+    /// 4 KiB; the page cache otherwise.
+    fn fd_for(&self, offset: u64, len: u64, mem_aligned: bool) -> (types::Fd, bool) {
+        let aligned =
+            offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64) && mem_aligned;
         match &self.direct {
             Some(d) if aligned && self.direct_ok.load(Ordering::Relaxed) => {
                 (types::Fd(d.as_raw_fd()), true)
@@ -223,23 +241,31 @@ impl FileVolume {
         if io.flags.fua || mode == BUFFERED_RING || io.len - io.done > INLINE_MAX {
             return false;
         }
-        let off = io.offset + io.done;
-        let len = (io.len - io.done) as usize;
-        let rest = &io.buf.as_slice()[io.done as usize..][..len];
-        if self.fd_for(off, len as u64, rest.as_ptr()).1 {
+        let p = self.next_piece(io, INLINE_MAX);
+        if p.direct || p.len < io.len - io.done {
             return false;
         }
         let began = self.now_ns();
         if began < self.inline_paused_until.load(Ordering::Relaxed) {
             return false;
         }
-        let iov = libc::iovec {
-            iov_base: rest.as_ptr() as *mut libc::c_void,
-            iov_len: len,
+        let one;
+        let (iov, count) = match p.mem {
+            Mem::Buf(ptr) => {
+                one = libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: p.len as usize,
+                };
+                (&one as *const libc::iovec, 1)
+            }
+            Mem::Iov(iov, n) => (iov, n as libc::c_int),
         };
-        // SAFETY: the iovec describes `rest`, which outlives the call.
+        let off = p.off;
+        // SAFETY: the iovecs describe the rest of the request's data (its
+        // buffer, or guest memory its guard keeps mapped), which outlives
+        // this synchronous call.
         let write =
-            |flags| unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, off as i64, flags) };
+            |flags| unsafe { libc::pwritev2(self.file.as_raw_fd(), iov, count, off as i64, flags) };
         let mut n;
         if mode == BUFFERED_UNKNOWN {
             // The first write probes whether the kernel can do it without blocking.
@@ -270,28 +296,65 @@ impl FileVolume {
         io.done >= io.len
     }
 
+    /// The next piece of a read or write (from `io.done`, at most `max`
+    /// bytes) and the descriptor it goes through.
+    fn next_piece(&self, io: &mut Io, max: u64) -> Piece {
+        let off = io.offset + io.done;
+        let want = (io.len - io.done).min(max);
+        match &mut io.data {
+            IoData::Owned(b) => {
+                // io.done < io.len, the buffer's length: inside the buffer.
+                let ptr = b.as_mut_ptr().wrapping_add(io.done as usize);
+                let (fd, direct) = self.fd_for(off, want, (ptr as usize).is_multiple_of(ALIGN));
+                Piece {
+                    off,
+                    len: want,
+                    fd,
+                    direct,
+                    mem: Mem::Buf(ptr),
+                }
+            }
+            IoData::Guest(g) => {
+                let aligned = g.aligned();
+                let (iov, n) = g.rest(io.done as usize, want as usize);
+                let (fd, direct) = self.fd_for(off, n as u64, aligned);
+                Piece {
+                    off,
+                    len: n as u64,
+                    fd,
+                    direct,
+                    mem: Mem::Iov(iov.as_ptr(), iov.len() as u32),
+                }
+            }
+        }
+    }
+
     /// Queues the next read or write chunk of `io` (from `io.done`).
     fn submit_rw(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Result<(), VolumeError> {
-        let off = io.offset + io.done;
-        let len = (io.len - io.done).min(MAX_CHUNK);
-        // SAFETY: io.done < io.len, the buffer's length, so the offset
-        // stays inside io.buf.
-        let ptr = unsafe { io.buf.as_mut_ptr().add(io.done as usize) };
-        let (fd, direct) = self.fd_for(off, len, ptr);
+        let p = self.next_piece(io, MAX_CHUNK);
         // Remember which descriptor this chunk went to, for the EINVAL fallback.
-        io.stage = u8::from(direct);
-        let entry = if io.op == Op::Read {
-            opcode::Read::new(fd, ptr, len as u32).offset(off).build()
-        } else {
-            let flags = if io.flags.fua { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(fd, ptr, len as u32)
-                .offset(off)
+        io.stage = u8::from(p.direct);
+        let flags = if io.flags.fua { libc::RWF_DSYNC } else { 0 };
+        let entry = match (io.op == Op::Read, p.mem) {
+            (true, Mem::Buf(ptr)) => opcode::Read::new(p.fd, ptr, p.len as u32)
+                .offset(p.off)
+                .build(),
+            (false, Mem::Buf(ptr)) => opcode::Write::new(p.fd, ptr, p.len as u32)
+                .offset(p.off)
                 .rw_flags(flags)
-                .build()
+                .build(),
+            (true, Mem::Iov(iov, n)) => opcode::Readv::new(p.fd, iov, n).offset(p.off).build(),
+            (false, Mem::Iov(iov, n)) => opcode::Writev::new(p.fd, iov, n)
+                .offset(p.off)
+                .rw_flags(flags)
+                .build(),
         };
-        // SAFETY: `ptr..ptr+len` lies in io.buf, which the server neither
-        // touches, resizes nor frees while the request is pending (the
-        // `Volume` contract), i.e. until this entry's completion resumes it.
+        // SAFETY: the entry points at the rest of io's data: a range of its
+        // owned buffer, or its iovec array (`GuestIov::rest`, rebuilt only
+        // by the next submission) over guest memory that its guard keeps
+        // mapped. The server neither touches, resizes, frees nor re-prepares
+        // `io` while the request is pending (the `Volume` contract), i.e.
+        // until this entry's completion resumes it.
         unsafe { ctx.push(entry) }.map_err(submit_failed)
     }
 
@@ -315,7 +378,8 @@ impl FileVolume {
                 return Poll::Ready(Err(VolumeError::from_errno(op, libc::EIO)));
             }
             // The file shrank under us: what is gone reads as zeroes.
-            io.buf.as_mut_slice()[io.done as usize..].fill(0);
+            let done = io.done as usize;
+            io.data.fill_at(done, io.data.len() - done, 0);
             return Poll::Ready(Ok(()));
         }
         io.done += res as u64;

@@ -40,6 +40,8 @@ mod soak;
 mod systemd_units;
 mod tls;
 mod tls_keys;
+mod vhost_frontend;
+mod vhost_guest;
 mod vm_guest;
 mod vm_qmp;
 mod vm_restart;

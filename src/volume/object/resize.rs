@@ -89,7 +89,7 @@ impl ObjectVolume {
             inner.size.store(size, Ordering::Release);
             let (lba, blocks) = (size / BLOCK as u64, (old - size) / BLOCK as u64);
             while self
-                .append(Kind::Hole, lba, blocks, &[])
+                .append(Kind::Hole, lba, blocks, None)
                 .map_err(ObjectError::Write)?
                 .is_none()
             {
