@@ -243,6 +243,12 @@ impl ServeArgs {
 
 /// Runs `vbd serve` until a termination signal.
 pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
+    // Block termination signals before any thread starts, so only sigwait
+    // sees them: opening an object volume starts the background runtime's
+    // threads, and a SIGTERM that reached one of those killed vbd outright
+    // (seen when a test stopped vbd right after it came up). A signal
+    // while the exports open waits until vbd is serving, which then stops.
+    signals::block_termination().context("blocking SIGTERM/SIGINT")?;
     // SAFETY: main has parsed the command line and set up logging, neither
     // of which starts a thread, so nothing else touches the environment.
     let passed = unsafe { activation::take() }.context("socket activation")?;
@@ -289,8 +295,6 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
         let export = registry.add(&spec.name, volume, spec.volume.read_only)?;
         info!(export = %export.name, size = export.info.size, read_only = export.read_only, "{}", export.description);
     }
-    // Block termination signals before any thread starts, so only sigwait sees them.
-    signals::block_termination().context("blocking SIGTERM/SIGINT")?;
     if args.stdin {
         if exports.iter().any(|e| e.vhost_user.is_some()) {
             warn!("--stdin serves one NBD client: vhost-user= sockets are not opened");
