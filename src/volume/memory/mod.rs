@@ -2,20 +2,27 @@
 //! trim, so block status can report holes. Each page has its own lock:
 //! connections on different cores only meet when they touch the same page.
 //!
-//! A group's pages live in one anonymous mapping, reserved when the group
-//! is first written and backed by the kernel only where touched, in huge
-//! pages where it can: random 4 KiB requests over a big volume otherwise
-//! spend more time on TLB misses (two-level walks in a VM) than on copying.
+//! A group's pages live in one anonymous mapping (`region`), reserved when
+//! the group is first written and backed by the kernel only where touched,
+//! in huge pages where it can: random 4 KiB requests over a big volume
+//! otherwise spend more time on TLB misses (two-level walks in a VM) than
+//! on copying. The kernel backs memory off the reactors (`populate`): a
+//! write into an extent not backed yet waits for the populator thread
+//! instead of taking the page fault on its core.
+
+mod populate;
+mod region;
 
 use crate::lock::RwLockExt;
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::Poll;
 
 use thiserror::Error;
 
 use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
+use populate::{AHEAD, Job, Populator};
+use region::{HUGE, Region};
 
 /// Why a memory volume could not get memory for its pages.
 #[derive(Debug, Error)]
@@ -42,110 +49,125 @@ pub enum MemoryError {
 pub const PAGE: usize = 64 * 1024;
 /// Pages per lazily allocated directory group (64 MiB of address space).
 const GROUP: usize = 1024;
-/// Transparent huge page size on x86-64 and the usual aarch64 setup.
-const HUGE: usize = 2 << 20;
 
 /// Whether a page holds data. An unallocated page's bytes are always zero
 /// (never touched, or released with MADV_DONTNEED), so allocating it needs
 /// no clearing.
 type Page = RwLock<bool>;
 
-/// Anonymous memory for one group's pages, aligned to a huge page.
-struct Region {
-    map: NonNull<u8>,
-    map_len: usize,
-    data: NonNull<u8>,
-}
-
-// SAFETY: the region is plain memory owned by its group, not tied to the
-// thread that mapped it.
-unsafe impl Send for Region {}
-// SAFETY: every access to a page's bytes holds that page's lock, so shared
-// references never race.
-unsafe impl Sync for Region {}
-
-impl Region {
-    fn new(len: usize) -> Result<Self, VolumeError> {
-        let map_len = len + HUGE;
-        // SAFETY: a fresh private anonymous mapping; the result is checked.
-        // NORESERVE: the volume's size is a ceiling, not a commitment.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            let source = std::io::Error::last_os_error();
-            return Err(VolumeError::backend(MemoryError::Map { len, source }));
-        }
-        let map = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| VolumeError::backend(MemoryError::NullMap))?;
-        let skew = (HUGE - map.as_ptr() as usize % HUGE) % HUGE;
-        // SAFETY: skew < HUGE, so data..data+len lies inside the mapping.
-        let data = unsafe { map.add(skew) };
-        // SAFETY: advice on our own mapping; failure (THP off) only costs speed.
-        unsafe { libc::madvise(data.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
-        Ok(Region { map, map_len, data })
-    }
-
-    /// The bytes of page `index`.
-    ///
-    /// # Safety
-    /// The caller holds that page's lock (write lock for `&mut`), and
-    /// `index` is below the group's page count.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn page(&self, index: usize) -> &mut [u8] {
-        // SAFETY: in bounds by the caller's promise; exclusive or shared as
-        // the caller's lock makes it.
-        unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr().add(index * PAGE), PAGE) }
-    }
-
-    /// Gives page `index` back to the kernel; it reads as zeroes afterwards.
-    ///
-    /// # Safety
-    /// As for [`Region::page`], with the write lock held.
-    unsafe fn release(&self, index: usize) {
-        // SAFETY: in bounds; MADV_DONTNEED on private anonymous memory
-        // drops the pages, and later reads see zeroes.
-        let r = unsafe {
-            libc::madvise(
-                self.data.as_ptr().add(index * PAGE).cast(),
-                PAGE,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if r != 0 {
-            // Could not drop them: clear by hand so the zero invariant holds.
-            // SAFETY: as above.
-            unsafe { self.page(index) }.fill(0);
-        }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
-    }
-}
-
 /// A group's page flags and the memory behind them.
 struct Group {
     pages: Box<[Page]>,
     region: Region,
+    /// Requests in this group waiting for the populator. While there are
+    /// any, later requests here queue behind them (the populator answers
+    /// in order), so a read sent after a write still sees it.
+    waiting: AtomicU32,
+}
+
+/// The volume's groups, shared with its populator thread.
+struct Groups {
+    size: u64,
+    groups: Box<[OnceLock<Group>]>,
+    /// Requests waiting for the populator, in all groups.
+    waiting: AtomicU32,
+}
+
+impl Groups {
+    /// Pages in group `g`: the last group covers only the volume's tail.
+    fn group_pages(&self, g: usize) -> usize {
+        let pages = self.size.div_ceil(PAGE as u64);
+        (pages - (g * GROUP) as u64).min(GROUP as u64) as usize
+    }
+
+    /// Extents (huge pages) in a full group.
+    fn extents_per_group(&self) -> u64 {
+        (GROUP * PAGE / HUGE) as u64
+    }
+
+    /// The group holding page `index`, if it has been written.
+    fn group(&self, index: u64) -> Option<&Group> {
+        self.groups.get((index / GROUP as u64) as usize)?.get()
+    }
+
+    /// Whether the kernel has backed volume-wide extent `e`.
+    fn populated(&self, e: u64) -> bool {
+        let per_group = self.extents_per_group();
+        let group = self
+            .groups
+            .get((e / per_group) as usize)
+            .and_then(|c| c.get());
+        group.is_some_and(|g| g.region.is_populated((e % per_group) as usize))
+    }
+
+    /// Whether any request of this volume waits for the populator.
+    fn anyone_waits(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// Counts `io` as waiting in the (existing) groups `range`, noting
+    /// them in `io.aux` for [`Groups::release`].
+    fn hold(&self, io: &mut Io, range: std::ops::RangeInclusive<u64>) {
+        io.aux.clear();
+        for g in range {
+            if let Some(group) = self.groups.get(g as usize).and_then(|c| c.get()) {
+                group.waiting.fetch_add(1, Ordering::Relaxed);
+                io.aux.push(g);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `io` has run after waiting: later requests in its groups may too.
+    fn release(&self, io: &mut Io) {
+        for &g in &io.aux {
+            if let Some(group) = self.groups.get(g as usize).and_then(|c| c.get()) {
+                group.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        io.aux.clear();
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Group `g`, made if it is new; None past the end of the volume.
+    fn get_or_create(&self, g: u64) -> Result<Option<&Group>, VolumeError> {
+        let Some(cell) = self.groups.get(g as usize) else {
+            return Ok(None);
+        };
+        if let Some(group) = cell.get() {
+            return Ok(Some(group));
+        }
+        let n = self.group_pages(g as usize);
+        let made = Group {
+            pages: (0..n).map(|_| RwLock::new(false)).collect(),
+            region: Region::new(n * PAGE)?,
+            waiting: AtomicU32::new(0),
+        };
+        // Losing a race drops our mapping; the winner's is used.
+        let _ = cell.set(made);
+        cell.get()
+            .map(Some)
+            .ok_or_else(|| VolumeError::backend(MemoryError::GroupVanished))
+    }
+
+    /// The group holding page `index`, made if it is new.
+    fn group_or_create(&self, index: u64) -> Result<&Group, VolumeError> {
+        self.get_or_create(index / GROUP as u64)?
+            .ok_or(VolumeError::OutOfRange {
+                offset: index * PAGE as u64,
+                len: PAGE as u64,
+            })
+    }
 }
 
 /// A sparse in-memory volume.
 pub struct MemoryVolume {
     size: u64,
     read_only: bool,
-    groups: Box<[OnceLock<Group>]>,
+    groups: Arc<Groups>,
     allocated: AtomicU64,
+    /// Started on the first write that needs memory backed.
+    populator: OnceLock<Option<Populator>>,
 }
 
 impl MemoryVolume {
@@ -156,8 +178,13 @@ impl MemoryVolume {
         MemoryVolume {
             size,
             read_only,
-            groups: (0..groups).map(|_| OnceLock::new()).collect(),
+            groups: Arc::new(Groups {
+                size,
+                groups: (0..groups).map(|_| OnceLock::new()).collect(),
+                waiting: AtomicU32::new(0),
+            }),
             allocated: AtomicU64::new(0),
+            populator: OnceLock::new(),
         }
     }
 
@@ -166,34 +193,97 @@ impl MemoryVolume {
         self.allocated.load(Ordering::Relaxed)
     }
 
-    /// Pages in group `g`: the last group covers only the volume's tail.
-    fn group_pages(&self, g: usize) -> usize {
-        let pages = self.size.div_ceil(PAGE as u64);
-        (pages - (g * GROUP) as u64).min(GROUP as u64) as usize
-    }
-
-    fn group(&self, index: u64) -> Option<&Group> {
-        self.groups.get((index / GROUP as u64) as usize)?.get()
-    }
-
-    fn group_or_create(&self, index: u64) -> Result<&Group, VolumeError> {
-        let g = (index / GROUP as u64) as usize;
-        let cell = self.groups.get(g).ok_or(VolumeError::OutOfRange {
-            offset: index * PAGE as u64,
-            len: PAGE as u64,
-        })?;
-        if let Some(group) = cell.get() {
-            return Ok(group);
+    /// Decides whether `io` may run now, on this core: Ready(Ok) if so;
+    /// Pending if it waits for the populator thread, which answers once
+    /// the memory a write lands in is backed (so the page fault is not
+    /// taken here) and once every earlier waiting request in the same
+    /// groups has been answered (so requests keep their order). Keeps a
+    /// sequential writer's next extents backed ahead of it.
+    fn admit(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        let write = io.op == Op::Write && io.len > 0;
+        if !(write || self.groups.anyone_waits()) {
+            return Poll::Ready(Ok(()));
         }
-        let n = self.group_pages(g);
-        let made = Group {
-            pages: (0..n).map(|_| RwLock::new(false)).collect(),
-            region: Region::new(n * PAGE)?,
+        let huge = HUGE as u64;
+        let per_group = self.groups.extents_per_group();
+        // Flush, cache and empty requests have no range: they wait behind
+        // every waiting request (first > last: no groups, no extents).
+        let (first, last) = if io.len == 0 || matches!(io.op, Op::Flush | Op::Cache) {
+            (per_group, 0)
+        } else {
+            (io.offset / huge, (io.offset + io.len - 1) / huge)
         };
-        // Losing a race drops our mapping; the winner's is used.
-        let _ = cell.set(made);
-        cell.get()
-            .ok_or_else(|| VolumeError::backend(MemoryError::GroupVanished))
+        let mut busy = first > last;
+        let mut missing = None;
+        let mut reached_ahead = false;
+        for g in first / per_group..=last / per_group {
+            let group = if write {
+                match self.groups.get_or_create(g) {
+                    Ok(Some(group)) => group,
+                    Ok(None) => break,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            } else {
+                match self.groups.groups.get(g as usize).and_then(|c| c.get()) {
+                    Some(group) => group,
+                    None => continue,
+                }
+            };
+            busy |= group.waiting.load(Ordering::Relaxed) > 0;
+            if !write {
+                continue;
+            }
+            let extents = (g * per_group).max(first)..=((g + 1) * per_group - 1).min(last);
+            for e in extents {
+                let local = (e % per_group) as usize;
+                if !group.region.is_populated(local) {
+                    missing.get_or_insert(e);
+                } else if group.region.take_ahead(local) {
+                    reached_ahead = true;
+                }
+            }
+        }
+        let mut job = Job {
+            now: 0..0,
+            then: 0..0,
+            waiter: None,
+        };
+        if let Some(m) = missing {
+            job.now = m..last + 1;
+            // Sequential when the extent before is backed: keep ahead of it.
+            if m > 0 && self.groups.populated(m - 1) {
+                job.then = last + 1..last + 1 + AHEAD;
+            }
+        } else if reached_ahead {
+            // The writer reached what was populated for it: populate further.
+            job.then = last + 1..last + 1 + AHEAD;
+        }
+        if busy || missing.is_some() {
+            job.waiter = Some(ctx.completer());
+        } else if job.then.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let Some(populator) = self
+            .populator
+            .get_or_init(|| Populator::start(self.groups.clone()))
+        else {
+            // Without the thread the write faults here, as it would have.
+            return Poll::Ready(Ok(()));
+        };
+        let waits = job.waiter.is_some();
+        if waits {
+            self.groups.hold(io, first / per_group..=last / per_group);
+        }
+        match populator.send(job) {
+            Ok(()) if waits => Poll::Pending,
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(_) => {
+                if waits {
+                    self.groups.release(io);
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 
     /// Calls `f(page index, offset in page, offset in request, length)` for
@@ -214,7 +304,7 @@ impl MemoryVolume {
         Self::spans(io.offset, io.len, |index, at, pos, n| {
             let dst = &mut out[pos..pos + n];
             let i = (index % GROUP as u64) as usize;
-            let Some(group) = self.group(index) else {
+            let Some(group) = self.groups.group(index) else {
                 return dst.fill(0);
             };
             let Some(lock) = group.pages.get(i) else {
@@ -238,7 +328,7 @@ impl MemoryVolume {
                 return;
             }
             let i = (index % GROUP as u64) as usize;
-            let group = match self.group_or_create(index) {
+            let group = match self.groups.group_or_create(index) {
                 Ok(g) => g,
                 Err(e) => return result = Err(e),
             };
@@ -269,12 +359,12 @@ impl MemoryVolume {
             }
             let i = (index % GROUP as u64) as usize;
             let group = if allocate {
-                match self.group_or_create(index) {
+                match self.groups.group_or_create(index) {
                     Ok(g) => g,
                     Err(e) => return result = Err(e),
                 }
             } else {
-                match self.group(index) {
+                match self.groups.group(index) {
                     Some(g) => g,
                     None => return,
                 }
@@ -308,7 +398,7 @@ impl MemoryVolume {
         let mut pos = io.offset;
         while pos < end && io.extents.len() < super::MAX_EXTENTS {
             let index = pos / PAGE as u64;
-            let group = self.group(index);
+            let group = self.groups.group(index);
             // An unallocated group is one hole of up to 64 MiB.
             let span_end = if group.is_none() {
                 ((index / GROUP as u64) + 1) * (GROUP * PAGE) as u64
@@ -360,7 +450,7 @@ impl Volume for MemoryVolume {
         "memory"
     }
 
-    fn start(&self, io: &mut Io, _ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+    fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         if io.op != Op::Flush && (io.offset > self.size || io.len > self.size - io.offset) {
             return Poll::Ready(Err(VolumeError::OutOfRange {
                 offset: io.offset,
@@ -370,7 +460,30 @@ impl Volume for MemoryVolume {
         if self.read_only && matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes) {
             return Poll::Ready(Err(VolumeError::ReadOnly));
         }
-        Poll::Ready(match io.op {
+        match self.admit(io, ctx) {
+            Poll::Ready(Ok(())) => Poll::Ready(self.run(io)),
+            other => other,
+        }
+    }
+
+    /// Waiting requests run once the populator answers, in order.
+    fn resume(&self, io: &mut Io, wake: Wake, _ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        self.groups.release(io);
+        Poll::Ready(match wake {
+            Wake::Remote(Ok(_)) => self.run(io),
+            Wake::Remote(Err(e)) => Err(e),
+            Wake::Cqe(_) => Err(VolumeError::backend(UnexpectedWake {
+                backend: "memory",
+                got: "a ring completion",
+            })),
+        })
+    }
+}
+
+impl MemoryVolume {
+    /// Runs an admitted request.
+    fn run(&self, io: &mut Io) -> Result<(), VolumeError> {
+        match io.op {
             Op::Read => {
                 self.read(io);
                 Ok(())
@@ -384,27 +497,106 @@ impl Volume for MemoryVolume {
             }
             // RAM has no slower tier to flush to or prefetch from.
             Op::Flush | Op::Cache => Ok(()),
-        })
-    }
-
-    fn resume(
-        &self,
-        _io: &mut Io,
-        _wake: Wake,
-        _ctx: &mut Ctx<'_>,
-    ) -> Poll<Result<(), VolumeError>> {
-        Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
-            backend: "memory",
-            got: "a completion",
-        })))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uring::{RemoteSink, Ring, Waker};
     use crate::volume::IoFlags;
     use crate::volume::sync::SyncDriver;
+    use std::time::{Duration, Instant};
+
+    /// Starts `io` the way a core would and says whether it had to wait
+    /// for the populator (then it is finished through `resume`).
+    fn start_on_core(v: &MemoryVolume, io: &mut Io) -> bool {
+        let mut ring = Ring::new(8).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let sink = RemoteSink {
+            tx,
+            waker: Arc::new(Waker::new().unwrap()),
+        };
+        let mut ctx = Ctx::new(&mut ring, 1, &sink);
+        match v.start(io, &mut ctx) {
+            Poll::Ready(r) => {
+                r.unwrap();
+                false
+            }
+            Poll::Pending => {
+                let done = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                assert_eq!(done.token, 1);
+                let r = v.resume(io, Wake::Remote(done.result), &mut ctx);
+                assert!(matches!(r, Poll::Ready(Ok(()))), "{r:?}");
+                true
+            }
+        }
+    }
+
+    fn write_on_core(v: &MemoryVolume, offset: u64, fill: u8) -> bool {
+        let mut io = Io::new();
+        io.prepare(Op::Write, offset, 4096, IoFlags::default());
+        io.buf.as_mut_slice().fill(fill);
+        start_on_core(v, &mut io)
+    }
+
+    fn wait_populated(v: &MemoryVolume, extents: std::ops::Range<u64>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !extents.clone().all(|e| v.groups.populated(e)) {
+            assert!(
+                Instant::now() < deadline,
+                "extents {extents:?} never populated"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn first_writes_wait_off_core_and_sequential_writers_find_memory_ahead() {
+        let huge = HUGE as u64;
+        let per_group = (GROUP * PAGE / HUGE) as u64;
+        // Two groups, so the writer crosses into a group made by the populator.
+        let v = MemoryVolume::new(2 * per_group * huge, false);
+        // A write into memory the kernel has not backed waits; the next
+        // one in the same extent copies at once.
+        assert!(write_on_core(&v, 0, 1));
+        assert!(!write_on_core(&v, 4096, 2));
+        // Random: a write far from backed memory waits and backs nothing more.
+        assert!(write_on_core(&v, 50 * huge, 3));
+        assert!(!v.groups.populated(51));
+        // Sequential: entering extent 1 (extent 0 is backed) waits once
+        // and has the next AHEAD extents backed behind it...
+        assert!(write_on_core(&v, huge, 4));
+        wait_populated(&v, 2..2 + AHEAD);
+        // ...and entering one of those asks for one more.
+        for e in 2..per_group + 2 {
+            assert!(
+                !write_on_core(&v, e * huge, e as u8),
+                "extent {e} was not ready"
+            );
+            wait_populated(&v, e + 1..(e + 1 + AHEAD).min(2 * per_group));
+        }
+        // The data all landed where it was written, and nothing else did.
+        let mut d = SyncDriver::new().unwrap();
+        assert_eq!(d.read(&v, 0, 4096).unwrap(), vec![1; 4096]);
+        assert_eq!(d.read(&v, 4096, 4096).unwrap(), vec![2; 4096]);
+        assert_eq!(d.read(&v, 8192, 4096).unwrap(), vec![0; 4096]);
+        assert_eq!(d.read(&v, 50 * huge, 4096).unwrap(), vec![3; 4096]);
+        assert_eq!(d.read(&v, huge, 4096).unwrap(), vec![4; 4096]);
+        for e in 2..per_group + 2 {
+            assert_eq!(d.read(&v, e * huge, 4096).unwrap(), vec![e as u8; 4096]);
+        }
+        // A trimmed page goes back to the kernel: writing there waits
+        // again, and the page reads as the new data over zeroes.
+        d.op(&v, Op::Trim, 0, PAGE as u64, IoFlags::default())
+            .unwrap();
+        assert!(!v.groups.populated(0));
+        assert!(write_on_core(&v, 8192, 5));
+        let mut want = vec![0u8; PAGE];
+        want[8192..12288].fill(5);
+        assert_eq!(d.read(&v, 0, PAGE).unwrap(), want);
+    }
 
     fn status(d: &mut SyncDriver, v: &MemoryVolume, off: u64, len: u64) -> Vec<(u64, bool)> {
         let io = d
