@@ -16,6 +16,13 @@
 #       on the serial console (VBD-...), then wait for power-off;
 #   vbd.mode=fio vbd.fio_size=SIZE vbd.fio_runtime=SECS  run the three fio
 #       diagnostics on /dev/vda and print their JSON between markers;
+#   vbd.mode=fio-verify vbd.fio_runs=N vbd.fio_size=SIZE vbd.fio_runtime=SECS
+#       vbd.pattern=STR  (needs --fio) N runs of random 4 KiB writes on
+#       /dev/vda, each block read back and checked against its crc32c while
+#       the run goes on (verify_backlog), each run's JSON between
+#       VBD-FIOV-BEGIN i and VBD-FIOV-END i rc=CODE; then what pattern mode
+#       does with /dev/vdb (fill it once hot-plugged, report when it goes),
+#       and once it is plugged in again, read it back (VBD-VDB-BACK-OK);
 #   vbd.mode=nbd-client vbd.nbd_port=PORT [vbd.nbd_host=10.0.2.2]
 #       [vbd.nbd_export=NAME vbd.nbd_size=BYTES vbd.pattern=STR]
 #       [vbd.nbd_ro_export=NAME vbd.nbd_ro_pattern=STR]  bring up eth0
@@ -261,6 +268,37 @@ fio)
 	done
 	echo "VBD-FIO-DONE"
 	sync; poweroff -f
+	;;
+fio-verify)
+	size=$(arg vbd.fio_size); size=${size:-64M}
+	rt=$(arg vbd.fio_runtime); rt=${rt:-20}
+	runs=$(arg vbd.fio_runs); runs=${runs:-1}
+	p=$(arg vbd.pattern)
+	wait_for '[ -b /dev/vda ]' 30 || echo "VBD-ERROR no /dev/vda"
+	for i in $(seq "$runs"); do
+		echo "VBD-FIOV-BEGIN $i"
+		fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --direct=1 \
+			--ioengine=libaio --iodepth=16 --size="$size" --time_based --runtime="$rt" \
+			--verify=crc32c --verify_backlog=64 --verify_fatal=1 \
+			--eta=never --output-format=json --output=/tmp/fio.json 2>/tmp/fio.err
+		rc=$?
+		cat /tmp/fio.json
+		sed 's/^/VBD-FIOV-STDERR /' /tmp/fio.err
+		echo "VBD-FIOV-END $i rc=$rc"
+	done
+	wait_for '[ -b /dev/vdb ]' 600 || echo "VBD-ERROR no /dev/vdb"
+	fill /dev/vdb "$p-vdb" && echo "VBD-WROTE-VDB"
+	wait_for '[ ! -e /sys/block/vdb ]' 600 && echo "VBD-VDB-GONE"
+	# Attached again (a disk with a size: the old node may linger a moment
+	# after the unplug): what fill wrote reads back.
+	wait_for '[ "$(cat /sys/block/vdb/size 2>/dev/null || echo 0)" -gt 0 ] && [ -b /dev/vdb ]' 600 ||
+		echo "VBD-ERROR no /dev/vdb again"
+	head -c 4096 /tmp/blk >/tmp/want # fill wrote the first 4 KiB of it
+	if dd if=/dev/vdb of=/tmp/back bs=4096 count=1 skip=256 iflag=direct && cmp /tmp/want /tmp/back; then
+		echo "VBD-VDB-BACK-OK"
+	else
+		echo "VBD-ERROR /dev/vdb reads back wrong"
+	fi
 	;;
 nbd-client)
 	v=$(arg vbd.nbd_host); [ -n "$v" ] && nbd_host=$v

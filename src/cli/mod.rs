@@ -9,7 +9,10 @@
 pub(crate) mod activation;
 pub(crate) mod export_spec;
 pub(crate) mod group;
+pub(crate) mod lifecycle;
 pub(crate) mod objstore;
+pub(crate) mod progress;
+pub(crate) mod route;
 pub(crate) mod serve;
 pub(crate) mod status;
 pub(crate) mod vm;

@@ -18,6 +18,7 @@ use vbd::control::api::ControlSocket;
 use vbd::control::factory::{BackendSpec, VolumeFactory};
 use vbd::control::metrics::{self, Sources};
 use vbd::control::service::{ControlPlane, default_control_socket};
+use vbd::control::vhost_exports::VhostExports;
 use vbd::nbd::{DEFAULT_MAX_PAYLOAD, HandshakeConfig, TlsMode};
 use vbd::server::{
     ConnConfig, DEFAULT_BUSY_POLL_US, Registry, Server, ServerConfig, SocketTuning, TlsOptions,
@@ -26,6 +27,9 @@ use vbd::server::{
 use vbd::service::activation;
 use vbd::service::notify::Notifier;
 use vbd::size::parse_size;
+use vbd::vhost::device::SocketAccess;
+use vbd::vm::config::{DEFAULT_DISK_RECONNECT_DELAY_SECS, DiskTransport};
+use vbd::vm::supervisor::{SupervisorConfig, VmsOnExit};
 
 /// `vbd serve` arguments.
 #[derive(Args)]
@@ -38,8 +42,14 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     tcp: Vec<SocketAddr>,
     /// An export: name=NAME,backend=memory|file|object[,size=1G][,path=FILE]
-    /// [,store=URL,volume=NAME,cache=SIZE|auto][,read-only][,direct=off]
-    /// (repeatable). The first export is also the default (empty name).
+    /// [,store=URL,volume=NAME,cache=SIZE|auto,durability=local|store,take-over]
+    /// [,read-only][,direct=off][,vhost-user=SOCKET] (repeatable). The first
+    /// export is also the default (empty name). durability=store: FLUSH and
+    /// FUA wait until the writes are in the object store; take-over: fence a
+    /// holder that did not release the volume (its unuploaded writes are
+    /// lost). vhost-user= serves it to QEMU as a vhost-user-blk device on
+    /// that socket too (same --socket-mode and --socket-group as the NBD
+    /// sockets).
     /// Default: a 1 GiB object volume "vbd" in the local store.
     #[arg(long, value_name = "SPEC")]
     export: Vec<ExportSpec>,
@@ -100,6 +110,21 @@ pub(crate) struct ServeArgs {
     /// Seconds each VM gets to power off when vbd stops.
     #[arg(long, default_value_t = 30)]
     vm_stop_grace: u64,
+    /// What stopping vbd does to its VMs: stop them, or keep them running
+    /// for the next vbd to adopt (what the systemd unit uses; VMs on memory
+    /// volumes are stopped all the same).
+    #[arg(long, value_enum, default_value_t = VmsOnExitArg::Stop)]
+    vms_on_exit: VmsOnExitArg,
+    /// Seconds a VM's NBD disks hold guest I/O while vbd is away (a
+    /// restart) before failing it; 0 fails at once. A VM's own
+    /// disk_reconnect_delay_secs wins.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_DISK_RECONNECT_DELAY_SECS)]
+    disk_reconnect_delay: u32,
+    /// How VMs' boot and data disks reach QEMU unless a VM says otherwise:
+    /// vhost-user (each disk a vhost-user-blk device whose queues run on
+    /// vbd's cores; guest RAM becomes a shared memfd) or nbd.
+    #[arg(long, value_name = "nbd|vhost-user", default_value = "vhost-user")]
+    disk_transport: DiskTransport,
     /// TLS on TCP listeners (NBD STARTTLS): off, on (offered; plaintext
     /// clients are served too) or require (plaintext clients are refused).
     /// Unix sockets offer TLS when it is on but never require it.
@@ -125,6 +150,22 @@ pub(crate) struct ServeArgs {
     /// disconnects. Logs go to stderr; no listener, control API or VMs.
     #[arg(long, conflicts_with_all = ["unix", "tcp", "control", "run_dir", "metrics"])]
     stdin: bool,
+}
+
+/// `--vms-on-exit` values.
+#[derive(Clone, Copy, ValueEnum)]
+enum VmsOnExitArg {
+    Stop,
+    Keep,
+}
+
+impl From<VmsOnExitArg> for VmsOnExit {
+    fn from(v: VmsOnExitArg) -> VmsOnExit {
+        match v {
+            VmsOnExitArg::Stop => VmsOnExit::Stop,
+            VmsOnExitArg::Keep => VmsOnExit::Keep,
+        }
+    }
 }
 
 /// `--tls` values.
@@ -251,9 +292,22 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     // Block termination signals before any thread starts, so only sigwait sees them.
     signals::block_termination().context("blocking SIGTERM/SIGINT")?;
     if args.stdin {
+        if exports.iter().any(|e| e.vhost_user.is_some()) {
+            warn!("--stdin serves one NBD client: vhost-user= sockets are not opened");
+        }
         return serve_one_client(cfg, registry, sockets, &notifier);
     }
     let server = Server::start_on(cfg.clone(), registry.clone(), sockets.nbd)?;
+    let vhost = Arc::new(VhostExports::new());
+    let access = SocketAccess {
+        mode: cfg.socket_mode,
+        group: cfg.socket_group,
+    };
+    for spec in &exports {
+        if let Some(path) = &spec.vhost_user {
+            vhost.start(&server.handle(), &spec.name, path, access)?;
+        }
+    }
     // The control API runs where it was asked for: on a socket passed in
     // as `control`, on --control, or beside the first --unix socket. A
     // passed NBD socket alone (libnbd starting vbd for itself) gets none.
@@ -273,12 +327,19 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
         (Some(control), Some(nbd)) => Some(
             ControlPlane::start(
                 server.handle(),
-                nbd.clone(),
                 control,
-                args.run_dir
-                    .clone()
-                    .unwrap_or_else(|| nbd.with_file_name("vm")),
+                {
+                    let run_dir = args
+                        .run_dir
+                        .clone()
+                        .unwrap_or_else(|| nbd.with_file_name("vm"));
+                    let mut vms = SupervisorConfig::new(nbd.clone(), run_dir);
+                    vms.disk_reconnect_delay_secs = args.disk_reconnect_delay;
+                    vms.disk_transport = args.disk_transport;
+                    vms
+                },
                 factory,
+                vhost.clone(),
             )
             .context("starting the control API")?,
         ),
@@ -296,7 +357,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     };
     let sources = || match &control {
         Some(c) => c.sources.clone(),
-        None => Arc::new(Sources::server_only(server.handle())),
+        None => Arc::new(Sources::server_only(server.handle(), vhost.clone())),
     };
     let metrics = match (sockets.metrics, args.metrics) {
         (Some(_), Some(addr)) => {
@@ -315,7 +376,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     // On stdout for people and scripts; but a server started with sockets
     // passed in shares stdout with whoever started it (nbdinfo's output,
     // say), so then they only go to the log.
-    for url in urls(&cfg, &server, &registry) {
+    for url in urls(&cfg, &server, &registry, &vhost) {
         if passed_any {
             info!(%url, "serving");
         } else {
@@ -333,10 +394,18 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     if let Some(m) = metrics {
         m.shutdown();
     }
-    if let Some(control) = control {
-        control.stop(Duration::from_secs(args.vm_stop_grace));
+    match control {
+        Some(control) => control.shutdown(
+            server,
+            args.vms_on_exit.into(),
+            Duration::from_secs(args.vm_stop_grace),
+        )?,
+        None => {
+            // Queues finish their requests on the cores before the cores stop.
+            vhost.stop_all();
+            server.stop()?
+        }
     }
-    server.stop()?;
     Ok(())
 }
 
@@ -384,8 +453,13 @@ fn serve_one_client(
     Ok(())
 }
 
-/// One NBD URL per export and listener.
-fn urls(cfg: &ServerConfig, server: &Server, registry: &Registry) -> Vec<String> {
+/// One NBD URL per export and listener, then each vhost-user socket.
+fn urls(
+    cfg: &ServerConfig,
+    server: &Server,
+    registry: &Registry,
+    vhost: &VhostExports,
+) -> Vec<String> {
     let mut out = Vec::new();
     for path in server.unix_paths() {
         for e in registry.all() {
@@ -398,6 +472,12 @@ fn urls(cfg: &ServerConfig, server: &Server, registry: &Registry) -> Vec<String>
                 out.push(format!("{scheme}://{addr}/{}", e.name));
             }
         }
+    }
+    for (name, device) in vhost.list() {
+        out.push(format!(
+            "vhost-user-blk {} export={name}",
+            device.socket.display()
+        ));
     }
     out
 }

@@ -10,8 +10,8 @@ use serde_json::Value;
 use super::{ControlArg, print};
 use vbd::control::client::ControlClient;
 use vbd::control::model::{
-    Accel, AttachRequest, CreateVolume, Disk, DiskInfo, DiskTuning, MAX_READ, Role, Source,
-    VmConfig, VmInfo, VmState, VolumeListing,
+    Accel, AttachRequest, CloneRequest, CreateVolume, Disk, DiskInfo, DiskTransport, DiskTuning,
+    MAX_READ, ResizeRequest, Role, Source, VmConfig, VmInfo, VmState, VolumeListing,
 };
 use vbd::size::parse_size;
 
@@ -60,6 +60,8 @@ enum VmCommand {
     /// Create, list, delete and read the volumes VMs use.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshot every object-volume disk of a running VM (VOLUME@SNAP each).
+    Snapshot { vm: String, snapshot: String },
 }
 
 /// `vbd vm run` arguments.
@@ -107,6 +109,16 @@ struct RunArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Seconds the disks hold guest I/O while vbd is away before failing
+    /// it (default: vbd serve's --disk-reconnect-delay); 0 fails at once.
+    #[arg(long, value_name = "SECS")]
+    disk_reconnect_delay: Option<u32>,
+    /// How boot and data disks reach QEMU: vhost-user (vbd serves the
+    /// guest's virtqueues from shared memory) or nbd (QEMU's NBD client).
+    /// Default: vbd serve's --disk-transport. Cloud-init and EFI volumes
+    /// are NBD either way.
+    #[arg(long, value_name = "nbd|vhost-user")]
+    disk_transport: Option<DiskTransport>,
 }
 
 /// Parses a `--volume` spec; `first` picks the default role.
@@ -155,6 +167,8 @@ impl RunArgs {
             DiskTuning::Tuned
         };
         cfg.qemu = self.qemu.clone();
+        cfg.disk_reconnect_delay_secs = self.disk_reconnect_delay;
+        cfg.disk_transport = self.disk_transport;
         Ok(cfg)
     }
 }
@@ -166,6 +180,15 @@ pub(crate) fn state_text(s: &VmState) -> String {
         VmState::Stopping => "stopping".into(),
         VmState::Stopped { reason } => format!("stopped ({reason})"),
         VmState::Crashed { reason } => format!("CRASHED ({reason})"),
+    }
+}
+
+/// A VM's state with how it came to this vbd: "running, adopted".
+pub(crate) fn vm_state_text(v: &VmInfo) -> String {
+    let s = state_text(&v.state);
+    match (&v.state, v.adopted_at_ms) {
+        (VmState::Running | VmState::Stopping, Some(_)) => format!("{s}, adopted"),
+        _ => s,
     }
 }
 
@@ -233,6 +256,11 @@ pub(crate) fn run(args: VmArgs) -> Result<()> {
             format!("detached {volume} from VM {vm}\n")
         }
         VmCommand::Volume(cmd) => return run_volume(&c, cmd),
+        VmCommand::Snapshot { vm, snapshot } => c
+            .snapshot_vm(&vm, &snapshot)?
+            .iter()
+            .map(|d| format!("snapshot {}@{} taken\n", d.volume, d.snapshot.name))
+            .collect(),
     };
     print(text.as_bytes())
 }
@@ -250,7 +278,7 @@ fn vm_table(vms: &[VmInfo]) -> String {
             v.pid,
             v.vcpus,
             v.memory_mib,
-            state_text(&v.state),
+            vm_state_text(v),
             disks_text(&v.disks)
         );
     }
@@ -305,6 +333,24 @@ enum VolumeCommand {
     List,
     /// Forget a volume (a file backend's file stays on disk).
     Delete { name: String },
+    /// Snapshot an object volume the server has open: NAME@SNAP.
+    Snapshot { name: String },
+    /// Clone NAME@SNAP into NEW, in the same store.
+    Clone {
+        snapshot: String,
+        new: String,
+        /// Also open the clone here, ready to attach to a VM.
+        #[arg(long)]
+        open: bool,
+    },
+    /// Resize an object volume the server has open; clients see the new size.
+    Resize {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        #[arg(long)]
+        allow_shrink: bool,
+    },
     /// Copy bytes of a volume to stdout.
     Read {
         name: String,
@@ -359,6 +405,45 @@ fn run_volume(c: &ControlClient, command: VolumeCommand) -> Result<()> {
             offset,
             length,
         } => return read_volume(c, &name, offset, length),
+        VolumeCommand::Snapshot { name } => {
+            let Some((volume, snap)) = name.split_once('@') else {
+                bail!("{name:?}: name the snapshot as VOLUME@SNAPSHOT");
+            };
+            let m = c.snapshot(volume, snap)?;
+            format!("snapshot {volume}@{} taken\n", m.name)
+        }
+        VolumeCommand::Clone {
+            snapshot,
+            new,
+            open,
+        } => {
+            let Some((volume, snap)) = snapshot.split_once('@') else {
+                bail!("{snapshot:?}: name the snapshot as VOLUME@SNAPSHOT");
+            };
+            let r = c.clone_volume(
+                volume,
+                &CloneRequest {
+                    snapshot: snap.to_owned(),
+                    name: new,
+                    open,
+                },
+            )?;
+            format!(
+                "created clone {} of {} ({} bytes){}\n",
+                r.name,
+                r.parent,
+                r.size,
+                if r.opened { ", open" } else { "" }
+            )
+        }
+        VolumeCommand::Resize {
+            name,
+            size,
+            allow_shrink,
+        } => {
+            let r = c.resize(&name, &ResizeRequest { size, allow_shrink })?;
+            format!("resized {name} from {} to {} bytes\n", r.old_size, r.size)
+        }
     };
     print(text.as_bytes())
 }

@@ -7,7 +7,17 @@
 //! | GET | /v1/volumes | → [VolumeListing] |
 //! | POST | /v1/volumes | CreateVolume → VolumeInfo |
 //! | DELETE | /v1/volumes/{name} | → Done (`{}`) |
+//! | POST | /v1/volumes/release | ReleaseRequest → ReleaseReply |
 //! | GET | /v1/volumes/{name}/data?offset=N&length=N | → raw bytes (≤ 1 MiB) |
+//! | GET | /v1/volumes/{name}/info | → StoreVolumeInfo (object volumes) |
+//! | GET | /v1/volumes/{name}/snapshots | → [SnapshotInfo] |
+//! | POST | /v1/volumes/{name}/snapshots | SnapshotRequest → SnapshotMeta |
+//! | DELETE | /v1/volumes/{name}/snapshots/{snap} | → Done |
+//! | POST | /v1/volumes/{name}/clones | CloneRequest → CloneReply |
+//! | POST | /v1/volumes/{name}/resize | ResizeRequest → ResizeReply |
+//! | POST | /v1/volumes/{name}/flatten | → WorkReply (bytes copied) |
+//! | POST | /v1/volumes/{name}/gc | → WorkReply (chunks collected) |
+//! | POST | /v1/vms/{name}/snapshots | SnapshotRequest → [DiskSnapshot] |
 //! | GET | /v1/vms | → list of VmInfo |
 //! | POST | /v1/vms | VmConfig → VmInfo |
 //! | DELETE | /v1/vms/{name}?grace=SECS | → StopReply |
@@ -29,6 +39,7 @@ use tracing::{debug, info, warn};
 
 use super::error::ApiError;
 use super::http::{self, Request, Response};
+use super::lifecycle;
 use super::metrics::Sources;
 use super::model::{
     AttachRequest, CreateVolume, Done, MAX_READ, StopReply, VolumeInfo, VolumeListing,
@@ -217,8 +228,35 @@ async fn route(api: &Arc<ControlApi>, req: &Request) -> Result<Response, ApiErro
         }
         ("GET", ["v1", "volumes"]) => json(200, &list_volumes(api)),
         ("POST", ["v1", "volumes"]) => json(201, &create_volume(api, &body(req)?)?),
+        ("POST", ["v1", "volumes", "release"]) => {
+            json(200, &super::release::release(api, &body(req)?)?)
+        }
         ("DELETE", ["v1", "volumes", name]) => json(200, &delete_volume(api, name)?),
         ("GET", ["v1", "volumes", name, "data"]) => read_volume(api, req, name).await,
+        ("GET", ["v1", "volumes", name, "info"]) => json(200, &lifecycle::info(api, name).await?),
+        ("GET", ["v1", "volumes", name, "snapshots"]) => {
+            json(200, &lifecycle::snapshots(api, name).await?)
+        }
+        ("POST", ["v1", "volumes", name, "snapshots"]) => {
+            json(201, &lifecycle::snapshot(api, name, body(req)?).await?)
+        }
+        ("DELETE", ["v1", "volumes", name, "snapshots", snap]) => {
+            lifecycle::delete_snapshot(api, name, snap).await?;
+            json(200, &Done {})
+        }
+        ("POST", ["v1", "volumes", name, "clones"]) => {
+            json(201, &lifecycle::clone(api, name, body(req)?).await?)
+        }
+        ("POST", ["v1", "volumes", name, "resize"]) => {
+            json(200, &lifecycle::resize(api, name, body(req)?).await?)
+        }
+        ("POST", ["v1", "volumes", name, "flatten"]) => {
+            json(200, &lifecycle::flatten(api, name).await?)
+        }
+        ("POST", ["v1", "volumes", name, "gc"]) => json(200, &lifecycle::gc(api, name).await?),
+        ("POST", ["v1", "vms", name, "snapshots"]) => {
+            json(201, &lifecycle::vm_snapshot(api, name, body(req)?).await?)
+        }
         ("GET", ["v1", "vms"]) => json(200, &sup.list()),
         ("POST", ["v1", "vms"]) => json(201, &sup.start(body::<VmConfig>(req)?).await?),
         ("DELETE", ["v1", "vms", name]) => {
@@ -252,9 +290,15 @@ fn list_volumes(api: &ControlApi) -> Vec<VolumeListing> {
         .map(|v| VolumeListing {
             exported: api.registry.by_name(&v.name).is_some(),
             used_by: api.supervisor.user_of(&v.name),
+            store: store_of(api, &v.name).map(|s| s.0),
+            store_volume: store_of(api, &v.name).map(|s| s.1),
+            // Live: the volume may have been resized since it was created.
+            size: api
+                .catalog
+                .get(&v.name)
+                .map_or(v.size, |(vol, _)| vol.size()),
             name: v.name,
             backend: v.backend,
-            size: v.size,
             read_only: v.read_only,
             description: v.description,
         })
@@ -264,15 +308,27 @@ fn list_volumes(api: &ControlApi) -> Vec<VolumeListing> {
             out.push(VolumeListing {
                 name: e.name.clone(),
                 backend: "export".into(),
-                size: e.info.size,
+                size: e.volume.size(),
                 read_only: e.read_only,
                 description: e.description.clone(),
                 exported: true,
                 used_by: api.supervisor.user_of(&e.name),
+                store: e.volume.as_object().map(|o| o.store().url().to_owned()),
+                store_volume: e.volume.as_object().map(|o| o.name().to_owned()),
             });
         }
     }
     out
+}
+
+/// An object volume's store URL and name there, for a server name.
+fn store_of(api: &ControlApi, name: &str) -> Option<(String, String)> {
+    let v = match api.registry.by_name(name) {
+        Some(e) => e.volume.clone(),
+        None => api.catalog.get(name)?.0,
+    };
+    let o = v.as_object()?;
+    Some((o.store().url().to_owned(), o.name().to_owned()))
 }
 
 fn create_volume(api: &ControlApi, spec: &CreateVolume) -> Result<VolumeInfo, ApiError> {

@@ -11,8 +11,10 @@ use thiserror::Error;
 
 use super::http::{self, HttpError};
 use super::model::{
-    AttachRequest, CreateVolume, DiskInfo, Done, ErrorBody, Status, StopOutcome, StopReply,
-    VmConfig, VmInfo, VolumeInfo, VolumeListing,
+    AttachRequest, CloneReply, CloneRequest, CreateVolume, DiskInfo, DiskSnapshot, Done, ErrorBody,
+    ReleaseReply, ReleaseRequest, ResizeReply, ResizeRequest, SnapshotInfo, SnapshotMeta,
+    SnapshotRequest, Status, StopOutcome, StopReply, StoreVolumeInfo, VmConfig, VmInfo, VolumeInfo,
+    VolumeListing, WorkReply,
 };
 
 /// Why a control call failed.
@@ -155,6 +157,12 @@ impl ControlClient {
         Ok(())
     }
 
+    /// `POST /v1/volumes/release`: drains and releases an object volume
+    /// this server serves.
+    pub fn release_volume(&self, req: &ReleaseRequest) -> Result<ReleaseReply, ClientError> {
+        self.call("POST", "/v1/volumes/release", Some(req))
+    }
+
     /// `GET /v1/volumes/{name}/data`: `length` bytes (at most
     /// [`MAX_READ`](super::model::MAX_READ)) at `offset`.
     pub fn read_volume(
@@ -168,5 +176,68 @@ impl ControlClient {
             &format!("/v1/volumes/{name}/data?offset={offset}&length={length}"),
             None,
         )
+    }
+
+    /// `POST /v1/volumes/{name}/snapshots`.
+    pub fn snapshot(&self, volume: &str, snap: &str) -> Result<SnapshotMeta, ClientError> {
+        let req = SnapshotRequest {
+            name: snap.to_owned(),
+        };
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{volume}/snapshots"),
+            Some(&req),
+        )
+    }
+
+    /// `GET /v1/volumes/{name}/snapshots`.
+    pub fn snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
+        self.get(&format!("/v1/volumes/{volume}/snapshots"))
+    }
+
+    /// `DELETE /v1/volumes/{name}/snapshots/{snap}`.
+    pub fn delete_snapshot(&self, volume: &str, snap: &str) -> Result<(), ClientError> {
+        let _: Done = self.delete(&format!("/v1/volumes/{volume}/snapshots/{snap}"))?;
+        Ok(())
+    }
+
+    /// `POST /v1/volumes/{name}/clones`.
+    pub fn clone_volume(
+        &self,
+        volume: &str,
+        req: &CloneRequest,
+    ) -> Result<CloneReply, ClientError> {
+        self.call("POST", &format!("/v1/volumes/{volume}/clones"), Some(req))
+    }
+
+    /// `POST /v1/volumes/{name}/resize`.
+    pub fn resize(&self, volume: &str, req: &ResizeRequest) -> Result<ResizeReply, ClientError> {
+        self.call("POST", &format!("/v1/volumes/{volume}/resize"), Some(req))
+    }
+
+    /// `POST /v1/volumes/{name}/flatten`: returns the bytes copied.
+    pub fn flatten(&self, volume: &str) -> Result<u64, ClientError> {
+        let r: WorkReply =
+            self.call::<(), _>("POST", &format!("/v1/volumes/{volume}/flatten"), None)?;
+        Ok(r.count)
+    }
+
+    /// `POST /v1/volumes/{name}/gc`: returns the chunks collected.
+    pub fn gc(&self, volume: &str) -> Result<u64, ClientError> {
+        let r: WorkReply = self.call::<(), _>("POST", &format!("/v1/volumes/{volume}/gc"), None)?;
+        Ok(r.count)
+    }
+
+    /// `GET /v1/volumes/{name}/info`.
+    pub fn volume_info(&self, volume: &str) -> Result<StoreVolumeInfo, ClientError> {
+        self.get(&format!("/v1/volumes/{volume}/info"))
+    }
+
+    /// `POST /v1/vms/{name}/snapshots`: snapshots every object disk of a VM.
+    pub fn snapshot_vm(&self, vm: &str, snap: &str) -> Result<Vec<DiskSnapshot>, ClientError> {
+        let req = SnapshotRequest {
+            name: snap.to_owned(),
+        };
+        self.call("POST", &format!("/v1/vms/{vm}/snapshots"), Some(&req))
     }
 }

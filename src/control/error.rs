@@ -11,6 +11,7 @@ use super::model::{ErrorBody, MAX_READ};
 use super::volumes::VolumeStoreError;
 use crate::error::Chain;
 use crate::vm::supervisor::SupervisorError;
+use crate::volume::object::ObjectError;
 
 /// A failed control request.
 #[derive(Debug, Error)]
@@ -45,6 +46,14 @@ pub enum ApiError {
         /// The volume's size in bytes.
         size: u64,
     },
+    /// No export or catalogued volume of this server is that object volume.
+    #[error("this vbd does not serve volume {volume:?} of store {store}")]
+    NotServed {
+        /// The store URL asked for.
+        store: String,
+        /// The volume's name in the store.
+        volume: String,
+    },
     /// Neither the catalog nor the server's exports has this name.
     #[error("no volume or export named {0:?}")]
     NoVolume(String),
@@ -77,6 +86,18 @@ pub enum ApiError {
     /// The VM supervisor refused or failed.
     #[error(transparent)]
     Vm(#[from] SupervisorError),
+    /// A lifecycle operation named a volume that is not an object volume.
+    #[error("volume {0:?} is not an object volume; snapshots, clones and resize need one")]
+    NotObject(String),
+    /// A VM snapshot named no VM this server runs.
+    #[error("no VM named {0:?}")]
+    NoVm(String),
+    /// A blocking lifecycle task panicked or was cancelled.
+    #[error("the operation's task failed")]
+    Task(#[source] Box<dyn Error + Send + Sync>),
+    /// An object volume's snapshot, clone, resize, flatten or collection failed.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
 }
 
 impl ApiError {
@@ -93,7 +114,13 @@ impl ApiError {
             | ApiError::BadNumber(_)
             | ApiError::ReadTooLong(_)
             | ApiError::OutOfRange { .. } => 400,
-            ApiError::NoVolume(_) | ApiError::NoEndpoint(_) => 404,
+            ApiError::NoVolume(_)
+            | ApiError::NoEndpoint(_)
+            | ApiError::NoVm(_)
+            | ApiError::NotServed { .. } => 404,
+            ApiError::NotObject(_) => 400,
+            ApiError::Task(_) => 500,
+            ApiError::Object(e) => object_status(e),
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::ExportExists(_) | ApiError::VolumeInUse { .. } => 409,
             ApiError::Read(_) | ApiError::Encode(_) => 500,
@@ -130,6 +157,27 @@ impl ApiError {
             // A struct of one string always encodes.
             body: serde_json::to_vec(&body).unwrap_or_default(),
         }
+    }
+}
+
+/// The status an object volume's refusal answers with.
+fn object_status(e: &ObjectError) -> u16 {
+    use ObjectError as O;
+    match e {
+        O::NoSuchVolume(_) | O::NoSuchSnapshot { .. } => 404,
+        O::Exists(_)
+        | O::SnapshotExists { .. }
+        | O::HasDependents { .. }
+        | O::Locked { .. }
+        | O::Fenced { .. }
+        | O::TakingOver { .. } => 409,
+        O::BadName(_)
+        | O::BadSnapshotName(_)
+        | O::BadSize(_)
+        | O::Shrink { .. }
+        | O::ReadOnly(_)
+        | O::TooDeep(_) => 400,
+        _ => 500,
     }
 }
 

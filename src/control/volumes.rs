@@ -14,6 +14,7 @@ use crate::lock::MutexExt;
 use crate::server::registry::valid_name;
 use crate::size::{SizeError, parse_size};
 use crate::volume::Volume;
+use crate::volume::object::Durability;
 use crate::volume::object::cache::CacheSize;
 
 pub use super::model::{CreateVolume, VolumeInfo};
@@ -127,6 +128,18 @@ fn spec(req: &CreateVolume) -> Result<VolumeSpec, VolumeStoreError> {
                     Some(_) => return Err(invalid("cache must be a size or \"auto\"".into())),
                 },
                 create: req.size,
+                durability: match req.options.get("durability") {
+                    None => Durability::Local,
+                    Some(Value::String(s)) => s.parse().map_err(invalid)?,
+                    Some(_) => {
+                        return Err(invalid("durability must be \"local\" or \"store\"".into()));
+                    }
+                },
+                take_over: match req.options.get("take_over") {
+                    None => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(invalid("take_over must be true or false".into())),
+                },
             }
         }
         other => return Err(VolumeStoreError::UnknownBackend(other.to_owned())),
@@ -140,6 +153,8 @@ fn spec(req: &CreateVolume) -> Result<VolumeSpec, VolumeStoreError> {
 struct Entry {
     info: VolumeInfo,
     volume: Arc<dyn Volume>,
+    /// What it was created from, to open it again after a restart.
+    request: CreateVolume,
 }
 
 /// Named volumes created through the control API.
@@ -200,6 +215,7 @@ impl VolumeCatalog {
             Entry {
                 info: info.clone(),
                 volume,
+                request: req.clone(),
             },
         );
         Ok(info)
@@ -214,6 +230,22 @@ impl VolumeCatalog {
         self.lock()
             .get(name)
             .map(|e| (e.volume.clone(), e.info.clone()))
+    }
+
+    /// How to open `name` again in another vbd process: its create
+    /// request without the size, so that a file or object volume that has
+    /// gone missing meanwhile fails to open instead of coming back empty.
+    /// `None` for volumes not catalogued or whose data lives in memory.
+    pub fn reopen_request(&self, name: &str) -> Option<CreateVolume> {
+        let vols = self.lock();
+        let e = vols.get(name)?;
+        if e.info.backend == "memory" {
+            return None;
+        }
+        Some(CreateVolume {
+            size: None,
+            ..e.request.clone()
+        })
     }
 
     /// Every catalogued volume, by name.
@@ -271,6 +303,37 @@ mod tests {
     }
 
     #[test]
+    fn a_reopen_request_never_creates_and_memory_has_none() {
+        let dir = crate::vm::testing::Scratch::new("catalog-reopen");
+        let path = dir.0.join("f.img");
+        let c = VolumeCatalog::new();
+        let body = format!(
+            r#"{{"name":"f","backend":"file","path":"{}","size":65536,"direct":false}}"#,
+            path.display()
+        );
+        c.create(&req(&body)).unwrap();
+        c.create(&req(r#"{"name":"m","backend":"memory","size":4096}"#))
+            .unwrap();
+        assert_eq!(c.reopen_request("m"), None);
+        assert_eq!(c.reopen_request("nope"), None);
+        let again = c.reopen_request("f").unwrap();
+        assert_eq!(again.size, None);
+        assert_eq!(again.options["path"], path.display().to_string());
+        // The next vbd opens the same file from it, once this one let go...
+        c.shutdown_all();
+        let other = VolumeCatalog::new();
+        assert_eq!(other.create(&again).unwrap().size, 65536);
+        // ...and refuses, rather than creates, a file that went missing.
+        other.shutdown_all();
+        std::fs::remove_file(&path).unwrap();
+        let third = VolumeCatalog::new();
+        assert!(matches!(
+            third.create(&again),
+            Err(VolumeStoreError::Open { .. })
+        ));
+    }
+
+    #[test]
     fn explains_bad_requests() {
         let c = VolumeCatalog::new();
         let e = c
@@ -306,6 +369,8 @@ mod tests {
                     volume: "v".into(),
                     cache: CacheSize::Bytes(64 << 20),
                     create: Some(4096),
+                    durability: Durability::Local,
+                    take_over: false,
                 },
                 read_only: true,
             }

@@ -165,7 +165,12 @@ impl nbd::Exports for Registry {
         } else {
             *inner.by_name.get(name)?
         };
-        inner.by_id.get(id)?.as_ref().map(|e| e.info.clone())
+        // The size as it is now: a volume resized while served shows new
+        // connections its new size.
+        inner.by_id.get(id)?.as_ref().map(|e| ExportInfo {
+            size: e.volume.size(),
+            ..e.info.clone()
+        })
     }
 
     fn list(&self) -> Vec<(String, String)> {

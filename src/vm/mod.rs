@@ -11,7 +11,7 @@ pub mod hotplug;
 pub mod qmp;
 pub mod supervisor;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod volume_host;
 
-pub use volume_host::{ExportError, VolumeHost};
+pub use volume_host::{ExportError, Restart, VhostServed, VolumeHost};

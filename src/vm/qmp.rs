@@ -252,6 +252,18 @@ impl Qmp {
         EventStream { rx }
     }
 
+    /// Ends the session: QEMU's monitor serves one client at a time (QEMU
+    /// 7.2 stops accepting while one is connected; a second client's
+    /// connect succeeds but no greeting comes until the first leaves), so
+    /// whoever connects next — another vbd adopting the VM — gets its turn
+    /// once this one is gone. Commands after this fail.
+    pub async fn close(&self) {
+        let mut w = self.writer.lock().await;
+        if let Err(e) = w.shutdown().await {
+            debug!("QMP shutdown: {e}");
+        }
+    }
+
     /// Whether the reader has seen the connection close.
     pub fn is_closed(&self) -> bool {
         self.shared.pending.locked().is_none()

@@ -4,9 +4,11 @@
 //!
 //! Backends: `memory` (sparse, in RAM), `file` (a file or block device)
 //! and `object` (a log-structured volume in an object store). `buf` is the
-//! aligned request buffer, `sync` drives a volume from a blocking thread.
+//! aligned request buffer, `data` says whether a request's bytes are in it
+//! or in a guest's memory, `sync` drives a volume from a blocking thread.
 
 pub mod buf;
+pub mod data;
 mod error;
 pub mod file;
 pub mod memory;
@@ -16,6 +18,7 @@ pub mod sync;
 use std::task::Poll;
 
 pub use buf::AlignedBuf;
+pub use data::IoData;
 pub use error::{UnexpectedWake, VolumeError};
 
 /// Result of off-core work: optional data for the request (a read's bytes).
@@ -26,6 +29,11 @@ pub type Ctx<'a> = crate::uring::Ctx<'a, RemoteResult>;
 pub type Wake = crate::uring::Wake<RemoteResult>;
 /// Completes a pending request from another thread.
 pub type Completer = crate::uring::Completer<RemoteResult>;
+
+/// Told a volume's new size in bytes after a live resize: NBD reads the
+/// size at each handshake, so only transports that push a change to their
+/// clients (vhost-user-blk's config-change notification) need one.
+pub type ResizeHook = Box<dyn Fn(u64) + Send + Sync>;
 
 /// Most extents one block-status call returns; clients ask again for the rest.
 pub const MAX_EXTENTS: usize = 1024;
@@ -135,7 +143,7 @@ pub struct Io {
     /// Modifiers from the request (FUA, NO_HOLE, FAST_ZERO).
     pub flags: IoFlags,
     /// Destination of a read, source of a write; `len` bytes long for both.
-    pub buf: AlignedBuf,
+    pub data: IoData,
     /// Filled by block status.
     pub extents: Vec<Extent>,
     /// Backend-private progress (bytes done), reset by `prepare`.
@@ -155,7 +163,7 @@ impl Io {
             offset: 0,
             len: 0,
             flags: IoFlags::default(),
-            buf: AlignedBuf::new(),
+            data: IoData::default(),
             extents: Vec::new(),
             done: 0,
             stage: 0,
@@ -163,8 +171,39 @@ impl Io {
         }
     }
 
-    /// Sets up the request; sizes the buffer for reads and writes.
+    /// Sets up the request with its data in vbd's own buffer, sized for
+    /// reads and writes.
     pub fn prepare(&mut self, op: Op, offset: u64, len: u64, flags: IoFlags) {
+        self.reset(op, offset, len, flags);
+        let data = matches!(op, Op::Read | Op::Write);
+        self.data
+            .owned_mut()
+            .set_len(if data { len as usize } else { 0 });
+    }
+
+    /// Sets up a request whose data is in foreign memory (a guest's): its
+    /// length is the iovecs' total. Reads land in and writes come from
+    /// those buffers directly.
+    ///
+    /// # Safety
+    /// As for [`IoData::set_guest`]: each `(base, len)` stays valid for
+    /// reads and writes while `keep` lives, and `keep` is held until the
+    /// request is prepared again or [`IoData::release_guest`] is called.
+    pub unsafe fn prepare_guest(
+        &mut self,
+        op: Op,
+        offset: u64,
+        flags: IoFlags,
+        iov: impl IntoIterator<Item = (*mut u8, usize)>,
+        keep: std::sync::Arc<dyn Send + Sync>,
+    ) {
+        // SAFETY: the caller's promise is the same one.
+        unsafe { self.data.set_guest(iov, keep) };
+        let len = self.data.len() as u64;
+        self.reset(op, offset, len, flags);
+    }
+
+    fn reset(&mut self, op: Op, offset: u64, len: u64, flags: IoFlags) {
         self.op = op;
         self.offset = offset;
         self.len = len;
@@ -173,8 +212,18 @@ impl Io {
         self.stage = 0;
         self.extents.clear();
         self.aux.clear();
-        let data = matches!(op, Op::Read | Op::Write);
-        self.buf.set_len(if data { len as usize } else { 0 });
+    }
+
+    /// The owned buffer (NBD's payloads and replies); empty for guest data.
+    #[inline]
+    pub fn buf(&self) -> &AlignedBuf {
+        self.data.owned()
+    }
+
+    /// The owned buffer, to fill or resize.
+    #[inline]
+    pub fn buf_mut(&mut self) -> &mut AlignedBuf {
+        self.data.owned_mut()
     }
 }
 
@@ -234,6 +283,17 @@ pub trait Volume: Send + Sync + 'static {
     /// Called once when the server stops, after the final flush: a backend
     /// with background work finishes or hands it off here.
     fn shutdown(&self) {}
+    /// The object volume behind this one, for lifecycle operations
+    /// (snapshot, clone, resize) through the control API.
+    fn as_object(&self) -> Option<&object::ObjectVolume> {
+        None
+    }
+    /// Registers `hook` to hear of live size changes; false when this
+    /// volume's size never changes (the hook is dropped).
+    fn watch_size(&self, hook: ResizeHook) -> bool {
+        let _ = hook;
+        false
+    }
     /// Begins `io`.
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>>;
     /// Continues `io` after the work it queued finished.

@@ -69,6 +69,10 @@ fn units_say_what_vbd_relies_on() {
         exec.len() == 1 && exec[0].starts_with("/usr/local/bin/vbd serve "),
         "{exec:?}"
     );
+    assert!(
+        exec[0].contains(" --vms-on-exit keep "),
+        "a restart of the service leaves the VMs running: {exec:?}"
+    );
     // The names vbd gives roles to (src/cli/activation.rs).
     let nbd = unit("vbd.socket");
     assert_eq!(value(&nbd, "FileDescriptorName"), ["nbd"]);

@@ -1,6 +1,7 @@
 //! Starting a VM: check its disks are free, export the ones not yet
-//! served, run QEMU and wait for its QMP socket; on any failure undo what
-//! was done, so a failed start leaves no export, socket or record behind.
+//! served (and, over vhost-user, give each boot and data disk its device),
+//! run QEMU and wait for its QMP socket; on any failure undo what was done,
+//! so a failed start leaves no export, device, socket or record behind.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
@@ -14,11 +15,13 @@ use tracing::{info, warn};
 
 use super::events::Events;
 use super::handle::Vm;
+use super::proc_identity::ProcIdentity;
 use super::process::Process;
+use super::record::{VmRecord, now_ms};
 use super::types::{SupervisorError, VmInfo, VmState};
 use super::{Supervisor, remove_if_present};
 use crate::error::Chain;
-use crate::vm::config::{Role, RunPaths, Source, VmConfig, argv};
+use crate::vm::config::{DiskTransport, Role, RunPaths, Source, VmConfig, argv};
 use crate::vm::qmp::{Qmp, QmpError};
 
 /// How long a QEMU that failed to come up may take to die after SIGKILL.
@@ -44,20 +47,36 @@ impl Supervisor {
         r
     }
 
-    async fn start_vm(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, SupervisorError> {
+    async fn start_vm(self: &Arc<Self>, mut config: VmConfig) -> Result<VmInfo, SupervisorError> {
+        // Recorded in the config, so the VM keeps its delay across restarts.
+        config
+            .disk_reconnect_delay_secs
+            .get_or_insert(self.cfg.disk_reconnect_delay_secs);
+        config.disk_transport.get_or_insert(self.cfg.disk_transport);
         let _g = self.volumes.lock().await;
         let name = config.name.clone();
         if self.vms().get(&name).is_some_and(|old| old.alive()) {
             return Err(SupervisorError::Exists(name));
         }
-        let dir = self.cfg.run_dir.join(&name);
-        let paths = RunPaths {
+        let dir = self.vm_dir(&name);
+        if let Ok(old) = VmRecord::load(&VmRecord::path(&dir)) {
+            // Left by an earlier vbd and not adopted (see the log of this
+            // vbd's start): its QEMU may still run on these sockets.
+            return Err(SupervisorError::Unadopted {
+                vm: name,
+                pid: old.pid,
+            });
+        }
+        let mut paths = RunPaths {
             nbd_socket: self.cfg.nbd_socket.clone(),
             qmp_socket: dir.join("qmp.sock"),
             pidfile: dir.join("qemu.pid"),
             serial_log: dir.join("serial.log"),
+            vhost: BTreeMap::new(),
         };
-        let args = argv(&config, &paths)?;
+        // The config is checked before anything is started; the argv QEMU
+        // runs with is built once the disks' vhost-user devices are known.
+        argv(&config, &paths)?;
         for d in &config.disks {
             if let Some(vm) = self.user_of(&d.name) {
                 return Err(SupervisorError::VolumeInUse {
@@ -67,16 +86,32 @@ impl Supervisor {
             }
         }
         let mut owned = Vec::new();
-        let started = self.launch(&config, &paths, &dir, &args, &mut owned).await;
+        let mut owned_vhost = Vec::new();
+        let started = self
+            .launch(&config, &mut paths, &dir, &mut owned, &mut owned_vhost)
+            .await;
+        let started_at_ms = now_ms();
         let (process, qmp) = match started {
             Ok(p) => p,
             Err(e) => {
+                for v in &owned_vhost {
+                    self.drop_vhost(v);
+                }
                 for v in &owned {
                     self.drop_export(v);
                 }
-                remove_if_present(&paths.qmp_socket);
-                remove_if_present(&paths.pidfile);
+                self.remove_run_files(&name, &paths);
                 return Err(e);
+            }
+        };
+        // QEMU has exec'd by now (it answered QMP), so this is its identity,
+        // not that of the vbd it was forked from.
+        let identity = match ProcIdentity::read(process.pid) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                warn!(vm = %name, pid = process.pid,
+                    "cannot read QEMU's identity from /proc; the VM would not be adopted after a vbd restart: {e}");
+                None
             }
         };
         let (cleaned_tx, cleaned) = watch::channel(false);
@@ -84,29 +119,38 @@ impl Supervisor {
             config,
             paths,
             process,
-            qmp,
+            identity,
+            qmp: Some(qmp),
             state: Mutex::new(VmState::Running),
             stopping: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             owned,
+            owned_vhost,
             hot: Mutex::new(BTreeMap::new()),
             op: tokio::sync::Mutex::new(()),
             cleaned,
+            started_at_ms,
+            adopted_at_ms: None,
+            reconnects: Mutex::new(BTreeMap::new()),
         });
         info!(vm = %name, pid = vm.process.pid, "VM started");
+        self.save(&vm, None);
         self.vms().insert(name, vm.clone());
         self.watch(vm.clone(), cleaned_tx);
         Ok(vm.info())
     }
 
     /// Exports the VM's volumes (recording in `owned` those this call
-    /// exported), then runs QEMU until its QMP socket answers.
+    /// exported) and, over vhost-user, serves its boot and data disks on
+    /// devices (noting them in `paths`, and in `owned_vhost` those this
+    /// call started); then runs QEMU until its QMP socket answers.
     async fn launch(
         &self,
         config: &VmConfig,
-        paths: &RunPaths,
+        paths: &mut RunPaths,
         dir: &Path,
-        args: &[String],
         owned: &mut Vec<String>,
+        owned_vhost: &mut Vec<String>,
     ) -> Result<(Process, Qmp), SupervisorError> {
         for d in &config.disks {
             if d.source == Source::Export
@@ -120,10 +164,27 @@ impl Supervisor {
             .mode(0o700)
             .create(dir)
             .map_err(io_err(format!("cannot create {}", dir.display())))?;
+        if config.transport() == DiskTransport::VhostUser {
+            for d in &config.disks {
+                if d.source != Source::Export || !matches!(d.role, Role::Boot | Role::Data) {
+                    continue;
+                }
+                let Some(served) = self.ensure_vhost(&config.name, &d.name)? else {
+                    info!(vm = %config.name, volume = %d.name,
+                        "no vhost-user transport here; the disk goes over NBD");
+                    continue;
+                };
+                if served.started {
+                    owned_vhost.push(d.name.clone());
+                }
+                paths.vhost.insert(d.name.clone(), served.socket);
+            }
+        }
+        let args = argv(config, paths)?;
         remove_if_present(&paths.qmp_socket);
         remove_if_present(&paths.pidfile);
         let log = dir.join("qemu.log");
-        let process = Process::spawn(args, &log)
+        let process = Process::spawn(&args, &log)
             .map_err(io_err(format!("cannot run {}", config.qemu.display())))?;
         let deadline = Instant::now() + self.cfg.start_timeout;
         let fail = |reason: String| SupervisorError::Start {

@@ -31,10 +31,14 @@ impl Supervisor {
         vm.stopping.store(true, Ordering::SeqCst);
         vm.set_state(VmState::Stopping);
         info!(vm = name, "stopping: system_powerdown");
-        let outcome = if let Err(e) = vm
-            .qmp
-            .execute_for(system_powerdown {}, self.cfg.qmp_timeout)
-            .await
+        let powerdown = match vm.qmp() {
+            Ok(qmp) => qmp
+                .execute_for(system_powerdown {}, self.cfg.qmp_timeout)
+                .await
+                .map_err(SupervisorError::from),
+            Err(e) => Err(e),
+        };
+        let outcome = if let Err(e) = powerdown
             && vm.process.exited().is_none()
         {
             warn!(vm = name, "system_powerdown failed: {}", Chain(&e));
@@ -82,6 +86,11 @@ impl Supervisor {
     /// Stops every VM (used when vbd itself shuts down).
     pub async fn stop_all(self: &Arc<Self>, grace: Duration) {
         let names: Vec<String> = self.vms().keys().cloned().collect();
+        self.stop_each(names, grace).await;
+    }
+
+    /// Stops the VMs `names` side by side; failures are logged.
+    pub(super) async fn stop_each(self: &Arc<Self>, names: Vec<String>, grace: Duration) {
         let mut tasks = Vec::new();
         for n in names {
             let me = self.clone();

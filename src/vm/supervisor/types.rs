@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::vm::config::{ConfigError, Role};
+use crate::vm::config::{ConfigError, DEFAULT_DISK_RECONNECT_DELAY_SECS, DiskTransport, Role};
 use crate::vm::hotplug::HotplugError;
 use crate::vm::qmp::QmpError;
 use crate::vm::volume_host::ExportError;
@@ -25,6 +25,10 @@ pub struct SupervisorConfig {
     pub qmp_timeout: Duration,
     /// How long QEMU gets to exit after SIGTERM before SIGKILL.
     pub sigterm_wait: Duration,
+    /// QEMU's `reconnect-delay` for VMs whose config does not set one.
+    pub disk_reconnect_delay_secs: u32,
+    /// How the disks of VMs whose config does not say reach QEMU.
+    pub disk_transport: DiskTransport,
 }
 
 impl SupervisorConfig {
@@ -36,6 +40,8 @@ impl SupervisorConfig {
             start_timeout: Duration::from_secs(30),
             qmp_timeout: Duration::from_secs(10),
             sigterm_wait: Duration::from_secs(10),
+            disk_reconnect_delay_secs: DEFAULT_DISK_RECONNECT_DELAY_SECS,
+            disk_transport: DiskTransport::VhostUser,
         }
     }
 }
@@ -142,6 +148,64 @@ pub enum SupervisorError {
         /// QEMU's process id.
         pid: u32,
     },
+    /// A VM left by an earlier vbd reconnects its disks to another NBD
+    /// socket than this vbd serves, so it cannot be adopted here.
+    #[error(
+        "VM {vm:?} connects its disks to {theirs}, but this vbd serves {ours}: restart vbd with --unix {theirs} to adopt it"
+    )]
+    OtherSocket {
+        /// The VM's name.
+        vm: String,
+        /// The socket its disks use.
+        theirs: PathBuf,
+        /// The socket this vbd serves.
+        ours: PathBuf,
+    },
+    /// The name belongs to a VM an earlier vbd left running that this one
+    /// could not adopt; starting another would take its sockets.
+    #[error(
+        "VM {vm:?} was left running by an earlier vbd (pid {pid}) and not adopted (see this vbd's start-up log); stop that QEMU, or restart vbd once it can be adopted"
+    )]
+    Unadopted {
+        /// The VM's name.
+        vm: String,
+        /// The pid its run record names.
+        pid: u32,
+    },
+    /// An adopted VM's disk has no volume in this vbd.
+    #[error(
+        "disk {volume:?} of VM {vm:?} has no volume in this vbd, so the guest's I/O on it waits {delay_secs} s and then fails: give vbd the volume as before (vbd serve --export name={volume},...) and restart it"
+    )]
+    MissingDisk {
+        /// The VM's name.
+        vm: String,
+        /// The missing volume.
+        volume: String,
+        /// The disk's reconnect-delay, in seconds.
+        delay_secs: u32,
+    },
+    /// A QEMU left running by an earlier vbd did not answer QMP.
+    #[error(
+        "VM {vm:?} (pid {pid}) is running but its QMP socket did not answer, so it is not supervised; its disks are served and its run files kept for the next vbd start (is another vbd connected to it?)"
+    )]
+    AdoptQmp {
+        /// The VM's name.
+        vm: String,
+        /// QEMU's process id.
+        pid: u32,
+        /// What QMP said, or that it said nothing in time.
+        #[source]
+        source: QmpError,
+    },
+    /// A VM's run record could not be read or does not fit its directory.
+    #[error("cannot read the run record {path}")]
+    Record {
+        /// The record file.
+        path: PathBuf,
+        /// Why it was not usable.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl From<ExportError> for SupervisorError {
@@ -182,6 +246,29 @@ pub struct DiskInfo {
     pub role: Role,
     /// Hot-attached (and so hot-detachable), with its port.
     pub port: Option<String>,
+    /// For a VM adopted after a vbd restart: how the disk came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect: Option<DiskReconnect>,
+}
+
+/// How a disk of an adopted VM came back after vbd restarted, as this vbd
+/// can see it: QEMU does not report its NBD reconnects, so vbd times from
+/// the old process letting go of the disk until QEMU attached to the
+/// export again. QEMU reconnects at the guest's next I/O on the disk and
+/// retries 1, 2, 4, 8, then every 16 s later: for a busy disk this is how
+/// long its I/O waited; for an idle one, an upper bound.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReconnect {
+    /// Milliseconds until QEMU was attached again (to within the 50 ms
+    /// this vbd polls at); `None` while it has not.
+    pub after_ms: Option<u64>,
+    /// `true`: counted from the old vbd's clean stop. `false`: the old vbd
+    /// was killed and could not say when, so this counts from the start of
+    /// this vbd and the real wait was longer.
+    pub from_clean_stop: bool,
+    /// Why the disk cannot come back, e.g. its volume is missing here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A VM as listed.
@@ -204,6 +291,27 @@ pub struct VmInfo {
     pub serial_log: PathBuf,
     /// QEMU's QMP socket, for debugging by hand.
     pub qmp_socket: PathBuf,
+    /// When QEMU started, in milliseconds since the Unix epoch (0 if unknown).
+    #[serde(default)]
+    pub started_at_ms: u64,
+    /// When this vbd adopted the VM after a restart (ms since the epoch);
+    /// `None` for a VM it started itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_at_ms: Option<u64>,
+}
+
+/// What stopping vbd does to its VMs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmsOnExit {
+    /// Stop them in order (power-down, SIGTERM, SIGKILL): the interactive
+    /// default.
+    #[default]
+    Stop,
+    /// Leave QEMU running for the next vbd to adopt (the service unit's
+    /// choice). A VM with a disk whose data lives in vbd's memory is still
+    /// stopped: that disk would not survive.
+    Keep,
 }
 
 /// How a stop ended.
@@ -245,4 +353,17 @@ pub struct VmEventCounts {
     pub detaches: u64,
     /// Hot detaches that failed.
     pub detach_failures: u64,
+    /// VMs found still running after a vbd restart and supervised again.
+    pub adoptions: u64,
+    /// VMs whose QEMU exited while vbd was away (also counted as crashes).
+    pub adoptions_exited: u64,
+    /// Pidfiles naming a pid that another process holds now (not adopted,
+    /// that process left alone; also counted as crashes).
+    pub adoptions_pid_reused: u64,
+    /// Running VMs that could not be adopted (their run files are kept).
+    pub adoption_failures: u64,
+    /// Disks of adopted VMs whose QEMU attached to their export again.
+    pub disk_reconnects: u64,
+    /// Summed milliseconds those reconnects took (see [`DiskReconnect`]).
+    pub disk_reconnect_ms: u64,
 }

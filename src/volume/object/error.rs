@@ -81,6 +81,37 @@ pub enum ObjectError {
     /// The store claims the last sequence number: damage, not wear.
     #[error("volume {0:?} has no sequence numbers left")]
     SequenceExhausted(String),
+    /// Every generation number an id can carry has been used.
+    #[error("volume {0:?} has no writer generations left")]
+    GenerationsExhausted(String),
+    /// A take-over of the volume has begun but not drawn its fence yet, so
+    /// whether an older writer's snapshot counts is not settled.
+    #[error(
+        "volume {volume:?} is being taken over (generation {generation}); whether snapshot \
+         {snapshot:?} survives it is not known yet: retry once the take-over is done"
+    )]
+    TakingOver {
+        /// The volume.
+        volume: String,
+        /// Its snapshot asked for.
+        snapshot: String,
+        /// The generation taking it over.
+        generation: u64,
+    },
+    /// This writer's generation has used every id it can carry.
+    #[error("this writer's generation used every object id it can carry; open the volume again")]
+    IdsExhausted,
+    /// Another writer took the volume over: this one may not change it
+    /// (a snapshot, clone flatten, resize or collection it was asked for).
+    #[error(
+        "this writer (generation {generation}) was fenced by generation {by}, which took the volume over"
+    )]
+    Fenced {
+        /// This writer's generation.
+        generation: u64,
+        /// The generation that took over.
+        by: u64,
+    },
     /// A descriptor or lock object could not be serialised.
     #[error("cannot encode the {what}")]
     Encode {
@@ -105,6 +136,76 @@ pub enum ObjectError {
     /// Replaying the local WAL at open failed.
     #[error(transparent)]
     Wal(#[from] WalError),
+    /// The snapshot name cannot be part of an object key.
+    #[error("snapshot name {0:?} is invalid: use 1-256 letters, digits, '-', '_' or '.'")]
+    BadSnapshotName(String),
+    /// No snapshot of this name.
+    #[error("volume {volume:?} has no snapshot {snapshot:?}; `vbd volume snapshots` lists them")]
+    NoSuchSnapshot {
+        /// The volume.
+        volume: String,
+        /// The snapshot asked for.
+        snapshot: String,
+    },
+    /// A snapshot create found the name taken.
+    #[error("volume {volume:?} already has a snapshot {snapshot:?}")]
+    SnapshotExists {
+        /// The volume.
+        volume: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// The operation changes a volume that was opened read-only (or is a snapshot).
+    #[error("{0} is read-only")]
+    ReadOnly(String),
+    /// Something still reads through this volume or snapshot.
+    #[error("{what} is still needed by {}; delete or flatten them first", .dependents.join(", "))]
+    HasDependents {
+        /// The volume or snapshot (`name@snap`) asked for.
+        what: String,
+        /// Clones (`clone NAME`) and snapshots (`snapshot NAME@SNAP`) that read through it.
+        dependents: Vec<String>,
+    },
+    /// Writes acknowledged before a snapshot or resize did not reach the store in time.
+    #[error(
+        "volume {0:?}: the write-ahead log did not drain to the store in time; is the store reachable?"
+    )]
+    DrainTimeout(String),
+    /// A shrink without `--allow-shrink`.
+    #[error(
+        "volume {name:?} is {from} bytes; shrinking it to {to} discards the tail: pass --allow-shrink"
+    )]
+    Shrink {
+        /// The volume.
+        name: String,
+        /// Its size now, in bytes.
+        from: u64,
+        /// The size asked for, in bytes.
+        to: u64,
+    },
+    /// A clone chain deeper than layer-tagged ids can name.
+    #[error("{0} is too deep a chain of clones to clone again; flatten it first")]
+    TooDeep(String),
+    /// An import that never finished (its process died): no one may use it.
+    #[error("volume {0:?} is an unfinished import; run the import again or delete it")]
+    Unfinished(String),
+    /// A local file of an import or export failed.
+    #[error("{op} {path}")]
+    File {
+        /// What was being done ("reading", "writing", ...).
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the filesystem said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A write through the volume's own write path failed.
+    #[error("writing to the volume failed")]
+    Write(#[source] crate::volume::VolumeError),
+    /// The operation was interrupted (Ctrl-C, SIGTERM).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// Why the local write-ahead log could not be written, synced or read back.
@@ -194,6 +295,16 @@ pub enum RequestError {
     /// A read resolved to a chunk the map no longer knows: a bug, reported as EIO.
     #[error("chunk {0:016x} is not in the volume's map")]
     UnknownChunk(u64),
+    /// Another writer took the volume over: this one may not change it.
+    #[error(
+        "this writer (generation {generation}) was fenced by generation {by}, which took the volume over"
+    )]
+    Fenced {
+        /// This writer's generation.
+        generation: u64,
+        /// The generation that took over.
+        by: u64,
+    },
     /// A write's record (header and data, bytes) exceeds a whole segment.
     #[error("a {0}-byte record does not fit in a WAL segment")]
     RecordTooBig(usize),

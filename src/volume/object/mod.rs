@@ -5,56 +5,81 @@
 //! uploader (`upload`) packs sealed segments into immutable chunk objects
 //! whose indexes are the map's deltas, with periodic checkpoints. Reads go
 //! cache → write-ahead layer → map → ranged GET. Formats are in `format`,
-//! object names and the writer lock in `layout`.
+//! object names in `layout`.
 //!
 //! The volume's rooms: `write` and `read` (the request paths), `lifecycle`
 //! (open, drain, close) over `recovery` (map and WAL replay at open),
-//! `options`, `stats` and `error`. This module holds the shared state and
-//! turns requests into calls on those paths.
+//! `generation` (who may write: generations taken with conditional writes,
+//! and the fences that decide which objects count) and `fence` (a writer's
+//! generation at run time: checks after each put, fenced leftovers),
+//! `durability` (what FLUSH waits for), the lifecycle of snapshots
+//! (`snapshot`), clones (`clone`, `lineage`), what garbage collection may
+//! take (`refs`, `gc`), chunks made without the WAL (`ingest`), `resize`,
+//! import and export (`transfer`), `options`, `stats` and `error`. This
+//! module holds the shared state and turns requests into calls on those
+//! paths.
 
 pub mod admin;
 pub mod cache;
+pub mod clone;
+mod durability;
 mod error;
 mod extent_map;
+mod fence;
 pub mod format;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
+mod gc;
+pub mod generation;
+#[cfg(test)]
+mod handoff_tests;
+mod ingest;
 pub mod layout;
 mod lifecycle;
+#[cfg(test)]
+mod lifecycle_tests;
+pub mod lineage;
 mod options;
 mod read;
 mod recovery;
+pub mod refs;
+mod resize;
 mod segment;
+pub mod snapshot;
 mod state;
 mod stats;
 #[cfg(test)]
 mod tests;
+pub mod transfer;
 mod upload;
 mod wal;
 mod write;
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
 
 use self::cache::BlockCache;
 use self::format::BLOCK;
-use self::layout::{Keys, WriterLock};
+use self::layout::Keys;
 use self::state::{Dirty, Mapped};
 use self::wal::Wal;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
 use crate::volume::{Caps, Completer, Ctx, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
 
+pub use self::durability::Durability;
 pub use self::error::{ObjectError, RequestError, WalError};
+pub use self::lifecycle::CloseOutcome;
 pub use self::options::ObjectOptions;
 pub use self::stats::{ObjectCounters, ObjectStats};
 
 /// State shared by the volume handle, the WAL thread and the uploader.
 pub(crate) struct Inner {
+    /// The volume's name, `volume@snapshot` for a snapshot opened read-only.
     name: String,
-    /// Bytes, from the descriptor.
-    size: u64,
+    /// Bytes, from the descriptor; changed live by resize.
+    size: AtomicU64,
     store: Store,
     keys: Keys,
     opts: ObjectOptions,
@@ -68,7 +93,6 @@ pub(crate) struct Inner {
     upload_wake: tokio::sync::Notify,
     /// Writes waiting for the uploader to shrink the backlog.
     backlog_waiters: Mutex<Vec<Completer>>,
-    next_chunk: AtomicU64,
     /// Block after the last read, for detecting sequential reads.
     last_read_end: AtomicU64,
     /// Shutdown asked for: drain and stop.
@@ -77,8 +101,22 @@ pub(crate) struct Inner {
     abort: AtomicBool,
     stats: ObjectStats,
     read_only: bool,
-    /// Held while writable; released by a close that drained everything.
-    lock: Mutex<Option<WriterLock>>,
+    /// Closing: writes, FLUSH and FUA are refused while the WAL drains.
+    closing: AtomicBool,
+    /// The writer's generation, whether it was fenced, and what FLUSH
+    /// waits for.
+    fence: fence::Fence,
+    /// The volumes layers 1, 2, ... of the map's chunk ids live in (see `lineage`).
+    layers: RwLock<Vec<lineage::Layer>>,
+    /// Segments above this id wait: a snapshot is freezing the map as of
+    /// the segments below it.
+    upload_limit: AtomicU64,
+    /// One snapshot, resize, flatten or collection at a time.
+    admin: Mutex<()>,
+    /// Garbage collection by the uploader or on request, one at a time.
+    gc: tokio::sync::Mutex<()>,
+    /// Told the new size after a live resize.
+    resize_hooks: Mutex<Vec<crate::volume::ResizeHook>>,
 }
 
 impl Inner {
@@ -117,9 +155,14 @@ impl ObjectVolume {
     fn check(&self, io: &Io) -> Result<(), VolumeError> {
         let b = BLOCK as u64;
         if io.op == Op::Flush {
-            return Ok(());
+            return if self.read_only {
+                Ok(())
+            } else {
+                self.refuse_if_closed()
+            };
         }
-        if io.offset > self.inner.size || io.len > self.inner.size - io.offset {
+        let size = self.inner.size.load(Ordering::Acquire);
+        if io.offset > size || io.len > size - io.offset {
             return Err(VolumeError::OutOfRange {
                 offset: io.offset,
                 len: io.len,
@@ -132,16 +175,35 @@ impl ObjectVolume {
                 block: BLOCK as u32,
             });
         }
-        if self.read_only && matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes) {
+        let changes = matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes);
+        if self.read_only && changes {
             return Err(VolumeError::ReadOnly);
+        }
+        if changes {
+            self.refuse_if_closed()?;
         }
         Ok(())
     }
 }
 
+impl ObjectVolume {
+    /// Writes, FLUSH and FUA fail once the volume is closing (its WAL is
+    /// draining for a release) or its writer was fenced.
+    fn refuse_if_closed(&self) -> Result<(), VolumeError> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(VolumeError::Shutdown);
+        }
+        self.inner.fence.check()
+    }
+}
+
 impl Volume for ObjectVolume {
     fn size(&self) -> u64 {
-        self.inner.size
+        self.inner.size.load(Ordering::Acquire)
     }
 
     fn caps(&self) -> Caps {
@@ -179,6 +241,15 @@ impl Volume for ObjectVolume {
 
     fn shutdown(&self) {
         self.close();
+    }
+
+    fn as_object(&self) -> Option<&ObjectVolume> {
+        Some(self)
+    }
+
+    fn watch_size(&self, hook: crate::volume::ResizeHook) -> bool {
+        self.inner.resize_hooks.locked().push(hook);
+        true
     }
 
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {

@@ -29,7 +29,9 @@ impl ObjectVolume {
         let inner = &self.inner;
         let lba0 = io.offset / BLOCK as u64;
         let end = lba0 + io.len / BLOCK as u64;
-        let buf = io.buf.as_mut_slice();
+        // Byte offset of block `b` in the request's data.
+        let at = |b: u64| (b - lba0) as usize * BLOCK;
+        let out = &mut io.data;
         let missing = &mut io.aux;
         let d = inner.dirty.read_locked();
         let m = inner.map.read_locked();
@@ -37,20 +39,20 @@ impl ObjectVolume {
         while b < end {
             if let Some(sp) = d.map.get(b) {
                 let stop = sp.end.min(end);
-                let out = &mut buf[(b - lba0) as usize * BLOCK..(stop - lba0) as usize * BLOCK];
+                let len = at(stop) - at(b);
                 match sp.value {
                     DirtyLoc::Data { seg, off } => {
                         match d
                             .segments
                             .get(&seg)
-                            .and_then(|s| s.bytes(off as usize, out.len()))
+                            .and_then(|s| s.bytes(off as usize, len))
                         {
-                            Some(src) => out.copy_from_slice(src),
+                            Some(src) => out.write_at(at(b), src),
                             // Unreachable by construction; zeroes beat garbage.
-                            None => out.fill(0),
+                            None => out.fill_at(at(b), len, 0),
                         }
                     }
-                    DirtyLoc::Zero | DirtyLoc::Hole => out.fill(0),
+                    DirtyLoc::Zero | DirtyLoc::Hole => out.fill_at(at(b), len, 0),
                 }
                 b = stop;
                 continue;
@@ -59,26 +61,28 @@ impl ObjectVolume {
             let mut cur = b;
             m.map.for_each_in(b, limit, |sp| {
                 if sp.start > cur {
-                    buf[(cur - lba0) as usize * BLOCK..(sp.start - lba0) as usize * BLOCK].fill(0);
+                    out.fill_at(at(cur), at(sp.start) - at(cur), 0);
                 }
                 match sp.value {
-                    Mapping::Zero | Mapping::Hole => buf
-                        [(sp.start - lba0) as usize * BLOCK..(sp.end - lba0) as usize * BLOCK]
-                        .fill(0),
+                    Mapping::Zero | Mapping::Hole => {
+                        out.fill_at(at(sp.start), at(sp.end) - at(sp.start), 0)
+                    }
                     Mapping::Chunk { id, block } => {
-                        let at = (sp.start - lba0) as usize;
-                        let end = (sp.end - lba0) as usize;
-                        inner
-                            .cache
-                            .read_run(id, block, &mut buf[at * BLOCK..end * BLOCK], |i| {
-                                push_missing(missing, at as u32 + i, id, block + i)
-                            });
+                        let first = at(sp.start);
+                        let first_block = (sp.start - lba0) as u32;
+                        inner.cache.read_run_with(
+                            id,
+                            block,
+                            (sp.end - sp.start) as u32,
+                            |i, src| out.write_at(first + i as usize * BLOCK, src),
+                            |i| push_missing(missing, first_block + i, id, block + i),
+                        );
                     }
                 }
                 cur = sp.end;
             });
             if cur < limit {
-                buf[(cur - lba0) as usize * BLOCK..(limit - lba0) as usize * BLOCK].fill(0);
+                out.fill_at(at(cur), at(limit) - at(cur), 0);
             }
             b = limit;
         }
@@ -107,7 +111,6 @@ impl ObjectVolume {
 
     pub(super) fn scatter(&self, io: &mut Io, data: &Bytes) -> Result<(), VolumeError> {
         let mut from = 0usize;
-        let buf = io.buf.as_mut_slice();
         for r in io.aux.chunks(3).map(Run::decode) {
             let n = r.blocks as usize * BLOCK;
             let at = r.buf_block as usize * BLOCK;
@@ -118,7 +121,7 @@ impl ObjectVolume {
                     want: from + n,
                 })
             })?;
-            buf[at..at + n].copy_from_slice(src);
+            io.data.write_at(at, src);
             from += n;
         }
         Ok(())
@@ -250,7 +253,7 @@ async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeE
             .max(r.block + r.blocks);
         let n = end - start;
         let from = info.data_start + u64::from(start) * BLOCK as u64;
-        let key = inner.keys.chunk(r.chunk);
+        let key = inner.chunk_key(r.chunk);
         let mut attempt = 0;
         let bytes = loop {
             inner.stats.fetches.fetch_add(1, Ordering::Relaxed);

@@ -1,11 +1,12 @@
 //! The in-memory state of an object volume: the write-ahead layer (records
 //! not yet in a chunk) and the persistent map (what the chunks say).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::extent_map::{ExtentMap, Piece, Span};
-use super::format::{IndexEntry, Kind};
+use super::format::{CheckpointEntry, IndexEntry, Kind};
+use super::lineage::layer_of;
 use super::segment::Segment;
 
 /// Where the newest version of unflushed blocks is.
@@ -65,18 +66,21 @@ impl Mapping {
         }
     }
 
-    fn chunk(&self) -> u64 {
+    /// Rank on a sequence tie: the volume's own chunks (layer 0) beat a
+    /// parent's, then the later chunk wins.
+    fn rank(&self) -> (bool, u64) {
         match self {
-            Mapping::Chunk { id, .. } => *id,
-            _ => 0,
+            Mapping::Chunk { id, .. } => (layer_of(*id) == 0, *id),
+            _ => (true, 0),
         }
     }
 }
 
-/// Newest sequence wins; on a tie (a chunk rewritten by garbage collection
-/// keeps its blocks' sequence numbers) the later chunk wins.
+/// Newest sequence wins; on a tie (a chunk rewritten by garbage collection,
+/// or a clone's copy of a parent's block made by flatten, keeps its blocks'
+/// sequence numbers) the volume's own chunk wins, then the later chunk.
 pub(super) fn newer(ns: u64, nv: &Mapping, os: u64, ov: &Mapping) -> bool {
-    ns > os || (ns == os && nv.chunk() > ov.chunk())
+    ns > os || (ns == os && nv.rank() > ov.rank())
 }
 
 /// Records not yet in a chunk, and the segments holding their data.
@@ -113,6 +117,12 @@ pub(super) struct Mapped {
     /// Chunks garbage collection superseded but has not deleted yet: a read
     /// that resolved its blocks before the rewrite may still fetch from them.
     pub(super) retired: BTreeMap<u64, ChunkInfo>,
+    /// A clone's parents' chunks its map points into, by layer-tagged id
+    /// (see `lineage`): readable, never collected by this volume.
+    pub(super) inherited: BTreeMap<u64, ChunkInfo>,
+    /// This volume's chunks that its snapshots point into (and through them
+    /// every clone): garbage collection neither rewrites nor deletes them.
+    pub(super) pinned: BTreeSet<u64>,
     /// Highest sequence number in any chunk.
     pub(super) max_seq: u64,
 }
@@ -123,7 +133,60 @@ impl Mapped {
         self.chunks
             .get(&id)
             .or_else(|| self.retired.get(&id))
+            .or_else(|| self.inherited.get(&id))
             .copied()
+    }
+
+    /// The whole map as checkpoint entries (extents longer than a u32
+    /// block count split), for checkpoints and snapshots.
+    pub(super) fn entries(&self) -> Vec<CheckpointEntry> {
+        let mut entries = Vec::with_capacity(self.map.len());
+        for sp in self.map.iter() {
+            let (kind, chunk, block) = match sp.value {
+                Mapping::Chunk { id, block } => (Kind::Data, id, block),
+                Mapping::Zero => (Kind::Zero, 0, 0),
+                Mapping::Hole => (Kind::Hole, 0, 0),
+            };
+            let mut lba = sp.start;
+            while lba < sp.end {
+                let n = (sp.end - lba).min(u64::from(u32::MAX)) as u32;
+                entries.push(CheckpointEntry {
+                    lba,
+                    seq: sp.seq,
+                    blocks: n,
+                    kind,
+                    chunk,
+                    block: if kind == Kind::Data {
+                        block + (lba - sp.start) as u32
+                    } else {
+                        0
+                    },
+                });
+                lba += u64::from(n);
+            }
+        }
+        entries
+    }
+
+    /// Merges checkpoint (or snapshot) entries into the map, by sequence.
+    pub(super) fn merge_entries(
+        &mut self,
+        entries: &[CheckpointEntry],
+        shift: impl Fn(u64) -> u64,
+    ) {
+        for e in entries {
+            let v = match e.kind {
+                Kind::Data => Mapping::Chunk {
+                    id: shift(e.chunk),
+                    block: e.block,
+                },
+                Kind::Zero => Mapping::Zero,
+                Kind::Hole => Mapping::Hole,
+            };
+            self.map
+                .merge(e.lba, e.lba + u64::from(e.blocks), e.seq, v, newer, |_| {});
+            self.max_seq = self.max_seq.max(e.seq);
+        }
     }
 
     /// Moves a chunk out of the live table; it stays readable until deleted.

@@ -30,6 +30,9 @@ pub struct ObjectStats {
     pub chunks_deleted: AtomicU64,
     /// Checkpoints of the whole map written to the store.
     pub checkpoints: AtomicU64,
+    /// The volume's snapshots: counted at open, then kept up to date by
+    /// the snapshots taken and deleted through it.
+    pub snapshots: AtomicU64,
 }
 
 /// A point-in-time copy of an object volume's counters and backlog.
@@ -65,6 +68,14 @@ pub struct ObjectCounters {
     pub chunks_deleted: u64,
     /// Checkpoints of the whole map written to the store.
     pub checkpoints: u64,
+    /// The volume's snapshots (as of open, and those taken or deleted since).
+    pub snapshots: u64,
+    /// Parent layers the map reads through: 0 for a volume that is no clone.
+    pub layers: u64,
+    /// Bytes of data read through from parents' chunks (shared with them).
+    pub shared_bytes: u64,
+    /// Bytes of data in the volume's own chunks that its map points at.
+    pub own_bytes: u64,
 }
 
 impl ObjectVolume {
@@ -100,6 +111,22 @@ impl ObjectVolume {
                 .sum();
             (d.backlog, records, d.segments.len() as u64)
         };
+        let (own_bytes, shared_bytes) = {
+            let m = inner.map.read_locked();
+            let mut own = 0;
+            let mut shared = 0;
+            for sp in m.map.iter() {
+                if let super::state::Mapping::Chunk { id, .. } = sp.value {
+                    let n = (sp.end - sp.start) * super::format::BLOCK as u64;
+                    if super::lineage::layer_of(id) == 0 {
+                        own += n;
+                    } else {
+                        shared += n;
+                    }
+                }
+            }
+            (own, shared)
+        };
         let s = &inner.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ObjectCounters {
@@ -118,6 +145,10 @@ impl ObjectVolume {
             chunks_rewritten: get(&s.chunks_collected),
             chunks_deleted: get(&s.chunks_deleted),
             checkpoints: get(&s.checkpoints),
+            snapshots: get(&s.snapshots),
+            layers: inner.layers.read_locked().len() as u64,
+            shared_bytes,
+            own_bytes,
         }
     }
 

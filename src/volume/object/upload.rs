@@ -10,11 +10,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::format::{
-    self, BLOCK, CHUNK_HEADER, CheckpointEntry, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER,
-};
+use super::extent_map::ExtentMap;
+use super::fence;
+use super::format::{self, BLOCK, CHUNK_HEADER, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER};
+use super::generation::base_id;
 use super::layout::id_of;
 use super::recovery::read_chunk_index;
 use super::segment::Segment;
@@ -24,7 +25,7 @@ use crate::error::Chain;
 use crate::objstore::StoreError;
 
 /// How long a rewritten or dead chunk stays readable for reads already in flight.
-const GRACE: Duration = Duration::from_secs(30);
+pub(super) const GRACE: Duration = Duration::from_secs(30);
 
 /// Runs until the volume stops and nothing is left to upload (or, when the
 /// store is down, until asked to stop).
@@ -32,6 +33,10 @@ pub(super) async fn run(inner: Arc<Inner>) {
     let mut since_checkpoint = 0u64;
     let mut doomed: Vec<(u64, Instant)> = Vec::new();
     loop {
+        if inner.fence.fenced_by().is_some() {
+            // Fenced: nothing more goes to the store, not even a delete.
+            return;
+        }
         let stopping = inner.stopping.load(Ordering::Acquire);
         match next_segment(&inner) {
             Some(seg) => {
@@ -53,6 +58,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
                     }
                 } else if let Some(d) = collect_garbage(&inner).await {
                     doomed.extend(d);
+                } else {
+                    fence::collect_fenced_orphans(&inner, false).await;
                 }
                 delete_doomed(&inner, &mut doomed).await;
             }
@@ -65,10 +72,16 @@ pub(super) async fn run(inner: Arc<Inner>) {
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
+    if inner.fence.fenced_by().is_some() {
+        return;
+    }
     if inner.all_uploaded() && since_checkpoint > 0 {
         let _ = write_checkpoint(&inner).await;
     }
     delete_doomed(&inner, &mut doomed).await;
+    if inner.all_uploaded() && !inner.abort.load(Ordering::Acquire) {
+        fence::collect_fenced_orphans(&inner, true).await;
+    }
 }
 
 /// The oldest segment, if it is sealed and durable: segments go to the
@@ -77,16 +90,21 @@ pub(super) async fn run(inner: Arc<Inner>) {
 fn next_segment(inner: &Inner) -> Option<Arc<Segment>> {
     let d = inner.dirty.read_locked();
     let s = d.segments.values().next()?;
-    let ready = s.sealed.load(Ordering::Acquire) && s.synced.load(Ordering::Acquire) >= s.len();
+    let ready = s.sealed.load(Ordering::Acquire)
+        && s.synced.load(Ordering::Acquire) >= s.len()
+        && s.id <= inner.upload_limit.load(Ordering::Acquire);
     ready.then(|| s.clone())
 }
 
-/// Entries and data of the chunk for one segment: each record's blocks
-/// that no later record has overwritten.
-fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
-    let d = inner.dirty.read_locked();
-    let mut entries = Vec::new();
-    let mut data = Vec::new();
+/// Entries and data of the chunk for one segment: every block its records
+/// wrote, the newest version within the segment winning. Blocks that a
+/// later segment overwrote stay in: a FLUSH may have been acknowledged
+/// between the two writes, and until the later segment is in the store
+/// (durability=store) or synced (durability=local: its WAL file may not
+/// be), this chunk is what keeps the flushed version. Records at or below
+/// `after_seq` are in the store already (a replayed segment's head).
+fn pack(seg: &Segment, after_seq: u64) -> (Vec<IndexEntry>, Vec<u8>) {
+    let mut newest: ExtentMap<DirtyLoc> = ExtentMap::default();
     let mut pos = SEGMENT_HEADER;
     let len = seg.len();
     while pos < len {
@@ -96,44 +114,70 @@ fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
         else {
             break;
         };
-        let rec_data = pos + format::WAL_RECORD_HEADER;
-        d.map.for_each_in(h.lba, h.lba + u64::from(h.blocks), |sp| {
-            if sp.seq != h.seq {
-                return;
-            }
-            let blocks = (sp.end - sp.start) as u32;
-            let mut e = IndexEntry {
-                lba: sp.start,
-                seq: h.seq,
-                blocks,
-                data_block: 0,
-                kind: h.kind,
-            };
-            if h.kind == Kind::Data {
-                if let DirtyLoc::Data { seg: sid, off } = sp.value
-                    && sid == seg.id
-                {
-                    debug_assert_eq!(off as usize, rec_data + (sp.start - h.lba) as usize * BLOCK);
-                }
-                e.data_block = (data.len() / BLOCK) as u32;
-                let from = rec_data + (sp.start - h.lba) as usize * BLOCK;
-                data.extend_from_slice(
-                    seg.bytes(from, blocks as usize * BLOCK).unwrap_or_default(),
-                );
-            }
-            entries.push(e);
-        });
+        let loc = match h.kind {
+            Kind::Data => DirtyLoc::Data {
+                seg: seg.id,
+                off: (pos + format::WAL_RECORD_HEADER) as u64,
+            },
+            Kind::Zero => DirtyLoc::Zero,
+            Kind::Hole => DirtyLoc::Hole,
+        };
+        // Records are in sequence order: a later one replaces what it overlaps.
+        if h.seq > after_seq {
+            newest.insert(h.lba, h.lba + u64::from(h.blocks), h.seq, loc, |_| {});
+        }
         pos += rec_len;
+    }
+    let mut entries = Vec::with_capacity(newest.len());
+    let mut data = Vec::new();
+    for sp in newest.iter() {
+        let blocks = (sp.end - sp.start) as u32;
+        let (kind, data_block) = match sp.value {
+            DirtyLoc::Data { off, .. } => {
+                let at = (data.len() / BLOCK) as u32;
+                data.extend_from_slice(
+                    seg.bytes(off as usize, blocks as usize * BLOCK)
+                        .unwrap_or_default(),
+                );
+                (Kind::Data, at)
+            }
+            DirtyLoc::Zero => (Kind::Zero, 0),
+            DirtyLoc::Hole => (Kind::Hole, 0),
+        };
+        entries.push(IndexEntry {
+            lba: sp.start,
+            seq: sp.seq,
+            blocks,
+            data_block,
+            kind,
+        });
     }
     (entries, data)
 }
 
+/// Puts one segment's chunk, checks this writer was not fenced meanwhile,
+/// and only then publishes it: into the map, out of the write-ahead layer
+/// and the WAL, and past the store frontier FLUSH waits on under
+/// durability=store. Returns false if the volume aborted or was fenced.
 async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
-    let (entries, data) = pack(inner, seg);
+    if inner.fence.fenced_by().is_some() {
+        return false;
+    }
+    let stored_seq = inner.map.read_locked().max_seq;
+    let (entries, data) = pack(seg, stored_seq);
     let chunk_id = if entries.is_empty() {
         None
     } else {
-        let id = inner.next_chunk.fetch_add(1, Ordering::AcqRel);
+        // Allocated and put under the put-order lock: this writer's
+        // objects land in id order (see `generation`).
+        let order = inner.fence.put_order().await;
+        let id = match inner.fence.next_id(&order) {
+            Ok(id) => id,
+            Err(e) => {
+                error!(volume = %inner.name, "cannot upload: {}", Chain(&e));
+                return false;
+            }
+        };
         let body = Bytes::from(format::encode_chunk(id, &entries, &data));
         let key = inner.keys.chunk(id);
         let mut delay = Duration::from_millis(50);
@@ -151,12 +195,16 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
                 }
             }
         }
+        drop(order);
+        if !fence::verify(inner).await {
+            return false;
+        }
         Some((
             id,
             (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64,
         ))
     };
-    {
+    let uploaded_to = {
         let mut d = inner.dirty.write_locked();
         let mut m = inner.map.write_locked();
         if let Some((id, data_start)) = chunk_id {
@@ -185,7 +233,10 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
         d.backlog = d.backlog.saturating_sub(seg.len() as u64);
         let seq = seg.last_seq.load(Ordering::Acquire);
         m.max_seq = m.max_seq.max(seq);
-    }
+        // Everything before the oldest segment left is in the store now.
+        d.segments.values().next().map_or(d.appended, |s| s.base)
+    };
+    fence::advance_uploaded(inner, uploaded_to);
     if let Some((id, _)) = chunk_id {
         for e in entries.iter().filter(|e| e.kind == Kind::Data) {
             let at = e.data_block as usize * BLOCK;
@@ -218,31 +269,7 @@ pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
         let Some((&last, _)) = m.chunks.iter().next_back() else {
             return Ok(());
         };
-        let mut entries = Vec::with_capacity(m.map.len());
-        for sp in m.map.iter() {
-            let (kind, chunk, block) = match sp.value {
-                Mapping::Chunk { id, block } => (Kind::Data, id, block),
-                Mapping::Zero => (Kind::Zero, 0, 0),
-                Mapping::Hole => (Kind::Hole, 0, 0),
-            };
-            let mut lba = sp.start;
-            while lba < sp.end {
-                let n = (sp.end - lba).min(u64::from(u32::MAX)) as u32;
-                entries.push(CheckpointEntry {
-                    lba,
-                    seq: sp.seq,
-                    blocks: n,
-                    kind,
-                    chunk,
-                    block: if kind == Kind::Data {
-                        block + (lba - sp.start) as u32
-                    } else {
-                        0
-                    },
-                });
-                lba += u64::from(n);
-            }
-        }
+        let entries = m.entries();
         let table: Vec<ChunkRecord> = m
             .chunks
             .iter()
@@ -252,9 +279,11 @@ pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
                 data_blocks: c.data_blocks,
             })
             .collect();
+        // Keys carry the writer's generation even before its first chunk.
+        let id = last.max(base_id(inner.fence.generation));
         (
-            last,
-            format::encode_checkpoint(last, &entries, &table, m.max_seq),
+            id,
+            format::encode_checkpoint(id, &entries, &table, m.max_seq),
         )
     };
     inner
@@ -263,11 +292,20 @@ pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
         .await?;
     inner.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
     info!(volume = %inner.name, chunk = id, "checkpoint written");
+    // Older checkpoints go only once this one is known to count, and never
+    // a later generation's (whose ids are above this one's).
+    if !fence::verify(inner).await {
+        return Ok(());
+    }
     let old = inner.store.list(&inner.keys.checkpoints()).await?;
-    let mut ids: Vec<u64> = old.iter().filter_map(|(k, _)| id_of(k)).collect();
+    let mut ids: Vec<u64> = old
+        .iter()
+        .filter_map(|(k, _)| id_of(k))
+        .filter(|&i| i < id)
+        .collect();
     ids.sort_unstable();
-    if ids.len() > 2 {
-        for stale in &ids[..ids.len() - 2] {
+    if ids.len() > 1 {
+        for stale in &ids[..ids.len() - 1] {
             inner.store.delete(&inner.keys.checkpoint(*stale)).await?;
         }
     }
@@ -276,7 +314,8 @@ pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
 
 /// Rewrites one chunk whose live share fell below the threshold, or marks a
 /// dead one for deletion. Returns chunks to delete after the grace period.
-async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
+pub(super) async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
+    let _one = inner.gc.lock().await;
     let (victim, info, newest) = {
         let m = inner.map.read_locked();
         let newest = *m.chunks.keys().next_back()?;
@@ -285,6 +324,7 @@ async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Instant)>> {
             **id < newest
                 && c.data_blocks > 0
                 && (c.live as f64) < threshold * f64::from(c.data_blocks)
+                && super::refs::collectable(&m, **id)
         })?;
         (id, info, newest)
     };
@@ -357,28 +397,18 @@ async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(),
         e.data_block = (data.len() / BLOCK) as u32;
         data.extend_from_slice(&bytes);
     }
-    let id = inner.next_chunk.fetch_add(1, Ordering::AcqRel);
-    let body = Bytes::from(format::encode_chunk(id, &live, &data));
-    inner.store.put(&inner.keys.chunk(id), body).await?;
-    let data_start =
-        (CHUNK_HEADER + live.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64;
+    let id = super::ingest::put_chunk(inner, &live, &data).await?;
     let mut m = inner.map.write_locked();
-    m.chunks.insert(
-        id,
-        ChunkInfo {
-            data_start,
-            data_blocks: (data.len() / BLOCK) as u32,
-            live: 0,
-        },
-    );
-    m.apply_chunk(id, &live);
     m.retire(victim);
     inner.stats.chunks_collected.fetch_add(1, Ordering::Relaxed);
     info!(volume = %inner.name, from = victim, to = id, blocks = data.len() / BLOCK, "chunk rewritten by garbage collection");
     Ok(())
 }
 
-async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
+pub(super) async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
+    if inner.fence.fenced_by().is_some() {
+        return;
+    }
     let mut keep = Vec::new();
     for (id, since) in doomed.drain(..) {
         if since.elapsed() < GRACE

@@ -24,11 +24,15 @@
 //! chunks × 24 B (id u64 | data start u64 | data blocks u32 | pad)
 //! ```
 //!
+//! Snapshot object (`snapshots/<name>`): `"VBDSNAP1" | version u32 |
+//! description length u32 | description (JSON) | the map as a checkpoint`.
+//!
 //! Each kind has its own module: `wal` (records and segment files),
-//! `chunk` and `checkpoint`; this one holds what they share.
+//! `chunk`, `checkpoint` and `snapshot`; this one holds what they share.
 
 mod checkpoint;
 mod chunk;
+mod snapshot;
 mod wal;
 
 use thiserror::Error;
@@ -41,7 +45,11 @@ pub use chunk::{
     CHUNK_HEADER, CHUNK_MAGIC, ChunkHeader, INDEX_ENTRY, IndexEntry, decode_chunk_header,
     decode_chunk_index, encode_chunk,
 };
+#[cfg(feature = "fuzzing")]
 pub(super) use chunk::{INDEX_CRC_AT, seal_chunk_header};
+pub use snapshot::{
+    SNAPSHOT_HEADER, SNAPSHOT_MAGIC, decode_snapshot, encode_snapshot, snapshot_meta_len,
+};
 pub use wal::{
     RecordHeader, SEGMENT_HEADER, SEGMENT_MAGIC, SegmentRecords, WAL_MAGIC, WAL_RECORD_HEADER,
     decode_record, decode_record_header, decode_segment, decode_segment_header, encode_record,

@@ -5,27 +5,64 @@
 //! leaves behind (nothing).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::vm::config::VhostSocket;
 use crate::vm::config::{Accel, Disk, Role, VmConfig};
 use crate::vm::hotplug::HotplugError;
 use crate::vm::testing::{BAD_DEVICE, Behaviour, FakeQemu, PATIENCE, Scratch, eventually};
-use crate::vm::volume_host::ExportError;
+use crate::vm::volume_host::{ExportError, VhostServed};
+
+mod adopt;
+mod vhost;
 
 /// Volumes and exports in memory, with the registry's rules: one export
-/// per name, and only volumes that exist can be exported.
+/// per name, and only volumes that exist can be exported. A volume is
+/// "catalogued" (reopened by name after a restart), a static export
+/// (served again by the command line), or in memory (lost).
 #[derive(Default)]
 struct FakeHost {
-    volumes: BTreeSet<String>,
+    /// Volumes this vbd process knows.
+    volumes: Mutex<BTreeSet<String>>,
+    /// Volumes whose data would end with the process.
+    memory: BTreeSet<String>,
+    /// Volumes in storage that another process could open again.
+    stored: BTreeSet<String>,
+    /// Exports started by vbd's command line (not by the supervisor).
+    static_exports: BTreeSet<String>,
     /// Export name → read-only.
     exports: Mutex<BTreeMap<String, bool>>,
     /// Volumes whose export the "server" refuses.
     refuse: Mutex<BTreeSet<String>>,
+    /// Exports a client (QEMU) is attached to.
+    attached: Mutex<BTreeSet<String>>,
+    /// Queues its vhost-user devices offer; `None`: it has no vhost-user.
+    vhost_queues: Option<u16>,
+    /// Running vhost-user devices: volume → socket.
+    devices: Mutex<BTreeMap<String, PathBuf>>,
+}
+
+/// How [`FakeHost`] describes a catalogued volume for a restart.
+fn reopen_spec(volume: &str) -> serde_json::Value {
+    serde_json::json!({ "volume": volume })
 }
 
 impl FakeHost {
+    /// `volumes` exist (in storage); `exported` are served by the command line.
+    fn stored(volumes: &[&str], exported: &[&str]) -> FakeHost {
+        let names = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|v| v.to_string()).collect() };
+        FakeHost {
+            volumes: Mutex::new(names(volumes)),
+            stored: names(volumes),
+            static_exports: names(exported),
+            exports: Mutex::new(exported.iter().map(|v| (v.to_string(), false)).collect()),
+            ..FakeHost::default()
+        }
+    }
+
     fn exports(&self) -> BTreeMap<String, bool> {
         self.exports.locked().clone()
     }
@@ -41,7 +78,7 @@ impl VolumeHost for FakeHost {
     }
 
     fn export(&self, volume: &str, read_only: bool) -> Result<(), ExportError> {
-        if !self.volumes.contains(volume) {
+        if !self.volumes.locked().contains(volume) {
             return Err(ExportError::NoVolume(volume.to_owned()));
         }
         let refused = self.refuse.locked().contains(volume);
@@ -54,6 +91,72 @@ impl VolumeHost for FakeHost {
         }
         exports.insert(volume.to_owned(), read_only);
         Ok(())
+    }
+
+    fn restart(&self, volume: &str) -> Restart {
+        if self.memory.contains(volume) {
+            Restart::Lost
+        } else if self.static_exports.contains(volume) {
+            Restart::CommandLine
+        } else {
+            Restart::Reopen(reopen_spec(volume))
+        }
+    }
+
+    fn reopen(&self, volume: &str, spec: &serde_json::Value) -> Result<(), ExportError> {
+        if *spec == reopen_spec(volume) && self.stored.contains(volume) {
+            self.volumes.locked().insert(volume.to_owned());
+            return Ok(());
+        }
+        Err(ExportError::Reopen {
+            volume: volume.to_owned(),
+            source: std::io::Error::other("not in the test's storage").into(),
+        })
+    }
+
+    fn connections(&self, volume: &str) -> u64 {
+        u64::from(self.attached.locked().contains(volume))
+    }
+
+    fn serve_vhost(&self, volume: &str, socket: &Path) -> Result<Option<VhostServed>, ExportError> {
+        let Some(queues) = self.vhost_queues else {
+            return Ok(None);
+        };
+        if let Some(socket) = self.devices.locked().get(volume) {
+            return Ok(Some(VhostServed {
+                socket: VhostSocket {
+                    socket: socket.clone(),
+                    queues,
+                },
+                started: false,
+            }));
+        }
+        if !self.exports.locked().contains_key(volume) {
+            return Err(ExportError::Vhost {
+                volume: volume.to_owned(),
+                source: "not exported".into(),
+            });
+        }
+        self.devices
+            .locked()
+            .insert(volume.to_owned(), socket.to_path_buf());
+        Ok(Some(VhostServed {
+            socket: VhostSocket {
+                socket: socket.to_path_buf(),
+                queues,
+            },
+            started: true,
+        }))
+    }
+
+    fn stop_vhost(&self, volume: &str) -> Result<(), ExportError> {
+        match self.devices.locked().remove(volume) {
+            Some(_) => Ok(()),
+            None => Err(ExportError::Vhost {
+                volume: volume.to_owned(),
+                source: "no device".into(),
+            }),
+        }
     }
 
     fn unexport(&self, volume: &str) -> Result<(), ExportError> {
@@ -71,7 +174,7 @@ impl VolumeHost for FakeHost {
 struct Bench {
     sup: Arc<Supervisor>,
     host: Arc<FakeHost>,
-    run: Scratch,
+    run: Arc<Scratch>,
 }
 
 /// How long QEMU gets after SIGTERM in these tests.
@@ -84,16 +187,17 @@ impl Bench {
     }
 
     fn with_start_timeout(volumes: &[&str], exported: &[&str], timeout: Duration) -> Bench {
-        let run = Scratch::new("supervisor");
-        let host = Arc::new(FakeHost {
-            volumes: volumes.iter().map(|v| v.to_string()).collect(),
-            exports: Mutex::new(exported.iter().map(|v| (v.to_string(), false)).collect()),
-            refuse: Mutex::default(),
-        });
+        let host = FakeHost::stored(volumes, exported);
+        Bench::on(Arc::new(Scratch::new("supervisor")), host, timeout)
+    }
+
+    /// A supervisor over `host` with its run files in `run`.
+    fn on(run: Arc<Scratch>, host: FakeHost, start_timeout: Duration) -> Bench {
         let mut cfg = SupervisorConfig::new(run.0.join("nbd.sock"), run.0.clone());
-        cfg.start_timeout = timeout;
+        cfg.start_timeout = start_timeout;
         cfg.qmp_timeout = PATIENCE;
         cfg.sigterm_wait = SIGTERM_WAIT;
+        let host = Arc::new(host);
         let sup = Supervisor::new(cfg, host.clone());
         Bench { sup, host, run }
     }
