@@ -732,24 +732,14 @@ impl Volume for Gate {
     fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         if matches!(io.op, Op::Read | Op::Write) {
             self.held.lock().unwrap().push(ctx.completer());
-            io.stage = PARKED;
             return Poll::Pending;
         }
         self.inner.start(io, ctx)
     }
-    fn resume(&self, io: &mut Io, wake: Wake, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
-        if io.stage != PARKED {
-            // The memory volume's own wait (for its populator thread).
-            return self.inner.resume(io, wake, ctx);
-        }
-        io.stage = 0;
+    fn resume(&self, io: &mut Io, _wake: Wake, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         self.inner.start(io, ctx)
     }
 }
-
-/// `Io::stage` of a request the gate parked (the memory volume leaves
-/// `stage` alone).
-const PARKED: u8 = 0xa7;
 
 #[test]
 fn queues_spread_over_the_cores_and_each_serves() {

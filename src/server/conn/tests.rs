@@ -31,10 +31,6 @@ const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 
-/// `Io::stage` of a write the gate parked (the memory volume leaves
-/// `stage` alone).
-const PARKED: u8 = 0xa7;
-
 /// A memory volume that logs every operation it starts and, while
 /// `holding`, parks writes until the test completes them.
 struct Gate {
@@ -92,17 +88,11 @@ impl Volume for Gate {
         self.log.locked().push((io.op, io.offset));
         if io.op == Op::Write && self.holding.load(Ordering::Relaxed) {
             self.held.locked().push(ctx.completer());
-            io.stage = PARKED;
             return Poll::Pending;
         }
         self.inner.start(io, ctx)
     }
     fn resume(&self, io: &mut Io, wake: Wake, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
-        if io.stage != PARKED {
-            // The memory volume's own wait (for its populator thread).
-            return self.inner.resume(io, wake, ctx);
-        }
-        io.stage = 0;
         match wake {
             // Released: the write lands now.
             Wake::Remote(Ok(_)) => self.inner.start(io, ctx),

@@ -6,22 +6,23 @@
 //! the group is first written and backed by the kernel only where touched,
 //! in huge pages where it can: random 4 KiB requests over a big volume
 //! otherwise spend more time on TLB misses (two-level walks in a VM) than
-//! on copying. The kernel backs memory off the reactors (`populate`): a
-//! write into an extent not backed yet waits for the populator thread
-//! instead of taking the page fault on its core.
+//! on copying. The first touch of a huge page costs the kernel a fault
+//! that zeroes 2 MiB (and may compact memory to find them): a sequential
+//! writer has that done ahead of it by the populator thread (`populate`),
+//! so its first pass copies into backed memory like a rewrite.
 
 mod populate;
 mod region;
 
 use crate::lock::RwLockExt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::task::Poll;
 
 use thiserror::Error;
 
 use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
-use populate::{AHEAD, Job, Populator};
+use populate::{AHEAD, Populator};
 use region::{HUGE, Region};
 
 /// Why a memory volume could not get memory for its pages.
@@ -49,6 +50,9 @@ pub enum MemoryError {
 pub const PAGE: usize = 64 * 1024;
 /// Pages per lazily allocated directory group (64 MiB of address space).
 const GROUP: usize = 1024;
+/// A write that faults in an extent within this many bytes of its start,
+/// with the extent before it backed, looks sequential.
+const RUN_START: u64 = 256 << 10;
 
 /// Whether a page holds data. An unallocated page's bytes are always zero
 /// (never touched, or released with MADV_DONTNEED), so allocating it needs
@@ -59,18 +63,12 @@ type Page = RwLock<bool>;
 struct Group {
     pages: Box<[Page]>,
     region: Region,
-    /// Requests in this group waiting for the populator. While there are
-    /// any, later requests here queue behind them (the populator answers
-    /// in order), so a read sent after a write still sees it.
-    waiting: AtomicU32,
 }
 
 /// The volume's groups, shared with its populator thread.
 struct Groups {
     size: u64,
     groups: Box<[OnceLock<Group>]>,
-    /// Requests waiting for the populator, in all groups.
-    waiting: AtomicU32,
 }
 
 impl Groups {
@@ -100,35 +98,6 @@ impl Groups {
         group.is_some_and(|g| g.region.is_populated((e % per_group) as usize))
     }
 
-    /// Whether any request of this volume waits for the populator.
-    fn anyone_waits(&self) -> bool {
-        self.waiting.load(Ordering::Relaxed) > 0
-    }
-
-    /// Counts `io` as waiting in the (existing) groups `range`, noting
-    /// them in `io.aux` for [`Groups::release`].
-    fn hold(&self, io: &mut Io, range: std::ops::RangeInclusive<u64>) {
-        io.aux.clear();
-        for g in range {
-            if let Some(group) = self.groups.get(g as usize).and_then(|c| c.get()) {
-                group.waiting.fetch_add(1, Ordering::Relaxed);
-                io.aux.push(g);
-            }
-        }
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `io` has run after waiting: later requests in its groups may too.
-    fn release(&self, io: &mut Io) {
-        for &g in &io.aux {
-            if let Some(group) = self.groups.get(g as usize).and_then(|c| c.get()) {
-                group.waiting.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        io.aux.clear();
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-
     /// Group `g`, made if it is new; None past the end of the volume.
     fn get_or_create(&self, g: u64) -> Result<Option<&Group>, VolumeError> {
         let Some(cell) = self.groups.get(g as usize) else {
@@ -141,7 +110,6 @@ impl Groups {
         let made = Group {
             pages: (0..n).map(|_| RwLock::new(false)).collect(),
             region: Region::new(n * PAGE)?,
-            waiting: AtomicU32::new(0),
         };
         // Losing a race drops our mapping; the winner's is used.
         let _ = cell.set(made);
@@ -181,7 +149,6 @@ impl MemoryVolume {
             groups: Arc::new(Groups {
                 size,
                 groups: (0..groups).map(|_| OnceLock::new()).collect(),
-                waiting: AtomicU32::new(0),
             }),
             allocated: AtomicU64::new(0),
             populator: OnceLock::new(),
@@ -193,97 +160,43 @@ impl MemoryVolume {
         self.allocated.load(Ordering::Relaxed)
     }
 
-    /// Decides whether `io` may run now, on this core: Ready(Ok) if so;
-    /// Pending if it waits for the populator thread, which answers once
-    /// the memory a write lands in is backed (so the page fault is not
-    /// taken here) and once every earlier waiting request in the same
-    /// groups has been answered (so requests keep their order). Keeps a
-    /// sequential writer's next extents backed ahead of it.
-    fn admit(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
-        let write = io.op == Op::Write && io.len > 0;
-        if !(write || self.groups.anyone_waits()) {
-            return Poll::Ready(Ok(()));
+    /// Before a write to `io`: keeps a sequential writer's next extents
+    /// backed ahead of it. A write that enters an extent populated ahead
+    /// asks for one more; a write that faults a new extent in (this core
+    /// takes that fault, as it always did) right at its start, after a
+    /// backed extent, starts a run. Random first writes start nothing, so
+    /// a sparse volume stays sparse. Never waits.
+    fn look_ahead(&self, io: &Io) -> Result<(), VolumeError> {
+        if io.len == 0 {
+            return Ok(());
         }
         let huge = HUGE as u64;
         let per_group = self.groups.extents_per_group();
-        // Flush, cache and empty requests have no range: they wait behind
-        // every waiting request (first > last: no groups, no extents).
-        let (first, last) = if io.len == 0 || matches!(io.op, Op::Flush | Op::Cache) {
-            (per_group, 0)
-        } else {
-            (io.offset / huge, (io.offset + io.len - 1) / huge)
-        };
-        let mut busy = first > last;
-        let mut missing = None;
-        let mut reached_ahead = false;
-        for g in first / per_group..=last / per_group {
-            let group = if write {
-                match self.groups.get_or_create(g) {
-                    Ok(Some(group)) => group,
-                    Ok(None) => break,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            } else {
-                match self.groups.groups.get(g as usize).and_then(|c| c.get()) {
-                    Some(group) => group,
-                    None => continue,
-                }
+        let (first, last) = (io.offset / huge, (io.offset + io.len - 1) / huge);
+        let mut run = false;
+        for e in first..=last {
+            let Some(group) = self.groups.get_or_create(e / per_group)? else {
+                break;
             };
-            busy |= group.waiting.load(Ordering::Relaxed) > 0;
-            if !write {
-                continue;
-            }
-            let extents = (g * per_group).max(first)..=((g + 1) * per_group - 1).min(last);
-            for e in extents {
-                let local = (e % per_group) as usize;
-                if !group.region.is_populated(local) {
-                    missing.get_or_insert(e);
-                } else if group.region.take_ahead(local) {
-                    reached_ahead = true;
-                }
+            let local = (e % per_group) as usize;
+            if group.region.take_ahead(local) {
+                run = true;
+            } else if !group.region.is_populated(local) {
+                // Faulted in by this write; sequential if it starts the extent.
+                group.region.touched(local);
+                let at = if e == first { io.offset % huge } else { 0 };
+                run |= at < RUN_START && e > 0 && self.groups.populated(e - 1);
             }
         }
-        let mut job = Job {
-            now: 0..0,
-            then: 0..0,
-            waiter: None,
-        };
-        if let Some(m) = missing {
-            job.now = m..last + 1;
-            // Sequential when the extent before is backed: keep ahead of it.
-            if m > 0 && self.groups.populated(m - 1) {
-                job.then = last + 1..last + 1 + AHEAD;
-            }
-        } else if reached_ahead {
-            // The writer reached what was populated for it: populate further.
-            job.then = last + 1..last + 1 + AHEAD;
-        }
-        if busy || missing.is_some() {
-            job.waiter = Some(ctx.completer());
-        } else if job.then.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        let Some(populator) = self
-            .populator
-            .get_or_init(|| Populator::start(self.groups.clone()))
-        else {
-            // Without the thread the write faults here, as it would have.
-            return Poll::Ready(Ok(()));
-        };
-        let waits = job.waiter.is_some();
-        if waits {
-            self.groups.hold(io, first / per_group..=last / per_group);
-        }
-        match populator.send(job) {
-            Ok(()) if waits => Poll::Pending,
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(_) => {
-                if waits {
-                    self.groups.release(io);
-                }
-                Poll::Ready(Ok(()))
+        if run {
+            let populator = self
+                .populator
+                .get_or_init(|| Populator::start(self.groups.clone()));
+            if let Some(p) = populator {
+                p.send(last + 1..last + 1 + AHEAD);
             }
         }
+        Ok(())
     }
 
     /// Calls `f(page index, offset in page, offset in request, length)` for
@@ -449,7 +362,7 @@ impl Volume for MemoryVolume {
         "memory"
     }
 
-    fn start(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+    fn start(&self, io: &mut Io, _ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
         if io.op != Op::Flush && (io.offset > self.size || io.len > self.size - io.offset) {
             return Poll::Ready(Err(VolumeError::OutOfRange {
                 offset: io.offset,
@@ -459,28 +372,29 @@ impl Volume for MemoryVolume {
         if self.read_only && matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes) {
             return Poll::Ready(Err(VolumeError::ReadOnly));
         }
-        match self.admit(io, ctx) {
-            Poll::Ready(Ok(())) => Poll::Ready(self.run(io)),
-            other => other,
+        if io.op == Op::Write
+            && let Err(e) = self.look_ahead(io)
+        {
+            return Poll::Ready(Err(e));
         }
+        Poll::Ready(self.run(io))
     }
 
-    /// Waiting requests run once the populator answers, in order.
-    fn resume(&self, io: &mut Io, wake: Wake, _ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
-        self.groups.release(io);
-        Poll::Ready(match wake {
-            Wake::Remote(Ok(_)) => self.run(io),
-            Wake::Remote(Err(e)) => Err(e),
-            Wake::Cqe(_) => Err(VolumeError::backend(UnexpectedWake {
-                backend: "memory",
-                got: "a ring completion",
-            })),
-        })
+    fn resume(
+        &self,
+        _io: &mut Io,
+        _wake: Wake,
+        _ctx: &mut Ctx<'_>,
+    ) -> Poll<Result<(), VolumeError>> {
+        Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
+            backend: "memory",
+            got: "a completion",
+        })))
     }
 }
 
 impl MemoryVolume {
-    /// Runs an admitted request.
+    /// Runs a request whose range is checked.
     fn run(&self, io: &mut Io) -> Result<(), VolumeError> {
         match io.op {
             Op::Read => {
@@ -503,42 +417,9 @@ impl MemoryVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uring::{RemoteSink, Ring, Waker};
     use crate::volume::IoFlags;
     use crate::volume::sync::SyncDriver;
     use std::time::{Duration, Instant};
-
-    /// Starts `io` the way a core would and says whether it had to wait
-    /// for the populator (then it is finished through `resume`).
-    fn start_on_core(v: &MemoryVolume, io: &mut Io) -> bool {
-        let mut ring = Ring::new(8).unwrap();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let sink = RemoteSink {
-            tx,
-            waker: Arc::new(Waker::new().unwrap()),
-        };
-        let mut ctx = Ctx::new(&mut ring, 1, &sink);
-        match v.start(io, &mut ctx) {
-            Poll::Ready(r) => {
-                r.unwrap();
-                false
-            }
-            Poll::Pending => {
-                let done = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                assert_eq!(done.token, 1);
-                let r = v.resume(io, Wake::Remote(done.result), &mut ctx);
-                assert!(matches!(r, Poll::Ready(Ok(()))), "{r:?}");
-                true
-            }
-        }
-    }
-
-    fn write_on_core(v: &MemoryVolume, offset: u64, fill: u8) -> bool {
-        let mut io = Io::new();
-        io.prepare(Op::Write, offset, 4096, IoFlags::default());
-        io.buf_mut().as_mut_slice().fill(fill);
-        start_on_core(v, &mut io)
-    }
 
     fn wait_populated(v: &MemoryVolume, extents: std::ops::Range<u64>) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -552,46 +433,53 @@ mod tests {
     }
 
     #[test]
-    fn first_writes_wait_off_core_and_sequential_writers_find_memory_ahead() {
+    fn sequential_writers_find_memory_backed_ahead_and_random_ones_do_not() {
         let huge = HUGE as u64;
         let per_group = (GROUP * PAGE / HUGE) as u64;
-        // Two groups, so the writer crosses into a group made by the populator.
+        // Two groups, so the writer crosses into a group the populator made.
         let v = MemoryVolume::new(2 * per_group * huge, false);
-        // A write into memory the kernel has not backed waits; the next
-        // one in the same extent copies at once.
-        assert!(write_on_core(&v, 0, 1));
-        assert!(!write_on_core(&v, 4096, 2));
-        // Random: a write far from backed memory waits and backs nothing more.
-        assert!(write_on_core(&v, 50 * huge, 3));
-        assert!(!v.groups.populated(51));
-        // Sequential: entering extent 1 (extent 0 is backed) waits once
-        // and has the next AHEAD extents backed behind it...
-        assert!(write_on_core(&v, huge, 4));
+        let mut d = SyncDriver::new().unwrap();
+        // A random first write faults its extent in and starts nothing.
+        d.write(&v, 50 * huge + 12_345, &[3; 4096], false).unwrap();
+        assert!(v.groups.populated(50));
+        // Sequential: extent 1 entered at its start after extent 0 starts
+        // a run: the next AHEAD extents get backed off this thread...
+        d.write(&v, 0, &[1; 4096], false).unwrap();
+        d.write(&v, 4096, &[2; 4096], false).unwrap();
+        assert!(v.groups.populated(0) && !v.groups.populated(2));
+        d.write(&v, huge, &[4; 4096], false).unwrap();
         wait_populated(&v, 2..2 + AHEAD);
-        // ...and entering one of those asks for one more.
+        // ...and each extent entered asks for one more, across the group end.
         for e in 2..per_group + 2 {
-            assert!(
-                !write_on_core(&v, e * huge, e as u8),
-                "extent {e} was not ready"
-            );
+            assert!(v.groups.populated(e), "extent {e} was not ready");
+            d.write(&v, e * huge, &vec![e as u8; 4096], false).unwrap();
             wait_populated(&v, e + 1..(e + 1 + AHEAD).min(2 * per_group));
         }
+        // The random write's neighbours were never asked for (the thread
+        // works in order, so a request for them would be done by now).
+        assert!(!v.groups.populated(51) && !v.groups.populated(49));
         // The data all landed where it was written, and nothing else did.
-        let mut d = SyncDriver::new().unwrap();
         assert_eq!(d.read(&v, 0, 4096).unwrap(), vec![1; 4096]);
         assert_eq!(d.read(&v, 4096, 4096).unwrap(), vec![2; 4096]);
         assert_eq!(d.read(&v, 8192, 4096).unwrap(), vec![0; 4096]);
-        assert_eq!(d.read(&v, 50 * huge, 4096).unwrap(), vec![3; 4096]);
+        assert_eq!(d.read(&v, 50 * huge + 12_345, 4096).unwrap(), vec![3; 4096]);
         assert_eq!(d.read(&v, huge, 4096).unwrap(), vec![4; 4096]);
         for e in 2..per_group + 2 {
             assert_eq!(d.read(&v, e * huge, 4096).unwrap(), vec![e as u8; 4096]);
         }
-        // A trimmed page goes back to the kernel: writing there waits
-        // again, and the page reads as the new data over zeroes.
+        // Backed ahead but never written: still a hole, reading as zeroes.
+        let beyond = (per_group + 3) * huge;
+        assert_eq!(d.read(&v, beyond, 4096).unwrap(), vec![0; 4096]);
+        assert_eq!(
+            status(&mut d, &v, beyond, PAGE as u64),
+            [(PAGE as u64, true)]
+        );
+        // A trimmed page goes back to the kernel: its extent is no longer
+        // counted as backed, and the page reads as new data over zeroes.
         d.op(&v, Op::Trim, 0, PAGE as u64, IoFlags::default())
             .unwrap();
         assert!(!v.groups.populated(0));
-        assert!(write_on_core(&v, 8192, 5));
+        d.write(&v, 8192, &[5; 4096], false).unwrap();
         let mut want = vec![0u8; PAGE];
         want[8192..12288].fill(5);
         assert_eq!(d.read(&v, 0, PAGE).unwrap(), want);

@@ -17,8 +17,8 @@ pub(super) struct Region {
     map_len: usize,
     data: NonNull<u8>,
     len: usize,
-    /// Extents (HUGE bytes each) the kernel has backed with memory: a write
-    /// there copies without a page fault.
+    /// Extents (HUGE bytes each) the kernel has backed with memory (or a
+    /// write has faulted in): a write there copies without a huge fault.
     populated: AtomicU32,
     /// Extents backed ahead of a sequential writer and not written yet: the
     /// first write into one asks for the next.
@@ -97,7 +97,7 @@ impl Region {
     /// # Safety
     /// As for [`Region::page`], with the write lock held.
     pub(super) unsafe fn release(&self, index: usize) {
-        // The next write there goes through the populator again.
+        // Given back: the extent is no longer all backed.
         let bit = 1 << (index * PAGE / HUGE);
         self.populated.fetch_and(!bit, Ordering::Relaxed);
         self.ahead.fetch_and(!bit, Ordering::Relaxed);
@@ -129,12 +129,17 @@ impl Region {
             && self.ahead.fetch_and(!bit, Ordering::Relaxed) & bit != 0
     }
 
+    /// Notes that a write on a core has faulted extent `e` in.
+    pub(super) fn touched(&self, e: usize) {
+        self.populated.fetch_or(1 << e, Ordering::Release);
+    }
+
     /// Has the kernel back extent `e` with (zeroed) memory, unless it
-    /// already is; `ahead` marks it as backed for a sequential writer. Slow
-    /// (it zeroes up to a huge page, and may compact memory to find one):
-    /// only the populator thread calls it. A kernel that cannot populate
-    /// (before Linux 5.14) is no error: writes there fault their pages in.
-    pub(super) fn populate(&self, e: usize, ahead: bool) -> std::io::Result<()> {
+    /// already is, and marks it as backed ahead of a sequential writer.
+    /// Slow (it zeroes up to a huge page, and may compact memory to find
+    /// one): only the populator thread calls it. A kernel that cannot
+    /// populate (before Linux 5.14) is no error: writes fault as before.
+    pub(super) fn populate(&self, e: usize) -> std::io::Result<()> {
         if self.is_populated(e) {
             return Ok(());
         }
@@ -155,7 +160,7 @@ impl Region {
             if err.raw_os_error() != Some(libc::EINVAL) {
                 return Err(err);
             }
-        } else if ahead {
+        } else {
             self.ahead.fetch_or(1 << e, Ordering::Relaxed);
         }
         self.populated.fetch_or(1 << e, Ordering::Release);
