@@ -49,12 +49,80 @@ fn bench_peers_smoke_mode_produces_a_report() {
     let svg = std::fs::read_to_string(dir.join("out").join("chart.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("vbd-memory"));
 
-    // The per-request cost mode measures the server's and fio's CPU.
-    let cost = smoke(&dir, &["--cost", "--only", "vbd-memory"], "cost.json");
-    for wl in ["randrw-4k-1x1", "randrw-4k-1x32", "randrw-4k-4x32"] {
-        let r = &cost["vbd-memory"][wl];
-        for key in ["iops", "server_us", "client_us"] {
-            assert!(r[key].as_f64().unwrap() > 0.0, "{wl} {key}: {r}");
+    // The per-request cost mode measures the server's and fio's CPU, and
+    // compares vbd's with nbdkit's on memory and on a file in tmpfs.
+    let cost = smoke(&dir, &["--cost"], "cost.json");
+    for target in [
+        "vbd-memory",
+        "nbdkit-memory",
+        "vbd-file-tmpfs",
+        "nbdkit-file-tmpfs",
+    ] {
+        for wl in ["randrw-4k-1x1", "randrw-4k-1x32", "randrw-4k-4x32"] {
+            let r = &cost["results"][target][wl];
+            for key in ["iops", "server_us", "client_us", "p99_us"] {
+                assert!(r[key].as_f64().unwrap() > 0.0, "{target} {wl} {key}: {r}");
+            }
         }
+    }
+    for pair in [
+        "vbd-memory/nbdkit-memory",
+        "vbd-file-tmpfs/nbdkit-file-tmpfs",
+    ] {
+        assert!(
+            cost["ratios"]["server_us"][pair]["randrw-4k-1x32"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
+        assert!(
+            cost["ratios"]["p99"][pair]["randrw-4k-4x32"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
+    }
+}
+
+/// QEMU's NBD client against every server, and first writes against rewrites.
+#[test]
+fn bench_peers_smoke_covers_qemu_client_and_first_touch() {
+    require("fio", "fio");
+    require("nbdkit", "nbdkit");
+    require("qemu-img", "qemu-utils");
+    require("qemu-storage-daemon", "qemu-system-common");
+    let dir = TempDir::new("bench-smoke-qemu");
+    let doc = smoke(&dir, &["--qemu"], "qemu.json");
+    for target in [
+        "vbd-memory",
+        "nbdkit-memory",
+        "vbd-file-tmpfs",
+        "nbdkit-file-tmpfs",
+        "qemu-nbd-tmpfs",
+        "qsd-tmpfs",
+    ] {
+        for wl in ["qemu-read-4k-d16", "qemu-write-4k-d16"] {
+            let r = &doc["results"][target][wl];
+            assert!(r["iops"].as_f64().unwrap() > 0.0, "{target} {wl}: {r}");
+        }
+    }
+    assert!(
+        doc["ratios"]["iops"]["vbd-file-tmpfs/qsd-tmpfs"]["qemu-write-4k-d16"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    let doc = smoke(&dir, &["--first-touch"], "first-touch.json");
+    for target in ["vbd-memory", "nbdkit-memory"] {
+        for cell in ["qemu-first", "qemu-rewrite", "fio-first", "fio-rewrite"] {
+            let r = &doc["results"][target][cell];
+            assert!(r["iops"].as_f64().unwrap() > 0.0, "{target} {cell}: {r}");
+        }
+        let r = &doc["results"][target]["fio-first"];
+        for key in ["max_us", "bystander_max_us"] {
+            assert!(r[key].as_f64().unwrap() > 0.0, "{target} {key}: {r}");
+        }
+        assert!(doc["ratios"][target]["qemu_iops"].as_f64().unwrap() > 0.0);
     }
 }

@@ -208,6 +208,56 @@ fn page_cache_writes_inline_or_through_the_ring_read_back_alike() {
     assert_eq!(std::fs::read(&path).unwrap(), want, "mode {mode}");
 }
 
+/// A file in tmpfs is read and written on the calling core (io_uring
+/// would hand each request to a worker thread), O_DIRECT is not used,
+/// and what goes through the ring (a read too big to copy inline)
+/// reads back the same.
+#[test]
+fn tmpfs_files_are_read_and_written_inline() {
+    let dir = std::path::PathBuf::from(format!("/dev/shm/vbd-file-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(dir.clone());
+    let path = dir.join("disk.img");
+    let v = open(&path, Some(1 << 20));
+    assert!(v.memory_backed, "/dev/shm should be tmpfs");
+    assert!(v.direct.is_none());
+    let (mut ring, sink) = (
+        crate::uring::Ring::new(8).unwrap(),
+        crate::uring::RemoteSink {
+            tx: crossbeam_channel::unbounded().0,
+            waker: std::sync::Arc::new(crate::uring::Waker::new().unwrap()),
+        },
+    );
+    let mut inline = |op: Op, offset: u64, data: &[u8]| -> Vec<u8> {
+        let mut io = Io::new();
+        io.prepare(op, offset, data.len() as u64, IoFlags::default());
+        if op == Op::Write {
+            io.buf_mut().as_mut_slice().copy_from_slice(data);
+        }
+        let r = v.start(&mut io, &mut Ctx::new(&mut ring, 1, &sink));
+        assert!(
+            matches!(r, Poll::Ready(Ok(()))),
+            "{op:?} did not finish inline"
+        );
+        io.buf().as_slice().to_vec()
+    };
+    let a: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    inline(Op::Write, 8192, &a);
+    assert_eq!(inline(Op::Read, 8192, &a), a);
+    assert_eq!(inline(Op::Read, 0, &[0; 100]), vec![0; 100]);
+    assert_eq!(std::fs::read(&path).unwrap()[8192..12288], a[..]);
+    let mut d = SyncDriver::new().unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    d.write(&v, 500_000, &big, false).unwrap();
+    assert_eq!(d.read(&v, 500_000, big.len()).unwrap(), big);
+}
+
 #[test]
 fn trim_zeroes_and_block_status() {
     let (_dir, path) = scratch("trim");

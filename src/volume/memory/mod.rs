@@ -2,20 +2,28 @@
 //! trim, so block status can report holes. Each page has its own lock:
 //! connections on different cores only meet when they touch the same page.
 //!
-//! A group's pages live in one anonymous mapping, reserved when the group
-//! is first written and backed by the kernel only where touched, in huge
-//! pages where it can: random 4 KiB requests over a big volume otherwise
-//! spend more time on TLB misses (two-level walks in a VM) than on copying.
+//! A group's pages live in one anonymous mapping (`region`), reserved when
+//! the group is first written and backed by the kernel only where touched,
+//! in huge pages where it can: random 4 KiB requests over a big volume
+//! otherwise spend more time on TLB misses (two-level walks in a VM) than
+//! on copying. The first touch of a huge page costs the kernel a fault
+//! that zeroes 2 MiB (and may compact memory to find them): a sequential
+//! writer has that done ahead of it by the populator thread (`populate`),
+//! so its first pass copies into backed memory like a rewrite.
+
+mod populate;
+mod region;
 
 use crate::lock::RwLockExt;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::Poll;
 
 use thiserror::Error;
 
 use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
+use populate::{AHEAD, Populator};
+use region::{HUGE, Region};
 
 /// Why a memory volume could not get memory for its pages.
 #[derive(Debug, Error)]
@@ -42,97 +50,14 @@ pub enum MemoryError {
 pub const PAGE: usize = 64 * 1024;
 /// Pages per lazily allocated directory group (64 MiB of address space).
 const GROUP: usize = 1024;
-/// Transparent huge page size on x86-64 and the usual aarch64 setup.
-const HUGE: usize = 2 << 20;
+/// A write that faults in an extent within this many bytes of its start,
+/// with the extent before it backed, looks sequential.
+const RUN_START: u64 = 256 << 10;
 
 /// Whether a page holds data. An unallocated page's bytes are always zero
 /// (never touched, or released with MADV_DONTNEED), so allocating it needs
 /// no clearing.
 type Page = RwLock<bool>;
-
-/// Anonymous memory for one group's pages, aligned to a huge page.
-struct Region {
-    map: NonNull<u8>,
-    map_len: usize,
-    data: NonNull<u8>,
-}
-
-// SAFETY: the region is plain memory owned by its group, not tied to the
-// thread that mapped it.
-unsafe impl Send for Region {}
-// SAFETY: every access to a page's bytes holds that page's lock, so shared
-// references never race.
-unsafe impl Sync for Region {}
-
-impl Region {
-    fn new(len: usize) -> Result<Self, VolumeError> {
-        let map_len = len + HUGE;
-        // SAFETY: a fresh private anonymous mapping; the result is checked.
-        // NORESERVE: the volume's size is a ceiling, not a commitment.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            let source = std::io::Error::last_os_error();
-            return Err(VolumeError::backend(MemoryError::Map { len, source }));
-        }
-        let map = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| VolumeError::backend(MemoryError::NullMap))?;
-        let skew = (HUGE - map.as_ptr() as usize % HUGE) % HUGE;
-        // SAFETY: skew < HUGE, so data..data+len lies inside the mapping.
-        let data = unsafe { map.add(skew) };
-        // SAFETY: advice on our own mapping; failure (THP off) only costs speed.
-        unsafe { libc::madvise(data.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
-        Ok(Region { map, map_len, data })
-    }
-
-    /// The bytes of page `index`.
-    ///
-    /// # Safety
-    /// The caller holds that page's lock (write lock for `&mut`), and
-    /// `index` is below the group's page count.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn page(&self, index: usize) -> &mut [u8] {
-        // SAFETY: in bounds by the caller's promise; exclusive or shared as
-        // the caller's lock makes it.
-        unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr().add(index * PAGE), PAGE) }
-    }
-
-    /// Gives page `index` back to the kernel; it reads as zeroes afterwards.
-    ///
-    /// # Safety
-    /// As for [`Region::page`], with the write lock held.
-    unsafe fn release(&self, index: usize) {
-        // SAFETY: in bounds; MADV_DONTNEED on private anonymous memory
-        // drops the pages, and later reads see zeroes.
-        let r = unsafe {
-            libc::madvise(
-                self.data.as_ptr().add(index * PAGE).cast(),
-                PAGE,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if r != 0 {
-            // Could not drop them: clear by hand so the zero invariant holds.
-            // SAFETY: as above.
-            unsafe { self.page(index) }.fill(0);
-        }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
-    }
-}
 
 /// A group's page flags and the memory behind them.
 struct Group {
@@ -140,12 +65,77 @@ struct Group {
     region: Region,
 }
 
+/// The volume's groups, shared with its populator thread.
+struct Groups {
+    size: u64,
+    groups: Box<[OnceLock<Group>]>,
+}
+
+impl Groups {
+    /// Pages in group `g`: the last group covers only the volume's tail.
+    fn group_pages(&self, g: usize) -> usize {
+        let pages = self.size.div_ceil(PAGE as u64);
+        (pages - (g * GROUP) as u64).min(GROUP as u64) as usize
+    }
+
+    /// Extents (huge pages) in a full group.
+    fn extents_per_group(&self) -> u64 {
+        (GROUP * PAGE / HUGE) as u64
+    }
+
+    /// The group holding page `index`, if it has been written.
+    fn group(&self, index: u64) -> Option<&Group> {
+        self.groups.get((index / GROUP as u64) as usize)?.get()
+    }
+
+    /// Whether the kernel has backed volume-wide extent `e`.
+    fn populated(&self, e: u64) -> bool {
+        let per_group = self.extents_per_group();
+        let group = self
+            .groups
+            .get((e / per_group) as usize)
+            .and_then(|c| c.get());
+        group.is_some_and(|g| g.region.is_populated((e % per_group) as usize))
+    }
+
+    /// Group `g`, made if it is new; None past the end of the volume.
+    fn get_or_create(&self, g: u64) -> Result<Option<&Group>, VolumeError> {
+        let Some(cell) = self.groups.get(g as usize) else {
+            return Ok(None);
+        };
+        if let Some(group) = cell.get() {
+            return Ok(Some(group));
+        }
+        let n = self.group_pages(g as usize);
+        let made = Group {
+            pages: (0..n).map(|_| RwLock::new(false)).collect(),
+            region: Region::new(n * PAGE)?,
+        };
+        // Losing a race drops our mapping; the winner's is used.
+        let _ = cell.set(made);
+        cell.get()
+            .map(Some)
+            .ok_or_else(|| VolumeError::backend(MemoryError::GroupVanished))
+    }
+
+    /// The group holding page `index`, made if it is new.
+    fn group_or_create(&self, index: u64) -> Result<&Group, VolumeError> {
+        self.get_or_create(index / GROUP as u64)?
+            .ok_or(VolumeError::OutOfRange {
+                offset: index * PAGE as u64,
+                len: PAGE as u64,
+            })
+    }
+}
+
 /// A sparse in-memory volume.
 pub struct MemoryVolume {
     size: u64,
     read_only: bool,
-    groups: Box<[OnceLock<Group>]>,
+    groups: Arc<Groups>,
     allocated: AtomicU64,
+    /// Started on the first write that needs memory backed.
+    populator: OnceLock<Option<Populator>>,
 }
 
 impl MemoryVolume {
@@ -156,8 +146,12 @@ impl MemoryVolume {
         MemoryVolume {
             size,
             read_only,
-            groups: (0..groups).map(|_| OnceLock::new()).collect(),
+            groups: Arc::new(Groups {
+                size,
+                groups: (0..groups).map(|_| OnceLock::new()).collect(),
+            }),
             allocated: AtomicU64::new(0),
+            populator: OnceLock::new(),
         }
     }
 
@@ -166,34 +160,43 @@ impl MemoryVolume {
         self.allocated.load(Ordering::Relaxed)
     }
 
-    /// Pages in group `g`: the last group covers only the volume's tail.
-    fn group_pages(&self, g: usize) -> usize {
-        let pages = self.size.div_ceil(PAGE as u64);
-        (pages - (g * GROUP) as u64).min(GROUP as u64) as usize
-    }
-
-    fn group(&self, index: u64) -> Option<&Group> {
-        self.groups.get((index / GROUP as u64) as usize)?.get()
-    }
-
-    fn group_or_create(&self, index: u64) -> Result<&Group, VolumeError> {
-        let g = (index / GROUP as u64) as usize;
-        let cell = self.groups.get(g).ok_or(VolumeError::OutOfRange {
-            offset: index * PAGE as u64,
-            len: PAGE as u64,
-        })?;
-        if let Some(group) = cell.get() {
-            return Ok(group);
+    /// Before a write to `io`: keeps a sequential writer's next extents
+    /// backed ahead of it. A write that enters an extent populated ahead
+    /// asks for one more; a write that faults a new extent in (this core
+    /// takes that fault, as it always did) right at its start, after a
+    /// backed extent, starts a run. Random first writes start nothing, so
+    /// a sparse volume stays sparse. Never waits.
+    fn look_ahead(&self, io: &Io) -> Result<(), VolumeError> {
+        if io.len == 0 {
+            return Ok(());
         }
-        let n = self.group_pages(g);
-        let made = Group {
-            pages: (0..n).map(|_| RwLock::new(false)).collect(),
-            region: Region::new(n * PAGE)?,
-        };
-        // Losing a race drops our mapping; the winner's is used.
-        let _ = cell.set(made);
-        cell.get()
-            .ok_or_else(|| VolumeError::backend(MemoryError::GroupVanished))
+        let huge = HUGE as u64;
+        let per_group = self.groups.extents_per_group();
+        let (first, last) = (io.offset / huge, (io.offset + io.len - 1) / huge);
+        let mut run = false;
+        for e in first..=last {
+            let Some(group) = self.groups.get_or_create(e / per_group)? else {
+                break;
+            };
+            let local = (e % per_group) as usize;
+            if group.region.take_ahead(local) {
+                run = true;
+            } else if !group.region.is_populated(local) {
+                // Faulted in by this write; sequential if it starts the extent.
+                group.region.touched(local);
+                let at = if e == first { io.offset % huge } else { 0 };
+                run |= at < RUN_START && e > 0 && self.groups.populated(e - 1);
+            }
+        }
+        if run {
+            let populator = self
+                .populator
+                .get_or_init(|| Populator::start(self.groups.clone()));
+            if let Some(p) = populator {
+                p.send(last + 1..last + 1 + AHEAD);
+            }
+        }
+        Ok(())
     }
 
     /// Calls `f(page index, offset in page, offset in request, length)` for
@@ -213,7 +216,7 @@ impl MemoryVolume {
         let out = &mut io.data;
         Self::spans(io.offset, io.len, |index, at, pos, n| {
             let i = (index % GROUP as u64) as usize;
-            let Some(group) = self.group(index) else {
+            let Some(group) = self.groups.group(index) else {
                 return out.fill_at(pos, n, 0);
             };
             let Some(lock) = group.pages.get(i) else {
@@ -237,7 +240,7 @@ impl MemoryVolume {
                 return;
             }
             let i = (index % GROUP as u64) as usize;
-            let group = match self.group_or_create(index) {
+            let group = match self.groups.group_or_create(index) {
                 Ok(g) => g,
                 Err(e) => return result = Err(e),
             };
@@ -268,12 +271,12 @@ impl MemoryVolume {
             }
             let i = (index % GROUP as u64) as usize;
             let group = if allocate {
-                match self.group_or_create(index) {
+                match self.groups.group_or_create(index) {
                     Ok(g) => g,
                     Err(e) => return result = Err(e),
                 }
             } else {
-                match self.group(index) {
+                match self.groups.group(index) {
                     Some(g) => g,
                     None => return,
                 }
@@ -307,7 +310,7 @@ impl MemoryVolume {
         let mut pos = io.offset;
         while pos < end && io.extents.len() < super::MAX_EXTENTS {
             let index = pos / PAGE as u64;
-            let group = self.group(index);
+            let group = self.groups.group(index);
             // An unallocated group is one hole of up to 64 MiB.
             let span_end = if group.is_none() {
                 ((index / GROUP as u64) + 1) * (GROUP * PAGE) as u64
@@ -369,21 +372,12 @@ impl Volume for MemoryVolume {
         if self.read_only && matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes) {
             return Poll::Ready(Err(VolumeError::ReadOnly));
         }
-        Poll::Ready(match io.op {
-            Op::Read => {
-                self.read(io);
-                Ok(())
-            }
-            Op::Write => self.write(io),
-            Op::Trim => self.zero(io.offset, io.len, false),
-            Op::WriteZeroes => self.zero(io.offset, io.len, io.flags.no_hole),
-            Op::BlockStatus => {
-                self.block_status(io);
-                Ok(())
-            }
-            // RAM has no slower tier to flush to or prefetch from.
-            Op::Flush | Op::Cache => Ok(()),
-        })
+        if io.op == Op::Write
+            && let Err(e) = self.look_ahead(io)
+        {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(self.run(io))
     }
 
     fn resume(
@@ -399,11 +393,97 @@ impl Volume for MemoryVolume {
     }
 }
 
+impl MemoryVolume {
+    /// Runs a request whose range is checked.
+    fn run(&self, io: &mut Io) -> Result<(), VolumeError> {
+        match io.op {
+            Op::Read => {
+                self.read(io);
+                Ok(())
+            }
+            Op::Write => self.write(io),
+            Op::Trim => self.zero(io.offset, io.len, false),
+            Op::WriteZeroes => self.zero(io.offset, io.len, io.flags.no_hole),
+            Op::BlockStatus => {
+                self.block_status(io);
+                Ok(())
+            }
+            // RAM has no slower tier to flush to or prefetch from.
+            Op::Flush | Op::Cache => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::volume::IoFlags;
     use crate::volume::sync::SyncDriver;
+    use std::time::{Duration, Instant};
+
+    fn wait_populated(v: &MemoryVolume, extents: std::ops::Range<u64>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !extents.clone().all(|e| v.groups.populated(e)) {
+            assert!(
+                Instant::now() < deadline,
+                "extents {extents:?} never populated"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn sequential_writers_find_memory_backed_ahead_and_random_ones_do_not() {
+        let huge = HUGE as u64;
+        let per_group = (GROUP * PAGE / HUGE) as u64;
+        // Two groups, so the writer crosses into a group the populator made.
+        let v = MemoryVolume::new(2 * per_group * huge, false);
+        let mut d = SyncDriver::new().unwrap();
+        // A random first write faults its extent in and starts nothing.
+        d.write(&v, 50 * huge + 12_345, &[3; 4096], false).unwrap();
+        assert!(v.groups.populated(50));
+        // Sequential: extent 1 entered at its start after extent 0 starts
+        // a run: the next AHEAD extents get backed off this thread...
+        d.write(&v, 0, &[1; 4096], false).unwrap();
+        d.write(&v, 4096, &[2; 4096], false).unwrap();
+        assert!(v.groups.populated(0) && !v.groups.populated(2));
+        d.write(&v, huge, &[4; 4096], false).unwrap();
+        wait_populated(&v, 2..2 + AHEAD);
+        // ...and each extent entered asks for one more, across the group end.
+        for e in 2..per_group + 2 {
+            assert!(v.groups.populated(e), "extent {e} was not ready");
+            d.write(&v, e * huge, &vec![e as u8; 4096], false).unwrap();
+            wait_populated(&v, e + 1..(e + 1 + AHEAD).min(2 * per_group));
+        }
+        // The random write's neighbours were never asked for (the thread
+        // works in order, so a request for them would be done by now).
+        assert!(!v.groups.populated(51) && !v.groups.populated(49));
+        // The data all landed where it was written, and nothing else did.
+        assert_eq!(d.read(&v, 0, 4096).unwrap(), vec![1; 4096]);
+        assert_eq!(d.read(&v, 4096, 4096).unwrap(), vec![2; 4096]);
+        assert_eq!(d.read(&v, 8192, 4096).unwrap(), vec![0; 4096]);
+        assert_eq!(d.read(&v, 50 * huge + 12_345, 4096).unwrap(), vec![3; 4096]);
+        assert_eq!(d.read(&v, huge, 4096).unwrap(), vec![4; 4096]);
+        for e in 2..per_group + 2 {
+            assert_eq!(d.read(&v, e * huge, 4096).unwrap(), vec![e as u8; 4096]);
+        }
+        // Backed ahead but never written: still a hole, reading as zeroes.
+        let beyond = (per_group + 3) * huge;
+        assert_eq!(d.read(&v, beyond, 4096).unwrap(), vec![0; 4096]);
+        assert_eq!(
+            status(&mut d, &v, beyond, PAGE as u64),
+            [(PAGE as u64, true)]
+        );
+        // A trimmed page goes back to the kernel: its extent is no longer
+        // counted as backed, and the page reads as new data over zeroes.
+        d.op(&v, Op::Trim, 0, PAGE as u64, IoFlags::default())
+            .unwrap();
+        assert!(!v.groups.populated(0));
+        d.write(&v, 8192, &[5; 4096], false).unwrap();
+        let mut want = vec![0u8; PAGE];
+        want[8192..12288].fill(5);
+        assert_eq!(d.read(&v, 0, PAGE).unwrap(), want);
+    }
 
     fn status(d: &mut SyncDriver, v: &MemoryVolume, off: u64, len: u64) -> Vec<(u64, bool)> {
         let io = d
