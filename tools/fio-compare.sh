@@ -11,6 +11,10 @@
 #            (--blockdev driver=file,cache.direct=on, num-queues=vCPUs), the
 #            guest started with the same QEMU flags as the vhost column's
 # and, on request, `untuned` (the vbd NBD volume with QEMU's defaults).
+# `--variant NAME='SERVE FLAGS'` adds a column NAME: vbd over vhost-user as
+# in the vhost column, from a second vbd started with those extra `vbd
+# serve` flags (e.g. --variant nopoll='--busy-poll 0'), so that a tuning
+# is compared with the default in the same interleaved rounds.
 # Each diagnostic is --rw=randrw --rwmixread=70 --bs=4k --direct=1
 # --ioengine=libaio at numjobs x iodepth 1x1, 1x32 and 4x32. The columns
 # run in interleaved rounds (round 1: every column, round 2: every column,
@@ -21,7 +25,8 @@
 #
 #   tools/fio-compare.sh [--accel kvm|tcg] [--vcpus N] [--memory 768M]
 #       [--size 256M] [--runtime 15] [--rounds 3] [--threads 1]
-#       [--columns vhost,nbd,raw,qsd[,untuned]] [--out FILE.md]
+#       [--columns vhost,nbd,raw,qsd[,untuned]] [--variant NAME='FLAGS']...
+#       [--out FILE.md]
 #
 # --threads is vbd's core count. Under TCG (the default here, where nested
 # KVM hangs) absolute numbers say little about production; the ratios
@@ -31,9 +36,11 @@ set -euo pipefail
 
 ACCEL=tcg VCPUS=2 SIZE=256M RUNTIME=15 MEM=768M ROUNDS=3 THREADS=1
 COLUMNS=vhost,nbd,raw,qsd OUT=
+VARIANTS=()
 usage() {
 	echo "usage: $0 [--accel kvm|tcg] [--vcpus N] [--memory 768M] [--size 256M] [--runtime SECS]" >&2
-	echo "       [--rounds N] [--threads N] [--columns vhost,nbd,raw,qsd,untuned] [--out FILE.md]" >&2
+	echo "       [--rounds N] [--threads N] [--columns vhost,nbd,raw,qsd,untuned]" >&2
+	echo "       [--variant NAME='SERVE FLAGS']... [--out FILE.md]" >&2
 	exit 2
 }
 while [ $# -gt 0 ]; do
@@ -46,6 +53,7 @@ while [ $# -gt 0 ]; do
 	--rounds) ROUNDS=$2; shift 2 ;;
 	--threads) THREADS=$2; shift 2 ;;
 	--columns) COLUMNS=$2; shift 2 ;;
+	--variant) VARIANTS+=("$2"); shift 2 ;;
 	--out) OUT=$2; shift 2 ;;
 	*) usage ;;
 	esac
@@ -54,6 +62,15 @@ IFS=, read -r -a COLS <<<"$COLUMNS"
 for c in "${COLS[@]}"; do
 	case "$c" in vhost | nbd | raw | qsd | untuned) ;; *) echo "unknown column $c" >&2; usage ;; esac
 done
+declare -A VARIANT_FLAGS=()
+for v in "${VARIANTS[@]}"; do
+	name=${v%%=*}
+	[[ "$v" == *=* && "$name" =~ ^[a-z0-9]+$ ]] || { echo "--variant wants NAME='FLAGS' (NAME: a-z0-9), not $v" >&2; usage; }
+	case "$name" in vhost | nbd | raw | qsd | untuned) echo "variant $name shadows a column" >&2; usage ;; esac
+	VARIANT_FLAGS[$name]=${v#*=}
+	COLS+=("$name")
+done
+COLUMNS=$(IFS=,; echo "${COLS[*]}")
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VBD=${VBD:-$ROOT/target/release/vbd}
@@ -68,10 +85,10 @@ GUEST=$ROOT/target/test-guest
 	bash "$ROOT/tools/build-guest.sh" --fio "$GUEST" >&2
 
 WORK=$(mktemp -d /tmp/vbd-fio.XXXXXX)
-SERVE_PID= QSD_PID= QEMU_PID=
+SERVE_PIDS=() QSD_PID= QEMU_PID=
 cleanup() {
 	for p in $QEMU_PID $QSD_PID; do kill -KILL "$p" 2>/dev/null || true; done
-	[ -n "$SERVE_PID" ] && kill -TERM "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null
+	for p in "${SERVE_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
 	rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -81,12 +98,25 @@ trap cleanup EXIT
 DISK_BYTES=$(( $(numfmt --from=iec "$SIZE") + (64 << 20) ))
 IMG=$WORK/disk.img
 truncate -s "$DISK_BYTES" "$IMG"
-"$VBD" serve --unix "$WORK/nbd.sock" --threads "$THREADS" \
-	--export "name=bench,backend=file,path=$IMG,size=$DISK_BYTES" \
-	>"$WORK/serve.out" 2>"$WORK/serve.log" &
-SERVE_PID=$!
-for _ in $(seq 100); do [ -S "$WORK/control.sock" ] && break; sleep 0.1; done
-CTL=(--control "$WORK/control.sock")
+declare -A SERVER_PID=()
+start_vbd() { # start_vbd DIR [serve flags...]: a vbd serving IMG, its control socket in DIR
+	local dir=$1; shift
+	local threads=(--threads "$THREADS")
+	[[ " $* " == *" --threads "* ]] && threads=()
+	mkdir -p "$dir"
+	"$VBD" serve --unix "$dir/nbd.sock" "${threads[@]}" "$@" \
+		--export "name=bench,backend=file,path=$IMG,size=$DISK_BYTES" \
+		>"$dir/serve.out" 2>"$dir/serve.log" &
+	SERVER_PID[$dir]=$!
+	SERVE_PIDS+=($!)
+	for _ in $(seq 100); do [ -S "$dir/control.sock" ] && break; sleep 0.1; done
+	[ -S "$dir/control.sock" ] || { echo "fio-compare: vbd in $dir did not start; see $dir/serve.log" >&2; exit 1; }
+}
+start_vbd "$WORK"
+for name in "${!VARIANT_FLAGS[@]}"; do
+	# shellcheck disable=SC2086 # the flags are words on purpose
+	start_vbd "$WORK/v-$name" ${VARIANT_FLAGS[$name]}
+done
 APPEND="console=ttyS0 quiet panic=-1 vbd.mode=fio vbd.fio_size=$SIZE vbd.fio_runtime=$RUNTIME"
 MEM_MIB=$(( $(numfmt --from=iec "$MEM") >> 20 ))
 
@@ -146,18 +176,19 @@ sys.exit(f"fio-compare: {name} did not finish; see {log}\n" + text()[-2000:])
 EOF
 }
 
-run_vbd() { # run_vbd NAME VOLUME-SPEC [vm run flags...]
-	local name=$1 vol=$2; shift 2
+run_vbd() { # run_vbd SERVER-DIR NAME VOLUME-SPEC [vm run flags...]
+	local dir=$1 name=$2 vol=$3; shift 3
+	local ctl=(--control "$dir/control.sock")
 	echo "fio-compare: $name: booting guest ($ACCEL, $VCPUS vCPUs)" >&2
-	"$VBD" vm run "${CTL[@]}" "$name" --accel "$ACCEL" --vcpus "$VCPUS" --memory "$MEM" \
+	"$VBD" vm run "${ctl[@]}" "$name" --accel "$ACCEL" --vcpus "$VCPUS" --memory "$MEM" \
 		--volume "$vol" --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initrd-fio.img" \
 		--append "$APPEND" "$@" >&2
 	local pid
-	pid=$("$VBD" vm list "${CTL[@]}" --json |
+	pid=$("$VBD" vm list "${ctl[@]}" --json |
 		python3 -c "import json,sys; print(next(v['pid'] for v in json.load(sys.stdin) if v['name']=='$name'))")
-	watch_fio "$name" "$pid" "$SERVE_PID" "$WORK/vm/$name/serial.log"
-	"$VBD" vm stop "${CTL[@]}" "$name" --grace 30 >&2
-	cp "$WORK/vm/$name/serial.log" "$WORK/$name.log"
+	watch_fio "$name" "$pid" "${SERVER_PID[$dir]}" "$dir/vm/$name/serial.log"
+	"$VBD" vm stop "${ctl[@]}" "$name" --grace 30 >&2
+	cp "$dir/vm/$name/serial.log" "$WORK/$name.log"
 }
 
 # qemu-storage-daemon's export, and a QEMU with the flags vbd gives a
@@ -197,12 +228,13 @@ for round in $(seq "$ROUNDS"); do
 	for c in "${COLS[@]}"; do
 		name=$c-$round
 		case "$c" in
-		vhost) run_vbd "$name" bench:boot --disk-transport vhost-user ;;
-		nbd) run_vbd "$name" bench:boot --disk-transport nbd ;;
-		untuned) run_vbd "$name" bench:boot --disk-transport nbd --untuned ;;
+		vhost) run_vbd "$WORK" "$name" bench:boot --disk-transport vhost-user ;;
+		nbd) run_vbd "$WORK" "$name" bench:boot --disk-transport nbd ;;
+		untuned) run_vbd "$WORK" "$name" bench:boot --disk-transport nbd --untuned ;;
 		# A plain VM (no shared memfd RAM): QEMU on the file, as before vhost-user.
-		raw) run_vbd "$name" "raw:boot:raw=$IMG" --disk-transport nbd ;;
+		raw) run_vbd "$WORK" "$name" "raw:boot:raw=$IMG" --disk-transport nbd ;;
 		qsd) run_qsd "$name" ;;
+		*) run_vbd "$WORK/v-$c" "$name" bench:boot --disk-transport vhost-user ;;
 		esac
 	done
 done
@@ -213,6 +245,9 @@ import json, re, statistics, sys
 work, rounds, columns = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 TITLE = {"vhost": "vbd vhost-user", "nbd": "vbd NBD", "raw": "raw file",
          "qsd": "qsd vhost-user", "untuned": "vbd NBD untuned"}
+variants = [c for c in columns if c not in TITLE]
+for v in variants:
+    TITLE[v] = f"vbd vhost-user {v}"
 
 def results(name):
     text = open(f"{work}/{name}.log", errors="replace").read()
@@ -250,6 +285,7 @@ for d in diags:
 
 pairs = [(a, b) for a, b in [("vhost", "raw"), ("vhost", "qsd"), ("vhost", "nbd"),
                              ("qsd", "raw"), ("nbd", "raw"), ("nbd", "untuned")]
+         + [(v, o) for v in variants for o in ("vhost", "qsd", "raw")]
          if a in columns and b in columns]
 if pairs:
     print("\nRatios of the median total IOPS (read + write); p99 ratios below 1 favour the first.\n")
@@ -281,6 +317,11 @@ for c in columns:
     server = "-" if c == "raw" else f"{m[2]:.1f}"
     print(f"| {TITLE[c]} | {m[0]:.1f} | {m[1]:.1f} | {server} |")
 EOF
+if [ ${#VARIANT_FLAGS[@]} -gt 0 ]; then
+	echo >>"$REPORT"
+	echo "Columns vbd vhost-user NAME: a second vbd (--threads $THREADS unless given) with these extra \`vbd serve\` flags:" >>"$REPORT"
+	for name in "${!VARIANT_FLAGS[@]}"; do echo "- $name: \`${VARIANT_FLAGS[$name]}\`" >>"$REPORT"; done
+fi
 cat "$REPORT"
 [ -n "$OUT" ] && cp "$REPORT" "$OUT"
 exit 0

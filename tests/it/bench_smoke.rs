@@ -126,3 +126,24 @@ fn bench_peers_smoke_covers_qemu_client_and_first_touch() {
         assert!(doc["ratios"][target]["qemu_iops"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// Memory per idle connection: both servers grow when connections are
+/// held open, and the report has the per-connection numbers.
+#[test]
+fn bench_peers_smoke_measures_idle_connections() {
+    require("fio", "fio");
+    require("nbdkit", "nbdkit");
+    require("qemu-nbd", "qemu-utils");
+    let dir = TempDir::new("bench-smoke-idle");
+    let doc = smoke(&dir, &["--idle", "20"], "idle.json");
+    assert_eq!(doc["connections"].as_u64(), Some(20), "{doc}");
+    for target in ["vbd-memory", "nbdkit-memory"] {
+        let m = &doc["medians"][target];
+        let (before, after) = (
+            m["before_kib"].as_f64().unwrap(),
+            m["after_kib"].as_f64().unwrap(),
+        );
+        assert!(before > 0.0 && after > 0.0, "{target}: {m}");
+        assert!(m["per_conn_kib"].is_number(), "{target}: {m}");
+    }
+}

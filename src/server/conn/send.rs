@@ -43,7 +43,9 @@ impl SendQueue {
             hs_sent: 0,
             replies: VecDeque::new(),
             reply_sent: 0,
-            iov: Vec::with_capacity(MAX_IOV),
+            // Grows to what the largest batch needed (`gather` fills it
+            // before a send, never during one): idle connections keep little.
+            iov: Vec::new(),
             msg,
             last_send: 0,
             pending: false,

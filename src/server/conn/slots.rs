@@ -88,10 +88,18 @@ impl Slot {
     }
 }
 
-/// A connection's slots, allocated when it enters transmission.
+/// A connection's slots, made as its requests first need them: an idle
+/// connection holds none, and one that never has more than a few requests
+/// in flight holds only that many. Each is boxed because the kernel holds
+/// pointers into a slot (its reply header, for a send in flight) while the
+/// vector grows.
 pub(super) struct Slots {
-    slots: Vec<Slot>,
+    slots: Vec<Box<Slot>>,
+    /// Slots made so far that are free, by index.
     free: Vec<u16>,
+    /// How many slots may exist (requests in flight at once); zero before
+    /// transmission.
+    cap: usize,
     /// The slot whose WRITE payload is arriving.
     pub(super) payload: Option<u16>,
     /// Requests the volume is working on.
@@ -114,6 +122,7 @@ impl Slots {
         Slots {
             slots: Vec::new(),
             free: Vec::new(),
+            cap: 0,
             payload: None,
             inflight_io: 0,
             buffered: 0,
@@ -124,10 +133,9 @@ impl Slots {
         }
     }
 
-    /// Allocates `n` free slots (once, at the start of transmission).
+    /// Allows up to `n` requests in flight (at the start of transmission).
     pub(super) fn open(&mut self, n: usize) {
-        self.slots = (0..n).map(|_| Slot::new()).collect();
-        self.free = (0..n as u16).rev().collect();
+        self.cap = n.min(usize::from(u16::MAX));
     }
 
     /// Slot `s`.
@@ -142,17 +150,26 @@ impl Slots {
 
     /// Slot `s` if it exists (for completions, which name slots by number).
     pub(super) fn lookup(&mut self, s: u16) -> Option<&mut Slot> {
-        self.slots.get_mut(s as usize)
+        self.slots.get_mut(s as usize).map(|b| &mut **b)
     }
 
     /// Whether a request could be taken now.
     pub(super) fn has_free(&self) -> bool {
-        !self.free.is_empty()
+        !self.free.is_empty() || self.slots.len() < self.cap
     }
 
-    /// Takes a free slot.
+    /// Takes a free slot, making one if all are busy and the limit allows.
     pub(super) fn take(&mut self) -> Option<u16> {
-        self.free.pop()
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        if self.slots.len() >= self.cap {
+            return None;
+        }
+        // `cap` is at most u16::MAX, so the index fits.
+        let s = self.slots.len() as u16;
+        self.slots.push(Box::new(Slot::new()));
+        Some(s)
     }
 
     /// Sets slot `s` up for `op` and counts the buffer it now holds.
