@@ -1,7 +1,8 @@
 //! The embedded S3-compatible endpoint: `s3s` over `s3s-fs`, with SigV4
 //! authentication, serving a directory whose subdirectories are buckets.
 //! One node can serve its objects to others, and the tests exercise the
-//! real S3 protocol through it.
+//! real S3 protocol through it. GET bodies are read in one go
+//! (`ranged_reads`), which s3s-fs alone streams 4 KiB at a time.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use super::credentials::Credentials;
+use super::ranged_reads::RangedReads;
 
 /// Why the endpoint could not run.
 #[derive(Debug, Error)]
@@ -87,7 +89,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Endpoint, ServerError> {
             .source()
             .map_or_else(|| "unknown error".to_owned(), |s| s.to_string()),
     })?;
-    let mut b = S3ServiceBuilder::new(fs);
+    let mut b = S3ServiceBuilder::new(RangedReads::new(fs, root));
     b.set_auth(SimpleAuth::from_single(
         cfg.credentials.access_key_id.clone(),
         cfg.credentials.secret_access_key.clone(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::cache::BlockCache;
+use super::fill::Fill;
 use super::layout::{self, Keys, WriterLock};
 use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
@@ -210,7 +211,7 @@ async fn open(
         upload_wake: tokio::sync::Notify::new(),
         backlog_waiters: Mutex::new(Vec::new()),
         next_chunk: AtomicU64::new(next_chunk),
-        last_read_end: AtomicU64::new(u64::MAX),
+        fill: Fill::new(budget),
         stopping: AtomicBool::new(false),
         abort: AtomicBool::new(false),
         stats,

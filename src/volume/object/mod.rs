@@ -7,7 +7,8 @@
 //! cache → write-ahead layer → map → ranged GET. Formats are in `format`,
 //! object names and the writer lock in `layout`.
 //!
-//! The volume's rooms: `write` and `read` (the request paths), `lifecycle`
+//! The volume's rooms: `write` and `read` (the request paths, `read`
+//! filling the cache through `fill`), `lifecycle`
 //! (open, drain, close) over `recovery` (map and WAL replay at open),
 //! `options`, `stats` and `error`. This module holds the shared state and
 //! turns requests into calls on those paths.
@@ -17,6 +18,7 @@ pub mod cache;
 pub mod clone;
 mod error;
 mod extent_map;
+mod fill;
 pub mod format;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
@@ -80,8 +82,8 @@ pub(crate) struct Inner {
     /// Writes waiting for the uploader to shrink the backlog.
     backlog_waiters: Mutex<Vec<Completer>>,
     next_chunk: AtomicU64,
-    /// Block after the last read, for detecting sequential reads.
-    last_read_end: AtomicU64,
+    /// Fetches in flight and read-ahead (see `fill`).
+    fill: fill::Fill,
     /// Shutdown asked for: drain and stop.
     stopping: AtomicBool,
     /// Stop at once (the handle was dropped without shutdown).

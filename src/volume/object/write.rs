@@ -161,7 +161,8 @@ fn active_segment(d: &mut Dirty, inner: &Inner, need: usize) -> Arc<Segment> {
     let id = d.next_seg;
     d.next_seg += 1;
     let cap = inner.opts.segment_size.max(need + SEGMENT_HEADER);
-    let seg = Arc::new(Segment::new(
+    let seg = Arc::new(Segment::from_pool(
+        &inner.wal.bufs,
         id,
         d.appended,
         cap,
