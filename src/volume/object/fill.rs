@@ -296,20 +296,35 @@ fn claim_own(
 }
 
 /// Fetches a request's pieces (in parallel) and returns their bytes
-/// concatenated in order.
-pub(super) async fn fetch(inner: Arc<Inner>, pieces: Vec<Piece>) -> Result<Bytes, VolumeError> {
+/// concatenated in order; or, with `from_cache` and only pieces already on
+/// their way, waits for those and returns `None`: the blocks are in the
+/// cache, for the reactor to copy straight into the request.
+pub(super) async fn fetch(
+    inner: Arc<Inner>,
+    pieces: Vec<Piece>,
+    from_cache: bool,
+) -> Result<Option<Bytes>, VolumeError> {
+    if from_cache && pieces.iter().all(|p| matches!(p.how, How::Wait(_))) {
+        for p in pieces {
+            if let How::Wait(mut done) = p.how {
+                // Closed when the fetch ends; no value is ever sent.
+                let _ = done.changed().await;
+            }
+        }
+        return Ok(None);
+    }
     if pieces.len() == 1 {
         let Some(p) = pieces.into_iter().next() else {
-            return Ok(Bytes::new());
+            return Ok(Some(Bytes::new()));
         };
-        return one(&inner, p).await;
+        return one(&inner, p).await.map(Some);
     }
     let parts = try_join_all(pieces.into_iter().map(|p| one(&inner, p))).await?;
     let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
     for p in parts {
         out.extend_from_slice(&p);
     }
-    Ok(out.freeze())
+    Ok(Some(out.freeze()))
 }
 
 /// Reads blocks [from, to) of the volume ahead into the cache: plans the

@@ -249,6 +249,9 @@ impl Volume for ObjectVolume {
                 self.write_like(io, ctx)
             }
             (STAGE_FETCH, Ok(Some(data))) => Poll::Ready(self.scatter(io, &data)),
+            // The blocks arrived in the cache (read-ahead fetched them):
+            // read them from there, once more.
+            (STAGE_FETCH, Ok(None)) => self.read_again(io, ctx),
             _ => Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
                 backend: "object",
                 got: "a completion that does not fit its stage",

@@ -3,6 +3,7 @@
 //! (`fill`: exact ranged GETs, read-ahead, fetches in flight shared) and
 //! cached. Also block status and NBD_CMD_CACHE, which walk the same layers.
 
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -97,6 +98,30 @@ impl ObjectVolume {
     }
 
     pub(super) fn read(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        self.read_with(io, ctx, true)
+    }
+
+    /// A read whose blocks were all on their way when it started: they
+    /// are in the cache now, or, if it lost some, fetched with the data
+    /// handed back this time (so this happens at most once per request).
+    pub(super) fn read_again(
+        &self,
+        io: &mut Io,
+        ctx: &mut Ctx<'_>,
+    ) -> Poll<Result<(), VolumeError>> {
+        self.read_with(io, ctx, false)
+    }
+
+    /// Reads from memory, then fetches what is missing. With `from_cache`,
+    /// a read that only waits for fetches already in flight is told when
+    /// they land and reads the cache itself (no copy of the data off the
+    /// reactor); otherwise the fetched bytes come back for `scatter`.
+    fn read_with(
+        &self,
+        io: &mut Io,
+        ctx: &mut Ctx<'_>,
+        from_cache: bool,
+    ) -> Poll<Result<(), VolumeError>> {
         io.aux.clear();
         self.read_local(io);
         let inner = &self.inner;
@@ -110,12 +135,14 @@ impl ObjectVolume {
         if let Some(pieces) = pieces {
             io.stage = STAGE_FETCH;
             let done = ctx.completer();
-            let task = fill::fetch(inner.clone(), pieces);
-            runtime().spawn(async move { done.complete(task.await.map(Some)) });
+            let task = fill::fetch(inner.clone(), pieces, from_cache);
+            runtime().spawn(async move { done.complete(task.await) });
         }
-        let size = inner.size.load(std::sync::atomic::Ordering::Acquire) / BLOCK as u64;
-        if let Some((from, to)) = inner.fill.on_read(lba0, end, size) {
-            fill::read_ahead(inner, from, to);
+        if from_cache {
+            let size = inner.size.load(Ordering::Acquire) / BLOCK as u64;
+            if let Some((from, to)) = inner.fill.on_read(lba0, end, size) {
+                fill::read_ahead(inner, from, to);
+            }
         }
         if io.aux.is_empty() {
             Poll::Ready(Ok(()))

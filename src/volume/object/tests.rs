@@ -768,7 +768,7 @@ fn reads_wait_for_blocks_in_flight_and_fetch_what_was_abandoned() {
     use super::fill::{self, How, Run};
     let mut rig = Rig::new("in-flight", 1 << 20, 64);
     let v = rig.open("store", rig.opts("wal"));
-    rig.write(&v, 0, 12, 5, false);
+    rig.write(&v, 0, 16, 5, false);
     let r = rig.store_only_after(v, "store", CacheSize::Default);
     let chunk = *r
         .inner
@@ -804,9 +804,32 @@ fn reads_wait_for_blocks_in_flight_and_fetch_what_was_abandoned() {
     drop(first);
     assert_eq!(r.inner.fill.in_flight(), 1);
     let got = runtime()
-        .block_on(fill::fetch(r.inner.clone(), second))
-        .expect("waiters fetch what was abandoned");
+        .block_on(fill::fetch(r.inner.clone(), second, false))
+        .expect("waiters fetch what was abandoned")
+        .expect("the data, as asked");
     let want: Vec<u8> = (6..12).flat_map(|b| pattern(5, b)).collect();
     assert!(got == want, "blocks 6..12");
     assert_eq!(r.inner.fill.in_flight(), 0);
+    // A read that only waits is told when its blocks are in the cache,
+    // and reads them there: the fetch's bytes are not copied for it.
+    let owner = fill::claim(&r.inner, &[run(12, 4)], u32::MAX, true);
+    let waiter = fill::claim(&r.inner, &[run(12, 4)], u32::MAX, true);
+    assert_eq!(shape(&waiter), [(12, 4, true)]);
+    let waiting = runtime().spawn(fill::fetch(r.inner.clone(), waiter, true));
+    let fetched = runtime()
+        .block_on(fill::fetch(r.inner.clone(), owner, true))
+        .expect("the owner fetches");
+    let want: Vec<u8> = (12..16).flat_map(|b| pattern(5, b)).collect();
+    assert!(
+        fetched.is_some_and(|b| b == want),
+        "the owner gets the data"
+    );
+    let told = runtime().block_on(waiting).expect("the waiter's task");
+    assert!(
+        matches!(told, Ok(None)),
+        "the waiter is told to read the cache"
+    );
+    let gets = store_reads(&r).0;
+    rig.expect(&r, 12, 4);
+    assert_eq!(store_reads(&r).0, gets, "blocks 12..16 come from the cache");
 }
