@@ -32,9 +32,11 @@ use crate::volume::VolumeError;
 const AHEAD_MAX_BYTES: u64 = 32 << 20;
 /// The first window of a new sequential stream.
 const AHEAD_START_BYTES: u64 = 2 << 20;
-/// Read-ahead GETs are at most this many blocks (1 MiB), so a window is
-/// fetched by several connections at once.
-const AHEAD_PIECE_BLOCKS: u32 = 256;
+/// Read-ahead GETs are at most this many blocks (4 MiB, about a chunk's
+/// data), so a window is fetched by several connections at once, while
+/// each GET's fixed cost (HTTP, signing, the endpoint's file opens) is
+/// spread over enough bytes.
+const AHEAD_PIECE_BLOCKS: u32 = 1024;
 /// Attempts per ranged GET before the read fails.
 const ATTEMPTS: u32 = 4;
 
@@ -90,7 +92,8 @@ impl Fill {
     /// Read-ahead sized for a cache of `budget` bytes.
     pub(super) fn new(budget: u64) -> Fill {
         let max = AHEAD_MAX_BYTES.min(budget / 4) / BLOCK as u64;
-        let max = if max < u64::from(AHEAD_PIECE_BLOCKS) {
+        // A cache too small for a 1 MiB window gets no read-ahead.
+        let max = if max < (1 << 20) / BLOCK as u64 {
             0
         } else {
             max
