@@ -16,7 +16,8 @@ use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
 use super::{
-    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, clone, refs, snapshot, upload,
+    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, background, clone, refs,
+    snapshot, upload,
 };
 use crate::error::Chain;
 use crate::lock::{MutexExt, RwLockExt};
@@ -232,7 +233,10 @@ async fn open(
             .name(format!("vbd-wal-{name}"))
             .spawn(move || wal::run(w))
             .map_err(ObjectError::WalThread)?;
-        (Some(t), Some(runtime().spawn(upload::run(inner.clone()))))
+        (
+            Some(t),
+            Some(background::runtime().spawn(upload::run(inner.clone()))),
+        )
     };
     info!(
         volume = name,

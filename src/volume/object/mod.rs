@@ -14,6 +14,7 @@
 //! turns requests into calls on those paths.
 
 pub mod admin;
+mod background;
 pub mod cache;
 pub mod clone;
 mod error;
