@@ -196,11 +196,20 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    /// A cache of `budget` bytes with at least four shards per core.
+    /// A cache of `budget` bytes with sixteen shards per core, and at
+    /// least 64: a reactor that finds its shard taken
+    /// sleeps, and on a busy host may not run again for milliseconds, so
+    /// meetings (with the other reactors, and with the uploader filling
+    /// the cache a chunk at a time) must be rare.
+    /// A small budget gets fewer shards, each still holding at least 64
+    /// blocks (a shard evicts on its own share of the budget).
     pub fn new(budget: u64) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let shards = (4 * cores).next_power_of_two().max(8);
-        Self::with_shards(budget, shards)
+        let wanted = (16 * cores).next_power_of_two().max(64) as u64;
+        let fit = (budget / (64 * BLOCK as u64)).max(1);
+        // The largest power of two within both.
+        let shards = 1u64 << (63 - wanted.min(fit).leading_zeros());
+        Self::with_shards(budget, shards as usize)
     }
 
     /// A cache with an explicit shard count (a power of two).
@@ -475,6 +484,24 @@ mod tests {
         let mut probed = Vec::new();
         c.probe_run(3, 6, 6, |i| probed.push(i));
         assert_eq!(probed, [0, 1, 5], "blocks 6, 7 and 11 are absent");
+    }
+
+    #[test]
+    fn small_budgets_get_fewer_shards_not_an_empty_cache() {
+        for blocks in [16u32, 64, 1000] {
+            let c = BlockCache::new(u64::from(blocks) * BLOCK as u64);
+            assert!(c.shards.len().is_power_of_two());
+            assert!(
+                c.shard_budget >= 16 * BLOCK as u64,
+                "{blocks}: {}",
+                c.shard_budget
+            );
+            c.insert(key(3), &[3; BLOCK]);
+            let mut out = [0u8; BLOCK];
+            assert!(c.get_into(&key(3), &mut out), "{blocks}");
+        }
+        let big = BlockCache::new(DEFAULT_BUDGET);
+        assert!(big.shards.len() >= 64);
     }
 
     #[test]

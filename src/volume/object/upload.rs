@@ -2,7 +2,10 @@
 //! (newest version of each block winning), puts it, moves its blocks from
 //! the write-ahead layer into the map and only then deletes the segment.
 //! It also writes checkpoints and garbage-collects sparse chunks. Runs on
-//! the control runtime; store failures are retried until they succeed.
+//! the uploaders' lower-priority runtime (`background`), so it holds the
+//! locks the reactors need only briefly: packing reads the segment alone,
+//! and publishing goes in batches. Store failures are retried until they
+//! succeed.
 
 use crate::lock::RwLockExt;
 use std::sync::Arc;
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
+use super::extent_map::ExtentMap;
 use super::format::{self, BLOCK, CHUNK_HEADER, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER};
 use super::layout::id_of;
 use super::recovery::read_chunk_index;
@@ -81,16 +85,15 @@ fn next_segment(inner: &Inner) -> Option<Arc<Segment>> {
     ready.then(|| s.clone())
 }
 
-/// Entries and data of the chunk for one segment: each record's blocks
-/// that no later record has overwritten. While a snapshot holds segments
-/// back, whole records: a later record that overwrote some blocks may lie
-/// beyond the snapshot's cut, so the older version must reach the map.
-fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
-    let d = inner.dirty.read_locked();
-    // Read under the lock the snapshot's cut sets it under.
-    let whole = inner.upload_limit.load(Ordering::Acquire) != u64::MAX;
-    let mut entries = Vec::new();
-    let mut data = Vec::new();
+/// Entries and data of the chunk for one segment: every block its records
+/// wrote, the newest version within the segment winning. Blocks that a
+/// later segment overwrote stay in: a FLUSH may have been acknowledged
+/// between the two writes, and until the later segment is in the store
+/// (durability=store) or synced (durability=local: its WAL file may not
+/// be), this chunk is what keeps the flushed version. Records at or below
+/// `after_seq` are in the store already (a replayed segment's head).
+fn pack(seg: &Segment, after_seq: u64) -> (Vec<IndexEntry>, Vec<u8>) {
+    let mut newest: ExtentMap<DirtyLoc> = ExtentMap::default();
     let mut pos = SEGMENT_HEADER;
     let len = seg.len();
     while pos < len {
@@ -100,57 +103,50 @@ fn pack(inner: &Inner, seg: &Segment) -> (Vec<IndexEntry>, Vec<u8>) {
         else {
             break;
         };
-        let rec_data = pos + format::WAL_RECORD_HEADER;
-        if whole {
-            let mut e = IndexEntry {
-                lba: h.lba,
-                seq: h.seq,
-                blocks: h.blocks,
-                data_block: 0,
-                kind: h.kind,
-            };
-            if h.kind == Kind::Data {
-                e.data_block = (data.len() / BLOCK) as u32;
-                let n = h.blocks as usize * BLOCK;
-                data.extend_from_slice(seg.bytes(rec_data, n).unwrap_or_default());
-            }
-            entries.push(e);
-            pos += rec_len;
-            continue;
+        let loc = match h.kind {
+            Kind::Data => DirtyLoc::Data {
+                seg: seg.id,
+                off: (pos + format::WAL_RECORD_HEADER) as u64,
+            },
+            Kind::Zero => DirtyLoc::Zero,
+            Kind::Hole => DirtyLoc::Hole,
+        };
+        // Records are in sequence order: a later one replaces what it overlaps.
+        if h.seq > after_seq {
+            newest.insert(h.lba, h.lba + u64::from(h.blocks), h.seq, loc, |_| {});
         }
-        d.map.for_each_in(h.lba, h.lba + u64::from(h.blocks), |sp| {
-            if sp.seq != h.seq {
-                return;
-            }
-            let blocks = (sp.end - sp.start) as u32;
-            let mut e = IndexEntry {
-                lba: sp.start,
-                seq: h.seq,
-                blocks,
-                data_block: 0,
-                kind: h.kind,
-            };
-            if h.kind == Kind::Data {
-                if let DirtyLoc::Data { seg: sid, off } = sp.value
-                    && sid == seg.id
-                {
-                    debug_assert_eq!(off as usize, rec_data + (sp.start - h.lba) as usize * BLOCK);
-                }
-                e.data_block = (data.len() / BLOCK) as u32;
-                let from = rec_data + (sp.start - h.lba) as usize * BLOCK;
-                data.extend_from_slice(
-                    seg.bytes(from, blocks as usize * BLOCK).unwrap_or_default(),
-                );
-            }
-            entries.push(e);
-        });
         pos += rec_len;
+    }
+    let mut entries = Vec::with_capacity(newest.len());
+    let mut data = Vec::new();
+    for sp in newest.iter() {
+        let blocks = (sp.end - sp.start) as u32;
+        let (kind, data_block) = match sp.value {
+            DirtyLoc::Data { off, .. } => {
+                let at = (data.len() / BLOCK) as u32;
+                data.extend_from_slice(
+                    seg.bytes(off as usize, blocks as usize * BLOCK)
+                        .unwrap_or_default(),
+                );
+                (Kind::Data, at)
+            }
+            DirtyLoc::Zero => (Kind::Zero, 0),
+            DirtyLoc::Hole => (Kind::Hole, 0),
+        };
+        entries.push(IndexEntry {
+            lba: sp.start,
+            seq: sp.seq,
+            blocks,
+            data_block,
+            kind,
+        });
     }
     (entries, data)
 }
 
 async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
-    let (entries, data) = pack(inner, seg);
+    let stored_seq = inner.map.read_locked().max_seq;
+    let (entries, data) = pack(seg, stored_seq);
     let chunk_id = if entries.is_empty() {
         None
     } else {
@@ -177,36 +173,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
             (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64,
         ))
     };
-    {
-        let mut d = inner.dirty.write_locked();
-        let mut m = inner.map.write_locked();
-        if let Some((id, data_start)) = chunk_id {
-            m.chunks.insert(
-                id,
-                ChunkInfo {
-                    data_start,
-                    data_blocks: (data.len() / BLOCK) as u32,
-                    live: 0,
-                },
-            );
-            m.apply_chunk(id, &entries);
-        }
-        let mut gone = Vec::new();
-        for e in &entries {
-            d.map.for_each_in(e.lba, e.lba + u64::from(e.blocks), |sp| {
-                if sp.seq == e.seq {
-                    gone.push((sp.start, sp.end));
-                }
-            });
-        }
-        for (s, e) in gone {
-            d.map.remove(s, e, |_| {});
-        }
-        d.segments.remove(&seg.id);
-        d.backlog = d.backlog.saturating_sub(seg.len() as u64);
-        let seq = seg.last_seq.load(Ordering::Acquire);
-        m.max_seq = m.max_seq.max(seq);
-    }
+    publish(inner, seg, chunk_id, &entries, (data.len() / BLOCK) as u32);
     if let Some((id, _)) = chunk_id {
         for e in entries.iter().filter(|e| e.kind == Kind::Data) {
             let at = e.data_block as usize * BLOCK;
@@ -230,6 +197,59 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
         warn!(path = %path.display(), "cannot remove uploaded WAL segment: {e}");
     }
     true
+}
+
+/// Index entries applied to the map, or taken out of the write-ahead
+/// layer, under one hold of its lock: the reactors wait while it is held,
+/// and the uploader runs at a lower priority than they do.
+const PUBLISH_BATCH: usize = 64;
+
+/// Moves an uploaded segment's blocks from the write-ahead layer to the
+/// map: into the map first, then out of the write-ahead layer, then the
+/// segment itself, each in short holds of the locks. Reads stay right in
+/// between: the write-ahead layer wins over the map, and holds the same
+/// blocks until they are in the map; a block a later write changed keeps
+/// that write's (newer) sequence number and is left alone.
+fn publish(
+    inner: &Inner,
+    seg: &Segment,
+    chunk: Option<(u64, u64)>,
+    entries: &[IndexEntry],
+    data_blocks: u32,
+) {
+    if let Some((id, data_start)) = chunk {
+        inner.map.write_locked().chunks.insert(
+            id,
+            ChunkInfo {
+                data_start,
+                data_blocks,
+                live: 0,
+            },
+        );
+        for batch in entries.chunks(PUBLISH_BATCH) {
+            inner.map.write_locked().apply_chunk(id, batch);
+        }
+    }
+    let mut gone = Vec::new();
+    for batch in entries.chunks(PUBLISH_BATCH) {
+        let mut d = inner.dirty.write_locked();
+        for e in batch {
+            d.map.for_each_in(e.lba, e.lba + u64::from(e.blocks), |sp| {
+                if sp.seq == e.seq {
+                    gone.push((sp.start, sp.end));
+                }
+            });
+        }
+        for (s, e) in gone.drain(..) {
+            d.map.remove(s, e, |_| {});
+        }
+    }
+    let mut d = inner.dirty.write_locked();
+    let mut m = inner.map.write_locked();
+    d.segments.remove(&seg.id);
+    d.backlog = d.backlog.saturating_sub(seg.len() as u64);
+    let seq = seg.last_seq.load(Ordering::Acquire);
+    m.max_seq = m.max_seq.max(seq);
 }
 
 /// Writes the whole map as a checkpoint and prunes all but the two newest.
