@@ -357,9 +357,8 @@ pub(super) fn read_ahead(inner: &Arc<Inner>, from: u64, to: u64) {
 fn plan(inner: &Inner, from: u64, to: u64) -> Vec<Run> {
     let mut aux = Vec::new();
     {
-        let d = inner.dirty.read_locked();
-        let m = inner.map.read_locked();
-        resolve(&d, &m, from, to, |s, e, src| {
+        let (d, m) = inner.layers(from, to);
+        resolve(d.as_deref(), &m, from, to, |s, e, src| {
             if let Source::Mapped(Mapping::Chunk { id, block }) = src {
                 inner.cache.probe_run(id, block, (e - s) as u32, |i| {
                     push_missing(&mut aux, (s - from) as u32 + i, id, block + i)

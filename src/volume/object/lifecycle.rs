@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::cache::BlockCache;
+use super::dirty_filter::DirtyFilter;
 use super::fill::Fill;
 use super::layout::{self, Keys, WriterLock};
 use super::recovery::{load_map, replay_wal};
@@ -207,6 +208,7 @@ async fn open(
         keys,
         cache: BlockCache::new(budget),
         wal: Wal::new(wal_dir, synced),
+        dirty_filter: DirtyFilter::new(!opts.read_only),
         dirty: RwLock::new(dirty),
         map: RwLock::new(mapped),
         upload_wake: tokio::sync::Notify::new(),
@@ -225,6 +227,10 @@ async fn open(
         gc: tokio::sync::Mutex::new(()),
         resize_hooks: Mutex::new(Vec::new()),
     });
+    // Replayed records wait for upload like appended ones.
+    for seg in inner.dirty.read_locked().segments.values() {
+        seg.for_each_record(|h| inner.dirty_filter.add(h.lba, u64::from(h.blocks)));
+    }
     let (wal_thread, uploader) = if inner.read_only {
         (None, None)
     } else {

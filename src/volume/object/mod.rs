@@ -17,6 +17,7 @@ pub mod admin;
 mod background;
 pub mod cache;
 pub mod clone;
+mod dirty_filter;
 mod error;
 mod extent_map;
 mod fill;
@@ -74,6 +75,8 @@ pub(crate) struct Inner {
     opts: ObjectOptions,
     /// Records not yet in a chunk: what the write path appends to.
     dirty: RwLock<Dirty>,
+    /// Where `dirty` may hold blocks: reads elsewhere skip its lock.
+    dirty_filter: dirty_filter::DirtyFilter,
     /// What the chunks say: where the read path looks after `dirty`.
     map: RwLock<Mapped>,
     cache: BlockCache,

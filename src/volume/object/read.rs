@@ -3,6 +3,7 @@
 //! (`fill`: exact ranged GETs, read-ahead, fetches in flight shared) and
 //! cached. Also block status and NBD_CMD_CACHE, which walk the same layers.
 
+use std::sync::RwLockReadGuard;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
@@ -11,10 +12,27 @@ use bytes::Bytes;
 use super::fill::{self, Run};
 use super::format::BLOCK;
 use super::state::{Dirty, DirtyLoc, Mapped, Mapping};
-use super::{ObjectVolume, RequestError, STAGE_FETCH};
+use super::{Inner, ObjectVolume, RequestError, STAGE_FETCH};
 use crate::lock::RwLockExt;
 use crate::runtime::runtime;
 use crate::volume::{Ctx, Extent, Io, MAX_EXTENTS, VolumeError};
+
+impl Inner {
+    /// The layers a read of blocks [lba0, end) looks in, locked for
+    /// reading in the order every reader takes them: the write-ahead layer
+    /// only if records waiting for upload may touch the range.
+    pub(super) fn layers(
+        &self,
+        lba0: u64,
+        end: u64,
+    ) -> (
+        Option<RwLockReadGuard<'_, Dirty>>,
+        RwLockReadGuard<'_, Mapped>,
+    ) {
+        let d = (!self.dirty_filter.clean(lba0, end)).then(|| self.dirty.read_locked());
+        (d, self.map.read_locked())
+    }
+}
 
 /// Which layer answers for a range of blocks.
 pub(super) enum Source {
@@ -27,9 +45,10 @@ pub(super) enum Source {
 }
 
 /// Calls `f(start, end, source)` for consecutive ranges covering blocks
-/// [lba0, end), in order: the write-ahead layer wins over the map.
+/// [lba0, end), in order: the write-ahead layer (if given) wins over the
+/// map.
 pub(super) fn resolve(
-    d: &Dirty,
+    d: Option<&Dirty>,
     m: &Mapped,
     lba0: u64,
     end: u64,
@@ -37,13 +56,15 @@ pub(super) fn resolve(
 ) {
     let mut b = lba0;
     while b < end {
-        if let Some(sp) = d.map.get(b) {
+        if let Some(sp) = d.and_then(|d| d.map.get(b)) {
             let stop = sp.end.min(end);
             f(b, stop, Source::Dirty(sp.value));
             b = stop;
             continue;
         }
-        let limit = d.map.next_start(b).map_or(end, |n| n.min(end));
+        let limit = d
+            .and_then(|d| d.map.next_start(b))
+            .map_or(end, |n| n.min(end));
         let mut cur = b;
         m.map.for_each_in(b, limit, |sp| {
             if sp.start > cur {
@@ -68,15 +89,14 @@ impl ObjectVolume {
         let end = lba0 + io.len / BLOCK as u64;
         let buf = io.buf.as_mut_slice();
         let missing = &mut io.aux;
-        let d = inner.dirty.read_locked();
-        let m = inner.map.read_locked();
-        resolve(&d, &m, lba0, end, |s, e, src| {
+        let (d, m) = inner.layers(lba0, end);
+        let d = d.as_deref();
+        resolve(d, &m, lba0, end, |s, e, src| {
             let out = &mut buf[(s - lba0) as usize * BLOCK..(e - lba0) as usize * BLOCK];
             match src {
                 Source::Dirty(DirtyLoc::Data { seg, off }) => {
                     match d
-                        .segments
-                        .get(&seg)
+                        .and_then(|d| d.segments.get(&seg))
                         .and_then(|sg| sg.bytes(off as usize, out.len()))
                     {
                         Some(src) => out.copy_from_slice(src),
@@ -173,10 +193,9 @@ impl ObjectVolume {
     pub(super) fn block_status(&self, io: &mut Io) {
         let lba0 = io.offset / BLOCK as u64;
         let end = lba0 + io.len / BLOCK as u64;
-        let d = self.inner.dirty.read_locked();
-        let m = self.inner.map.read_locked();
+        let (d, m) = self.inner.layers(lba0, end);
         let ext = &mut io.extents;
-        resolve(&d, &m, lba0, end, |s, e, src| {
+        resolve(d.as_deref(), &m, lba0, end, |s, e, src| {
             // Past the limit, what was found is a prefix; clients ask again.
             if ext.len() >= MAX_EXTENTS {
                 return;

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::format::{RecordHeader, SEGMENT_HEADER, WAL_RECORD_HEADER, decode_record_header};
 use crate::lock::MutexExt;
 
 /// A segment's bytes.
@@ -191,6 +192,24 @@ impl Segment {
     /// Log position just past the published bytes.
     pub(super) fn end_pos(&self) -> u64 {
         self.base + self.len() as u64
+    }
+
+    /// Calls `f` with the header of each record published so far, in
+    /// order (their checksums were checked when they were appended or
+    /// replayed).
+    pub(super) fn for_each_record(&self, mut f: impl FnMut(&RecordHeader)) {
+        let len = self.len();
+        let mut pos = SEGMENT_HEADER;
+        while pos < len {
+            let Some(h) = self
+                .bytes(pos, WAL_RECORD_HEADER)
+                .and_then(|b| decode_record_header(b).ok())
+            else {
+                break;
+            };
+            f(&h);
+            pos += WAL_RECORD_HEADER + h.data_len();
+        }
     }
 }
 

@@ -244,12 +244,16 @@ fn publish(
             d.map.remove(s, e, |_| {});
         }
     }
-    let mut d = inner.dirty.write_locked();
-    let mut m = inner.map.write_locked();
-    d.segments.remove(&seg.id);
-    d.backlog = d.backlog.saturating_sub(seg.len() as u64);
-    let seq = seg.last_seq.load(Ordering::Acquire);
-    m.max_seq = m.max_seq.max(seq);
+    {
+        let mut d = inner.dirty.write_locked();
+        let mut m = inner.map.write_locked();
+        d.segments.remove(&seg.id);
+        d.backlog = d.backlog.saturating_sub(seg.len() as u64);
+        let seq = seg.last_seq.load(Ordering::Acquire);
+        m.max_seq = m.max_seq.max(seq);
+    }
+    // Last: reads that then skip the write-ahead layer find it all in the map.
+    seg.for_each_record(|h| inner.dirty_filter.remove(h.lba, u64::from(h.blocks)));
 }
 
 /// Writes the whole map as a checkpoint and prunes all but the two newest.

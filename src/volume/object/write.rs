@@ -76,6 +76,7 @@ impl ObjectVolume {
                 Kind::Zero => DirtyLoc::Zero,
                 Kind::Hole => DirtyLoc::Hole,
             };
+            inner.dirty_filter.add(lba, u64::from(n));
             d.map.insert(lba, lba + u64::from(n), h.seq, loc, |_| {});
             d.next_seq += 1;
             d.appended = seg.end_pos();
