@@ -12,7 +12,7 @@
 //!         └─► objstore           object stores: S3, a directory, an S3 endpoint
 //! uring                          io_uring rings, tokens, wakers (server, volume)
 //! runtime                        background tokio runtime (control, volume, vm)
-//! error, lock, size              plain helpers anyone may use
+//! error, lock, size, latency     plain helpers anyone may use
 //! ```
 //!
 //! A lower layer that needs something from above defines a small trait
@@ -26,6 +26,7 @@
 
 pub mod control;
 pub mod error;
+pub mod latency;
 pub mod lock;
 pub mod nbd;
 pub mod objstore;
@@ -36,5 +37,6 @@ pub mod size;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 pub mod uring;
+pub mod vhost;
 pub mod vm;
 pub mod volume;

@@ -1,10 +1,12 @@
 //! `--export` specifications: `name=os,backend=file,path=disk.img,read-only`,
-//! parsed into the [`VolumeSpec`] that the control API's volumes use too.
+//! parsed into the [`VolumeSpec`] that the control API's volumes use too,
+//! plus how the export is served besides NBD (`vhost-user=PATH`).
 
 use std::path::PathBuf;
 
 use vbd::control::factory::{BackendSpec, VolumeSpec};
 use vbd::size::parse_size;
+use vbd::volume::object::Durability;
 use vbd::volume::object::cache::CacheSize;
 
 /// One parsed `--export`: a name and the volume behind it.
@@ -12,6 +14,8 @@ use vbd::volume::object::cache::CacheSize;
 pub(crate) struct ExportSpec {
     pub(crate) name: String,
     pub(crate) volume: VolumeSpec,
+    /// Also serve it as a vhost-user-blk device on this socket.
+    pub(crate) vhost_user: Option<PathBuf>,
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
@@ -35,6 +39,9 @@ impl std::str::FromStr for ExportSpec {
         let mut store = None;
         let mut volume = None;
         let mut cache = CacheSize::Default;
+        let mut vhost_user = None;
+        let mut durability = Durability::Local;
+        let mut take_over = false;
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (k, v) = item.split_once('=').unwrap_or((item, ""));
             match k {
@@ -46,6 +53,14 @@ impl std::str::FromStr for ExportSpec {
                 "direct" => direct = parse_bool(k, v)?,
                 "store" => store = Some(v.to_owned()),
                 "volume" => volume = Some(v.to_owned()),
+                "vhost-user" if !v.is_empty() => vhost_user = Some(PathBuf::from(v)),
+                "vhost-user" => {
+                    return Err(format!(
+                        "--export {s:?}: vhost-user= needs the socket path, e.g. vhost-user=/run/vbd/os.vhost"
+                    ));
+                }
+                "durability" => durability = v.parse()?,
+                "take-over" | "take_over" => take_over = parse_bool(k, v)?,
                 "cache" => {
                     cache = match v {
                         "auto" => CacheSize::Auto,
@@ -55,7 +70,7 @@ impl std::str::FromStr for ExportSpec {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown key {k:?} in --export {s:?}; known keys: name, backend, size, path, read-only, direct, store, volume, cache"
+                        "unknown key {k:?} in --export {s:?}; known keys: name, backend, size, path, read-only, direct, store, volume, cache, durability, take-over, vhost-user"
                     ));
                 }
             }
@@ -88,6 +103,8 @@ impl std::str::FromStr for ExportSpec {
                     volume: volume.unwrap_or_else(|| name.clone()),
                     cache,
                     create: size,
+                    durability,
+                    take_over,
                 },
                 other => {
                     return Err(format!(
@@ -98,6 +115,7 @@ impl std::str::FromStr for ExportSpec {
         Ok(ExportSpec {
             name,
             volume: VolumeSpec { backend, read_only },
+            vhost_user,
         })
     }
 }
@@ -126,6 +144,21 @@ mod tests {
     }
 
     #[test]
+    fn vhost_user_names_a_socket() {
+        let e: ExportSpec = "name=os,backend=file,path=os.img,vhost-user=/run/vbd/os.vhost"
+            .parse()
+            .unwrap();
+        assert_eq!(e.vhost_user, Some(PathBuf::from("/run/vbd/os.vhost")));
+        assert!(matches!(e.volume.backend, BackendSpec::File { .. }));
+        let plain: ExportSpec = "name=a,size=1M".parse().unwrap();
+        assert_eq!(plain.vhost_user, None);
+        let err = "name=a,size=1M,vhost-user"
+            .parse::<ExportSpec>()
+            .unwrap_err();
+        assert!(err.contains("socket path"), "{err}");
+    }
+
+    #[test]
     fn parses_object() {
         let o: ExportSpec = "name=os,backend=object,store=file:///s,cache=auto"
             .parse()
@@ -136,7 +169,9 @@ mod tests {
                 store: Some("file:///s".into()),
                 volume: "os".into(),
                 cache: CacheSize::Auto,
-                create: None
+                create: None,
+                durability: Durability::Local,
+                take_over: false,
             }
         );
         let o: ExportSpec = "name=a,store=s3://b,volume=v,cache=64M,size=1T"
@@ -148,8 +183,27 @@ mod tests {
                 store: Some("s3://b".into()),
                 volume: "v".into(),
                 cache: CacheSize::Bytes(64 << 20),
-                create: Some(1 << 40)
+                create: Some(1 << 40),
+                durability: Durability::Local,
+                take_over: false,
             }
+        );
+        let o: ExportSpec = "name=a,store=s3://b,durability=store,take-over"
+            .parse()
+            .unwrap();
+        assert!(matches!(
+            o.volume.backend,
+            BackendSpec::Object {
+                durability: Durability::Store,
+                take_over: true,
+                ..
+            }
+        ));
+        assert!(
+            "name=a,store=s3://b,durability=disk"
+                .parse::<ExportSpec>()
+                .unwrap_err()
+                .contains("local or store")
         );
         assert!(
             "name=a,backend=object"

@@ -133,7 +133,7 @@ pub(crate) fn delete_snapshot(
 ) -> Result<()> {
     match locate(store, volume, ctl)? {
         Route::Server { client, name } => client.delete_snapshot(&name, snap)?,
-        Route::Direct => runtime().block_on(snapshot::delete(store, volume, snap))?,
+        Route::Direct => runtime().block_on(snapshot::delete(store, volume, snap, 0))?,
     }
     Ok(())
 }

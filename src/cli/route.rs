@@ -1,7 +1,9 @@
 //! Where a lifecycle command runs: through the control API of the `vbd
 //! serve` on this host that has the volume open (so it is consistent with
 //! the writes in flight), straight on the store when nobody has it open,
-//! and nowhere when another host holds its writer lock.
+//! and nowhere when another host holds it (the holder of its newest writer
+//! generation, which did not release it, or a writer lock left by a vbd
+//! from before generations). `vbd volume release` finds its way the same.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +12,8 @@ use vbd::control::client::ControlClient;
 use vbd::control::service::default_control_socket;
 use vbd::objstore::Store;
 use vbd::runtime::runtime;
-use vbd::volume::object::layout::{self, Owner};
+use vbd::volume::object::generation;
+use vbd::volume::object::layout::{self, Keys, Owner};
 
 use super::default_socket;
 
@@ -27,15 +30,35 @@ pub(crate) enum Route {
     Direct,
 }
 
+/// The process holding `volume` for writing, if any.
+fn holder(store: &Store, volume: &str) -> Result<Option<Owner>> {
+    if let Some(o) = runtime().block_on(layout::lock_owner(store, volume))? {
+        return Ok(Some(o));
+    }
+    let h = runtime().block_on(generation::holding(store, &Keys::new(volume)))?;
+    if h.released {
+        return Ok(None);
+    }
+    match h.record {
+        Some(r) => Ok(Some(r.holder)),
+        None => bail!(
+            "volume {volume:?} is held by writer generation {}, whose record is unreadable; \
+             if its holder is gone, take the volume over with `vbd volume take-over`",
+            h.generation
+        ),
+    }
+}
+
 /// Finds who holds `volume` and how to reach them.
 pub(crate) fn locate(store: &Store, volume: &str, control: Option<&Path>) -> Result<Route> {
-    let Some(owner) = runtime().block_on(layout::lock_owner(store, volume))? else {
+    let Some(owner) = holder(store, volume)? else {
         return Ok(Route::Direct);
     };
     let me = Owner::me();
     if owner.host != me.host {
         bail!(
-            "volume {volume:?} is open for writing by pid {} on {}; run this there",
+            "volume {volume:?} is open for writing by pid {} on {}; run this there (or, if that \
+             host is gone, take the volume over with `vbd volume take-over`)",
             owner.pid,
             owner.host
         );

@@ -18,6 +18,7 @@ use vbd::control::api::ControlSocket;
 use vbd::control::factory::{BackendSpec, VolumeFactory};
 use vbd::control::metrics::{self, Sources};
 use vbd::control::service::{ControlPlane, default_control_socket};
+use vbd::control::vhost_exports::VhostExports;
 use vbd::nbd::{DEFAULT_MAX_PAYLOAD, HandshakeConfig, TlsMode};
 use vbd::server::{
     ConnConfig, DEFAULT_BUSY_POLL_US, Registry, Server, ServerConfig, SocketTuning, TlsOptions,
@@ -26,7 +27,8 @@ use vbd::server::{
 use vbd::service::activation;
 use vbd::service::notify::Notifier;
 use vbd::size::parse_size;
-use vbd::vm::config::DEFAULT_DISK_RECONNECT_DELAY_SECS;
+use vbd::vhost::device::SocketAccess;
+use vbd::vm::config::{DEFAULT_DISK_RECONNECT_DELAY_SECS, DiskTransport};
 use vbd::vm::supervisor::{SupervisorConfig, VmsOnExit};
 
 /// `vbd serve` arguments.
@@ -40,8 +42,14 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     tcp: Vec<SocketAddr>,
     /// An export: name=NAME,backend=memory|file|object[,size=1G][,path=FILE]
-    /// [,store=URL,volume=NAME,cache=SIZE|auto][,read-only][,direct=off]
-    /// (repeatable). The first export is also the default (empty name).
+    /// [,store=URL,volume=NAME,cache=SIZE|auto,durability=local|store,take-over]
+    /// [,read-only][,direct=off][,vhost-user=SOCKET] (repeatable). The first
+    /// export is also the default (empty name). durability=store: FLUSH and
+    /// FUA wait until the writes are in the object store; take-over: fence a
+    /// holder that did not release the volume (its unuploaded writes are
+    /// lost). vhost-user= serves it to QEMU as a vhost-user-blk device on
+    /// that socket too (same --socket-mode and --socket-group as the NBD
+    /// sockets).
     /// Default: a 1 GiB object volume "vbd" in the local store.
     #[arg(long, value_name = "SPEC")]
     export: Vec<ExportSpec>,
@@ -112,6 +120,11 @@ pub(crate) struct ServeArgs {
     /// disk_reconnect_delay_secs wins.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_DISK_RECONNECT_DELAY_SECS)]
     disk_reconnect_delay: u32,
+    /// How VMs' boot and data disks reach QEMU unless a VM says otherwise:
+    /// vhost-user (each disk a vhost-user-blk device whose queues run on
+    /// vbd's cores; guest RAM becomes a shared memfd) or nbd.
+    #[arg(long, value_name = "nbd|vhost-user", default_value = "vhost-user")]
+    disk_transport: DiskTransport,
     /// TLS on TCP listeners (NBD STARTTLS): off, on (offered; plaintext
     /// clients are served too) or require (plaintext clients are refused).
     /// Unix sockets offer TLS when it is on but never require it.
@@ -230,6 +243,12 @@ impl ServeArgs {
 
 /// Runs `vbd serve` until a termination signal.
 pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
+    // Block termination signals before any thread starts, so only sigwait
+    // sees them: opening an object volume starts the background runtime's
+    // threads, and a SIGTERM that reached one of those killed vbd outright
+    // (seen when a test stopped vbd right after it came up). A signal
+    // while the exports open waits until vbd is serving, which then stops.
+    signals::block_termination().context("blocking SIGTERM/SIGINT")?;
     // SAFETY: main has parsed the command line and set up logging, neither
     // of which starts a thread, so nothing else touches the environment.
     let passed = unsafe { activation::take() }.context("socket activation")?;
@@ -276,12 +295,23 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
         let export = registry.add(&spec.name, volume, spec.volume.read_only)?;
         info!(export = %export.name, size = export.info.size, read_only = export.read_only, "{}", export.description);
     }
-    // Block termination signals before any thread starts, so only sigwait sees them.
-    signals::block_termination().context("blocking SIGTERM/SIGINT")?;
     if args.stdin {
+        if exports.iter().any(|e| e.vhost_user.is_some()) {
+            warn!("--stdin serves one NBD client: vhost-user= sockets are not opened");
+        }
         return serve_one_client(cfg, registry, sockets, &notifier);
     }
     let server = Server::start_on(cfg.clone(), registry.clone(), sockets.nbd)?;
+    let vhost = Arc::new(VhostExports::new());
+    let access = SocketAccess {
+        mode: cfg.socket_mode,
+        group: cfg.socket_group,
+    };
+    for spec in &exports {
+        if let Some(path) = &spec.vhost_user {
+            vhost.start(&server.handle(), &spec.name, path, access)?;
+        }
+    }
     // The control API runs where it was asked for: on a socket passed in
     // as `control`, on --control, or beside the first --unix socket. A
     // passed NBD socket alone (libnbd starting vbd for itself) gets none.
@@ -309,9 +339,11 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
                         .unwrap_or_else(|| nbd.with_file_name("vm"));
                     let mut vms = SupervisorConfig::new(nbd.clone(), run_dir);
                     vms.disk_reconnect_delay_secs = args.disk_reconnect_delay;
+                    vms.disk_transport = args.disk_transport;
                     vms
                 },
                 factory,
+                vhost.clone(),
             )
             .context("starting the control API")?,
         ),
@@ -329,7 +361,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     };
     let sources = || match &control {
         Some(c) => c.sources.clone(),
-        None => Arc::new(Sources::server_only(server.handle())),
+        None => Arc::new(Sources::server_only(server.handle(), vhost.clone())),
     };
     let metrics = match (sockets.metrics, args.metrics) {
         (Some(_), Some(addr)) => {
@@ -348,7 +380,7 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
     // On stdout for people and scripts; but a server started with sockets
     // passed in shares stdout with whoever started it (nbdinfo's output,
     // say), so then they only go to the log.
-    for url in urls(&cfg, &server, &registry) {
+    for url in urls(&cfg, &server, &registry, &vhost) {
         if passed_any {
             info!(%url, "serving");
         } else {
@@ -372,7 +404,11 @@ pub(crate) fn run(mut args: ServeArgs) -> Result<()> {
             args.vms_on_exit.into(),
             Duration::from_secs(args.vm_stop_grace),
         )?,
-        None => server.stop()?,
+        None => {
+            // Queues finish their requests on the cores before the cores stop.
+            vhost.stop_all();
+            server.stop()?
+        }
     }
     Ok(())
 }
@@ -421,8 +457,13 @@ fn serve_one_client(
     Ok(())
 }
 
-/// One NBD URL per export and listener.
-fn urls(cfg: &ServerConfig, server: &Server, registry: &Registry) -> Vec<String> {
+/// One NBD URL per export and listener, then each vhost-user socket.
+fn urls(
+    cfg: &ServerConfig,
+    server: &Server,
+    registry: &Registry,
+    vhost: &VhostExports,
+) -> Vec<String> {
     let mut out = Vec::new();
     for path in server.unix_paths() {
         for e in registry.all() {
@@ -435,6 +476,12 @@ fn urls(cfg: &ServerConfig, server: &Server, registry: &Registry) -> Vec<String>
                 out.push(format!("{scheme}://{addr}/{}", e.name));
             }
         }
+    }
+    for (name, device) in vhost.list() {
+        out.push(format!(
+            "vhost-user-blk {} export={name}",
+            device.socket.display()
+        ));
     }
     out
 }

@@ -94,6 +94,7 @@ fn render_text(s: &Status) -> String {
             );
         }
     }
+    render_vhost(&mut o, s);
     let _ = writeln!(o, "\nCONNECTIONS");
     if s.connections.is_empty() {
         let _ = writeln!(o, "  (none)");
@@ -139,6 +140,47 @@ fn render_text(s: &Status) -> String {
     o
 }
 
+/// The exports also served over vhost-user, and their queues' counters.
+fn render_vhost(o: &mut String, s: &Status) {
+    let devices: Vec<_> = s
+        .exports
+        .iter()
+        .filter_map(|e| e.vhost_user.as_ref().map(|v| (&e.name, v)))
+        .collect();
+    if devices.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "\nVHOST-USER");
+    let _ = writeln!(
+        o,
+        "{:<20} {:<9} {:>7}  SOCKET",
+        "EXPORT", "FRONTEND", "QUEUES"
+    );
+    for (name, v) in devices {
+        let _ = writeln!(
+            o,
+            "{:<20} {:<9} {:>7}  {}",
+            name,
+            if v.attached { "attached" } else { "-" },
+            format!("{}/{}", v.queues_running, v.queues_offered),
+            v.socket
+        );
+        for q in &v.queues {
+            let core = q.core.map_or("-".to_owned(), |c| c.to_string());
+            let _ = writeln!(
+                o,
+                "  queue {:<3} core {:<3} {:>10} requests {:>10} read {:>10} written {:>7} errors",
+                q.index,
+                core,
+                q.requests,
+                human_bytes(q.bytes_read),
+                human_bytes(q.bytes_written),
+                q.errors
+            );
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -179,7 +221,7 @@ fn adoption_text(v: &VmInfo, adopted_at_ms: u64, now_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vbd::control::model::{ConnSummary, ExportStatus};
+    use vbd::control::model::{ConnSummary, ExportStatus, VhostQueueStatus, VhostUserStatus};
 
     #[test]
     fn text_names_exports_connections_and_vms() {
@@ -195,6 +237,20 @@ mod tests {
                 size: 1 << 30,
                 read_only: false,
                 connections: 1,
+                vhost_user: Some(VhostUserStatus {
+                    socket: "/run/vbd/disk0.vhost".into(),
+                    attached: true,
+                    queues_offered: 16,
+                    queues_running: 2,
+                    queues: vec![VhostQueueStatus {
+                        index: 1,
+                        core: Some(1),
+                        requests: 42,
+                        errors: 0,
+                        bytes_read: 8192,
+                        bytes_written: 0,
+                    }],
+                }),
             }],
             connections: vec![ConnSummary {
                 core: 1,
@@ -216,6 +272,11 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("VMS\n  (none)"), "{t}");
+        assert!(
+            t.contains("attached") && t.contains("2/16") && t.contains("/run/vbd/disk0.vhost"),
+            "{t}"
+        );
+        assert!(t.contains("queue 1") && t.contains("42 requests"), "{t}");
     }
 
     #[test]

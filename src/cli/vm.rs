@@ -10,8 +10,8 @@ use serde_json::Value;
 use super::{ControlArg, print};
 use vbd::control::client::ControlClient;
 use vbd::control::model::{
-    Accel, AttachRequest, CloneRequest, CreateVolume, Disk, DiskInfo, DiskTuning, MAX_READ,
-    ResizeRequest, Role, Source, VmConfig, VmInfo, VmState, VolumeListing,
+    Accel, AttachRequest, CloneRequest, CreateVolume, Disk, DiskInfo, DiskTransport, DiskTuning,
+    MAX_READ, ResizeRequest, Role, Source, VmConfig, VmInfo, VmState, VolumeListing,
 };
 use vbd::size::parse_size;
 
@@ -113,6 +113,12 @@ struct RunArgs {
     /// it (default: vbd serve's --disk-reconnect-delay); 0 fails at once.
     #[arg(long, value_name = "SECS")]
     disk_reconnect_delay: Option<u32>,
+    /// How boot and data disks reach QEMU: vhost-user (vbd serves the
+    /// guest's virtqueues from shared memory) or nbd (QEMU's NBD client).
+    /// Default: vbd serve's --disk-transport. Cloud-init and EFI volumes
+    /// are NBD either way.
+    #[arg(long, value_name = "nbd|vhost-user")]
+    disk_transport: Option<DiskTransport>,
 }
 
 /// Parses a `--volume` spec; `first` picks the default role.
@@ -162,6 +168,7 @@ impl RunArgs {
         };
         cfg.qemu = self.qemu.clone();
         cfg.disk_reconnect_delay_secs = self.disk_reconnect_delay;
+        cfg.disk_transport = self.disk_transport;
         Ok(cfg)
     }
 }

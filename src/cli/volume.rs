@@ -1,18 +1,25 @@
 //! `vbd volume`: create, list, inspect and delete object-store volumes,
-//! straight in the store (no running vbd needed), and their lifecycle
+//! straight in the store (no running vbd needed), their lifecycle
 //! (import, export, snapshots, clones, resize), which goes through a
-//! running `vbd serve` that has the volume open (see `lifecycle`).
-
-use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+//! running `vbd serve` that has the volume open (see `lifecycle`), and
+//! their moves between hosts: release a volume to another host (through
+//! the control API of the vbd serving it here) or take one over from a
+//! host that is gone.
 
 use std::path::PathBuf;
 
-use super::{default_store_url, lifecycle, print};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+
+use super::route::{self, Route};
+use super::{ControlArg, default_store_url, lifecycle, print};
+use vbd::control::model::ReleaseRequest;
 use vbd::objstore::Store;
 use vbd::runtime::runtime;
 use vbd::size::parse_size;
-use vbd::volume::object::{admin, snapshot};
+use vbd::volume::object::generation;
+use vbd::volume::object::layout::{Keys, default_wal_root};
+use vbd::volume::object::{ObjectOptions, admin, snapshot};
 
 #[derive(Args)]
 pub(crate) struct StoreArg {
@@ -56,6 +63,31 @@ pub(crate) enum VolumeCmd {
         #[command(flatten)]
         store: StoreArg,
         name: String,
+    },
+    /// Drain a volume's WAL to the store and release it, so another host
+    /// opens it with nothing to recover: through the control API of the vbd
+    /// on this host that serves it, or directly if its holder on this host
+    /// is gone (replaying the WAL it left here first).
+    Release {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        #[command(flatten)]
+        control: ControlArg,
+        /// Where this host keeps WALs (as `vbd serve --wal-dir`).
+        #[arg(long, value_name = "DIR")]
+        wal_dir: Option<PathBuf>,
+    },
+    /// Take a volume whose holder is gone or unreachable: fence its
+    /// generation, settle the volume at what the store holds, print what may
+    /// be lost, and release it for the next host to open.
+    TakeOver {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        /// Where this host keeps WALs (as `vbd serve --wal-dir`).
+        #[arg(long, value_name = "DIR")]
+        wal_dir: Option<PathBuf>,
     },
     /// Delete a volume and all its objects (and its snapshots), or one
     /// snapshot (NAME@SNAP). Refused while clones read through them.
@@ -183,6 +215,33 @@ pub(crate) fn run(cmd: VolumeCmd) -> Result<()> {
             let i = rt.block_on(admin::info(&store.open()?, &name))?;
             println!("{}", serde_json::to_string_pretty(&i)?);
         }
+        VolumeCmd::Release {
+            store,
+            name,
+            control,
+            wal_dir,
+        } => release(&store, &name, &control, wal_dir)?,
+        VolumeCmd::TakeOver {
+            store,
+            name,
+            wal_dir,
+        } => {
+            let url = store.url();
+            let h = admin::settle(&url, &name, options(wal_dir, true))
+                .with_context(|| format!("taking over volume {name} in {url}"))?;
+            println!(
+                "took over volume {name} in {url} as generation {} ({})",
+                h.generation, h.handover
+            );
+            match &h.loss {
+                Some(loss) => println!("may be lost: {loss}"),
+                None => println!("nothing lost: the previous holder released the volume"),
+            }
+            if !h.released {
+                bail!("volume {name} could not be released after the take-over; see the log");
+            }
+            println!("released: any host can open volume {name} now");
+        }
         VolumeCmd::Delete {
             store,
             at,
@@ -282,6 +341,82 @@ pub(crate) fn run(cmd: VolumeCmd) -> Result<()> {
                 at.control.as_deref(),
             )?;
             print(s.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+fn options(wal_dir: Option<PathBuf>, take_over: bool) -> ObjectOptions {
+    ObjectOptions {
+        wal_root: wal_dir.unwrap_or_else(default_wal_root),
+        take_over,
+        ..ObjectOptions::default()
+    }
+}
+
+/// `vbd volume release`: asks the vbd on this host that holds the volume,
+/// or settles it here if that vbd is gone.
+fn release(
+    store: &StoreArg,
+    name: &str,
+    control: &ControlArg,
+    wal_dir: Option<PathBuf>,
+) -> Result<()> {
+    let url = store.url();
+    let s = store.open()?;
+    match route::locate(&s, name, control.control.as_deref())? {
+        Route::Server {
+            client,
+            name: export,
+        } => {
+            let reply = client
+                .release_volume(&ReleaseRequest {
+                    store: url.clone(),
+                    volume: name.to_owned(),
+                })
+                .with_context(|| {
+                    format!(
+                        "asking the vbd that serves volume {name} (export {export}) through {} \
+                         to release it",
+                        client.socket.display()
+                    )
+                })?;
+            match reply.outcome.as_str() {
+                "released" => println!(
+                    "released volume {name} (export {}, generation {}): any host can open it now",
+                    reply.export, reply.generation
+                ),
+                other => bail!(
+                    "volume {name} (export {}, generation {}) was not released: {other}; see the \
+                     server's log",
+                    reply.export,
+                    reply.generation
+                ),
+            }
+        }
+        Route::Direct => {
+            let h = runtime().block_on(generation::holding(&s, &Keys::new(name)))?;
+            if h.released {
+                println!(
+                    "volume {name} is not held (generation {} released it)",
+                    h.generation
+                );
+                return Ok(());
+            }
+            // Its holder was a process on this host that is gone.
+            let gone = h
+                .record
+                .map_or_else(|| "?".to_owned(), |r| r.holder.pid.to_string());
+            let settled = admin::settle(&url, name, options(wal_dir, false))
+                .with_context(|| format!("releasing volume {name} in {url}"))?;
+            if !settled.released {
+                bail!("volume {name} could not be drained to the store; see the log");
+            }
+            println!(
+                "released volume {name} (its holder, pid {gone}, is gone; generation {} drained \
+                 what it left here)",
+                settled.generation
+            );
         }
     }
     Ok(())

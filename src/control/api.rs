@@ -7,6 +7,7 @@
 //! | GET | /v1/volumes | → [VolumeListing] |
 //! | POST | /v1/volumes | CreateVolume → VolumeInfo |
 //! | DELETE | /v1/volumes/{name} | → Done (`{}`) |
+//! | POST | /v1/volumes/release | ReleaseRequest → ReleaseReply |
 //! | GET | /v1/volumes/{name}/data?offset=N&length=N | → raw bytes (≤ 1 MiB) |
 //! | GET | /v1/volumes/{name}/info | → StoreVolumeInfo (object volumes) |
 //! | GET | /v1/volumes/{name}/snapshots | → [SnapshotInfo] |
@@ -227,6 +228,9 @@ async fn route(api: &Arc<ControlApi>, req: &Request) -> Result<Response, ApiErro
         }
         ("GET", ["v1", "volumes"]) => json(200, &list_volumes(api)),
         ("POST", ["v1", "volumes"]) => json(201, &create_volume(api, &body(req)?)?),
+        ("POST", ["v1", "volumes", "release"]) => {
+            json(200, &super::release::release(api, &body(req)?)?)
+        }
         ("DELETE", ["v1", "volumes", name]) => json(200, &delete_volume(api, name)?),
         ("GET", ["v1", "volumes", name, "data"]) => read_volume(api, req, name).await,
         ("GET", ["v1", "volumes", name, "info"]) => json(200, &lifecycle::info(api, name).await?),

@@ -12,8 +12,9 @@ use thiserror::Error;
 use super::http::{self, HttpError};
 use super::model::{
     AttachRequest, CloneReply, CloneRequest, CreateVolume, DiskInfo, DiskSnapshot, Done, ErrorBody,
-    ResizeReply, ResizeRequest, SnapshotInfo, SnapshotMeta, SnapshotRequest, Status, StopOutcome,
-    StopReply, StoreVolumeInfo, VmConfig, VmInfo, VolumeInfo, VolumeListing, WorkReply,
+    ReleaseReply, ReleaseRequest, ResizeReply, ResizeRequest, SnapshotInfo, SnapshotMeta,
+    SnapshotRequest, Status, StopOutcome, StopReply, StoreVolumeInfo, VmConfig, VmInfo, VolumeInfo,
+    VolumeListing, WorkReply,
 };
 
 /// Why a control call failed.
@@ -154,6 +155,12 @@ impl ControlClient {
     pub fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
         let _: Done = self.delete(&format!("/v1/volumes/{name}"))?;
         Ok(())
+    }
+
+    /// `POST /v1/volumes/release`: drains and releases an object volume
+    /// this server serves.
+    pub fn release_volume(&self, req: &ReleaseRequest) -> Result<ReleaseReply, ClientError> {
+        self.call("POST", "/v1/volumes/release", Some(req))
     }
 
     /// `GET /v1/volumes/{name}/data`: `length` bytes (at most

@@ -46,6 +46,14 @@ pub enum ApiError {
         /// The volume's size in bytes.
         size: u64,
     },
+    /// No export or catalogued volume of this server is that object volume.
+    #[error("this vbd does not serve volume {volume:?} of store {store}")]
+    NotServed {
+        /// The store URL asked for.
+        store: String,
+        /// The volume's name in the store.
+        volume: String,
+    },
     /// Neither the catalog nor the server's exports has this name.
     #[error("no volume or export named {0:?}")]
     NoVolume(String),
@@ -106,7 +114,10 @@ impl ApiError {
             | ApiError::BadNumber(_)
             | ApiError::ReadTooLong(_)
             | ApiError::OutOfRange { .. } => 400,
-            ApiError::NoVolume(_) | ApiError::NoEndpoint(_) | ApiError::NoVm(_) => 404,
+            ApiError::NoVolume(_)
+            | ApiError::NoEndpoint(_)
+            | ApiError::NoVm(_)
+            | ApiError::NotServed { .. } => 404,
             ApiError::NotObject(_) => 400,
             ApiError::Task(_) => 500,
             ApiError::Object(e) => object_status(e),
@@ -154,7 +165,12 @@ fn object_status(e: &ObjectError) -> u16 {
     use ObjectError as O;
     match e {
         O::NoSuchVolume(_) | O::NoSuchSnapshot { .. } => 404,
-        O::Exists(_) | O::SnapshotExists { .. } | O::HasDependents { .. } | O::Locked { .. } => 409,
+        O::Exists(_)
+        | O::SnapshotExists { .. }
+        | O::HasDependents { .. }
+        | O::Locked { .. }
+        | O::Fenced { .. }
+        | O::TakingOver { .. } => 409,
         O::BadName(_)
         | O::BadSnapshotName(_)
         | O::BadSize(_)

@@ -12,7 +12,7 @@ use crate::volume::Volume;
 use crate::volume::file::{FileError, FileOptions, FileVolume};
 use crate::volume::memory::MemoryVolume;
 use crate::volume::object::cache::CacheSize;
-use crate::volume::object::{ObjectError, ObjectOptions, admin};
+use crate::volume::object::{Durability, ObjectError, ObjectOptions, admin};
 
 /// Which backend holds a volume's data, and where.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +43,10 @@ pub enum BackendSpec {
         cache: CacheSize,
         /// Bytes to create a missing volume with.
         create: Option<u64>,
+        /// What FLUSH and FUA wait for: the local WAL or the store.
+        durability: Durability,
+        /// Open even though another writer holds the volume, fencing it.
+        take_over: bool,
     },
 }
 
@@ -109,6 +113,8 @@ impl VolumeFactory {
                 volume,
                 cache,
                 create,
+                durability,
+                take_over,
             } => {
                 let store = store
                     .as_ref()
@@ -117,6 +123,8 @@ impl VolumeFactory {
                 let mut opts = ObjectOptions {
                     read_only: spec.read_only,
                     cache: *cache,
+                    durability: *durability,
+                    take_over: *take_over,
                     ..ObjectOptions::default()
                 };
                 if let Some(d) = &self.wal_root {
@@ -168,6 +176,8 @@ mod tests {
                     volume: "v".into(),
                     cache: CacheSize::Default,
                     create: Some(1 << 20),
+                    durability: Durability::Local,
+                    take_over: false,
                 },
                 read_only: false,
             })

@@ -122,6 +122,21 @@ pub(super) async fn resize(
     req: ResizeRequest,
 ) -> Result<ResizeReply, ApiError> {
     let old_size = with_object(api, name, move |o| o.resize(req.size, req.allow_shrink)).await?;
+    // A guest attached over vhost-user hears of it at once (NBD clients
+    // see the new size on their next connection).
+    match api.sources.vhost.set_capacity(name, req.size) {
+        Ok(true) => tracing::info!(
+            volume = name,
+            size = req.size,
+            "vhost-user frontend told of the resize"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            volume = name,
+            "vhost-user device not resized: {}",
+            crate::error::Chain(&e)
+        ),
+    }
     Ok(ResizeReply {
         old_size,
         size: req.size,

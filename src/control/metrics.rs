@@ -15,11 +15,13 @@ use tracing::{debug, info, warn};
 
 use super::http::{self, Response};
 use super::prometheus::{CONTENT_TYPE, Kind, Text, seconds_from_us};
+use super::vhost_exports::VhostExports;
 use super::volumes::VolumeCatalog;
 use crate::error::Chain;
 use crate::runtime::{StoppableTask, runtime};
 use crate::server::ServerHandle;
-use crate::server::metrics::{BUCKETS, OpKind, bucket_bound_us};
+use crate::server::metrics::{BUCKETS, OpKind, OpTotals, bucket_bound_us};
+use crate::vhost::metrics::{OpKind as VhostOp, QueueTotals};
 use crate::vm::supervisor::{Supervisor, VmState};
 use crate::volume::Volume;
 
@@ -31,6 +33,8 @@ pub struct Sources {
     pub supervisor: Option<Arc<Supervisor>>,
     /// Volumes created through the API; absent like the supervisor.
     pub catalog: Option<Arc<VolumeCatalog>>,
+    /// Exports served over vhost-user too.
+    pub vhost: Arc<VhostExports>,
 }
 
 /// Most scrapes served at once on the TCP listener.
@@ -40,11 +44,12 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Sources {
     /// Sources without a control plane (no VMs, no catalog).
-    pub fn server_only(server: ServerHandle) -> Self {
+    pub fn server_only(server: ServerHandle, vhost: Arc<VhostExports>) -> Self {
         Sources {
             server,
             supervisor: None,
             catalog: None,
+            vhost,
         }
     }
 
@@ -86,6 +91,7 @@ impl Sources {
         );
         self.render_connections(&mut t);
         self.render_exports(&mut t);
+        self.render_vhost(&mut t);
         self.render_volumes(&mut t);
         if let Some(sup) = &self.supervisor {
             render_vms(&mut t, sup);
@@ -197,7 +203,7 @@ impl Sources {
                 s.connections,
             );
         }
-        type Field = fn(&crate::server::metrics::OpTotals) -> u64;
+        type Field = fn(&OpTotals) -> u64;
         let counters: [(&str, &str, Field); 3] = [
             (
                 "vbd_nbd_requests_total",
@@ -235,13 +241,124 @@ impl Sources {
         );
         for (e, s) in &exports {
             for op in OpKind::ALL {
-                let o = &s.ops[op as usize];
-                t.histogram(
+                latency_histogram(
+                    t,
                     name,
                     &[("export", &e.name), ("op", op.name())],
-                    (0..BUCKETS - 1).map(|i| (seconds_from_us(bucket_bound_us(i)), o.buckets[i])),
-                    o.buckets[BUCKETS - 1],
-                    o.sum_ns as f64 / 1e9,
+                    &s.ops[op as usize],
+                );
+            }
+        }
+    }
+
+    /// Exports served over vhost-user: whether a frontend is attached, its
+    /// queues, and per-queue counters and latencies like NBD's (only queues
+    /// that run now or have served, so 16 idle queues add no lines).
+    fn render_vhost(&self, t: &mut Text) {
+        let devices = self.vhost.list();
+        if devices.is_empty() {
+            return;
+        }
+        t.family(
+            "vbd_vhost_frontend_attached",
+            Kind::Gauge,
+            "1 when a vhost-user frontend (a VM's QEMU) is connected to the export's device.",
+        );
+        for (name, d) in &devices {
+            t.sample(
+                "vbd_vhost_frontend_attached",
+                &[("export", name)],
+                u8::from(d.attached),
+            );
+        }
+        t.family(
+            "vbd_vhost_queues",
+            Kind::Gauge,
+            "vhost-user queues of each export's device: offered, and running for the attached frontend.",
+        );
+        for (name, d) in &devices {
+            t.sample(
+                "vbd_vhost_queues",
+                &[("export", name), ("state", "offered")],
+                d.num_queues,
+            );
+            t.sample(
+                "vbd_vhost_queues",
+                &[("export", name), ("state", "running")],
+                d.running_queues,
+            );
+        }
+        let queues: Vec<(&str, String, &QueueTotals)> = devices
+            .iter()
+            .flat_map(|(name, d)| {
+                d.queues
+                    .iter()
+                    .filter(|q| q.core.is_some() || q.requests() > 0 || q.kicks > 0)
+                    .map(move |q| (name.as_str(), q.index.to_string(), q))
+            })
+            .collect();
+        type QueueField = fn(&QueueTotals) -> u64;
+        let per_queue: [(&str, &str, QueueField); 2] = [
+            (
+                "vbd_vhost_kicks_total",
+                "Kicks (guest notifications) each vhost-user queue has taken.",
+                |q| q.kicks,
+            ),
+            (
+                "vbd_vhost_interrupts_total",
+                "Interrupts (call eventfd writes) each vhost-user queue has sent.",
+                |q| q.calls,
+            ),
+        ];
+        for (name, help, field) in per_queue {
+            t.family(name, Kind::Counter, help);
+            for (export, index, q) in &queues {
+                t.sample(name, &[("export", export), ("queue", index)], field(q));
+            }
+        }
+        type Field = fn(&OpTotals) -> u64;
+        let counters: [(&str, &str, Field); 3] = [
+            (
+                "vbd_vhost_requests_total",
+                "vhost-user-blk requests answered, by export, queue and op.",
+                |o| o.requests,
+            ),
+            (
+                "vbd_vhost_request_errors_total",
+                "vhost-user-blk requests answered with an error status, by export, queue and op.",
+                |o| o.errors,
+            ),
+            (
+                "vbd_vhost_request_bytes_total",
+                "Bytes covered by successful vhost-user-blk requests, by export, queue and op.",
+                |o| o.bytes,
+            ),
+        ];
+        for (name, help, field) in counters {
+            t.family(name, Kind::Counter, help);
+            for (export, index, q) in &queues {
+                for op in VhostOp::ALL {
+                    t.sample(
+                        name,
+                        &[("export", export), ("queue", index), ("op", op.name())],
+                        field(&q.ops[op as usize]),
+                    );
+                }
+            }
+        }
+        let name = "vbd_vhost_request_duration_seconds";
+        t.family(
+            name,
+            Kind::Histogram,
+            "Time from a vhost-user-blk request leaving the avail ring to its used entry, by export, queue and op.",
+        );
+        for (export, index, q) in &queues {
+            for op in VhostOp::ALL {
+                latency_histogram(
+                    t,
+                    name,
+                    &[("export", export), ("queue", index), ("op", op.name())],
+                    &q.ops[op as usize],
                 );
             }
         }
@@ -413,6 +530,17 @@ impl Sources {
             }
         }
     }
+}
+
+/// One op's latency histogram in seconds, from the shared log2 buckets.
+fn latency_histogram(t: &mut Text, name: &str, labels: &[(&str, &str)], o: &OpTotals) {
+    t.histogram(
+        name,
+        labels,
+        (0..BUCKETS - 1).map(|i| (seconds_from_us(bucket_bound_us(i)), o.buckets[i])),
+        o.buckets[BUCKETS - 1],
+        o.sum_ns as f64 / 1e9,
+    );
 }
 
 fn render_vms(t: &mut Text, sup: &Supervisor) {

@@ -3,9 +3,12 @@
 //! `http` the small HTTP/1.1 both ends speak, `client` the blocking client
 //! the CLI uses), the volumes it manages (`volumes`, opened through
 //! `factory` like `vbd serve --export`'s), the supervisor's view of them
-//! (`vm_volumes`), their snapshots, clones and resizes (`lifecycle`), what `/metrics` (`metrics`, `prometheus`) and
-//! `/v1/status` (`status`) report, and `service`, which starts it all beside
-//! the NBD server. It runs on [`crate::runtime`], beside the reactors, never
+//! (`vm_volumes`), their snapshots, clones and resizes (`lifecycle`),
+//! `release` (an object volume drained and handed to another host), what
+//! `/metrics` (`metrics`, `prometheus`) and `/v1/status` (`status`) report,
+//! `vhost_exports` (exports served over vhost-user too, their queues on the
+//! server's cores), and `service`, which starts it all beside the NBD
+//! server. It runs on [`crate::runtime`], beside the reactors, never
 //! on them.
 
 pub mod api;
@@ -17,7 +20,9 @@ mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod prometheus;
+pub mod release;
 pub mod service;
 pub mod status;
+pub mod vhost_exports;
 pub mod vm_volumes;
 pub mod volumes;

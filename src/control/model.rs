@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use crate::server::ConnSummary;
-pub use crate::vm::config::{Accel, Disk, DiskTuning, Role, Source, VmConfig};
+pub use crate::vm::config::{Accel, Disk, DiskTransport, DiskTuning, Role, Source, VmConfig};
 pub use crate::vm::supervisor::{DiskInfo, DiskReconnect, StopOutcome, VmInfo, VmState, VmsOnExit};
 pub use crate::volume::object::admin::VolumeInfo as StoreVolumeInfo;
 pub use crate::volume::object::snapshot::{SnapshotInfo, SnapshotMeta};
@@ -160,6 +160,29 @@ pub struct StopReply {
     pub outcome: StopOutcome,
 }
 
+/// `POST /v1/volumes/release`: the object volume to drain and release, so
+/// that another host can open it with nothing to recover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    /// The store's URL, as the volume was opened with.
+    pub store: String,
+    /// The volume's name in the store.
+    pub volume: String,
+}
+
+/// What `POST /v1/volumes/release` did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReply {
+    /// The export or catalog name it was served under (now removed).
+    pub export: String,
+    /// The writer generation that held it.
+    pub generation: u64,
+    /// `released` (another host may open it), `held` (acknowledged writes
+    /// could not be uploaded: it stays this host's), or `fenced` (another
+    /// host had already taken it over).
+    pub outcome: String,
+}
+
 /// The `{}` that a successful delete or detach returns.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Done {}
@@ -205,6 +228,41 @@ pub struct ExportStatus {
     pub read_only: bool,
     /// Connections attached now.
     pub connections: u64,
+    /// Its vhost-user-blk device, when it has one (`vhost-user=PATH`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<VhostUserStatus>,
+}
+
+/// An export's vhost-user-blk device, as the status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserStatus {
+    /// The socket QEMU connects to.
+    pub socket: String,
+    /// A frontend (a VM's QEMU) is connected now.
+    pub attached: bool,
+    /// Queues the device offers.
+    pub queues_offered: u16,
+    /// Queues the attached frontend runs now.
+    pub queues_running: u16,
+    /// Every queue that runs now or has served requests since vbd started.
+    pub queues: Vec<VhostQueueStatus>,
+}
+
+/// One virtqueue's counters since vbd started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostQueueStatus {
+    /// The queue's number.
+    pub index: u16,
+    /// The core serving it, while it runs.
+    pub core: Option<usize>,
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests answered with an error (refusals included).
+    pub errors: u64,
+    /// Bytes read by the guest.
+    pub bytes_read: u64,
+    /// Bytes written by the guest.
+    pub bytes_written: u64,
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tracing::info;
 use super::api::{ControlApi, ControlServer, ControlSocket, serve};
 use super::factory::VolumeFactory;
 use super::metrics::Sources;
+use super::vhost_exports::VhostExports;
 use super::vm_volumes::CatalogExports;
 use super::volumes::VolumeCatalog;
 use crate::runtime::runtime;
@@ -37,19 +38,25 @@ impl ControlPlane {
     /// passed in) for the running NBD server `nbd`; VMs run as `vms` says
     /// (their disks on its NBD socket, their run files under its run
     /// directory); volumes created through the API open through `factory`,
-    /// the same one `vbd serve --export` used. VMs an earlier vbd left
-    /// running are adopted before the API answers.
+    /// the same one `vbd serve --export` used; `vhost` holds the exports'
+    /// vhost-user devices. VMs an earlier vbd left running are adopted
+    /// before the API answers.
     pub fn start(
         nbd: ServerHandle,
         control: ControlSocket,
         vms: SupervisorConfig,
         factory: VolumeFactory,
+        vhost: Arc<VhostExports>,
     ) -> std::io::Result<ControlPlane> {
         let catalog = Arc::new(VolumeCatalog::with_factory(factory));
         let registry = nbd.registry.clone();
         let supervisor = Supervisor::new(
             vms,
-            Arc::new(CatalogExports::new(registry.clone(), catalog.clone())),
+            Arc::new(CatalogExports::new(
+                nbd.clone(),
+                catalog.clone(),
+                vhost.clone(),
+            )),
         );
         let sup = supervisor.clone();
         let adopted = runtime().block_on(async move { sup.adopt_all().await });
@@ -60,6 +67,7 @@ impl ControlPlane {
             server: nbd,
             supervisor: Some(supervisor.clone()),
             catalog: Some(catalog.clone()),
+            vhost,
         });
         let api = Arc::new(ControlApi {
             supervisor: supervisor.clone(),
@@ -78,8 +86,10 @@ impl ControlPlane {
 
     /// Stops vbd in order: closes the control socket; stops every VM
     /// (each gets `grace` to power off), or with [`VmsOnExit::Keep`]
-    /// leaves them running for the next vbd; stops the NBD server, which
-    /// finishes and flushes in-flight requests and shuts its volumes down;
+    /// leaves them running for the next vbd; stops the vhost-user devices
+    /// (their queues finish what is in flight on the cores, so before the
+    /// cores stop); stops the NBD server, which finishes and flushes
+    /// in-flight requests and shuts its volumes down;
     /// then shuts the catalog's other volumes down (an object volume
     /// drains its WAL to the store and releases its lock).
     pub fn shutdown(
@@ -96,6 +106,7 @@ impl ControlPlane {
                 VmsOnExit::Keep => sup.release_all(grace).await,
             }
         });
+        self.sources.vhost.stop_all();
         let stopped = server.stop();
         self.catalog.shutdown_all();
         stopped

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::metrics::Sources;
-use super::model::{ExportStatus, Status};
+use super::model::{ExportStatus, Status, VhostQueueStatus, VhostUserStatus};
+use crate::vhost::metrics::{DeviceStatus, OpKind};
 
 /// How long the cores get to describe their connections.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -18,6 +19,7 @@ pub async fn gather(sources: &Arc<Sources>) -> Status {
         .await
         .unwrap_or_default();
     let s = &sources.server;
+    let devices = sources.vhost.list();
     let exports = s
         .registry
         .all()
@@ -29,6 +31,10 @@ pub async fn gather(sources: &Arc<Sources>) -> Status {
             size: e.volume.size(),
             read_only: e.read_only,
             connections: e.metrics.totals().connections,
+            vhost_user: devices
+                .iter()
+                .find(|(n, _)| *n == e.name)
+                .map(|(_, d)| vhost_status(d)),
         })
         .collect();
     Status {
@@ -43,5 +49,28 @@ pub async fn gather(sources: &Arc<Sources>) -> Status {
             .as_ref()
             .map(|sup| sup.list())
             .unwrap_or_default(),
+    }
+}
+
+/// A device's status, listing only the queues that run or have served.
+fn vhost_status(d: &DeviceStatus) -> VhostUserStatus {
+    VhostUserStatus {
+        socket: d.socket.display().to_string(),
+        attached: d.attached,
+        queues_offered: d.num_queues,
+        queues_running: d.running_queues,
+        queues: d
+            .queues
+            .iter()
+            .filter(|q| q.core.is_some() || q.requests() > 0)
+            .map(|q| VhostQueueStatus {
+                index: q.index,
+                core: q.core,
+                requests: q.requests(),
+                errors: q.ops.iter().map(|o| o.errors).sum(),
+                bytes_read: q.ops[OpKind::Read as usize].bytes,
+                bytes_written: q.ops[OpKind::Write as usize].bytes,
+            })
+            .collect(),
     }
 }

@@ -14,6 +14,7 @@ use crate::lock::MutexExt;
 use crate::server::registry::valid_name;
 use crate::size::{SizeError, parse_size};
 use crate::volume::Volume;
+use crate::volume::object::Durability;
 use crate::volume::object::cache::CacheSize;
 
 pub use super::model::{CreateVolume, VolumeInfo};
@@ -127,6 +128,18 @@ fn spec(req: &CreateVolume) -> Result<VolumeSpec, VolumeStoreError> {
                     Some(_) => return Err(invalid("cache must be a size or \"auto\"".into())),
                 },
                 create: req.size,
+                durability: match req.options.get("durability") {
+                    None => Durability::Local,
+                    Some(Value::String(s)) => s.parse().map_err(invalid)?,
+                    Some(_) => {
+                        return Err(invalid("durability must be \"local\" or \"store\"".into()));
+                    }
+                },
+                take_over: match req.options.get("take_over") {
+                    None => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(invalid("take_over must be true or false".into())),
+                },
             }
         }
         other => return Err(VolumeStoreError::UnknownBackend(other.to_owned())),
@@ -356,6 +369,8 @@ mod tests {
                     volume: "v".into(),
                     cache: CacheSize::Bytes(64 << 20),
                     create: Some(4096),
+                    durability: Durability::Local,
+                    take_over: false,
                 },
                 read_only: true,
             }

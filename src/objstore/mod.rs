@@ -3,6 +3,8 @@
 //! configured from the environment or an AWS credentials file, never argv),
 //! plus the embedded S3 endpoint (`server`, behind the `s3-server` feature).
 
+#[cfg(feature = "s3-server")]
+mod atomic_create;
 pub mod credentials;
 pub mod faults;
 #[cfg(feature = "s3-server")]
@@ -319,15 +321,36 @@ impl Store {
 
     /// Keys (relative to the store) and sizes under `prefix`, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let listed = self.list_modified(prefix).await?;
+        Ok(listed.into_iter().map(|l| (l.key, l.size)).collect())
+    }
+
+    /// Whether an object exists (a HEAD request).
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.check(key)?;
+        match self.inner.head(&Path::from(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(StoreError::from_os(key, e)),
+        }
+    }
+
+    /// Like [`Store::list`], with each object's last-modified time in seconds
+    /// since the Unix epoch (what a take-over reports about its predecessor).
+    pub async fn list_modified(&self, prefix: &str) -> Result<Vec<Listed>, StoreError> {
         self.check(prefix)?;
         let p = Path::from(prefix);
         let mut stream = self.inner.list(Some(&p));
         let mut out = Vec::new();
         while let Some(item) = stream.next().await {
             let meta = item.map_err(|e| StoreError::from_os(prefix, e))?;
-            out.push((meta.location.to_string(), meta.size));
+            out.push(Listed {
+                key: meta.location.to_string(),
+                size: meta.size,
+                modified_unix: meta.last_modified.timestamp(),
+            });
         }
-        out.sort();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 
@@ -348,6 +371,17 @@ impl Store {
         out.sort();
         Ok(out)
     }
+}
+
+/// One object of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// The key, relative to the store.
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// Last modified, in seconds since the Unix epoch.
+    pub modified_unix: i64,
 }
 
 /// An S3 client configured from the environment, then from an AWS

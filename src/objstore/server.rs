@@ -1,8 +1,10 @@
 //! The embedded S3-compatible endpoint: `s3s` over `s3s-fs`, with SigV4
 //! authentication, serving a directory whose subdirectories are buckets.
 //! One node can serve its objects to others, and the tests exercise the
-//! real S3 protocol through it. GET bodies are read in one go
-//! (`ranged_reads`), which s3s-fs alone streams 4 KiB at a time.
+//! real S3 protocol through it. Create-if-absent PUTs are atomic here
+//! (`atomic_create`), which s3s-fs alone does not make them, and GET bodies
+//! are read in one go (`ranged_reads`), which s3s-fs alone streams 4 KiB at
+//! a time.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
+use super::atomic_create::AtomicCreate;
 use super::credentials::Credentials;
 use super::ranged_reads::RangedReads;
 
@@ -89,7 +92,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Endpoint, ServerError> {
             .source()
             .map_or_else(|| "unknown error".to_owned(), |s| s.to_string()),
     })?;
-    let mut b = S3ServiceBuilder::new(RangedReads::new(fs, root));
+    let mut b = S3ServiceBuilder::new(RangedReads::new(AtomicCreate::new(fs), root));
     b.set_auth(SimpleAuth::from_single(
         cfg.credentials.access_key_id.clone(),
         cfg.credentials.secret_access_key.clone(),

@@ -1,7 +1,8 @@
 //! Request metrics kept on the hot path without locks or allocation: every
 //! export has one block of counters per core, written only by that core's
 //! reactor (plain relaxed load and store, no read-modify-write), and summed
-//! only when someone scrapes. Latencies go into fixed log2 buckets.
+//! only when someone scrapes. Latencies go into [`crate::latency`]'s log2
+//! buckets.
 
 use crate::lock::MutexExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +11,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::latency::{BUCKETS, OpTotals, bucket_bound_us};
+use crate::latency::{OpCounters, bump};
 use crate::nbd::request::Command;
 
 /// Kinds of request, as metrics label them.
@@ -78,21 +81,6 @@ impl OpKind {
     }
 }
 
-/// Latency buckets: bucket `i < BUCKETS - 1` holds requests that took less
-/// than 2^i µs (1 µs to ~33.5 s); the last one holds the rest (+Inf).
-pub const BUCKETS: usize = 27;
-
-/// Upper bound of finite bucket `i`, in microseconds.
-pub fn bucket_bound_us(i: usize) -> u64 {
-    1u64 << i.min(63)
-}
-
-/// The bucket of a latency of `ns` nanoseconds.
-fn bucket(ns: u64) -> usize {
-    let us = ns / 1000;
-    ((u64::BITS - us.leading_zeros()) as usize).min(BUCKETS - 1)
-}
-
 /// When a request started and what it is; kept in its slot until it is answered.
 #[derive(Clone, Copy, Debug)]
 pub struct Timer {
@@ -120,22 +108,6 @@ impl Default for Timer {
     }
 }
 
-/// One op kind's counters on one core.
-#[derive(Default)]
-struct OpCounters {
-    buckets: [AtomicU64; BUCKETS],
-    errors: AtomicU64,
-    bytes: AtomicU64,
-    sum_ns: AtomicU64,
-}
-
-/// Adds to a counter that only the calling thread writes: a plain load and
-/// store, which is all a single writer needs and much cheaper than a locked add.
-#[inline]
-fn bump(a: &AtomicU64, n: u64) {
-    a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-}
-
 /// One core's counters for one export, on cache lines of their own.
 #[repr(align(128))]
 #[derive(Default)]
@@ -156,14 +128,7 @@ impl ExportHandle {
     #[inline]
     pub fn done(&self, t: Timer, bytes: u64, ok: bool) {
         let ns = u64::try_from(t.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let c = &self.0.ops[t.op as usize];
-        bump(&c.buckets[bucket(ns)], 1);
-        bump(&c.sum_ns, ns);
-        if ok {
-            bump(&c.bytes, bytes);
-        } else {
-            bump(&c.errors, 1);
-        }
+        self.0.ops[t.op as usize].record(ns, bytes, ok);
     }
 }
 
@@ -183,21 +148,6 @@ pub struct ExportMetrics {
     /// Indexed by core; locked only when a connection attaches and when
     /// scraping, never per request.
     cores: Mutex<Vec<Arc<CoreMetrics>>>,
-}
-
-/// Totals of one op kind over all cores.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OpTotals {
-    /// Requests answered (the histogram's count).
-    pub requests: u64,
-    /// Requests answered with an error.
-    pub errors: u64,
-    /// Bytes moved by successful requests.
-    pub bytes: u64,
-    /// Summed latency, in nanoseconds.
-    pub sum_ns: u64,
-    /// Per-bucket (not cumulative) counts.
-    pub buckets: [u64; BUCKETS],
 }
 
 /// Totals of one export over all cores.
@@ -233,16 +183,8 @@ impl ExportMetrics {
         for c in cores.iter() {
             t.connections += c.attached.load(Ordering::Relaxed);
             for (o, op) in t.ops.iter_mut().zip(&c.ops) {
-                for (b, v) in o.buckets.iter_mut().zip(&op.buckets) {
-                    *b += v.load(Ordering::Relaxed);
-                }
-                o.errors += op.errors.load(Ordering::Relaxed);
-                o.bytes += op.bytes.load(Ordering::Relaxed);
-                o.sum_ns += op.sum_ns.load(Ordering::Relaxed);
+                op.add_to(o);
             }
-        }
-        for o in &mut t.ops {
-            o.requests = o.buckets.iter().sum();
         }
         t
     }
@@ -272,26 +214,6 @@ mod tests {
     use super::*;
     use crate::nbd::wire::{CMD_READ, CMD_WRITE};
     use std::time::Duration;
-
-    #[test]
-    fn buckets_are_log2_microseconds() {
-        assert_eq!(bucket(0), 0);
-        assert_eq!(bucket(999), 0, "under 1 µs");
-        assert_eq!(bucket(1_000), 1, "1 µs is under 2 µs");
-        assert_eq!(bucket(3_999), 2);
-        assert_eq!(bucket(4_000), 3);
-        assert_eq!(bucket(1_000_000), 10, "1 ms is under 1024 µs");
-        assert_eq!(bucket(u64::MAX), BUCKETS - 1);
-        for ns in [0u64, 1_500, 70_000, 3_000_000_000] {
-            let i = bucket(ns);
-            if i < BUCKETS - 1 {
-                assert!(ns / 1000 < bucket_bound_us(i));
-            }
-            if i > 0 {
-                assert!(ns / 1000 >= bucket_bound_us(i - 1));
-            }
-        }
-    }
 
     #[test]
     fn cores_sum_and_handles_count_connections() {

@@ -38,9 +38,9 @@ pub use registry::{Export, Registry, RegistryError};
 pub use tls::{TlsError, TlsOptions, TlsServer};
 
 use crate::error::Chain;
-use crate::uring::{RemoteSink, Waker};
+use crate::uring::{Host, HostError, Hosted, RemoteSink, Waker};
 use crate::volume::sync::SyncDriver;
-use crate::volume::{IoFlags, Op};
+use crate::volume::{IoFlags, Op, RemoteResult};
 
 /// Default busy-poll window of a core, in microseconds.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;
@@ -434,6 +434,25 @@ impl ServerHandle {
         }
         out.sort_by(|a, b| (a.core, &a.peer).cmp(&(b.core, &b.peer)));
         out
+    }
+}
+
+/// The cores run other transports' per-core objects (vhost-user queues)
+/// beside their NBD connections.
+impl Host<RemoteResult> for ServerHandle {
+    fn cores(&self) -> usize {
+        self.cores.len()
+    }
+
+    fn host(&self, core: usize, object: Box<dyn Hosted<RemoteResult>>) -> Result<(), HostError> {
+        let c = self
+            .cores
+            .get(core % self.cores.len().max(1))
+            .ok_or(HostError::Stopped)?;
+        c.tx.send(CoreMsg::Host(object))
+            .map_err(|_| HostError::Stopped)?;
+        c.waker.wake();
+        Ok(())
     }
 }
 

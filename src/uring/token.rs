@@ -3,8 +3,9 @@
 //! Layout: kind (8 bits) | index (24) | slot (16) | generation (16). The
 //! kind says which table of the core the index points into and what
 //! finished; the generation catches completions for an index that was
-//! reused since. A new kind of per-core object (a virtqueue next to NBD
-//! connections) adds its kinds here and its table to the reactor.
+//! reused since. Objects the core hosts for other transports (a virtqueue
+//! next to NBD connections) share one kind, [`Kind::Hosted`], and pick
+//! their own slots (see [`super::Hosted`]).
 
 /// What a completion is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub enum Kind {
     Cancel = 6,
     /// The core's periodic timer.
     Timer = 7,
+    /// Anything for slot `slot` of hosted object `index`.
+    Hosted = 8,
 }
 
 /// A decoded token.
@@ -62,6 +65,7 @@ impl Token {
             5 => Kind::Io,
             6 => Kind::Cancel,
             7 => Kind::Timer,
+            8 => Kind::Hosted,
             _ => return None,
         };
         Some(Token {

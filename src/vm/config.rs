@@ -1,10 +1,17 @@
 //! A VM's configuration and the pure function that turns it into QEMU argv.
 //!
-//! Every boot and data volume gets its own iothread, an NBD block node on
-//! vbd's own socket with `cache.direct=on` (QEMU's `cache=none`), and a
-//! `virtio-blk-pci` with one queue per vCPU: the flags that close the gap
-//! between a default QEMU disk and the backend's speed.
+//! Over NBD, every boot and data volume gets its own iothread, an NBD block
+//! node on vbd's own socket with `cache.direct=on` (QEMU's `cache=none`),
+//! and a `virtio-blk-pci` with one queue per vCPU: the flags that close the
+//! gap between a default QEMU disk and the backend's speed. Over
+//! vhost-user-blk (the supervisor's default), a boot or data volume is a
+//! `vhost-user-blk-pci` on a socket chardev that reconnects, with one queue
+//! per vCPU up to what vbd's device offers; guest RAM is then a shared memfd
+//! (`share=on`), which vbd maps to reach the guest's buffers. Cloud-init and
+//! EFI volumes stay NBD block nodes: a CD-ROM and pflash need QEMU's block
+//! layer.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -73,6 +80,31 @@ impl Disk {
             name: name.to_owned(),
             role,
             source: Source::Export,
+        }
+    }
+}
+
+/// How the disks this vbd serves reach QEMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskTransport {
+    /// NBD on vbd's socket, through QEMU's block layer and NBD client (at
+    /// most 16 requests in flight per disk).
+    Nbd,
+    /// vhost-user-blk: vbd serves the guest's virtqueues straight from
+    /// shared guest memory, one vbd core per queue.
+    VhostUser,
+}
+
+impl std::str::FromStr for DiskTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "nbd" => Ok(DiskTransport::Nbd),
+            "vhost-user" => Ok(DiskTransport::VhostUser),
+            _ => Err(format!(
+                "unknown disk transport {s:?}; use vhost-user or nbd"
+            )),
         }
     }
 }
@@ -164,6 +196,12 @@ pub struct VmConfig {
     /// when argv is built without one.
     #[serde(default)]
     pub disk_reconnect_delay_secs: Option<u32>,
+    /// How boot and data disks reach QEMU: `vhost-user` or `nbd`. Unset
+    /// takes the supervisor's setting (vhost-user unless `vbd serve
+    /// --disk-transport nbd`); argv built without one, and run records
+    /// written before this setting existed, mean NBD.
+    #[serde(default)]
+    pub disk_transport: Option<DiskTransport>,
 }
 
 fn default_machine() -> String {
@@ -196,7 +234,13 @@ impl VmConfig {
             tuning: DiskTuning::default(),
             qemu: default_qemu(),
             disk_reconnect_delay_secs: None,
+            disk_transport: None,
         }
+    }
+
+    /// The transport its boot and data disks use.
+    pub fn transport(&self) -> DiskTransport {
+        self.disk_transport.unwrap_or(DiskTransport::Nbd)
     }
 
     /// The `reconnect-delay` its NBD disks get.
@@ -224,6 +268,30 @@ pub struct RunPaths {
     pub pidfile: PathBuf,
     /// File the guest's serial console goes to.
     pub serial_log: PathBuf,
+    /// Disks served over vhost-user-blk, by volume (empty for NBD only).
+    #[serde(default)]
+    pub vhost: BTreeMap<String, VhostSocket>,
+}
+
+/// Where a vhost-user-blk disk's device listens, and what it offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostSocket {
+    /// The device's Unix socket, which QEMU connects to.
+    pub socket: PathBuf,
+    /// Queues the device offers: QEMU refuses to start a device that asks
+    /// for more, so a disk gets one per vCPU up to this.
+    pub queues: u16,
+}
+
+/// Seconds between QEMU's attempts to reach a vhost-user socket that went
+/// away (a vbd restart): meanwhile the guest's requests wait, and those in
+/// flight are re-submitted from the inflight log once vbd is back.
+pub const VHOST_RECONNECT_SECS: u32 = 1;
+
+/// The queues a vhost-user-blk disk gets: one per vCPU, at most what the
+/// device offers.
+pub fn vhost_queues(vcpus: u32, offered: u16) -> u32 {
+    vcpus.clamp(1, u32::from(offered.max(1)))
 }
 
 /// Why a config cannot become a QEMU command line.
@@ -299,6 +367,8 @@ pub struct DiskIds {
     pub node: String,
     /// The disk's virtio-blk device id (`disk-<name>`).
     pub device: String,
+    /// The disk's vhost-user socket chardev id (`chr-<name>`).
+    pub chardev: String,
 }
 
 /// The ids vbd gives a disk's iothread, block node and device.
@@ -307,6 +377,7 @@ pub fn disk_ids(name: &str) -> DiskIds {
         iothread: format!("ioth-{name}"),
         node: format!("vol-{name}"),
         device: format!("disk-{name}"),
+        chardev: format!("chr-{name}"),
     }
 }
 
@@ -378,6 +449,39 @@ pub fn virtio_blk(disk: &Disk, vcpus: u32, tuning: DiskTuning, bus: Option<&str>
     v
 }
 
+/// `-chardev` value for a vhost-user disk's socket: a client that
+/// reconnects every [`VHOST_RECONNECT_SECS`] when vbd goes away.
+pub fn vhost_chardev(disk: &str, socket: &Path) -> Result<String, ConfigError> {
+    Ok(format!(
+        "socket,id={},path={},reconnect={VHOST_RECONNECT_SECS}",
+        disk_ids(disk).chardev,
+        path_value(socket)?
+    ))
+}
+
+/// `-device` value for a vhost-user-blk disk; `bus` is a hot-plug port or none.
+pub fn vhost_user_blk(disk: &Disk, vcpus: u32, vhost: &VhostSocket, bus: Option<&str>) -> String {
+    let ids = disk_ids(&disk.name);
+    let mut v = format!(
+        "vhost-user-blk-pci,id={},chardev={}",
+        ids.device, ids.chardev
+    );
+    if let Some(bus) = bus {
+        v.push_str(&format!(",bus={bus}"));
+    }
+    v.push_str(&format!(
+        ",num-queues={}",
+        vhost_queues(vcpus, vhost.queues)
+    ));
+    if disk.role == Role::Boot {
+        v.push_str(",bootindex=1");
+    }
+    v
+}
+
+/// Id of the shared guest RAM that vhost-user devices map.
+pub const SHARED_RAM_ID: &str = "mem";
+
 fn check(cfg: &VmConfig) -> Result<(), ConfigError> {
     if !valid_qemu_name(&cfg.name) {
         return Err(ConfigError::BadName(cfg.name.clone()));
@@ -437,6 +541,14 @@ pub fn argv(cfg: &VmConfig, paths: &RunPaths) -> Result<Vec<String>, ConfigError
     // itself when no separate code image is given), pflash1 the variables.
     let efi = cfg.disks.iter().find(|d| d.role == Role::Efi);
     let mut machine = escape(&cfg.machine);
+    // vhost-user devices read and write guest RAM from vbd's process: it
+    // must be a shared memfd (QEMU 7.2 hangs at ring set-up without
+    // share=on). A vhost-user VM gets it even without such a disk at
+    // launch, so that one can be hot-attached later.
+    let shared_ram = cfg.transport() == DiskTransport::VhostUser || !paths.vhost.is_empty();
+    if shared_ram {
+        machine.push_str(&format!(",memory-backend={SHARED_RAM_ID}"));
+    }
     let mut firmware_node = None;
     if let Some(fw) = &cfg.firmware {
         firmware_node = Some(format!(
@@ -470,6 +582,15 @@ pub fn argv(cfg: &VmConfig, paths: &RunPaths) -> Result<Vec<String>, ConfigError
     push("-cpu", escape(&cpu));
     push("-smp", cfg.vcpus.to_string());
     push("-m", format!("{}M", cfg.memory_mib));
+    if shared_ram {
+        push(
+            "-object",
+            format!(
+                "memory-backend-memfd,id={SHARED_RAM_ID},size={}M,share=on",
+                cfg.memory_mib
+            ),
+        );
+    }
     push("-display", "none".into());
     push("-pidfile", path_value(&paths.pidfile)?);
     push(
@@ -502,6 +623,15 @@ pub fn argv(cfg: &VmConfig, paths: &RunPaths) -> Result<Vec<String>, ConfigError
     let mut cdrom = 0;
     for d in &cfg.disks {
         let ids = disk_ids(&d.name);
+        let vhost = paths
+            .vhost
+            .get(&d.name)
+            .filter(|_| d.source == Source::Export);
+        if let (Role::Boot | Role::Data, Some(vhost)) = (d.role, vhost) {
+            push("-chardev", vhost_chardev(&d.name, &vhost.socket)?);
+            push("-device", vhost_user_blk(d, cfg.vcpus, vhost, None));
+            continue;
+        }
         match d.role {
             Role::Boot | Role::Data => {
                 if cfg.tuning == DiskTuning::Tuned {

@@ -1,20 +1,24 @@
 //! Hot attach and detach of vbd volumes to a running QEMU, as typed QMP
-//! commands. Attach is iothread → block node → device, undone in reverse
-//! if any step fails; detach is the same three in reverse order.
+//! commands. Over NBD, attach is iothread → block node → device, undone in
+//! reverse if any step fails; detach is the same three in reverse order.
+//! Over vhost-user-blk, attach is socket chardev → device (the device gets
+//! as many queues as the VM has vCPUs, up to what vbd's device offers),
+//! detach is device → chardev.
 
 use std::path::Path;
 use std::time::Duration;
 
 use qapi::qmp::{
-    BlockdevCacheOptions, BlockdevOptions, BlockdevOptionsBase, BlockdevOptionsNbd,
-    EventLoopBaseProperties, IothreadProperties, ObjectOptions, SocketAddress, UnixSocketAddress,
-    blockdev_add, blockdev_del, device_add, device_del, object_add, object_del,
+    BlockdevCacheOptions, BlockdevOptions, BlockdevOptionsBase, BlockdevOptionsNbd, ChardevBackend,
+    ChardevCommon, ChardevSocket, EventLoopBaseProperties, IothreadProperties, ObjectOptions,
+    SocketAddress, SocketAddressLegacy, UnixSocketAddress, blockdev_add, blockdev_del, chardev_add,
+    chardev_remove, device_add, device_del, object_add, object_del,
 };
 use serde_json::json;
 use thiserror::Error;
 use tracing::{debug, warn};
 
-use super::config::{DiskTuning, disk_ids};
+use super::config::{DiskTuning, VHOST_RECONNECT_SECS, VhostSocket, disk_ids, vhost_queues};
 use super::qmp::{Qmp, QmpError};
 use crate::error::Chain;
 
@@ -26,7 +30,9 @@ pub enum HotplugError {
     Attach {
         /// The volume being attached.
         volume: String,
-        /// The step that failed (`object-add iothread`, `blockdev-add nbd`, `device_add virtio-blk-pci`).
+        /// The step that failed (`object-add iothread`, `blockdev-add nbd`,
+        /// `device_add virtio-blk-pci`, `chardev-add`, `device_add
+        /// vhost-user-blk-pci`).
         step: &'static str,
         /// Why it failed.
         #[source]
@@ -83,6 +89,10 @@ pub struct AttachSpec<'a> {
     /// QEMU's `reconnect-delay`: seconds guest I/O waits for vbd to come
     /// back; 0 fails it at once.
     pub reconnect_delay_secs: u32,
+    /// The disk's vhost-user-blk device: attach over vhost-user instead of
+    /// NBD (`nbd_socket`, `tuning`, `read_only` and the delay then do not
+    /// apply; the device itself is read-only or not).
+    pub vhost: Option<&'a VhostSocket>,
 }
 
 /// `object-add` of an iothread with QEMU's default polling.
@@ -154,8 +164,60 @@ pub fn virtio_blk_add(spec: &AttachSpec<'_>) -> device_add {
     )
 }
 
+/// `chardev-add` of a client socket to a vhost-user device that
+/// reconnects as the command line's does.
+pub fn vhost_chardev_add(volume: &str, socket: &Path) -> chardev_add {
+    chardev_add {
+        id: disk_ids(volume).chardev,
+        backend: ChardevBackend::socket(
+            ChardevSocket {
+                base: ChardevCommon::default(),
+                nodelay: None,
+                reconnect: Some(i64::from(VHOST_RECONNECT_SECS)),
+                server: Some(false),
+                telnet: None,
+                tls_authz: None,
+                tls_creds: None,
+                tn3270: None,
+                wait: None,
+                websocket: None,
+                addr: SocketAddressLegacy::unix(
+                    UnixSocketAddress {
+                        abstract_: None,
+                        tight: None,
+                        path: socket.to_string_lossy().into_owned(),
+                    }
+                    .into(),
+                ),
+            }
+            .into(),
+        ),
+    }
+}
+
+/// `device_add` of a vhost-user-blk-pci on the hot-plug port, with one
+/// queue per vCPU up to what the device offers.
+pub fn vhost_user_blk_add(spec: &AttachSpec<'_>, vhost: &VhostSocket) -> device_add {
+    let ids = disk_ids(spec.volume);
+    device_add::new(
+        "vhost-user-blk-pci",
+        Some(ids.device),
+        Some(spec.bus.to_owned()),
+        vec![
+            ("chardev".to_owned(), json!(ids.chardev)),
+            (
+                "num-queues".to_owned(),
+                json!(vhost_queues(spec.queues, vhost.queues)),
+            ),
+        ],
+    )
+}
+
 /// Plugs `spec.volume` into the VM; on failure removes whatever it added.
 pub async fn attach(qmp: &Qmp, spec: &AttachSpec<'_>) -> Result<(), HotplugError> {
+    if let Some(vhost) = spec.vhost {
+        return attach_vhost(qmp, spec, vhost).await;
+    }
     let ids = disk_ids(spec.volume);
     let tuned = spec.tuning == DiskTuning::Tuned;
     let fail = |step, source, rollback| HotplugError::Attach {
@@ -197,6 +259,39 @@ pub async fn attach(qmp: &Qmp, spec: &AttachSpec<'_>) -> Result<(), HotplugError
     Ok(())
 }
 
+/// Attach over vhost-user: chardev, then device; a refused device takes
+/// the chardev with it.
+async fn attach_vhost(
+    qmp: &Qmp,
+    spec: &AttachSpec<'_>,
+    vhost: &VhostSocket,
+) -> Result<(), HotplugError> {
+    let fail = |step, source, rollback| HotplugError::Attach {
+        volume: spec.volume.to_owned(),
+        step,
+        source,
+        rollback,
+    };
+    if let Err(e) = qmp
+        .execute(vhost_chardev_add(spec.volume, &vhost.socket))
+        .await
+    {
+        return Err(fail("chardev-add", e, Vec::new()));
+    }
+    if let Err(e) = qmp.execute(vhost_user_blk_add(spec, vhost)).await {
+        let mut rb = Vec::new();
+        let id = disk_ids(spec.volume).chardev;
+        undo(qmp, chardev_remove { id }, &mut rb).await;
+        return Err(fail("device_add vhost-user-blk-pci", e, rb));
+    }
+    debug!(
+        volume = spec.volume,
+        bus = spec.bus,
+        "QMP vhost-user hot-attach steps done"
+    );
+    Ok(())
+}
+
 async fn undo<C: qapi::Command>(qmp: &Qmp, cmd: C, failures: &mut Vec<String>) {
     if let Err(e) = qmp.execute(cmd).await {
         let e = Chain(&e).to_string();
@@ -215,11 +310,13 @@ fn unplug_under_way(desc: &str) -> bool {
 }
 
 /// Unplugs `volume`: asks the guest to release the device, waits up to
-/// `wait` for `DEVICE_DELETED`, then removes the block node and iothread.
+/// `wait` for `DEVICE_DELETED`, then removes the block node and iothread,
+/// or the vhost-user chardev when `vhost` (which closes the socket).
 pub async fn detach(
     qmp: &Qmp,
     volume: &str,
     tuning: DiskTuning,
+    vhost: bool,
     wait: Duration,
 ) -> Result<(), HotplugError> {
     let ids = disk_ids(volume);
@@ -251,6 +348,13 @@ pub async fn detach(
             device: ids.device,
             after: wait,
         });
+    }
+    if vhost {
+        qmp.execute(chardev_remove { id: ids.chardev })
+            .await
+            .map_err(|e| fail("chardev-remove", e))?;
+        debug!(volume, "QMP vhost-user hot-detach steps done");
+        return Ok(());
     }
     qmp.execute(blockdev_del {
         node_name: ids.node,

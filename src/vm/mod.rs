@@ -14,4 +14,4 @@ pub mod supervisor;
 pub(crate) mod testing;
 pub mod volume_host;
 
-pub use volume_host::{ExportError, Restart, VolumeHost};
+pub use volume_host::{ExportError, Restart, VhostServed, VolumeHost};

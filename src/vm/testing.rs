@@ -75,8 +75,12 @@ pub(crate) struct Monitor {
     pub(crate) guest_powers_off: bool,
     pub(crate) iothreads: BTreeSet<String>,
     pub(crate) nodes: BTreeSet<String>,
-    /// Device id → the node it drives.
+    /// Socket chardevs (vhost-user disks' connections) by id → socket path.
+    pub(crate) chardevs: BTreeMap<String, String>,
+    /// Device id → the node (virtio-blk) or chardev (vhost-user-blk) it drives.
     pub(crate) devices: BTreeMap<String, String>,
+    /// Device id → its `num-queues`, as asked for.
+    pub(crate) queues: BTreeMap<String, u64>,
     /// Devices asked to unplug that the guest has not released.
     unplugging: BTreeSet<String>,
     /// The stand-in QEMU's directory, where a power-off writes exit 0.
@@ -120,9 +124,12 @@ impl Monitor {
             .collect()
     }
 
-    /// Whether QEMU holds no hot-plugged iothread, node or device.
+    /// Whether QEMU holds no hot-plugged iothread, node, chardev or device.
     pub(crate) fn is_bare(&self) -> bool {
-        self.iothreads.is_empty() && self.nodes.is_empty() && self.devices.is_empty()
+        self.iothreads.is_empty()
+            && self.nodes.is_empty()
+            && self.chardevs.is_empty()
+            && self.devices.is_empty()
     }
 
     fn answer(&mut self, name: &str, args: &Value) -> Answer {
@@ -153,7 +160,9 @@ impl Monitor {
                     format!("Duplicate nodes with node-name='{target}'")
                 }),
                 "blockdev-del" => self.blockdev_del(&target),
-                "device_add" => self.device_add(&target, &arg("bus"), &arg("drive")),
+                "chardev-add" => self.chardev_add(&target, args),
+                "chardev-remove" => self.chardev_remove(&target),
+                "device_add" => self.device_add(&target, args),
                 "device_del" => self.device_del(&target, &mut events),
                 "system_powerdown" => {
                     if let (true, Some(dir)) = (self.guest_powers_off, &self.qemu_dir) {
@@ -183,19 +192,63 @@ impl Monitor {
         })
     }
 
-    fn device_add(&mut self, id: &str, bus: &str, drive: &str) -> Reply {
+    /// A vhost-user client socket: QEMU 7.2 wants a unix address and
+    /// takes `reconnect` in seconds.
+    fn chardev_add(&mut self, id: &str, args: &Value) -> Reply {
+        let data = &args["backend"]["data"];
+        if args["backend"]["type"] != "socket" || data["addr"]["type"] != "unix" {
+            return refused(format!("chardev {id}: not a unix socket: {args}"));
+        }
+        if self.chardevs.contains_key(id) {
+            return refused(format!("attempt to add duplicate chardev '{id}'"));
+        }
+        let path = data["addr"]["data"]["path"].as_str().unwrap_or("");
+        self.chardevs.insert(id.to_owned(), path.to_owned());
+        Ok(())
+    }
+
+    fn chardev_remove(&mut self, id: &str) -> Reply {
+        if self.devices.values().any(|c| c == id) {
+            return refused(format!("Chardev '{id}' is busy"));
+        }
+        check(self.chardevs.remove(id).is_some(), || {
+            format!("Chardev '{id}' not found")
+        })
+    }
+
+    fn device_add(&mut self, id: &str, args: &Value) -> Reply {
+        let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("");
+        let (driver, bus) = (arg("driver"), arg("bus"));
         if self.devices.contains_key(id) {
             return refused(format!("Duplicate device ID '{id}'"));
         }
         if !bus.starts_with("hp") {
             return refused(format!("Bus '{bus}' not found"));
         }
-        if !self.nodes.contains(drive) {
-            return refused(format!(
-                "Property 'virtio-blk-pci.drive' can't find value '{drive}'"
-            ));
+        let backend = match driver {
+            "vhost-user-blk-pci" => {
+                let chardev = arg("chardev");
+                if !self.chardevs.contains_key(chardev) {
+                    return refused(format!(
+                        "Property 'vhost-user-blk-pci.chardev' can't find value '{chardev}'"
+                    ));
+                }
+                chardev
+            }
+            _ => {
+                let drive = arg("drive");
+                if !self.nodes.contains(drive) {
+                    return refused(format!(
+                        "Property 'virtio-blk-pci.drive' can't find value '{drive}'"
+                    ));
+                }
+                drive
+            }
+        };
+        if let Some(n) = args.get("num-queues").and_then(Value::as_u64) {
+            self.queues.insert(id.to_owned(), n);
         }
-        self.devices.insert(id.to_owned(), drive.to_owned());
+        self.devices.insert(id.to_owned(), backend.to_owned());
         Ok(())
     }
 

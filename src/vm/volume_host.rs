@@ -1,10 +1,15 @@
 //! What the supervisor needs from the layer above it: a way to serve a
-//! volume as an NBD export for a VM's disk, to stop serving it, and to
-//! serve it again from another vbd process after a restart. The supervisor
+//! volume as an NBD export for a VM's disk (and as a vhost-user-blk device
+//! on a socket), to stop serving it, and to serve it again from another
+//! vbd process after a restart. The supervisor
 //! names no catalog and no server; the control layer, which owns both,
 //! implements [`VolumeHost`].
 
+use std::path::Path;
+
 use thiserror::Error;
+
+use super::config::VhostSocket;
 
 /// Why a volume could not be exported or unexported.
 #[derive(Debug, Error)]
@@ -27,6 +32,15 @@ pub enum ExportError {
         /// The volume's name.
         volume: String,
         /// Why the host could not open it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The export could not get its vhost-user-blk device.
+    #[error("cannot serve volume {volume:?} over vhost-user")]
+    Vhost {
+        /// The volume, which is also the export's name.
+        volume: String,
+        /// Why the device did not start (or stop).
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -55,6 +69,18 @@ pub enum Restart {
     Lost,
 }
 
+/// A volume's vhost-user-blk device, as [`VolumeHost::serve_vhost`] found
+/// or started it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostServed {
+    /// Where it listens and the queues it offers.
+    pub socket: VhostSocket,
+    /// Whether this call started it (and so the supervisor stops it when
+    /// the disk goes); `false` for a device the export already had, such
+    /// as `vbd serve --export ...,vhost-user=PATH`'s.
+    pub started: bool,
+}
+
 /// Volumes and the NBD server that serves them, as the supervisor sees
 /// them. An export and its volume share a name; QEMU reaches every export
 /// on the one NBD socket of [`super::supervisor::SupervisorConfig`].
@@ -77,6 +103,17 @@ pub trait VolumeHost: Send + Sync {
     /// volume already known here is left as it is.
     fn reopen(&self, volume: &str, spec: &serde_json::Value) -> Result<(), ExportError>;
 
-    /// Clients attached to the export `volume` now (0 if not exported).
+    /// Clients attached to the export `volume` now: NBD connections and a
+    /// vhost-user frontend alike (0 if not exported).
     fn connections(&self, volume: &str) -> u64;
+
+    /// Serves the export `volume` (exported already) as a vhost-user-blk
+    /// device too: the device it has, or a new one listening on `socket`.
+    /// `Ok(None)` when this host has no vhost-user transport; the disk
+    /// then stays on NBD.
+    fn serve_vhost(&self, volume: &str, socket: &Path) -> Result<Option<VhostServed>, ExportError>;
+
+    /// Stops the vhost-user device of `volume` that
+    /// [`VolumeHost::serve_vhost`] started, and removes its socket.
+    fn stop_vhost(&self, volume: &str) -> Result<(), ExportError>;
 }

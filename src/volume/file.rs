@@ -17,7 +17,7 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 use super::buf::ALIGN;
-use super::{Caps, Ctx, Extent, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
+use super::{Caps, Ctx, Extent, Io, IoData, Op, UnexpectedWake, Volume, VolumeError, Wake};
 
 /// Largest chunk of one read or write SQE (the kernel caps I/O near 2 GiB).
 const MAX_CHUNK: u64 = 1 << 30;
@@ -115,6 +115,22 @@ pub struct FileVolume {
     epoch: Instant,
 }
 
+/// Where the next chunk of a read or write goes, in memory and in the file.
+struct Piece {
+    off: u64,
+    len: u64,
+    fd: types::Fd,
+    direct: bool,
+    mem: Mem,
+}
+
+/// A chunk's memory: one range of an owned buffer, or guest iovecs.
+#[derive(Clone, Copy)]
+enum Mem {
+    Buf(*mut u8),
+    Iov(*const libc::iovec, u32),
+}
+
 // Stages of multi-step operations.
 const STAGE_MAIN: u8 = 0;
 const STAGE_FSYNC: u8 = 1;
@@ -188,11 +204,13 @@ impl FileVolume {
         })
     }
 
-    /// The descriptor for the next chunk: O_DIRECT when everything is aligned.
-    fn fd_for(&self, offset: u64, len: u64, ptr: *const u8) -> (types::Fd, bool) {
-        let aligned = offset.is_multiple_of(ALIGN as u64)
-            && len.is_multiple_of(ALIGN as u64)
-            && (ptr as usize).is_multiple_of(ALIGN);
+    /// The descriptor for the next chunk: O_DIRECT when the file range and
+    /// the memory (`mem_aligned`: every buffer's address and length) are
+    /// aligned to [`ALIGN`], which covers any logical block size up to
+    /// 4 KiB; the page cache otherwise.
+    fn fd_for(&self, offset: u64, len: u64, mem_aligned: bool) -> (types::Fd, bool) {
+        let aligned =
+            offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64) && mem_aligned;
         match &self.direct {
             Some(d) if aligned && self.direct_ok.load(Ordering::Relaxed) => {
                 (types::Fd(d.as_raw_fd()), true)
@@ -223,23 +241,31 @@ impl FileVolume {
         if io.flags.fua || mode == BUFFERED_RING || io.len - io.done > INLINE_MAX {
             return false;
         }
-        let off = io.offset + io.done;
-        let len = (io.len - io.done) as usize;
-        let rest = &io.buf.as_slice()[io.done as usize..][..len];
-        if self.fd_for(off, len as u64, rest.as_ptr()).1 {
+        let p = self.next_piece(io, INLINE_MAX);
+        if p.direct || p.len < io.len - io.done {
             return false;
         }
         let began = self.now_ns();
         if began < self.inline_paused_until.load(Ordering::Relaxed) {
             return false;
         }
-        let iov = libc::iovec {
-            iov_base: rest.as_ptr() as *mut libc::c_void,
-            iov_len: len,
+        let one;
+        let (iov, count) = match p.mem {
+            Mem::Buf(ptr) => {
+                one = libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: p.len as usize,
+                };
+                (&one as *const libc::iovec, 1)
+            }
+            Mem::Iov(iov, n) => (iov, n as libc::c_int),
         };
-        // SAFETY: the iovec describes `rest`, which outlives the call.
+        let off = p.off;
+        // SAFETY: the iovecs describe the rest of the request's data (its
+        // buffer, or guest memory its guard keeps mapped), which outlives
+        // this synchronous call.
         let write =
-            |flags| unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, off as i64, flags) };
+            |flags| unsafe { libc::pwritev2(self.file.as_raw_fd(), iov, count, off as i64, flags) };
         let mut n;
         if mode == BUFFERED_UNKNOWN {
             // The first write probes whether the kernel can do it without blocking.
@@ -270,28 +296,65 @@ impl FileVolume {
         io.done >= io.len
     }
 
+    /// The next piece of a read or write (from `io.done`, at most `max`
+    /// bytes) and the descriptor it goes through.
+    fn next_piece(&self, io: &mut Io, max: u64) -> Piece {
+        let off = io.offset + io.done;
+        let want = (io.len - io.done).min(max);
+        match &mut io.data {
+            IoData::Owned(b) => {
+                // io.done < io.len, the buffer's length: inside the buffer.
+                let ptr = b.as_mut_ptr().wrapping_add(io.done as usize);
+                let (fd, direct) = self.fd_for(off, want, (ptr as usize).is_multiple_of(ALIGN));
+                Piece {
+                    off,
+                    len: want,
+                    fd,
+                    direct,
+                    mem: Mem::Buf(ptr),
+                }
+            }
+            IoData::Guest(g) => {
+                let aligned = g.aligned();
+                let (iov, n) = g.rest(io.done as usize, want as usize);
+                let (fd, direct) = self.fd_for(off, n as u64, aligned);
+                Piece {
+                    off,
+                    len: n as u64,
+                    fd,
+                    direct,
+                    mem: Mem::Iov(iov.as_ptr(), iov.len() as u32),
+                }
+            }
+        }
+    }
+
     /// Queues the next read or write chunk of `io` (from `io.done`).
     fn submit_rw(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Result<(), VolumeError> {
-        let off = io.offset + io.done;
-        let len = (io.len - io.done).min(MAX_CHUNK);
-        // SAFETY: io.done < io.len, the buffer's length, so the offset
-        // stays inside io.buf.
-        let ptr = unsafe { io.buf.as_mut_ptr().add(io.done as usize) };
-        let (fd, direct) = self.fd_for(off, len, ptr);
+        let p = self.next_piece(io, MAX_CHUNK);
         // Remember which descriptor this chunk went to, for the EINVAL fallback.
-        io.stage = u8::from(direct);
-        let entry = if io.op == Op::Read {
-            opcode::Read::new(fd, ptr, len as u32).offset(off).build()
-        } else {
-            let flags = if io.flags.fua { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(fd, ptr, len as u32)
-                .offset(off)
+        io.stage = u8::from(p.direct);
+        let flags = if io.flags.fua { libc::RWF_DSYNC } else { 0 };
+        let entry = match (io.op == Op::Read, p.mem) {
+            (true, Mem::Buf(ptr)) => opcode::Read::new(p.fd, ptr, p.len as u32)
+                .offset(p.off)
+                .build(),
+            (false, Mem::Buf(ptr)) => opcode::Write::new(p.fd, ptr, p.len as u32)
+                .offset(p.off)
                 .rw_flags(flags)
-                .build()
+                .build(),
+            (true, Mem::Iov(iov, n)) => opcode::Readv::new(p.fd, iov, n).offset(p.off).build(),
+            (false, Mem::Iov(iov, n)) => opcode::Writev::new(p.fd, iov, n)
+                .offset(p.off)
+                .rw_flags(flags)
+                .build(),
         };
-        // SAFETY: `ptr..ptr+len` lies in io.buf, which the server neither
-        // touches, resizes nor frees while the request is pending (the
-        // `Volume` contract), i.e. until this entry's completion resumes it.
+        // SAFETY: the entry points at the rest of io's data: a range of its
+        // owned buffer, or its iovec array (`GuestIov::rest`, rebuilt only
+        // by the next submission) over guest memory that its guard keeps
+        // mapped. The server neither touches, resizes, frees nor re-prepares
+        // `io` while the request is pending (the `Volume` contract), i.e.
+        // until this entry's completion resumes it.
         unsafe { ctx.push(entry) }.map_err(submit_failed)
     }
 
@@ -315,7 +378,8 @@ impl FileVolume {
                 return Poll::Ready(Err(VolumeError::from_errno(op, libc::EIO)));
             }
             // The file shrank under us: what is gone reads as zeroes.
-            io.buf.as_mut_slice()[io.done as usize..].fill(0);
+            let done = io.done as usize;
+            io.data.fill_at(done, io.data.len() - done, 0);
             return Poll::Ready(Ok(()));
         }
         io.done += res as u64;
@@ -580,197 +644,4 @@ impl Volume for FileVolume {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::test_support::TempDir;
-    use crate::volume::IoFlags;
-    use crate::volume::sync::SyncDriver;
-
-    /// A fresh directory (kept if the test fails) and the image path in it.
-    fn scratch(name: &str) -> (TempDir, PathBuf) {
-        let dir = TempDir::new(&format!("file-unit-{name}"));
-        let path = dir.join("disk.img");
-        (dir, path)
-    }
-
-    fn open(path: &Path, size: Option<u64>) -> FileVolume {
-        FileVolume::open(
-            path,
-            &FileOptions {
-                size,
-                ..FileOptions::default()
-            },
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn aligned_and_unaligned_io_round_trip() {
-        let (_dir, path) = scratch("rw");
-        let v = open(&path, Some(8 << 20));
-        assert!(v.direct.is_some(), "O_DIRECT works on this filesystem");
-        let mut d = SyncDriver::new().unwrap();
-        let a: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
-        d.write(&v, 4096, &a, false).unwrap();
-        let b: Vec<u8> = (0..3001u32).map(|i| (i * 13) as u8).collect();
-        d.write(&v, 10_001, &b, true).unwrap();
-        let mut want = a.clone();
-        want[10_001 - 4096..10_001 - 4096 + 3001].copy_from_slice(&b);
-        assert_eq!(d.read(&v, 4096, 65536).unwrap(), want);
-        d.op(&v, Op::Flush, 0, 0, IoFlags::default()).unwrap();
-        assert_eq!(
-            &std::fs::read(&path).unwrap()[4096..4096 + 65536],
-            &want[..]
-        );
-        assert!(v.direct_ok.load(Ordering::Relaxed));
-    }
-
-    #[test]
-    fn page_cache_writes_inline_or_through_the_ring_read_back_alike() {
-        let (_dir, path) = scratch("inline");
-        let v = FileVolume::open(
-            &path,
-            &FileOptions {
-                size: Some(1 << 20),
-                no_direct: true,
-                ..FileOptions::default()
-            },
-        )
-        .unwrap();
-        let mut d = SyncDriver::new().unwrap();
-        let a: Vec<u8> = (0..20_000u32).map(|i| (i * 11) as u8).collect();
-        d.write(&v, 777, &a, false).unwrap();
-        let mode = v.buffered.load(Ordering::Relaxed);
-        assert_ne!(mode, BUFFERED_UNKNOWN, "the first write settles the mode");
-        // Paused (as after a slow inline write): the ring does it instead.
-        v.inline_paused_until.store(u64::MAX, Ordering::Relaxed);
-        let b = vec![0xa5u8; 5000];
-        d.write(&v, 10_000, &b, false).unwrap();
-        v.inline_paused_until.store(0, Ordering::Relaxed);
-        let c = vec![0x5au8; 3];
-        d.write(&v, 20_000, &c, false).unwrap();
-        // Too big to copy inline: the ring again.
-        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        d.write(&v, 100_000, &big, false).unwrap();
-        let mut want = vec![0u8; 1 << 20];
-        want[100_000..400_000].copy_from_slice(&big);
-        want[777..777 + a.len()].copy_from_slice(&a);
-        want[10_000..15_000].copy_from_slice(&b);
-        want[20_000..20_003].copy_from_slice(&c);
-        assert_eq!(d.read(&v, 0, 1 << 20).unwrap(), want);
-        assert_eq!(std::fs::read(&path).unwrap(), want, "mode {mode}");
-    }
-
-    #[test]
-    fn trim_zeroes_and_block_status() {
-        let (_dir, path) = scratch("trim");
-        let v = open(&path, Some(4 << 20));
-        let mut d = SyncDriver::new().unwrap();
-        let st = |d: &mut SyncDriver| -> Vec<(u64, bool)> {
-            d.op(&v, Op::BlockStatus, 0, 4 << 20, IoFlags::default())
-                .unwrap()
-                .extents
-                .iter()
-                .map(|e| (e.len, e.hole))
-                .collect()
-        };
-        assert_eq!(st(&mut d), [(4 << 20, true)]);
-        d.write(&v, 1 << 20, &vec![9u8; 1 << 20], false).unwrap();
-        assert_eq!(
-            st(&mut d),
-            [(1 << 20, true), (1 << 20, false), (2 << 20, true)]
-        );
-        d.op(
-            &v,
-            Op::Trim,
-            1 << 20,
-            512 << 10,
-            IoFlags {
-                fua: true,
-                ..IoFlags::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(d.read(&v, 1 << 20, 512 << 10).unwrap(), vec![0; 512 << 10]);
-        assert_eq!(
-            st(&mut d),
-            [(3 << 19, true), (512 << 10, false), (2 << 20, true)]
-        );
-        let nh = IoFlags {
-            no_hole: true,
-            ..IoFlags::default()
-        };
-        d.op(&v, Op::WriteZeroes, (3 << 19) + 7, 1000, nh).unwrap();
-        let r = d.read(&v, 3 << 19, 4096).unwrap();
-        assert!(
-            r[..7].iter().all(|&x| x == 9)
-                && r[7..1007].iter().all(|&x| x == 0)
-                && r[1007..].iter().all(|&x| x == 9)
-        );
-        d.op(&v, Op::Cache, 0, 4 << 20, IoFlags::default()).unwrap();
-    }
-
-    #[test]
-    fn zeroing_falls_back_to_writes_unless_fast_is_required() {
-        let (_dir, path) = scratch("fallback");
-        let v = open(&path, Some(4 << 20));
-        let mut d = SyncDriver::new().unwrap();
-        d.write(&v, 0, &vec![5u8; 3 << 20], false).unwrap();
-        // Pretend the filesystem has no fallocate zeroing.
-        v.zero_range_ok.store(false, Ordering::Relaxed);
-        v.punch_ok.store(false, Ordering::Relaxed);
-        let fast = IoFlags {
-            fast_zero: true,
-            ..IoFlags::default()
-        };
-        assert!(matches!(
-            d.op(&v, Op::WriteZeroes, 0, 1 << 20, fast),
-            Err(VolumeError::NotSupported)
-        ));
-        assert_eq!(
-            d.read(&v, 0, 16).unwrap(),
-            vec![5; 16],
-            "a refused fast zero changes nothing"
-        );
-        d.op(&v, Op::WriteZeroes, 100, (2 << 20) + 5, IoFlags::default())
-            .unwrap();
-        let r = d.read(&v, 0, 3 << 20).unwrap();
-        assert!(r[..100].iter().all(|&x| x == 5));
-        assert!(r[100..100 + (2 << 20) + 5].iter().all(|&x| x == 0));
-        assert!(r[100 + (2 << 20) + 5..].iter().all(|&x| x == 5));
-        // Trim without fallocate is a successful no-op (it is only a hint).
-        d.op(&v, Op::Trim, 0, 4096, IoFlags::default()).unwrap();
-    }
-
-    #[test]
-    fn opening_explains_problems() {
-        let (_dir, path) = scratch("open");
-        assert!(matches!(
-            FileVolume::open(&path, &FileOptions::default()),
-            Err(FileError::Missing { .. })
-        ));
-        let v = open(&path, Some(1 << 20));
-        assert!(matches!(
-            FileVolume::open(&path, &FileOptions::default()),
-            Err(FileError::Locked { .. })
-        ));
-        drop(v);
-        assert!(matches!(
-            FileVolume::open(&path, &FileOptions { size: Some(2 << 20), ..FileOptions::default() }),
-            Err(FileError::SizeMismatch { actual, .. }) if actual == 1 << 20
-        ));
-        let ro = FileVolume::open(
-            &path,
-            &FileOptions {
-                read_only: true,
-                ..FileOptions::default()
-            },
-        )
-        .unwrap();
-        let mut d = SyncDriver::new().unwrap();
-        assert!(matches!(
-            d.write(&ro, 0, b"x", false),
-            Err(VolumeError::ReadOnly)
-        ));
-    }
-}
+mod tests;

@@ -210,28 +210,27 @@ impl MemoryVolume {
     }
 
     fn read(&self, io: &mut Io) {
-        let out = io.buf.as_mut_slice();
+        let out = &mut io.data;
         Self::spans(io.offset, io.len, |index, at, pos, n| {
-            let dst = &mut out[pos..pos + n];
             let i = (index % GROUP as u64) as usize;
             let Some(group) = self.group(index) else {
-                return dst.fill(0);
+                return out.fill_at(pos, n, 0);
             };
             let Some(lock) = group.pages.get(i) else {
-                return dst.fill(0);
+                return out.fill_at(pos, n, 0);
             };
             let allocated = lock.read_locked();
             if *allocated {
                 // SAFETY: read lock held; i is within the group.
-                dst.copy_from_slice(&unsafe { group.region.page(i) }[at..at + n]);
+                out.write_at(pos, &unsafe { group.region.page(i) }[at..at + n]);
             } else {
-                dst.fill(0);
+                out.fill_at(pos, n, 0);
             }
         });
     }
 
     fn write(&self, io: &Io) -> Result<(), VolumeError> {
-        let src = io.buf.as_slice();
+        let src = &io.data;
         let mut result = Ok(());
         Self::spans(io.offset, io.len, |index, at, pos, n| {
             if result.is_err() {
@@ -255,7 +254,7 @@ impl MemoryVolume {
             }
             // SAFETY: write lock held; i is within the group.
             let page = unsafe { group.region.page(i) };
-            page[at..at + n].copy_from_slice(&src[pos..pos + n]);
+            src.read_at(pos, &mut page[at..at + n]);
         });
         result
     }
@@ -463,6 +462,44 @@ mod tests {
         .unwrap();
         assert_eq!(v.allocated_bytes(), 2 * PAGE as u64);
         assert_eq!(d.read(&v, 3 * PAGE as u64, 10).unwrap(), vec![0; 10]);
+    }
+
+    #[test]
+    fn guest_buffers_split_anywhere_read_and_write_in_place() {
+        let v = MemoryVolume::new(1 << 20, false);
+        let mut d = SyncDriver::new().unwrap();
+        // Pieces of odd lengths, with gaps, crossing a 64 KiB page.
+        let mut guest: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + 1) as u8).collect();
+        let pieces = [(3, 1000), (1500, 1), (2000, 7777), (12_000, 5000)];
+        let off = PAGE as u64 - 4321;
+        d.run_guest(&v, Op::Write, off, IoFlags::default(), &mut guest, &pieces)
+            .unwrap();
+        let want: Vec<u8> = pieces
+            .iter()
+            .flat_map(|&(at, n)| guest[at..at + n].to_vec())
+            .collect();
+        assert_eq!(d.read(&v, off, want.len()).unwrap(), want);
+        // Read back into other pieces; the gaps between them stay as they were.
+        let mut back = vec![0xaau8; 20_000];
+        let into = [(0, 13_778)];
+        d.run_guest(&v, Op::Read, off, IoFlags::default(), &mut back, &into)
+            .unwrap();
+        assert_eq!(&back[..13_778], &want[..]);
+        assert!(back[13_778..].iter().all(|&b| b == 0xaa));
+        // A read of holes zeroes the guest's buffers.
+        let mut holes = vec![0xffu8; 9000];
+        d.run_guest(
+            &v,
+            Op::Read,
+            1 << 19,
+            IoFlags::default(),
+            &mut holes,
+            &[(10, 100), (500, 8000)],
+        )
+        .unwrap();
+        assert!(holes[10..110].iter().all(|&b| b == 0));
+        assert!(holes[500..8500].iter().all(|&b| b == 0));
+        assert!(holes[110..500].iter().all(|&b| b == 0xff));
     }
 
     #[test]

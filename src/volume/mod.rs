@@ -4,9 +4,11 @@
 //!
 //! Backends: `memory` (sparse, in RAM), `file` (a file or block device)
 //! and `object` (a log-structured volume in an object store). `buf` is the
-//! aligned request buffer, `sync` drives a volume from a blocking thread.
+//! aligned request buffer, `data` says whether a request's bytes are in it
+//! or in a guest's memory, `sync` drives a volume from a blocking thread.
 
 pub mod buf;
+pub mod data;
 mod error;
 pub mod file;
 pub mod memory;
@@ -16,6 +18,7 @@ pub mod sync;
 use std::task::Poll;
 
 pub use buf::AlignedBuf;
+pub use data::IoData;
 pub use error::{UnexpectedWake, VolumeError};
 
 /// Result of off-core work: optional data for the request (a read's bytes).
@@ -140,7 +143,7 @@ pub struct Io {
     /// Modifiers from the request (FUA, NO_HOLE, FAST_ZERO).
     pub flags: IoFlags,
     /// Destination of a read, source of a write; `len` bytes long for both.
-    pub buf: AlignedBuf,
+    pub data: IoData,
     /// Filled by block status.
     pub extents: Vec<Extent>,
     /// Backend-private progress (bytes done), reset by `prepare`.
@@ -160,7 +163,7 @@ impl Io {
             offset: 0,
             len: 0,
             flags: IoFlags::default(),
-            buf: AlignedBuf::new(),
+            data: IoData::default(),
             extents: Vec::new(),
             done: 0,
             stage: 0,
@@ -168,8 +171,39 @@ impl Io {
         }
     }
 
-    /// Sets up the request; sizes the buffer for reads and writes.
+    /// Sets up the request with its data in vbd's own buffer, sized for
+    /// reads and writes.
     pub fn prepare(&mut self, op: Op, offset: u64, len: u64, flags: IoFlags) {
+        self.reset(op, offset, len, flags);
+        let data = matches!(op, Op::Read | Op::Write);
+        self.data
+            .owned_mut()
+            .set_len(if data { len as usize } else { 0 });
+    }
+
+    /// Sets up a request whose data is in foreign memory (a guest's): its
+    /// length is the iovecs' total. Reads land in and writes come from
+    /// those buffers directly.
+    ///
+    /// # Safety
+    /// As for [`IoData::set_guest`]: each `(base, len)` stays valid for
+    /// reads and writes while `keep` lives, and `keep` is held until the
+    /// request is prepared again or [`IoData::release_guest`] is called.
+    pub unsafe fn prepare_guest(
+        &mut self,
+        op: Op,
+        offset: u64,
+        flags: IoFlags,
+        iov: impl IntoIterator<Item = (*mut u8, usize)>,
+        keep: std::sync::Arc<dyn Send + Sync>,
+    ) {
+        // SAFETY: the caller's promise is the same one.
+        unsafe { self.data.set_guest(iov, keep) };
+        let len = self.data.len() as u64;
+        self.reset(op, offset, len, flags);
+    }
+
+    fn reset(&mut self, op: Op, offset: u64, len: u64, flags: IoFlags) {
         self.op = op;
         self.offset = offset;
         self.len = len;
@@ -178,8 +212,18 @@ impl Io {
         self.stage = 0;
         self.extents.clear();
         self.aux.clear();
-        let data = matches!(op, Op::Read | Op::Write);
-        self.buf.set_len(if data { len as usize } else { 0 });
+    }
+
+    /// The owned buffer (NBD's payloads and replies); empty for guest data.
+    #[inline]
+    pub fn buf(&self) -> &AlignedBuf {
+        self.data.owned()
+    }
+
+    /// The owned buffer, to fill or resize.
+    #[inline]
+    pub fn buf_mut(&mut self) -> &mut AlignedBuf {
+        self.data.owned_mut()
     }
 }
 

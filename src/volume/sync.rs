@@ -76,7 +76,7 @@ impl SyncDriver {
         let mut io = Io::new();
         io.prepare(Op::Read, offset, len as u64, IoFlags::default());
         self.run(vol, &mut io)?;
-        Ok(io.buf.as_slice().to_vec())
+        Ok(io.buf().as_slice().to_vec())
     }
 
     /// Writes `data` at `offset`.
@@ -93,7 +93,7 @@ impl SyncDriver {
             ..IoFlags::default()
         };
         io.prepare(Op::Write, offset, data.len() as u64, flags);
-        io.buf.as_mut_slice().copy_from_slice(data);
+        io.buf_mut().as_mut_slice().copy_from_slice(data);
         self.run(vol, &mut io)
     }
 
@@ -110,5 +110,38 @@ impl SyncDriver {
         io.prepare(op, offset, len, flags);
         self.run(vol, &mut io)?;
         Ok(io)
+    }
+}
+
+#[cfg(test)]
+impl SyncDriver {
+    /// Runs `op` at `offset` with its data in `pieces` (start, length) of
+    /// `mem`, in order, the way a guest's request names its buffers.
+    pub(crate) fn run_guest(
+        &mut self,
+        vol: &dyn Volume,
+        op: Op,
+        offset: u64,
+        flags: IoFlags,
+        mem: &mut [u8],
+        pieces: &[(usize, usize)],
+    ) -> Result<(), VolumeError> {
+        let base = mem.as_mut_ptr();
+        for &(at, n) in pieces {
+            assert!(at + n <= mem.len(), "piece {at}+{n} outside the memory");
+        }
+        let mut io = Io::new();
+        // SAFETY: every piece lies in `mem`, which the exclusive borrow
+        // keeps alive and untouched until `io` is dropped below.
+        unsafe {
+            io.prepare_guest(
+                op,
+                offset,
+                flags,
+                pieces.iter().map(|&(at, n)| (base.wrapping_add(at), n)),
+                Arc::new(()),
+            )
+        };
+        self.run(vol, &mut io)
     }
 }

@@ -36,7 +36,7 @@ fn replay(target: &str, body: fn(&[u8])) {
 /// Every fuzz target: its corpus directory, its body and its hand-made seeds.
 type Target = (&'static str, fn(&[u8]), fn() -> Vec<Vec<u8>>);
 
-const TARGETS: [Target; 6] = [
+const TARGETS: [Target; 7] = [
     ("handshake", vbd::nbd::fuzz::handshake, handshake_seeds),
     (
         "transmission",
@@ -59,6 +59,11 @@ const TARGETS: [Target; 6] = [
         checkpoint_seeds,
     ),
     ("qmp_reply", vbd::vm::fuzz::qmp_reply, qmp_reply_seeds),
+    (
+        "virtio_blk",
+        vbd::vhost::fuzz::virtio_blk,
+        vbd::vhost::fuzz::seeds,
+    ),
 ];
 
 #[test]

@@ -6,10 +6,10 @@
 //! directory, the embedded S3 endpoint and moto.
 
 use crate::common;
+use crate::stores;
 
-use std::io::BufRead;
 use std::os::unix::fs::MetadataExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -549,30 +549,6 @@ fn gc_after_deleting_clones_and_snapshots_returns_to_the_golden_size() {
     want.clear();
 }
 
-/// A child process killed on drop.
-struct Reaper(Child);
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-const KEY: &str = "vbdtestkey";
-const SECRET: &str = "vbdtestsecret";
-
-fn s3_env(endpoint: &str) -> Vec<(String, String)> {
-    [
-        ("AWS_ACCESS_KEY_ID", KEY),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-        ("AWS_ENDPOINT_URL", endpoint),
-        ("AWS_REGION", "us-east-1"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
-}
-
 /// Import, snapshot, clone, write, export and delete on one store.
 fn lifecycle_on(e: &Env) {
     require("qemu-io", "qemu-utils");
@@ -596,75 +572,28 @@ fn lifecycle_on(e: &Env) {
     assert_eq!(e.vol(&["list"]), "");
 }
 
+/// The environment of a store from `stores`, kept running by `_store`.
+fn on_store(dir: TempDir, store: &stores::TestStore) -> Env {
+    Env {
+        dir,
+        store: store.url.clone(),
+        env: store
+            .env()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    }
+}
+
 #[test]
 fn lifecycle_on_the_embedded_s3_endpoint() {
     let dir = TempDir::new("lc-s3s");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vbd"))
-        .args([
-            "objstore",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--bucket",
-            "vbd",
-            "--dir",
-        ])
-        .arg(dir.join("s3"))
-        .env("AWS_ACCESS_KEY_ID", KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vbd objstore serve");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("endpoint address");
-    let _s3 = Reaper(child);
-    let e = Env {
-        dir,
-        store: "s3://vbd/lc".into(),
-        env: s3_env(line.trim()),
-    };
-    lifecycle_on(&e);
+    let store = stores::embedded(&dir);
+    lifecycle_on(&on_store(dir, &store));
 }
 
 #[test]
 fn lifecycle_on_moto() {
-    let have = Command::new("python3")
-        .args(["-c", "import moto.server, boto3"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        have,
-        "moto is not installed: python3 -m pip install 'moto[server]'"
-    );
-    let port = free_port();
-    let moto = Command::new("python3")
-        .args(["-m", "moto.server", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto");
-    let _moto = Reaper(moto);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let endpoint = format!("http://127.0.0.1:{port}");
-    run(Command::new("python3").args([
-        "-c",
-        &format!(
-            "import boto3; boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{KEY}', \
-             aws_secret_access_key='{SECRET}', region_name='us-east-1').create_bucket(Bucket='vbd')"
-        ),
-    ]));
-    let e = Env {
-        dir: TempDir::new("lc-moto"),
-        store: "s3://vbd".into(),
-        env: s3_env(&endpoint),
-    };
-    lifecycle_on(&e);
+    let store = stores::moto();
+    lifecycle_on(&on_store(TempDir::new("lc-moto"), &store));
 }

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::crash_common::{Allowed, crash_seed, tag_of};
 use common::*;
 
 /// Writer plus snapshotter; every event is printed under one lock, in order.
@@ -82,27 +83,6 @@ except Exception as e:
 stop.set()
 t.join()
 "#;
-
-/// A block's tag: 0 for zeroes, None if torn.
-fn tag_of(block: &[u8], blk: u64) -> Option<u64> {
-    if block.iter().all(|&b| b == 0) {
-        return Some(0);
-    }
-    let tag = u64::from_le_bytes(block[..8].try_into().unwrap());
-    let mut want = Vec::with_capacity(4096);
-    for _ in 0..256 {
-        want.extend_from_slice(&tag.to_le_bytes());
-        want.extend_from_slice(&blk.to_le_bytes());
-    }
-    (block == want.as_slice()).then_some(tag)
-}
-
-/// Per block: the value that must have survived and others that may have.
-#[derive(Clone, Default)]
-struct Allowed {
-    durable: u64,
-    maybe: Vec<u64>,
-}
 
 /// A snapshot being taken: what it must hold at least, what it may hold.
 struct Pending {
@@ -192,23 +172,7 @@ fn snapshots_and_clones_survive_sigkill_rounds() {
         &[],
     );
     assert!(o.status.success(), "{}", o.stderr);
-    let seed0: u64 = std::env::var("VBD_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(1)
-        });
-    eprintln!("crash test seed {seed0} (set VBD_CRASH_SEED to repeat)");
-    let mut rng = seed0 | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let (seed0, mut next) = crash_seed();
     let n = rig.nblocks as usize;
     let mut head: HashMap<u64, Allowed> = HashMap::new();
     let mut last_acked = vec![0u64; n];

@@ -15,6 +15,8 @@
 
 mod ceph_common;
 mod common;
+mod crash_common;
+mod stores;
 mod vm_common;
 
 mod activation;
@@ -22,6 +24,7 @@ mod bench_smoke;
 mod ceph_rgw;
 mod clients;
 mod fuzz_corpus;
+mod handoff;
 mod kernel_nbd_client;
 mod large_requests;
 mod lifecycle;
@@ -37,6 +40,8 @@ mod soak;
 mod systemd_units;
 mod tls;
 mod tls_keys;
+mod vhost_frontend;
+mod vhost_guest;
 mod vm_guest;
 mod vm_qmp;
 mod vm_restart;

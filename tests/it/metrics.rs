@@ -22,7 +22,7 @@ use common::{
 };
 
 /// One scrape: samples in the order written, and by `name{labels}`.
-struct Scrape {
+pub(crate) struct Scrape {
     content_type: String,
     samples: Vec<(String, f64)>,
     by_key: HashMap<String, f64>,
@@ -59,7 +59,7 @@ impl Scrape {
         }
     }
 
-    fn get(&self, key: &str) -> f64 {
+    pub(crate) fn get(&self, key: &str) -> f64 {
         *self
             .by_key
             .get(key)
@@ -155,13 +155,13 @@ fn control(vbd: &Vbd) -> PathBuf {
     path
 }
 
-fn scrape_unix(vbd: &Vbd) -> Scrape {
+pub(crate) fn scrape_unix(vbd: &Vbd) -> Scrape {
     let mut s = UnixStream::connect(control(vbd)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     Scrape::parse(&get_raw(&mut s, "/metrics"))
 }
 
-fn status_json(vbd: &Vbd) -> Value {
+pub(crate) fn status_json(vbd: &Vbd) -> Value {
     let c = control(vbd);
     let out = vbd_cmd(&["status", "--json", "--control", c.to_str().unwrap()], &[]);
     assert!(out.status.success(), "vbd status --json: {}", out.stderr);
@@ -169,14 +169,14 @@ fn status_json(vbd: &Vbd) -> Value {
         .unwrap_or_else(|e| panic!("vbd status --json printed bad JSON ({e}):\n{}", out.stdout))
 }
 
-fn status_text(vbd: &Vbd) -> String {
+pub(crate) fn status_text(vbd: &Vbd) -> String {
     let c = control(vbd);
     let out = vbd_cmd(&["status", "--control", c.to_str().unwrap()], &[]);
     assert!(out.status.success(), "vbd status: {}", out.stderr);
     out.stdout
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < limit, "{what} within {limit:?}");
@@ -498,7 +498,10 @@ fn qemu_lifecycle_shows_in_vm_metrics_and_status() {
 
     let bad = vm_cmd(&c, &args(&vm("bad", "nope")));
     assert!(!bad.status.success(), "a VM on a missing volume started");
-    let one = vm("one", "va");
+    // "one" is on NBD, so its connection shows; "two" below on
+    // vhost-user, the default, so its device's frontend does.
+    let mut one = vm("one", "va");
+    one.extend(["--disk-transport".into(), "nbd".into()]);
     vm_ok(&c, &args(&one));
     vm_ok(&c, &["attach", "one", "vb"]);
     let full = vm_cmd(&c, &["attach", "one", "vc"]);
@@ -558,6 +561,9 @@ fn qemu_lifecycle_shows_in_vm_metrics_and_status() {
 
     // A QEMU killed behind vbd's back is a crash.
     vm_ok(&c, &args(&vm("two", "va")));
+    wait_until("QEMU on va's device", Duration::from_secs(20), || {
+        scrape_unix(&vbd).get("vbd_vhost_frontend_attached{export=\"va\"}") == 1.0
+    });
     let pid = status_json(&vbd)["vms"][0]["pid"].as_i64().unwrap() as i32;
     // SAFETY: kill(2) on the QEMU this test started through vbd.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -567,6 +573,8 @@ fn qemu_lifecycle_shows_in_vm_metrics_and_status() {
     let m = scrape_unix(&vbd);
     assert_eq!(m.get("vbd_vms{state=\"crashed\"}"), 1.0);
     assert_eq!(m.get("vbd_vm_starts_total"), 2.0);
+    // The crash cleaned up the device vbd started for the VM.
+    assert!(!m.text.contains("export=\"va\""), "{}", m.text);
     vm_ok(&c, &["stop", "two"]);
     assert_eq!(scrape_unix(&vbd).get("vbd_vms{state=\"crashed\"}"), 0.0);
 }

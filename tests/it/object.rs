@@ -4,12 +4,13 @@
 //! consistency under SIGKILL.
 
 use crate::common;
+use crate::stores;
 
 use std::collections::HashMap;
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::crash_common::{Allowed, crash_seed, tag_of};
 use common::*;
 use serde_json::Value;
 
@@ -288,69 +289,16 @@ fn round_trip_through_a_local_directory() {
     store_round_trip("rt-dir", &e.store(), &[]);
 }
 
-/// A child process killed on drop.
-struct Reaper(Child);
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-const KEY: &str = "vbdtestkey";
-const SECRET: &str = "vbdtestsecret";
-
-fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("AWS_ACCESS_KEY_ID", KEY.into()),
-        ("AWS_SECRET_ACCESS_KEY", SECRET.into()),
-        ("AWS_ENDPOINT_URL", endpoint.into()),
-        ("AWS_REGION", "us-east-1".into()),
-    ]
-}
-
 #[test]
 fn round_trip_through_the_embedded_s3_endpoint() {
     let e = Env::new("rt-s3s");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vbd"))
-        .args([
-            "objstore",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--bucket",
-            "vbd",
-            "--dir",
-        ])
-        .arg(e.dir.join("s3"))
-        .env("AWS_ACCESS_KEY_ID", KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vbd objstore serve");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("endpoint address");
-    let _s3 = Reaper(child);
-    let endpoint = line.trim().to_owned();
-    assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
-    let env = s3_env(&endpoint);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let store = stores::embedded(&e.dir);
+    let endpoint = store.endpoint().expect("an S3 endpoint").to_owned();
     // Wrong credentials are refused by SigV4.
     let bad = vbd_cmd(
-        &["volume", "list", "--store", "s3://vbd"],
+        &["volume", "list", "--store", &store.url],
         &[
-            ("AWS_ACCESS_KEY_ID", KEY),
+            ("AWS_ACCESS_KEY_ID", stores::KEY),
             ("AWS_SECRET_ACCESS_KEY", "wrong"),
             ("AWS_ENDPOINT_URL", &endpoint),
             ("AWS_REGION", "us-east-1"),
@@ -361,40 +309,13 @@ fn round_trip_through_the_embedded_s3_endpoint() {
         "a wrong secret must not list: {}",
         bad.stdout
     );
-    store_round_trip("rt-s3s", "s3://vbd/pool", &env);
+    store_round_trip("rt-s3s", &store.url, &store.env());
 }
 
 #[test]
 fn round_trip_through_moto() {
-    let have = Command::new("python3")
-        .args(["-c", "import moto.server, boto3"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        have,
-        "moto is not installed: python3 -m pip install 'moto[server]' (or run .ci/run)"
-    );
-    let port = free_port();
-    let moto = Command::new("python3")
-        .args(["-m", "moto.server", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto");
-    let _moto = Reaper(moto);
-    wait_port(port);
-    let endpoint = format!("http://127.0.0.1:{port}");
-    run(Command::new("python3").args([
-        "-c",
-        &format!(
-            "import boto3; boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{KEY}', \
-             aws_secret_access_key='{SECRET}', region_name='us-east-1').create_bucket(Bucket='vbd')"
-        ),
-    ]));
-    let env = s3_env(&endpoint);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    store_round_trip("rt-moto", "s3://vbd", &env);
+    let store = stores::moto();
+    store_round_trip("rt-moto", &store.url, &store.env());
 }
 
 /// The writer for the crash test: a libnbd client doing random 4 KiB writes,
@@ -430,28 +351,6 @@ except Exception as e:
     out("E", e)
 "#;
 
-/// Per block: the value that must have survived and others that may have.
-#[derive(Clone, Default)]
-struct Allowed {
-    durable: u64,
-    maybe: Vec<u64>,
-}
-
-/// Decodes a block written by the writer: its tag, 0 for zeroes, or None
-/// if the block is neither (torn or corrupt).
-fn tag_of(block: &[u8], blk: u64) -> Option<u64> {
-    if block.iter().all(|&b| b == 0) {
-        return Some(0);
-    }
-    let tag = u64::from_le_bytes(block[..8].try_into().unwrap());
-    let mut want = Vec::with_capacity(4096);
-    for _ in 0..256 {
-        want.extend_from_slice(&tag.to_le_bytes());
-        want.extend_from_slice(&blk.to_le_bytes());
-    }
-    (block == want.as_slice()).then_some(tag)
-}
-
 #[test]
 fn acknowledged_writes_survive_sigkill_50_rounds() {
     require("nbdcopy", "libnbd-bin");
@@ -460,23 +359,7 @@ fn acknowledged_writes_survive_sigkill_50_rounds() {
     let wal = e.wal(1);
     let nblocks = 2048u64;
     let spec = format!("name=c,store={store},size=16M");
-    let seed0: u64 = std::env::var("VBD_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(1)
-        });
-    eprintln!("crash test seed {seed0} (set VBD_CRASH_SEED to repeat)");
-    let mut rng = seed0 | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let (seed0, mut next) = crash_seed();
     let mut allowed: HashMap<u64, Allowed> = HashMap::new();
     let mut v = serve("crash-srv", &spec, &wal, &[]);
     let mut total_acked = 0;

@@ -56,6 +56,13 @@ impl VbdServer {
     }
 }
 
+impl VbdServer {
+    /// The running server's handle (its registry and cores).
+    pub fn handle(&self) -> vbd::server::ServerHandle {
+        self.server.as_ref().expect("the server runs").handle()
+    }
+}
+
 impl Drop for VbdServer {
     fn drop(&mut self) {
         if let Some(s) = self.server.take() {
@@ -80,6 +87,7 @@ impl Qemu {
             qmp_socket: dir.join("qmp.sock"),
             pidfile: dir.join("qemu.pid"),
             serial_log: dir.join("serial.log"),
+            vhost: Default::default(),
         };
         let args = argv(cfg, &paths).unwrap();
         let child = Command::new(&args[0])
@@ -191,6 +199,7 @@ macro_rules! raw_cmd {
 raw_cmd!(QueryIothreads, "query-iothreads");
 raw_cmd!(QueryNodes, "query-named-block-nodes");
 raw_cmd!(QomList, "qom-list");
+raw_cmd!(QueryChardev, "query-chardev");
 
 /// What the VM holds right now, by QEMU id.
 #[derive(Debug)]
@@ -199,6 +208,8 @@ pub struct Names {
     pub nodes: Vec<String>,
     pub devices: Vec<String>,
     pub node_info: Vec<Value>,
+    /// Character devices by label (vhost-user disks' sockets among them).
+    pub chardevs: Vec<String>,
 }
 
 fn field(v: &Value, k: &str) -> Vec<String> {
@@ -211,7 +222,8 @@ fn field(v: &Value, k: &str) -> Vec<String> {
 
 pub async fn names(qmp: &Qmp) -> Names {
     let empty = serde_json::Map::new();
-    let ioth = qmp.execute(QueryIothreads(empty)).await.unwrap();
+    let ioth = qmp.execute(QueryIothreads(empty.clone())).await.unwrap();
+    let chardevs = qmp.execute(QueryChardev(empty)).await.unwrap();
     let mut args = serde_json::Map::new();
     args.insert("flat".into(), Value::Bool(true));
     let nodes = qmp.execute(QueryNodes(args)).await.unwrap();
@@ -230,5 +242,6 @@ pub async fn names(qmp: &Qmp) -> Names {
         nodes: field(&nodes, "node-name"),
         devices,
         node_info: nodes.as_array().unwrap().clone(),
+        chardevs: field(&chardevs, "label"),
     }
 }

@@ -1,7 +1,7 @@
-//! End to end under TCG: the real `vbd` binary serves the disks, the test
-//! guest from tools/build-guest.sh boots from a vbd volume and writes
-//! known patterns, a second volume is hot-attached and detached, and vbd
-//! reads both patterns back. A second scenario kills QEMU mid-run and
+//! End to end under TCG: the real `vbd` binary serves the disks (over
+//! vhost-user-blk, the default), the test guest from tools/build-guest.sh
+//! boots from a vbd volume and writes known patterns, a second volume is
+//! hot-attached and detached, and vbd reads both patterns back. A second scenario kills QEMU mid-run and
 //! checks that vbd reports the crash and cleans up.
 
 use crate::vm_common;
@@ -84,6 +84,18 @@ impl Serve {
         String::from_utf8(self.ok(&["vm", "volume", "list"])).unwrap()
     }
 
+    /// Export `name`'s vhost-user device as `vbd status --json` shows it
+    /// (null when it has none).
+    fn vhost(&self, name: &str) -> Value {
+        let status: Value = serde_json::from_slice(&self.ok(&["status", "--json"])).unwrap();
+        status["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map_or(Value::Null, |e| e["vhost_user"].clone())
+    }
+
     /// 4 KiB of the volume at 1 MiB, where the guest writes its pattern.
     fn block(&self, volume: &str) -> Vec<u8> {
         self.ok(&[
@@ -161,8 +173,24 @@ fn guest_boots_from_vbd_writes_hot_attached_disk_and_data_reads_back() {
             .any(|l| l.starts_with("data ") && l.contains(" yes ") && l.contains("g1"))
     );
     wait_serial(&serial, "VBD-WROTE-VDB", Duration::from_secs(120));
+    // Both disks went over vhost-user (the default): QEMU is the frontend
+    // of each device, with a queue per vCPU, the hot-attached one too.
+    for disk in ["boot", "data"] {
+        let dev = s.vhost(disk);
+        assert_eq!(dev["attached"], true, "{disk}: {dev}");
+        assert_eq!(dev["queues_running"], 2, "{disk}: {dev}");
+        assert!(
+            dev["queues"][0]["requests"].as_u64() > Some(0),
+            "{disk}: {dev}"
+        );
+    }
     s.ok(&["vm", "detach", "g1", "data", "--wait", "60"]);
     wait_serial(&serial, "VBD-VDB-GONE", Duration::from_secs(60));
+    assert_eq!(
+        s.vhost("data"),
+        Value::Null,
+        "the device went with the disk"
+    );
     // Detach removed the export vbd started for the attach.
     assert!(
         s.volumes()

@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use qapi::qmp::{cont, stop};
 use serde_json::Value;
-use vbd::vm::config::{Accel, Disk, DiskTuning, Role, VmConfig};
+use std::sync::Arc;
+
+use vbd::control::vhost_exports::VhostExports;
+use vbd::vhost::device::SocketAccess;
+use vbd::vm::config::{Accel, Disk, DiskTransport, DiskTuning, Role, VhostSocket, VmConfig};
 use vbd::vm::hotplug::{AttachSpec, HotplugError, attach, detach};
 use vbd::vm::qmp::Qmp;
 
@@ -33,6 +37,7 @@ fn spec<'a>(vol: &'a str, srv: &'a VbdServer, bus: &'a str) -> AttachSpec<'a> {
         tuning: DiskTuning::Tuned,
         read_only: false,
         reconnect_delay_secs: 30,
+        vhost: None,
     }
 }
 
@@ -66,7 +71,9 @@ async fn attach_then_detach_creates_and_removes_all_three() {
     assert_eq!(node["drv"], "nbd");
     assert_eq!(node["image"]["virtual-size"], 64 << 20);
 
-    detach(&qmp, "data1", DiskTuning::Tuned, T).await.unwrap();
+    detach(&qmp, "data1", DiskTuning::Tuned, false, T)
+        .await
+        .unwrap();
     let n = names(&qmp).await;
     assert!(!n.iothreads.contains(&"ioth-data1".to_string()), "{n:?}");
     assert!(!n.nodes.contains(&"vol-data1".to_string()), "{n:?}");
@@ -196,4 +203,48 @@ async fn qemu_accepts_the_launch_argv_for_every_role() {
         .find(|v| v["node-name"] == "vol-seed")
         .unwrap();
     assert_eq!(seed["ro"], Value::Bool(true));
+}
+
+/// Over vhost-user: chardev-add connects QEMU to vbd's device, device_add
+/// puts a vhost-user-blk-pci on it with one queue per vCPU, and detach
+/// removes both, QEMU letting go of the device's socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhost_user_attach_connects_to_vbds_device_and_detach_lets_go() {
+    let srv = VbdServer::start(&[("data1", 16 << 20)]);
+    let mut cfg = bare_vm("qmp4");
+    cfg.disk_transport = Some(DiskTransport::VhostUser);
+    let q = Qemu::launch(&cfg, &srv, &["-S"]);
+    let (qmp, _events) = connect(&q).await;
+    let vhost = Arc::new(VhostExports::new());
+    let sock = q.paths.qmp_socket.with_file_name("data1.vhost");
+    let offered = vhost
+        .start(&srv.handle(), "data1", &sock, SocketAccess::default())
+        .unwrap();
+    let dev = VhostSocket {
+        socket: sock.clone(),
+        queues: offered,
+    };
+    let mut s = spec("data1", &srv, "hp0");
+    s.vhost = Some(&dev);
+    attach(&qmp, &s).await.unwrap();
+    let n = names(&qmp).await;
+    assert!(n.chardevs.contains(&"chr-data1".to_string()), "{n:?}");
+    assert!(n.devices.contains(&"disk-data1".to_string()), "{n:?}");
+    assert!(n.nodes.is_empty() && n.iothreads.is_empty(), "{n:?}");
+    assert!(vhost.attached("data1"), "QEMU is vbd's frontend");
+    let status = &vhost.list()[0].1;
+    assert!(status.attached && status.num_queues >= 16, "{status:?}");
+
+    detach(&qmp, "data1", DiskTuning::Tuned, true, T)
+        .await
+        .unwrap();
+    let n = names(&qmp).await;
+    assert!(!n.chardevs.contains(&"chr-data1".to_string()), "{n:?}");
+    assert!(!n.devices.contains(&"disk-data1".to_string()), "{n:?}");
+    let start = std::time::Instant::now();
+    while vhost.attached("data1") {
+        assert!(start.elapsed() < T, "QEMU still holds the device's socket");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    vhost.stop_all();
 }

@@ -1,7 +1,10 @@
 //! VMs outliving vbd, end to end under TCG with the real `vbd` binary run
 //! as a service would run it (`--vms-on-exit keep`): a guest verifies its
 //! own writes with fio (crc32c) while vbd is stopped with SIGTERM and
-//! started again, then SIGKILLed and started again; fio reports no error,
+//! started again, then SIGKILLed and started again, once with the disks
+//! over vhost-user-blk (QEMU's chardev reconnects, the inflight log
+//! re-submits what vbd had taken) and once over NBD (reconnect-delay
+//! holds the guest's I/O); fio reports no error,
 //! the adopted VM is listed as running, and its hot-plugged disk, carried
 //! across both restarts, is detached and attached again with its data
 //! intact. Apart from that: a QEMU killed while vbd was down is reported as
@@ -159,16 +162,27 @@ impl Vbd {
         vm
     }
 
-    /// Requests vbd has decoded on the connections to `export`.
+    /// Requests vbd has answered for `export`: decoded on its NBD
+    /// connections, or taken from its vhost-user queues.
     fn requests(&self, export: &str) -> u64 {
         let status: Value = serde_json::from_str(&self.ok(&["status", "--json"])).unwrap();
-        status["connections"]
+        let nbd: u64 = status["connections"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|c| c["export"] == export)
             .map(|c| c["requests"].as_u64().unwrap())
-            .sum()
+            .sum();
+        let vhost: u64 = status["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == export)
+            .filter_map(|e| e["vhost_user"]["queues"].as_array())
+            .flatten()
+            .map(|q| q["requests"].as_u64().unwrap())
+            .sum();
+        nbd + vhost
     }
 
     /// One sample of the control socket's `/metrics`.
@@ -326,15 +340,59 @@ fn restart_under_fio(v: &mut Vbd, serial: &Path, i: u32, sig: i32, pid: u32) -> 
         "the guest saw I/O errors:\n{text}"
     );
     let job = check_fio(&text, i);
+    // Over vhost-user, what the new vbd took again from QEMU's inflight log
+    // (nothing when the restart caught no request in flight).
+    let resubmitted: Vec<String> = v
+        .log()
+        .lines()
+        .filter(|l| l.contains("re-submitting requests in flight"))
+        .map(|l| l[l.find("queue=").unwrap_or(0)..].to_owned())
+        .collect();
     eprintln!(
-        "fio run {i}: wrote {} and verified {} bytes, error {}",
+        "fio run {i}: wrote {} and verified {} bytes, error {}; re-submitted so far: {resubmitted:?}",
         job["write"]["io_bytes"], job["read"]["io_bytes"], job["error"]
     );
     job
 }
 
+/// What the status says of the export `disk` after a restart: over
+/// vhost-user, QEMU is its device's frontend again with both queues
+/// running; over NBD it has no device.
+fn check_transport(v: &Vbd, transport: &str) {
+    let status: Value = serde_json::from_str(&v.ok(&["status", "--json"])).unwrap();
+    let disk = status["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "disk")
+        .unwrap_or_else(|| panic!("no export disk: {status}"))
+        .clone();
+    match transport {
+        "vhost-user" => {
+            let dev = &disk["vhost_user"];
+            assert_eq!(dev["attached"], true, "{disk}");
+            assert_eq!(dev["queues_running"], 2, "one queue per vCPU: {disk}");
+        }
+        _ => assert!(disk.get("vhost_user").is_none(), "{disk}"),
+    }
+}
+
 #[test]
-fn guest_io_survives_vbd_restarts_and_the_adopted_vm_hotplugs() {
+fn guest_io_survives_vbd_restarts_over_vhost_user_and_the_adopted_vm_hotplugs() {
+    // Shorter fio runs: what matters is that each restart hits I/O in flight.
+    restarts_under_fio("vhost-user", 8);
+}
+
+#[test]
+fn guest_io_survives_vbd_restarts_over_nbd_and_the_adopted_vm_hotplugs() {
+    restarts_under_fio("nbd", 12);
+}
+
+/// The restart scenario with the VM's disks on `transport`: fio verifies
+/// the boot disk across a SIGTERM and a SIGKILL of vbd (each run for
+/// `fio_secs`), then the disk hot-attached before both is detached and
+/// attached again.
+fn restarts_under_fio(transport: &str, fio_secs: u32) {
     let _one = vm_common::one_guest();
     let dir = TempDir::new("restart");
     let d = dir.path();
@@ -362,7 +420,7 @@ fn guest_io_survives_vbd_restarts_and_the_adopted_vm_hotplugs() {
     let t = tag("RESTART");
     let append = format!(
         "console=ttyS0 quiet panic=-1 vbd.mode=fio-verify vbd.fio_runs=2 \
-         vbd.fio_size=48M vbd.fio_runtime=12 vbd.pattern={t}"
+         vbd.fio_size=48M vbd.fio_runtime={fio_secs} vbd.pattern={t}"
     );
     let vm = v.run_vm(
         "g",
@@ -379,6 +437,8 @@ fn guest_io_survives_vbd_restarts_and_the_adopted_vm_hotplugs() {
             initrd.to_str().unwrap(),
             "--append",
             &append,
+            "--disk-transport",
+            transport,
         ],
     );
     let pid = vm["pid"].as_u64().unwrap() as u32;
@@ -388,8 +448,12 @@ fn guest_io_survives_vbd_restarts_and_the_adopted_vm_hotplugs() {
     // SIGTERM: vbd finishes what is in flight, drains and exits 0; QEMU
     // runs on and its disk waits.
     restart_under_fio(&mut v, &serial, 1, libc::SIGTERM, pid);
-    // SIGKILL: nothing is finished or drained; the WAL is replayed.
+    check_transport(&v, transport);
+    // SIGKILL: nothing is finished or drained; the WAL is replayed. Over
+    // vhost-user, QEMU re-submits the requests vbd had taken from the
+    // rings but not answered, from the inflight log they share.
     restart_under_fio(&mut v, &serial, 2, libc::SIGKILL, pid);
+    check_transport(&v, transport);
 
     // The disk hot-attached before both restarts is still on its port, and
     // its volume (reopened from the record) takes the guest's writes.

@@ -8,6 +8,7 @@ use crate::vm_common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use vbd::control::vhost_exports::VhostExports;
 use vbd::control::vm_volumes::CatalogExports;
 use vbd::control::volumes::{CreateVolume, VolumeCatalog};
 use vbd::vm::config::{Accel, Disk, Role, VmConfig};
@@ -32,7 +33,11 @@ fn setup(volumes: &[&str]) -> (VbdServer, Arc<Supervisor>, TempDir) {
     let run = TempDir::new("run");
     let sup = Supervisor::new(
         SupervisorConfig::new(srv.socket.clone(), run.path().to_path_buf()),
-        Arc::new(CatalogExports::new(srv.registry.clone(), catalog)),
+        Arc::new(CatalogExports::new(
+            srv.handle(),
+            catalog,
+            Arc::new(VhostExports::new()),
+        )),
     );
     (srv, sup, run)
 }

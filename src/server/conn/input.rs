@@ -80,7 +80,7 @@ impl Conn {
                             };
                             let slot = self.slots.get_mut(s);
                             if slot.refusal.is_none() {
-                                slot.io.buf.as_mut_slice()[slot.filled..slot.filled + n]
+                                slot.io.buf_mut().as_mut_slice()[slot.filled..slot.filled + n]
                                     .copy_from_slice(data);
                             }
                             slot.filled += n;

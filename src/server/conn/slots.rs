@@ -76,7 +76,7 @@ impl Slot {
         let tail: &[u8] = match self.tail {
             Tail::None => &[],
             Tail::Message(m) => m.as_bytes(),
-            Tail::Data => self.io.buf.as_slice(),
+            Tail::Data => self.io.buf().as_slice(),
             Tail::Aux => &self.aux,
         };
         [self.header.as_bytes(), tail]
@@ -158,23 +158,25 @@ impl Slots {
     /// Sets slot `s` up for `op` and counts the buffer it now holds.
     pub(super) fn prepare(&mut self, s: u16, op: Op, offset: u64, len: u64, flags: IoFlags) {
         let slot = &mut self.slots[s as usize];
-        let before = slot.io.buf.capacity() as u64;
+        let before = slot.io.buf().capacity() as u64;
         slot.io.prepare(op, offset, len, flags);
-        self.retained += (slot.io.buf.capacity() as u64).saturating_sub(before);
-        self.buffered += slot.io.buf.len() as u64;
-        self.gauge.add(slot.io.buf.len() as u64);
+        self.retained += (slot.io.buf().capacity() as u64).saturating_sub(before);
+        self.buffered += slot.io.buf().len() as u64;
+        self.gauge.add(slot.io.buf().len() as u64);
     }
 
     /// Frees slot `s` once its reply is sent.
     pub(super) fn release(&mut self, s: u16) {
         let slot = &mut self.slots[s as usize];
-        let held = (slot.io.buf.len() as u64).min(self.buffered);
+        let held = (slot.io.buf().len() as u64).min(self.buffered);
         self.buffered -= held;
         self.gauge.sub(held);
         if self.retained > self.retain {
             // Over budget: let this buffer go rather than pin memory.
-            self.retained = self.retained.saturating_sub(slot.io.buf.capacity() as u64);
-            slot.io.buf.shrink_above(0);
+            self.retained = self
+                .retained
+                .saturating_sub(slot.io.buf().capacity() as u64);
+            slot.io.buf_mut().shrink_above(0);
         }
         slot.state = SlotState::Free;
         slot.tail = Tail::None;

@@ -3,10 +3,11 @@
 //! completions and the order to stop.
 //!
 //! Completions find their owner by [`Token`]: the core's own (wake-up,
-//! timer), a listener's (`accept`), or a connection's (socket and volume
-//! I/O, looked up in `conns` and checked against its generation). Another
-//! kind of per-core object joins by adding its token kinds, its slab, and
-//! its arms in `on_cqe` and `on_wake`.
+//! timer), a listener's (`accept`), a connection's (socket and volume
+//! I/O, looked up in `conns` and checked against its generation), or a
+//! hosted object's ([`Hosted`]: another transport's per-core work, such as
+//! a vhost-user virtqueue, looked up in `hosted`). Connections are called
+//! directly; hosted objects through one dynamic call per completion.
 
 mod accept;
 
@@ -27,7 +28,7 @@ use super::listener::{Listener, SocketTuning, Transport};
 use super::metrics::ConnSummary;
 use super::registry::Registry;
 use super::tls::TlsServer;
-use crate::uring::{Completion, Kind, RemoteDone, RemoteSink, Ring, Token, Waker};
+use crate::uring::{Completion, HostCx, Hosted, Kind, RemoteDone, RemoteSink, Ring, Token, Waker};
 use crate::volume::{RemoteResult, Wake};
 
 /// A message for a core.
@@ -45,6 +46,8 @@ pub enum CoreMsg {
     Stop,
     /// Reply with a summary of every connection on this core (`vbd status`).
     Snapshot(Sender<Vec<ConnSummary>>),
+    /// Another transport's object to run on this core until it finishes.
+    Host(Box<dyn Hosted<RemoteResult>>),
 }
 
 /// How other threads reach a core.
@@ -101,13 +104,24 @@ pub struct CoreSetup {
 /// How often a spinning core offers its CPU to other runnable threads.
 const YIELD_EVERY: Duration = Duration::from_micros(5);
 
+/// A hosted object and what the core keeps about it.
+struct HostedEntry {
+    object: Box<dyn Hosted<RemoteResult>>,
+    generation: u16,
+    /// Already on the list for `end_round` this round.
+    queued: bool,
+}
+
 /// One core's state. Field order matters: `ring` is dropped first, so the
-/// boxed buffers below it (`tick`, `wake_buf`) outlive every operation
-/// that points at them.
+/// boxed buffers below it (`tick`, `wake_buf`) and the hosted objects
+/// outlive every operation that points at them.
 struct Reactor {
     ring: Ring,
     index: usize,
     conns: Slab<Box<Conn>>,
+    hosted: Slab<HostedEntry>,
+    /// Hosted objects that had events this round.
+    hosted_dirty: Vec<usize>,
     generation: u16,
     listeners: Vec<ListenerState>,
     rx: Receiver<CoreMsg>,
@@ -145,6 +159,8 @@ pub fn run(setup: CoreSetup) -> std::io::Result<()> {
         ring,
         index: setup.index,
         conns: Slab::new(),
+        hosted: Slab::new(),
+        hosted_dirty: Vec::new(),
         generation: 0,
         listeners: setup
             .listeners
@@ -206,8 +222,10 @@ impl Reactor {
             cqes.clear();
             self.cqes = cqes;
             self.pump_dirty();
+            self.pump_hosted();
             if self.stopping
                 && self.conns.is_empty()
+                && self.hosted.is_empty()
                 && self.listeners.iter().all(|l| l.listener.is_none())
             {
                 debug!(core = self.index, "reactor stopped");
@@ -320,6 +338,19 @@ impl Reactor {
             Kind::Wake => self.on_wake(c.result),
             Kind::Timer => self.on_timer(),
             Kind::Accept => self.on_accept(t.index, c.result, c.more()),
+            Kind::Hosted => {
+                self.active = true;
+                if let Some((object, mut cx)) = self.hosted_cx(t.index, t.generation) {
+                    object.on_cqe(t.slot, c, &mut cx);
+                    self.mark_hosted(t.index);
+                } else {
+                    debug!(
+                        core = self.index,
+                        ?t,
+                        "completion for a finished hosted object"
+                    );
+                }
+            }
             Kind::Recv | Kind::Send | Kind::Cancel | Kind::Io => {
                 self.active = true;
                 let (conn, mut env) = self.env(t.index);
@@ -374,12 +405,23 @@ impl Reactor {
                     // The asker may have given up waiting: that is fine.
                     let _ = reply.send(summaries.collect());
                 }
+                CoreMsg::Host(object) => self.add_hosted(object),
             }
         }
         while let Ok(done) = self.remote_rx.try_recv() {
-            let Some(t) = Token::decode(done.token).filter(|t| t.kind == Kind::Io) else {
+            let Some(t) = Token::decode(done.token) else {
                 continue;
             };
+            if t.kind == Kind::Hosted {
+                if let Some((object, mut cx)) = self.hosted_cx(t.index, t.generation) {
+                    object.on_remote(t.slot, done.result, &mut cx);
+                    self.mark_hosted(t.index);
+                }
+                continue;
+            }
+            if t.kind != Kind::Io {
+                continue;
+            }
             let (conn, mut env) = self.env(t.index);
             if let Some(conn) = conn.filter(|c| c.generation == t.generation) {
                 conn.on_io(t.slot, Wake::Remote(done.result), &mut env);
@@ -434,6 +476,81 @@ impl Reactor {
                 c.stop();
             }
             self.mark(id);
+        }
+        let ids: Vec<(usize, u16)> = self
+            .hosted
+            .iter()
+            .map(|(id, h)| (id, h.generation))
+            .collect();
+        for (id, generation) in ids {
+            if let Some((object, mut cx)) = self.hosted_cx(id, generation) {
+                object.stop(&mut cx);
+            }
+            self.mark_hosted(id);
+        }
+    }
+
+    /// Takes a hosted object: it gets an index and generation of its own
+    /// and queues its first operations.
+    fn add_hosted(&mut self, object: Box<dyn Hosted<RemoteResult>>) {
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        let id = self.hosted.insert(HostedEntry {
+            object,
+            generation,
+            queued: false,
+        });
+        let stopping = self.stopping;
+        if let Some((object, mut cx)) = self.hosted_cx(id, generation) {
+            object.attach(&mut cx);
+            if stopping {
+                object.stop(&mut cx);
+            }
+        }
+        self.mark_hosted(id);
+    }
+
+    /// Hosted object `id` if it is still of `generation`, with its view of
+    /// the core.
+    fn hosted_cx(
+        &mut self,
+        id: usize,
+        generation: u16,
+    ) -> Option<(&mut dyn Hosted<RemoteResult>, HostCx<'_, RemoteResult>)> {
+        let entry = self
+            .hosted
+            .get_mut(id)
+            .filter(|h| h.generation == generation)?;
+        let cx = HostCx::new(&mut self.ring, &self.sink, self.index, id, generation);
+        Some((&mut *entry.object, cx))
+    }
+
+    /// Queues hosted object `id` for `end_round`.
+    fn mark_hosted(&mut self, id: usize) {
+        if let Some(h) = self.hosted.get_mut(id)
+            && !h.queued
+        {
+            h.queued = true;
+            self.hosted_dirty.push(id);
+        }
+    }
+
+    /// Ends the round for every hosted object that had events; drops the
+    /// finished ones.
+    fn pump_hosted(&mut self) {
+        while let Some(id) = self.hosted_dirty.pop() {
+            let Some(entry) = self.hosted.get_mut(id) else {
+                continue;
+            };
+            entry.queued = false;
+            let generation = entry.generation;
+            if let Some((object, mut cx)) = self.hosted_cx(id, generation) {
+                object.end_round(&mut cx);
+                if object.finished() {
+                    self.hosted.remove(id);
+                    debug!(core = self.index, id, "hosted object finished");
+                }
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ fn paths() -> RunPaths {
         qmp_socket: "/run/vbd/vm/web/qmp.sock".into(),
         pidfile: "/run/vbd/vm/web/qemu.pid".into(),
         serial_log: "/run/vbd/vm/web/serial.log".into(),
+        vhost: BTreeMap::new(),
     }
 }
 
@@ -337,4 +338,121 @@ fn reconnect_delay_is_set_per_vm_and_zero_leaves_qemus_default() {
             "driver=nbd,node-name=vol-seed,server.type=unix,server.path=/run/vbd/vbd.sock,export=seed,cache.direct=on,cache.no-flush=off,read-only=on",
         ])
     );
+}
+
+/// Where vbd's devices listen in the vhost-user tests, offering `queues`.
+fn vhost_paths(disks: &[&str], queues: u16) -> RunPaths {
+    let mut p = paths();
+    for d in disks {
+        p.vhost.insert(
+            d.to_string(),
+            VhostSocket {
+                socket: format!("/run/vbd/vm/web/{d}.vhost").into(),
+                queues,
+            },
+        );
+    }
+    p
+}
+
+#[test]
+fn vhost_user_disks_share_guest_ram_and_reconnect() {
+    let mut cfg = VmConfig::new(
+        "web",
+        4,
+        2048,
+        vec![
+            Disk::export("root", Role::Boot),
+            Disk::export("db", Role::Data),
+            Disk::export("seed", Role::CloudInit),
+        ],
+    );
+    cfg.hotplug_ports = 1;
+    cfg.disk_transport = Some(DiskTransport::VhostUser);
+    let mut want = vec!["qemu-system-x86_64".to_string()];
+    let mut head = common("web", "q35,memory-backend=mem", "kvm", "host", "4", "2048M");
+    // Guest RAM is a shared memfd right after -m, so vbd can map it.
+    let at = head.iter().position(|a| a == "2048M").unwrap() + 1;
+    head.splice(
+        at..at,
+        sv(&["-object", "memory-backend-memfd,id=mem,size=2048M,share=on"]),
+    );
+    want.extend(head);
+    want.extend(sv(&[
+        // No iothread and no block node: vbd serves the queues itself.
+        "-chardev",
+        "socket,id=chr-root,path=/run/vbd/vm/web/root.vhost,reconnect=1",
+        "-device",
+        "vhost-user-blk-pci,id=disk-root,chardev=chr-root,num-queues=4,bootindex=1",
+        "-chardev",
+        "socket,id=chr-db,path=/run/vbd/vm/web/db.vhost,reconnect=1",
+        "-device",
+        "vhost-user-blk-pci,id=disk-db,chardev=chr-db,num-queues=4",
+        // Cloud-init stays a read-only NBD CD-ROM.
+        "-blockdev",
+        "driver=nbd,node-name=vol-seed,server.type=unix,server.path=/run/vbd/vbd.sock,export=seed,reconnect-delay=30,cache.direct=on,cache.no-flush=off,read-only=on",
+        "-device",
+        "ide-cd,id=disk-seed,drive=vol-seed,bus=ide.0",
+        "-global",
+        "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+        "-device",
+        "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+    ]));
+    assert_eq!(argv(&cfg, &vhost_paths(&["root", "db"], 16)).unwrap(), want);
+}
+
+#[test]
+fn vhost_user_queues_stop_at_what_the_device_offers() {
+    let mut cfg = VmConfig::new("web", 8, 512, vec![Disk::export("root", Role::Boot)]);
+    cfg.hotplug_ports = 0;
+    cfg.disk_transport = Some(DiskTransport::VhostUser);
+    let got = argv(&cfg, &vhost_paths(&["root"], 2)).unwrap();
+    assert_eq!(
+        got.last().unwrap(),
+        "vhost-user-blk-pci,id=disk-root,chardev=chr-root,num-queues=2,bootindex=1"
+    );
+    assert_eq!(vhost_queues(0, 16), 1);
+    assert_eq!(vhost_queues(3, 0), 1);
+}
+
+/// A vhost-user VM whose disks stayed NBD (no device for them) still gets
+/// shared RAM, so a disk can be hot-attached over vhost-user later; an NBD
+/// VM gets none. Raw files are never vhost-user, whatever the map says.
+#[test]
+fn shared_ram_comes_with_the_transport_and_raw_files_stay_files() {
+    let mut cfg = VmConfig::new(
+        "web",
+        1,
+        256,
+        vec![Disk {
+            name: "img".into(),
+            role: Role::Boot,
+            source: Source::RawFile("/tmp/a.img".into()),
+        }],
+    );
+    cfg.hotplug_ports = 0;
+    let nbd = argv(&cfg, &vhost_paths(&["img"], 16)).unwrap();
+    assert!(nbd.iter().any(|a| a == "q35,memory-backend=mem"));
+    assert!(!nbd.iter().any(|a| a.contains("vhost-user")), "{nbd:?}");
+    assert!(
+        nbd.iter()
+            .any(|a| a.starts_with("driver=raw,node-name=vol-img"))
+    );
+    cfg.disk_transport = Some(DiskTransport::Nbd);
+    let plain = argv(&cfg, &paths()).unwrap();
+    assert!(
+        !plain.iter().any(|a| a.contains("memory-backend")),
+        "{plain:?}"
+    );
+    cfg.disk_transport = Some(DiskTransport::VhostUser);
+    let shared = argv(&cfg, &paths()).unwrap();
+    assert!(
+        shared
+            .iter()
+            .any(|a| a == "memory-backend-memfd,id=mem,size=256M,share=on"),
+        "{shared:?}"
+    );
+    assert_eq!("vhost-user".parse(), Ok(DiskTransport::VhostUser));
+    assert_eq!("nbd".parse(), Ok(DiskTransport::Nbd));
+    assert!("virtio".parse::<DiskTransport>().is_err());
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::lock::MutexExt;
+use crate::vm::config::VhostSocket;
 use crate::vm::testing::{Monitor, PATIENCE, Scratch, SharedMonitor, serve_monitor};
 
 struct Bench {
@@ -51,7 +52,7 @@ const DETACH_STEPS: [&str; 3] = [
 
 /// Detaches `d` with time to spare and checks QEMU holds nothing after.
 async fn detach_fully(b: &Bench) {
-    detach(&b.qmp, "d", DiskTuning::Tuned, PATIENCE)
+    detach(&b.qmp, "d", DiskTuning::Tuned, false, PATIENCE)
         .await
         .unwrap();
     assert_eq!(b.log(), DETACH_STEPS);
@@ -67,6 +68,7 @@ fn spec<'a>(volume: &'a str, bus: &'a str, tuning: DiskTuning) -> AttachSpec<'a>
         tuning,
         read_only: false,
         reconnect_delay_secs: 30,
+        vhost: None,
     }
 }
 
@@ -181,7 +183,7 @@ async fn a_detach_retried_while_the_unplug_is_under_way_finishes_it() {
     b.log();
     b.monitor().guest_unplugs = false;
     let wait = Duration::from_millis(50);
-    let err = detach(&b.qmp, "d", DiskTuning::Tuned, wait)
+    let err = detach(&b.qmp, "d", DiskTuning::Tuned, false, wait)
         .await
         .unwrap_err();
     assert!(
@@ -200,7 +202,7 @@ async fn a_detach_retried_while_the_unplug_is_under_way_finishes_it() {
 #[tokio::test]
 async fn detaching_a_device_qemu_lacks_fails_at_device_del() {
     let b = Bench::new().await;
-    let err = detach(&b.qmp, "d", DiskTuning::Tuned, PATIENCE)
+    let err = detach(&b.qmp, "d", DiskTuning::Tuned, false, PATIENCE)
         .await
         .unwrap_err();
     match &err {
@@ -228,4 +230,84 @@ fn blockdev_add_waits_for_vbd_like_the_command_line() {
     // 0 leaves QEMU's default (fail at once) by not sending the member.
     let without = json(0);
     assert!(without.get("reconnect-delay").is_none(), "{without}");
+}
+
+/// A vhost-user device offering `queues`, for `spec().vhost`.
+fn device(queues: u16) -> VhostSocket {
+    VhostSocket {
+        socket: "/run/vbd/vm/web/d.vhost".into(),
+        queues,
+    }
+}
+
+#[tokio::test]
+async fn vhost_user_attach_adds_chardev_and_device_and_detach_removes_both() {
+    let b = Bench::new().await;
+    let dev = device(16);
+    let mut s = spec("d", "hp0", DiskTuning::Tuned);
+    s.vhost = Some(&dev);
+    attach(&b.qmp, &s).await.unwrap();
+    assert_eq!(b.log(), ["chardev-add chr-d", "device_add disk-d"]);
+    {
+        let m = b.monitor();
+        assert_eq!(m.chardevs["chr-d"], "/run/vbd/vm/web/d.vhost");
+        assert_eq!(m.devices["disk-d"], "chr-d");
+        assert_eq!(m.queues["disk-d"], 2, "one per vCPU");
+        assert!(m.iothreads.is_empty() && m.nodes.is_empty());
+    }
+    detach(&b.qmp, "d", DiskTuning::Tuned, true, PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(b.log(), ["device_del disk-d", "chardev-remove chr-d"]);
+    assert!(b.monitor().is_bare());
+}
+
+#[tokio::test]
+async fn a_refused_vhost_user_device_takes_its_chardev_with_it() {
+    let b = Bench::new().await;
+    let dev = device(16);
+    let mut s = spec("d", "pcie.0", DiskTuning::Tuned);
+    s.vhost = Some(&dev);
+    let err = attach(&b.qmp, &s).await.unwrap_err();
+    assert_eq!(
+        attach_failure(&err),
+        ("device_add vhost-user-blk-pci", &[][..])
+    );
+    assert_eq!(
+        b.log(),
+        [
+            "chardev-add chr-d",
+            "device_add disk-d",
+            "chardev-remove chr-d"
+        ]
+    );
+    assert!(b.monitor().is_bare());
+    // A chardev QEMU refuses stops there, with nothing to undo.
+    b.monitor().refuse.insert("chardev-add");
+    let s = AttachSpec { bus: "hp0", ..s };
+    let err = attach(&b.qmp, &s).await.unwrap_err();
+    assert_eq!(attach_failure(&err), ("chardev-add", &[][..]));
+    assert_eq!(b.log(), ["chardev-add chr-d"]);
+    assert!(b.monitor().is_bare());
+}
+
+#[test]
+fn vhost_user_commands_say_what_qemu_7_2_expects() {
+    let dev = device(1);
+    let mut s = spec("d", "hp1", DiskTuning::Tuned);
+    s.vhost = Some(&dev);
+    let chardev = serde_json::to_value(vhost_chardev_add("d", &dev.socket)).unwrap();
+    assert_eq!(
+        chardev,
+        json!({"id": "chr-d", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": "/run/vbd/vm/web/d.vhost"}},
+            "server": false, "reconnect": 1}}})
+    );
+    let device = serde_json::to_value(vhost_user_blk_add(&s, &dev)).unwrap();
+    // Two vCPUs, but the device offers one queue: QEMU would refuse more.
+    assert_eq!(
+        device,
+        json!({"driver": "vhost-user-blk-pci", "id": "disk-d", "bus": "hp1",
+            "chardev": "chr-d", "num-queues": 1})
+    );
 }

@@ -3,7 +3,8 @@
 //! be that QEMU — same start time, boot, executable and command line — or
 //! the VM is reported as crashed and its run files removed, and a process
 //! that took the pid over is left alone. A live QEMU gets its disks served
-//! again first (it is retrying them), then a new QMP session, then the
+//! again first (it is retrying them: NBD disks on vbd's socket, vhost-user
+//! disks on their recorded sockets), then a new QMP session, then the
 //! same supervision as a VM this vbd started, watched through a pidfd.
 //! How long each disk took to reconnect is measured from vbd's side.
 
@@ -26,7 +27,7 @@ use super::record::{VmRecord, now_ms};
 use super::types::{DiskReconnect, SupervisorError, VmState};
 use crate::error::Chain;
 use crate::lock::MutexExt;
-use crate::vm::config::{Role, Source};
+use crate::vm::config::{Role, Source, VhostSocket};
 use crate::vm::qmp::Qmp;
 use crate::vm::volume_host::ExportError;
 
@@ -137,10 +138,10 @@ impl Supervisor {
         let from_clean_stop = record.released_at_ms.is_some();
         let since_ms = record.released_at_ms.unwrap_or(self.started_at_ms);
         // Its disks first: QEMU is retrying them.
-        let (owned, hot, reconnects) = {
+        let (owned, owned_vhost, hot, reconnects) = {
             let _g = self.volumes.lock().await;
-            let republish = |volume: &str, read_only: bool| {
-                let r = self.republish(&record, volume, read_only);
+            let republish = |volume: &str, read_only: bool, vhost: Option<&VhostSocket>| {
+                let r = self.republish(&record, volume, read_only, vhost);
                 let entry = DiskReconnect {
                     after_ms: None,
                     from_clean_stop,
@@ -149,23 +150,30 @@ impl Supervisor {
                         Chain(e).to_string()
                     }),
                 };
-                (r.unwrap_or(false), entry)
+                (r.unwrap_or((false, false)), entry)
             };
             let mut owned = Vec::new();
+            let mut owned_vhost = Vec::new();
             let mut reconnects = BTreeMap::new();
             for d in record.config.disks.iter() {
                 if d.source != Source::Export {
                     continue;
                 }
-                let (ours, entry) = republish(&d.name, d.role == Role::CloudInit);
-                if ours {
+                let vhost = record.paths.vhost.get(&d.name);
+                let ((export, device), entry) =
+                    republish(&d.name, d.role == Role::CloudInit, vhost);
+                if export {
                     owned.push(d.name.clone());
+                }
+                if device {
+                    owned_vhost.push(d.name.clone());
                 }
                 reconnects.insert(d.name.clone(), entry);
             }
             let mut hot = BTreeMap::new();
             for (v, h) in &record.hot {
-                let (owned_export, entry) = republish(v, h.read_only);
+                let ((owned_export, owned_vhost), entry) =
+                    republish(v, h.read_only, h.vhost.as_ref());
                 reconnects.insert(v.clone(), entry);
                 hot.insert(
                     v.clone(),
@@ -173,10 +181,12 @@ impl Supervisor {
                         port: h.port.clone(),
                         owned_export,
                         read_only: h.read_only,
+                        vhost: h.vhost.clone(),
+                        owned_vhost,
                     },
                 );
             }
-            (owned, hot, reconnects)
+            (owned, owned_vhost, hot, reconnects)
         };
         let qmp = match Qmp::connect(&record.paths.qmp_socket, self.cfg.qmp_timeout).await {
             Ok((qmp, _events)) => qmp,
@@ -203,6 +213,7 @@ impl Supervisor {
             stopping: AtomicBool::new(false),
             released: AtomicBool::new(false),
             owned,
+            owned_vhost,
             hot: Mutex::new(hot),
             op: tokio::sync::Mutex::new(()),
             cleaned,
@@ -220,8 +231,45 @@ impl Supervisor {
     }
 
     /// Serves `volume` for an adopted VM unless something already does
-    /// (a `vbd serve --export`); `true` if this call started the export.
+    /// (a `vbd serve --export`), and over vhost-user on its recorded socket
+    /// when it was a vhost-user disk; says whether this call started the
+    /// export and the device.
     fn republish(
+        &self,
+        record: &VmRecord,
+        volume: &str,
+        read_only: bool,
+        vhost: Option<&VhostSocket>,
+    ) -> Result<(bool, bool), SupervisorError> {
+        let export = self.republish_export(record, volume, read_only)?;
+        let Some(recorded) = vhost else {
+            return Ok((export, false));
+        };
+        let fail = |source: Box<dyn std::error::Error + Send + Sync>| {
+            if export {
+                self.drop_export(volume);
+            }
+            SupervisorError::Export(ExportError::Vhost {
+                volume: volume.to_owned(),
+                source,
+            })
+        };
+        let served = match self.serve_vhost_at(volume, &recorded.socket) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(fail("this vbd serves no vhost-user devices".into())),
+            Err(e) => return Err(fail(Box::new(e))),
+        };
+        if served.socket.socket != recorded.socket {
+            warn!(vm = %record.config.name, volume, recorded = %recorded.socket.display(),
+                serving = %served.socket.socket.display(),
+                "the export's vhost-user device listens elsewhere than QEMU reconnects to");
+        }
+        Ok((export, served.started))
+    }
+
+    /// The NBD export half of [`Supervisor::republish`]: `true` if this
+    /// call started the export.
+    fn republish_export(
         &self,
         record: &VmRecord,
         volume: &str,
@@ -266,6 +314,7 @@ impl Supervisor {
             stopping: AtomicBool::new(false),
             released: AtomicBool::new(false),
             owned: Vec::new(),
+            owned_vhost: Vec::new(),
             hot: Mutex::new(BTreeMap::new()),
             op: tokio::sync::Mutex::new(()),
             cleaned,

@@ -1,7 +1,8 @@
 //! Hot attach and detach on a running VM: the supervisor's bookkeeping
-//! (one VM per volume, a free hot-plug port, the export started for the
-//! disk) around the QMP steps of [`crate::vm::hotplug`]. A failed attach
-//! removes the export it started; a failed detach keeps the disk listed.
+//! (one VM per volume, a free hot-plug port, the export and, over
+//! vhost-user, the device started for the disk) around the QMP steps of
+//! [`crate::vm::hotplug`]. A failed attach removes the export and device
+//! it started; a failed detach keeps the disk listed.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use super::handle::HotDisk;
 use super::types::{DiskInfo, SupervisorError};
 use crate::error::Chain;
 use crate::lock::MutexExt;
-use crate::vm::config::{Role, hotplug_port, valid_qemu_name};
+use crate::vm::config::{DiskTransport, Role, hotplug_port, valid_qemu_name};
 use crate::vm::hotplug::{self, AttachSpec};
 
 impl Supervisor {
@@ -68,6 +69,18 @@ impl Supervisor {
             ports: vm.config.hotplug_ports,
         })?;
         let owned_export = self.ensure_export(volume, read_only)?;
+        let vhost = if vm.config.transport() == DiskTransport::VhostUser {
+            match self.ensure_vhost(vm_name, volume) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.release_disk(volume, owned_export, false);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let owned_vhost = vhost.as_ref().is_some_and(|v| v.started);
         let spec = AttachSpec {
             volume,
             nbd_socket: &self.cfg.nbd_socket,
@@ -76,15 +89,14 @@ impl Supervisor {
             tuning: vm.config.tuning,
             read_only,
             reconnect_delay_secs: vm.config.reconnect_delay_secs(),
+            vhost: vhost.as_ref().map(|v| &v.socket),
         };
         let attached = match vm.qmp() {
             Ok(qmp) => hotplug::attach(qmp, &spec).await.map_err(Into::into),
             Err(e) => Err(e),
         };
         if let Err(e) = attached {
-            if owned_export {
-                self.drop_export(volume);
-            }
+            self.release_disk(volume, owned_export, owned_vhost);
             return Err(e);
         }
         vm.hot.locked().insert(
@@ -93,6 +105,8 @@ impl Supervisor {
                 port: port.clone(),
                 owned_export,
                 read_only,
+                vhost: vhost.map(|v| v.socket),
+                owned_vhost,
             },
         );
         self.save(&vm, None);
@@ -128,8 +142,12 @@ impl Supervisor {
     ) -> Result<(), SupervisorError> {
         let vm = self.running(vm_name)?;
         let _op = vm.op.lock().await;
-        let hot = vm.hot.locked().get(volume).map(|h| h.owned_export);
-        let Some(owned_export) = hot else {
+        let hot = vm
+            .hot
+            .locked()
+            .get(volume)
+            .map(|h| (h.owned_export, h.vhost.is_some(), h.owned_vhost));
+        let Some((owned_export, vhost, owned_vhost)) = hot else {
             let cold = vm.config.disks.iter().any(|d| d.name == volume);
             return Err(if cold {
                 SupervisorError::ColdAttached {
@@ -143,13 +161,11 @@ impl Supervisor {
                 }
             });
         };
-        hotplug::detach(vm.qmp()?, volume, vm.config.tuning, wait).await?;
+        hotplug::detach(vm.qmp()?, volume, vm.config.tuning, vhost, wait).await?;
         vm.hot.locked().remove(volume);
         vm.reconnects.locked().remove(volume);
         self.save(&vm, None);
-        if owned_export {
-            self.drop_export(volume);
-        }
+        self.release_disk(volume, owned_export, owned_vhost);
         Ok(())
     }
 }

@@ -156,14 +156,15 @@ impl Supervisor {
                 reason: format!("QEMU {exit}"),
             }
         };
+        for v in &vm.owned_vhost {
+            self.drop_vhost(v);
+        }
         for v in &vm.owned {
             self.drop_export(v);
         }
         let hot = std::mem::take(&mut *vm.hot.locked());
         for (v, h) in hot {
-            if h.owned_export {
-                self.drop_export(&v);
-            }
+            self.release_disk(&v, h.owned_export, h.owned_vhost);
         }
         self.remove_run_files(&vm.config.name, &vm.paths);
         vm.set_state(state);

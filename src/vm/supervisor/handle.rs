@@ -13,7 +13,7 @@ use super::process::Process;
 use super::record::{FORMAT, RecordedHotDisk, VmRecord};
 use super::types::{DiskInfo, DiskReconnect, SupervisorError, VmInfo, VmState};
 use crate::lock::MutexExt;
-use crate::vm::config::{Role, RunPaths, Source, VmConfig};
+use crate::vm::config::{Role, RunPaths, Source, VhostSocket, VmConfig};
 use crate::vm::qmp::Qmp;
 
 /// A hot-attached disk.
@@ -24,6 +24,10 @@ pub(super) struct HotDisk {
     pub(super) owned_export: bool,
     /// Attached (and exported) read-only.
     pub(super) read_only: bool,
+    /// Its vhost-user-blk device, when attached over vhost-user.
+    pub(super) vhost: Option<VhostSocket>,
+    /// Whether the supervisor started that device (and so stops it).
+    pub(super) owned_vhost: bool,
 }
 
 /// One VM, from launch (or adoption) until its record is forgotten after
@@ -45,6 +49,8 @@ pub(super) struct Vm {
     pub(super) released: AtomicBool,
     /// Exports started for this VM at launch, removed when it exits.
     pub(super) owned: Vec<String>,
+    /// vhost-user devices started for its launch disks, stopped when it exits.
+    pub(super) owned_vhost: Vec<String>,
     /// Hot-attached disks by volume name.
     pub(super) hot: Mutex<BTreeMap<String, HotDisk>>,
     /// Serialises attach and detach on this VM.
@@ -162,6 +168,7 @@ impl Vm {
                         RecordedHotDisk {
                             port: h.port.clone(),
                             read_only: h.read_only,
+                            vhost: h.vhost.clone(),
                         },
                     )
                 })

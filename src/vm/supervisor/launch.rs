@@ -1,6 +1,7 @@
 //! Starting a VM: check its disks are free, export the ones not yet
-//! served, run QEMU and wait for its QMP socket; on any failure undo what
-//! was done, so a failed start leaves no export, socket or record behind.
+//! served (and, over vhost-user, give each boot and data disk its device),
+//! run QEMU and wait for its QMP socket; on any failure undo what was done,
+//! so a failed start leaves no export, device, socket or record behind.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
@@ -20,7 +21,7 @@ use super::record::{VmRecord, now_ms};
 use super::types::{SupervisorError, VmInfo, VmState};
 use super::{Supervisor, remove_if_present};
 use crate::error::Chain;
-use crate::vm::config::{Role, RunPaths, Source, VmConfig, argv};
+use crate::vm::config::{DiskTransport, Role, RunPaths, Source, VmConfig, argv};
 use crate::vm::qmp::{Qmp, QmpError};
 
 /// How long a QEMU that failed to come up may take to die after SIGKILL.
@@ -51,6 +52,7 @@ impl Supervisor {
         config
             .disk_reconnect_delay_secs
             .get_or_insert(self.cfg.disk_reconnect_delay_secs);
+        config.disk_transport.get_or_insert(self.cfg.disk_transport);
         let _g = self.volumes.lock().await;
         let name = config.name.clone();
         if self.vms().get(&name).is_some_and(|old| old.alive()) {
@@ -65,13 +67,16 @@ impl Supervisor {
                 pid: old.pid,
             });
         }
-        let paths = RunPaths {
+        let mut paths = RunPaths {
             nbd_socket: self.cfg.nbd_socket.clone(),
             qmp_socket: dir.join("qmp.sock"),
             pidfile: dir.join("qemu.pid"),
             serial_log: dir.join("serial.log"),
+            vhost: BTreeMap::new(),
         };
-        let args = argv(&config, &paths)?;
+        // The config is checked before anything is started; the argv QEMU
+        // runs with is built once the disks' vhost-user devices are known.
+        argv(&config, &paths)?;
         for d in &config.disks {
             if let Some(vm) = self.user_of(&d.name) {
                 return Err(SupervisorError::VolumeInUse {
@@ -81,11 +86,17 @@ impl Supervisor {
             }
         }
         let mut owned = Vec::new();
-        let started = self.launch(&config, &paths, &dir, &args, &mut owned).await;
+        let mut owned_vhost = Vec::new();
+        let started = self
+            .launch(&config, &mut paths, &dir, &mut owned, &mut owned_vhost)
+            .await;
         let started_at_ms = now_ms();
         let (process, qmp) = match started {
             Ok(p) => p,
             Err(e) => {
+                for v in &owned_vhost {
+                    self.drop_vhost(v);
+                }
                 for v in &owned {
                     self.drop_export(v);
                 }
@@ -114,6 +125,7 @@ impl Supervisor {
             stopping: AtomicBool::new(false),
             released: AtomicBool::new(false),
             owned,
+            owned_vhost,
             hot: Mutex::new(BTreeMap::new()),
             op: tokio::sync::Mutex::new(()),
             cleaned,
@@ -129,14 +141,16 @@ impl Supervisor {
     }
 
     /// Exports the VM's volumes (recording in `owned` those this call
-    /// exported), then runs QEMU until its QMP socket answers.
+    /// exported) and, over vhost-user, serves its boot and data disks on
+    /// devices (noting them in `paths`, and in `owned_vhost` those this
+    /// call started); then runs QEMU until its QMP socket answers.
     async fn launch(
         &self,
         config: &VmConfig,
-        paths: &RunPaths,
+        paths: &mut RunPaths,
         dir: &Path,
-        args: &[String],
         owned: &mut Vec<String>,
+        owned_vhost: &mut Vec<String>,
     ) -> Result<(Process, Qmp), SupervisorError> {
         for d in &config.disks {
             if d.source == Source::Export
@@ -150,10 +164,27 @@ impl Supervisor {
             .mode(0o700)
             .create(dir)
             .map_err(io_err(format!("cannot create {}", dir.display())))?;
+        if config.transport() == DiskTransport::VhostUser {
+            for d in &config.disks {
+                if d.source != Source::Export || !matches!(d.role, Role::Boot | Role::Data) {
+                    continue;
+                }
+                let Some(served) = self.ensure_vhost(&config.name, &d.name)? else {
+                    info!(vm = %config.name, volume = %d.name,
+                        "no vhost-user transport here; the disk goes over NBD");
+                    continue;
+                };
+                if served.started {
+                    owned_vhost.push(d.name.clone());
+                }
+                paths.vhost.insert(d.name.clone(), served.socket);
+            }
+        }
+        let args = argv(config, paths)?;
         remove_if_present(&paths.qmp_socket);
         remove_if_present(&paths.pidfile);
         let log = dir.join("qemu.log");
-        let process = Process::spawn(args, &log)
+        let process = Process::spawn(&args, &log)
             .map_err(io_err(format!("cannot run {}", config.qemu.display())))?;
         let deadline = Instant::now() + self.cfg.start_timeout;
         let fail = |reason: String| SupervisorError::Start {

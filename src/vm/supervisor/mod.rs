@@ -46,7 +46,7 @@ pub use self::types::{
 use crate::error::Chain;
 use crate::lock::MutexExt;
 use crate::vm::config::RunPaths;
-use crate::vm::volume_host::{Restart, VolumeHost};
+use crate::vm::volume_host::{Restart, VhostServed, VolumeHost};
 
 /// Runs and tracks VMs.
 pub struct Supervisor {
@@ -124,6 +124,47 @@ impl Supervisor {
         match self.host.unexport(volume) {
             Ok(()) => info!(volume, "export removed"),
             Err(e) => warn!(volume, "cannot remove export: {}", Chain(&e)),
+        }
+    }
+
+    /// Serves `volume` over vhost-user for the VM `vm`: the export's own
+    /// device, or a new one on a socket in the VM's run directory. `None`
+    /// when the host has no vhost-user transport (the disk stays NBD).
+    fn ensure_vhost(&self, vm: &str, volume: &str) -> Result<Option<VhostServed>, SupervisorError> {
+        self.serve_vhost_at(volume, &self.vm_dir(vm).join(format!("{volume}.vhost")))
+    }
+
+    /// Serves `volume` over vhost-user, on `socket` unless the export has
+    /// a device already.
+    fn serve_vhost_at(
+        &self,
+        volume: &str,
+        socket: &Path,
+    ) -> Result<Option<VhostServed>, SupervisorError> {
+        let served = self.host.serve_vhost(volume, socket)?;
+        if let Some(s) = served.as_ref().filter(|s| s.started) {
+            info!(volume, socket = %s.socket.socket.display(), "vhost-user device started for a VM");
+        }
+        Ok(served)
+    }
+
+    /// Stops a vhost-user device this supervisor started; a failure is
+    /// logged, as for exports.
+    fn drop_vhost(&self, volume: &str) {
+        match self.host.stop_vhost(volume) {
+            Ok(()) => info!(volume, "vhost-user device stopped"),
+            Err(e) => warn!(volume, "cannot stop the vhost-user device: {}", Chain(&e)),
+        }
+    }
+
+    /// Lets go of what the supervisor started for one disk: its vhost-user
+    /// device (which serves the export's volume), then its export.
+    fn release_disk(&self, volume: &str, export: bool, vhost: bool) {
+        if vhost {
+            self.drop_vhost(volume);
+        }
+        if export {
+            self.drop_export(volume);
         }
     }
 }

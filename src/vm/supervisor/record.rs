@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::proc_identity::ProcIdentity;
-use crate::vm::config::{RunPaths, VmConfig};
+use crate::vm::config::{RunPaths, VhostSocket, VmConfig};
 
 /// The record's file name inside the VM's run directory.
 pub(super) const RECORD_FILE: &str = "vm.json";
@@ -28,6 +28,10 @@ pub(super) struct RecordedHotDisk {
     pub port: String,
     /// Attached read-only (and so exported read-only).
     pub read_only: bool,
+    /// Its vhost-user-blk device, when attached over vhost-user (absent:
+    /// NBD, as in records written before vhost-user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost: Option<VhostSocket>,
 }
 
 /// What `vm.json` holds.
@@ -122,6 +126,13 @@ mod tests {
                 qmp_socket: "/run/vbd/vm/web/qmp.sock".into(),
                 pidfile: "/run/vbd/vm/web/qemu.pid".into(),
                 serial_log: "/run/vbd/vm/web/serial.log".into(),
+                vhost: BTreeMap::from([(
+                    "root".into(),
+                    VhostSocket {
+                        socket: "/run/vbd/vm/web/root.vhost".into(),
+                        queues: 16,
+                    },
+                )]),
             },
             pid: 4242,
             identity: ProcIdentity {
@@ -136,6 +147,10 @@ mod tests {
                 RecordedHotDisk {
                     port: "hp0".into(),
                     read_only: true,
+                    vhost: Some(VhostSocket {
+                        socket: "/run/vbd/vm/web/data.vhost".into(),
+                        queues: 16,
+                    }),
                 },
             )]),
             reopen: BTreeMap::from([(
@@ -162,6 +177,27 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [RECORD_FILE], "no temporary file left");
+    }
+
+    /// A record written before vhost-user (no transport, no sockets) reads
+    /// as the NBD VM it was.
+    #[test]
+    fn records_from_before_vhost_user_mean_nbd() {
+        let dir = Scratch::new("record");
+        let path = VmRecord::path(&dir.0);
+        let mut json = serde_json::to_value(record()).unwrap();
+        json["config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("disk_transport");
+        json["paths"].as_object_mut().unwrap().remove("vhost");
+        json["hot"]["data"].as_object_mut().unwrap().remove("vhost");
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let r = VmRecord::load(&path).unwrap();
+        assert_eq!(r.config.transport(), crate::vm::config::DiskTransport::Nbd);
+        assert!(r.paths.vhost.is_empty());
+        assert_eq!(r.hot["data"].vhost, None);
+        assert!(r.hot["data"].read_only);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::vm::config::{ConfigError, DEFAULT_DISK_RECONNECT_DELAY_SECS, Role};
+use crate::vm::config::{ConfigError, DEFAULT_DISK_RECONNECT_DELAY_SECS, DiskTransport, Role};
 use crate::vm::hotplug::HotplugError;
 use crate::vm::qmp::QmpError;
 use crate::vm::volume_host::ExportError;
@@ -27,6 +27,8 @@ pub struct SupervisorConfig {
     pub sigterm_wait: Duration,
     /// QEMU's `reconnect-delay` for VMs whose config does not set one.
     pub disk_reconnect_delay_secs: u32,
+    /// How the disks of VMs whose config does not say reach QEMU.
+    pub disk_transport: DiskTransport,
 }
 
 impl SupervisorConfig {
@@ -39,6 +41,7 @@ impl SupervisorConfig {
             qmp_timeout: Duration::from_secs(10),
             sigterm_wait: Duration::from_secs(10),
             disk_reconnect_delay_secs: DEFAULT_DISK_RECONNECT_DELAY_SECS,
+            disk_transport: DiskTransport::VhostUser,
         }
     }
 }

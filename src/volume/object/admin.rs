@@ -6,10 +6,14 @@ use serde::{Deserialize, Serialize};
 
 use tracing::info;
 
+use super::generation;
 use super::layout::{self, Descriptor, Keys};
 use super::lineage::{self, Layer, layer_of};
 use super::state::Mapping;
-use super::{ObjectError, ObjectOptions, ObjectVolume, recovery, refs, snapshot, transfer};
+use super::{
+    CloseOutcome, Durability, ObjectError, ObjectOptions, ObjectVolume, recovery, refs, snapshot,
+    transfer,
+};
 use crate::objstore::Store;
 use crate::runtime::runtime;
 
@@ -25,8 +29,22 @@ pub struct VolumeInfo {
     pub stored_bytes: u64,
     /// Checkpoint objects in the store.
     pub checkpoints: u64,
-    /// The process holding the writer lock, if any.
+    /// The process holding the volume for writing, if any.
     pub locked_by: Option<String>,
+    /// The newest writer generation (0: never opened for writing since
+    /// vbd had generations).
+    pub generation: u64,
+    /// Whether that generation released the volume cleanly (nothing left
+    /// in its WAL: another host opens it with nothing to recover).
+    pub released: bool,
+    /// What that generation's FLUSH promised (`local` or `store`).
+    pub durability: Option<Durability>,
+    /// The generation it took the volume over from without a release, if any.
+    pub took_over_from: Option<u64>,
+    /// Objects (chunks, checkpoints, snapshots, flatten marks, resize
+    /// records) that fenced generations put after their fence: ignored by
+    /// every reader, deleted by the holder's garbage collection.
+    pub fenced_objects: u64,
     /// The snapshot this clone reads through (`volume@snapshot`), if any.
     pub parent: Option<String>,
     /// What a clone was made from, kept after it is flattened.
@@ -109,11 +127,25 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         .filter(|(k, _)| k.contains("/checkpoints/"))
         .count() as u64;
     let stored_bytes = objects.iter().map(|(_, s)| s).sum();
-    let locked_by = layout::lock_owner(store, name)
+    let fences = generation::read_fences(store, &keys).await?;
+    let with_ids = keys.with_ids();
+    let (snapshots, fenced_snapshots): (Vec<_>, Vec<_>) = snapshot::all(store, name)
+        .await?
+        .into_iter()
+        .partition(|(_, meta)| meta.counts(&fences));
+    let fenced_objects = objects
+        .iter()
+        .filter(|(k, _)| with_ids.iter().any(|p| k.starts_with(&format!("{p}/"))))
+        .filter_map(|(k, _)| layout::id_of(k))
+        .filter(|&id| !fences.counts(id))
+        .count() as u64
+        + fenced_snapshots.len() as u64;
+    let h = generation::holding(store, &keys).await?;
+    let legacy = layout::lock_owner(store, name)
         .await?
         .map(|o| format!("pid {} on {}", o.pid, o.host));
     let record = lineage::read(store, name).await?;
-    let mut map = recovery::load_map(store, &keys).await?;
+    let mut map = recovery::load_map(store, &keys, &fences).await?;
     super::clone::apply_parent(store, name, &mut map).await?;
     let (mut own_bytes, mut shared_bytes) = (0, 0);
     for sp in map.map.iter() {
@@ -131,7 +163,12 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         chunks,
         stored_bytes,
         checkpoints,
-        locked_by,
+        locked_by: legacy.or_else(|| h.holder()),
+        generation: h.generation,
+        released: h.released,
+        durability: h.record.as_ref().map(|r| r.durability),
+        took_over_from: h.record.as_ref().and_then(|r| r.took_over),
+        fenced_objects,
         parent: record
             .as_ref()
             .and_then(|l| l.parent.as_ref())
@@ -140,11 +177,52 @@ pub async fn info(store: &Store, name: &str) -> Result<VolumeInfo, ObjectError> 
         ancestors: record
             .map(|l| l.layers.iter().map(Layer::to_string).collect())
             .unwrap_or_default(),
-        snapshots: snapshot::names(store, name).await?,
+        snapshots: snapshots.into_iter().map(|(n, _)| n).collect(),
         clones: refs::dependents(store, name, None).await?,
         own_bytes,
         shared_bytes,
         unfinished_import: transfer::is_unfinished(store, name).await?,
+    })
+}
+
+/// Who holds a volume for writing, as text; `None` when nobody does.
+pub async fn holder(store: &Store, name: &str) -> Result<Option<String>, ObjectError> {
+    if let Some(o) = layout::lock_owner(store, name).await? {
+        return Ok(Some(format!("pid {} on {}", o.pid, o.host)));
+    }
+    Ok(generation::holding(store, &Keys::new(name)).await?.holder())
+}
+
+/// What `vbd volume take-over` (and `release` of a volume nobody serves)
+/// did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Handoff {
+    /// The generation that opened the volume and then released it.
+    pub generation: u64,
+    /// How it came to that generation (`released`, `stale-local`, `take-over`, ...).
+    pub handover: String,
+    /// What the previous holder may have lost, if it did not release.
+    pub loss: Option<String>,
+    /// Whether the volume is now released (free for any host).
+    pub released: bool,
+}
+
+/// Opens volume `name` for writing (fencing its holder if `opts.take_over`),
+/// which settles it at what the store and this host's WAL hold, and closes
+/// it again, releasing it for whichever host opens it next.
+pub fn settle(url: &str, name: &str, opts: ObjectOptions) -> Result<Handoff, ObjectError> {
+    let store = Store::open(url)?;
+    runtime().block_on(transfer::check_finished(&store, name))?;
+    let v = ObjectVolume::open(store, name, opts)?;
+    let generation = v.generation();
+    let handover = v.handover().unwrap_or("read-only").to_owned();
+    let loss = v.loss_report().map(str::to_owned);
+    let released = matches!(v.release(), CloseOutcome::Released { .. });
+    Ok(Handoff {
+        generation,
+        handover,
+        loss,
+        released,
     })
 }
 
@@ -159,12 +237,12 @@ pub async fn delete(store: &Store, name: &str, force: bool) -> Result<(), Object
             dependents,
         });
     }
-    if let Some(o) = layout::lock_owner(store, name).await?
+    if let Some(owner) = holder(store, name).await?
         && !force
     {
         return Err(ObjectError::Locked {
             name: name.to_owned(),
-            owner: format!("pid {} on {}", o.pid, o.host),
+            owner,
         });
     }
     let keys = Keys::new(name);

@@ -251,8 +251,31 @@ impl BlockCache {
     /// Fills `out` with consecutive blocks of `chunk` from `block` on,
     /// calling `missing(i)` for each block `i` of the run it does not hold
     /// (that part of `out` is left alone). One lock and one probe per group.
-    pub fn read_run(&self, chunk: u64, block: u32, out: &mut [u8], mut missing: impl FnMut(u32)) {
+    pub fn read_run(&self, chunk: u64, block: u32, out: &mut [u8], missing: impl FnMut(u32)) {
         let n = (out.len() / BLOCK) as u32;
+        self.read_run_with(
+            chunk,
+            block,
+            n,
+            |i, src| {
+                let dst = i as usize * BLOCK;
+                out[dst..dst + BLOCK].copy_from_slice(src);
+            },
+            missing,
+        );
+    }
+
+    /// Like [`BlockCache::read_run`] for `n` blocks, but hands each cached
+    /// block to `hit(i, bytes)` instead of copying it into a slice, so the
+    /// caller can put it wherever the request's data lives.
+    pub fn read_run_with(
+        &self,
+        chunk: u64,
+        block: u32,
+        n: u32,
+        mut hit: impl FnMut(u32, &[u8]),
+        mut missing: impl FnMut(u32),
+    ) {
         if self.budget == 0 {
             self.uncached.fetch_add(u64::from(n), Ordering::Relaxed);
             (0..n).for_each(missing);
@@ -271,8 +294,7 @@ impl BlockCache {
                 Some(g) => {
                     for j in 0..count {
                         if let Some(src) = g.block(first + j) {
-                            let dst = (i + j) as usize * BLOCK;
-                            out[dst..dst + BLOCK].copy_from_slice(src);
+                            hit(i + j, src);
                             hits += 1;
                         } else {
                             missing(i + j);

@@ -7,11 +7,12 @@
 use tracing::info;
 
 use super::format::BLOCK;
+use super::generation;
 use super::ingest::{Packer, put_chunk};
-use super::layout::{self, Descriptor};
+use super::layout::{self, Descriptor, Keys};
 use super::lineage::{self, Layer, Lineage, MAX_DEPTH, layer_of, shifted};
 use super::state::{ChunkInfo, Mapped, Mapping};
-use super::{ObjectError, ObjectVolume, snapshot};
+use super::{ObjectError, ObjectVolume, fence, snapshot};
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
 use crate::runtime::runtime;
@@ -28,6 +29,18 @@ pub async fn create(
     new: &str,
 ) -> Result<Descriptor, ObjectError> {
     let meta = snapshot::read_meta(store, parent, snap).await?;
+    // A snapshot an older writer took just as it was being fenced may not
+    // count once the take-over has drawn its fence: wait for that.
+    if let Some(g) = generation::unsettled(store, &Keys::new(parent)).await?
+        && meta.id != 0
+        && generation::generation_of(meta.id) < g
+    {
+        return Err(ObjectError::TakingOver {
+            volume: parent.to_owned(),
+            snapshot: snap.to_owned(),
+            generation: g,
+        });
+    }
     if !layout::valid_name(new) {
         return Err(ObjectError::BadName(new.to_owned()));
     }
@@ -117,12 +130,16 @@ impl ObjectVolume {
         if self.read_only {
             return Err(ObjectError::ReadOnly(inner.name.clone()));
         }
+        inner.fence.check_admin()?;
         let _one = inner.admin.locked();
         let store = inner.store.clone();
         let name = self.volume_name().to_owned();
-        let Some(mut record) = runtime().block_on(lineage::read(&store, &name))? else {
+        let Some(record) = runtime().block_on(lineage::read(&store, &name))? else {
             return Ok(0);
         };
+        if record.parent.is_none() {
+            return Ok(0);
+        }
         // What the map reads from parents, in address order.
         let spans: Vec<(u64, u64, u64, u64, u32)> = {
             let m = inner.map.read_locked();
@@ -196,9 +213,21 @@ impl ObjectVolume {
         }
         // The copies must be found by a reopen without the parent's map.
         runtime().block_on(super::upload::write_checkpoint(inner))?;
-        record.parent = None;
-        record.layers.clear();
-        runtime().block_on(lineage::write(&store, &name, &record))?;
+        // Only then does the mark say the clone stands alone; it counts
+        // unless this writer was fenced meanwhile.
+        runtime().block_on(async {
+            let order = inner.fence.put_order().await;
+            let id = inner.fence.next_id(&order)?;
+            let body = serde_json::to_vec(&record).map_err(|source| ObjectError::Encode {
+                what: "flatten mark",
+                source,
+            })?;
+            store
+                .put(&inner.keys.flattened_mark(id), body.into())
+                .await?;
+            drop(order);
+            fence::verified(inner).await
+        })?;
         info!(volume = %name, bytes = copied, "clone flattened");
         Ok(copied)
     }

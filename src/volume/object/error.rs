@@ -81,6 +81,37 @@ pub enum ObjectError {
     /// The store claims the last sequence number: damage, not wear.
     #[error("volume {0:?} has no sequence numbers left")]
     SequenceExhausted(String),
+    /// Every generation number an id can carry has been used.
+    #[error("volume {0:?} has no writer generations left")]
+    GenerationsExhausted(String),
+    /// A take-over of the volume has begun but not drawn its fence yet, so
+    /// whether an older writer's snapshot counts is not settled.
+    #[error(
+        "volume {volume:?} is being taken over (generation {generation}); whether snapshot \
+         {snapshot:?} survives it is not known yet: retry once the take-over is done"
+    )]
+    TakingOver {
+        /// The volume.
+        volume: String,
+        /// Its snapshot asked for.
+        snapshot: String,
+        /// The generation taking it over.
+        generation: u64,
+    },
+    /// This writer's generation has used every id it can carry.
+    #[error("this writer's generation used every object id it can carry; open the volume again")]
+    IdsExhausted,
+    /// Another writer took the volume over: this one may not change it
+    /// (a snapshot, clone flatten, resize or collection it was asked for).
+    #[error(
+        "this writer (generation {generation}) was fenced by generation {by}, which took the volume over"
+    )]
+    Fenced {
+        /// This writer's generation.
+        generation: u64,
+        /// The generation that took over.
+        by: u64,
+    },
     /// A descriptor or lock object could not be serialised.
     #[error("cannot encode the {what}")]
     Encode {
@@ -264,6 +295,16 @@ pub enum RequestError {
     /// A read resolved to a chunk the map no longer knows: a bug, reported as EIO.
     #[error("chunk {0:016x} is not in the volume's map")]
     UnknownChunk(u64),
+    /// Another writer took the volume over: this one may not change it.
+    #[error(
+        "this writer (generation {generation}) was fenced by generation {by}, which took the volume over"
+    )]
+    Fenced {
+        /// This writer's generation.
+        generation: u64,
+        /// The generation that took over.
+        by: u64,
+    },
     /// A write's record (header and data, bytes) exceeds a whole segment.
     #[error("a {0}-byte record does not fit in a WAL segment")]
     RecordTooBig(usize),

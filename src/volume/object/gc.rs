@@ -21,6 +21,7 @@ impl ObjectVolume {
         if self.read_only {
             return Err(ObjectError::ReadOnly(inner.name.clone()));
         }
+        inner.fence.check_admin()?;
         let _one = self.inner.admin.locked();
         // Each pass collects one chunk; no more passes than chunks.
         let bound = inner.map.read_locked().chunks.len() + 1;

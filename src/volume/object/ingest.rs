@@ -1,27 +1,68 @@
 //! Chunks made without the write-ahead log: garbage collection's rewrites,
 //! flatten's copies of a parent's blocks (both keep the blocks' sequence
-//! numbers) and an import's data. The chunk is put whole, then its index
-//! is merged into the map like any uploaded chunk's.
-
-use std::sync::atomic::Ordering;
+//! numbers) and an import's data. The chunk is put whole, then, once this
+//! writer is known not to be fenced, its index is merged into the map like
+//! any uploaded chunk's.
 
 use bytes::Bytes;
 
 use super::format::{self, BLOCK, CHUNK_HEADER, IndexEntry};
 use super::state::ChunkInfo;
-use super::{Inner, ObjectError};
+use super::{Inner, ObjectError, fence};
 use crate::lock::RwLockExt;
 
-/// Puts a chunk of `entries` over `data` and merges it into the map;
-/// returns its id.
+/// Puts a chunk of `entries` over `data` and merges it into the map once
+/// this writer is known not to be fenced; returns its id. Under the
+/// put-order lock, like every object of this writer (see `generation`).
 pub(super) async fn put_chunk(
     inner: &Inner,
     entries: &[IndexEntry],
     data: &[u8],
 ) -> Result<u64, ObjectError> {
-    let id = inner.next_chunk.fetch_add(1, Ordering::AcqRel);
+    let order = inner.fence.put_order().await;
+    let id = inner.fence.next_id(&order)?;
+    put(inner, id, entries, data).await?;
+    drop(order);
+    publish(inner, id, entries, data).await
+}
+
+/// An import's chunk: like [`put_chunk`], but its put happens outside the
+/// put-order lock, so that several are in flight. That is safe because
+/// nobody may open a volume while it is being imported (it is marked
+/// unfinished), so no take-over can draw a fence through its puts.
+pub(super) async fn put_import_chunk(
+    inner: &Inner,
+    entries: &[IndexEntry],
+    data: &[u8],
+) -> Result<u64, ObjectError> {
+    let id = {
+        let order = inner.fence.put_order().await;
+        inner.fence.next_id(&order)?
+    };
+    put(inner, id, entries, data).await?;
+    publish(inner, id, entries, data).await
+}
+
+async fn put(
+    inner: &Inner,
+    id: u64,
+    entries: &[IndexEntry],
+    data: &[u8],
+) -> Result<(), ObjectError> {
     let body = Bytes::from(format::encode_chunk(id, entries, data));
     inner.store.put(&inner.keys.chunk(id), body).await?;
+    Ok(())
+}
+
+/// Merges a chunk that is in the store into the map, unless this writer
+/// was fenced meanwhile (the chunk is then an orphan the holder deletes).
+async fn publish(
+    inner: &Inner,
+    id: u64,
+    entries: &[IndexEntry],
+    data: &[u8],
+) -> Result<u64, ObjectError> {
+    fence::verified(inner).await?;
     let data_start =
         (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64;
     let mut m = inner.map.write_locked();

@@ -52,9 +52,53 @@ impl Keys {
     pub fn checkpoint(&self, id: u64) -> String {
         format!("{}/checkpoints/{id:016x}", self.root)
     }
+    /// Prefix of a clone's flatten marks, for listing: `flattened/<id>`
+    /// says the clone stands alone (once its id counts, see `generation`).
+    pub fn flattened(&self) -> String {
+        format!("{}/flattened", self.root)
+    }
+    /// The flatten mark with id `id`.
+    pub fn flattened_mark(&self, id: u64) -> String {
+        format!("{}/flattened/{id:016x}", self.root)
+    }
+    /// Prefix of the resize records, for listing: the size is the one in
+    /// the newest record that counts, else the descriptor's.
+    pub fn sizes(&self) -> String {
+        format!("{}/sizes", self.root)
+    }
+    /// The resize record with id `id`.
+    pub fn size(&self, id: u64) -> String {
+        format!("{}/sizes/{id:016x}", self.root)
+    }
+    /// Prefixes of the objects whose keys end in their writer's id (see
+    /// `generation`): what a take-over's fence is drawn through.
+    pub fn with_ids(&self) -> [String; 4] {
+        [
+            self.chunks(),
+            self.checkpoints(),
+            self.flattened(),
+            self.sizes(),
+        ]
+    }
+    /// Prefix of the writer-generation records, for listing.
+    pub fn generations(&self) -> String {
+        format!("{}/gens", self.root)
+    }
+    /// The record of a generation, created if absent by the writer that takes it.
+    pub fn generation(&self, generation: u64) -> String {
+        format!("{}/gens/{generation:016x}", self.root)
+    }
+    /// The fences a generation started from, written before its first chunk.
+    pub fn generation_start(&self, generation: u64) -> String {
+        format!("{}/gens/{generation:016x}.start", self.root)
+    }
+    /// Written when a generation released the volume with nothing left locally.
+    pub fn generation_released(&self, generation: u64) -> String {
+        format!("{}/gens/{generation:016x}.released", self.root)
+    }
 }
 
-/// The id at the end of a chunk or checkpoint key.
+/// The id at the end of a key of one of [`Keys::with_ids`]' prefixes.
 pub fn id_of(key: &str) -> Option<u64> {
     u64::from_str_radix(key.rsplit('/').next()?, 16).ok()
 }
@@ -92,7 +136,7 @@ pub async fn read_descriptor(store: &Store, name: &str) -> Result<Descriptor, Ob
         Err(StoreError::NotFound(_)) => return Err(ObjectError::NoSuchVolume(name.to_owned())),
         Err(e) => return Err(e.into()),
     };
-    let d: Descriptor = match serde_json::from_slice(&bytes) {
+    let mut d: Descriptor = match serde_json::from_slice(&bytes) {
         Ok(d) => d,
         Err(source) => return Err(ObjectError::Descriptor { key, source }),
     };
@@ -102,6 +146,11 @@ pub async fn read_descriptor(store: &Store, name: &str) -> Result<Descriptor, Ob
             format: d.format,
             block_size: d.block_size,
         });
+    }
+    // The size a resize set, if one did (the descriptor keeps the size
+    // the volume was created with).
+    if let Some(size) = super::resize::resized(store, &Keys::new(name)).await? {
+        d.size = size;
     }
     Ok(d)
 }
@@ -221,9 +270,32 @@ impl Owner {
     }
 
     /// Whether the owner is this host's process that no longer runs.
-    fn is_stale(&self, me: &Owner) -> bool {
+    pub fn is_stale(&self, me: &Owner) -> bool {
         self.host == me.host && process_start(self.pid) != Some(self.started)
     }
+}
+
+/// Creates a volume's WAL directory and takes an exclusive flock on its
+/// `lock` file, so two processes on one host never share a WAL; the lock
+/// lasts as long as the returned file stays open.
+pub fn lock_wal_dir(name: &str, wal: &Path) -> Result<File, ObjectError> {
+    std::fs::create_dir_all(wal).map_err(|source| ObjectError::Local {
+        path: wal.to_owned(),
+        source,
+    })?;
+    let path = wal.join("lock");
+    let file = match File::create(&path) {
+        Ok(f) => f,
+        Err(source) => return Err(ObjectError::Local { path, source }),
+    };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(ObjectError::Locked {
+            name: name.to_owned(),
+            owner: "another vbd process on this host".into(),
+        });
+    }
+    Ok(file)
 }
 
 /// The one-writer lock: an exclusive flock on the local WAL directory and a
@@ -237,22 +309,7 @@ impl WriterLock {
     /// Takes the lock, replacing a lock object left by a dead process on
     /// this host.
     pub async fn take(store: &Store, name: &str, wal: &Path) -> Result<WriterLock, ObjectError> {
-        std::fs::create_dir_all(wal).map_err(|source| ObjectError::Local {
-            path: wal.to_owned(),
-            source,
-        })?;
-        let path = wal.join("lock");
-        let file = match File::create(&path) {
-            Ok(f) => f,
-            Err(source) => return Err(ObjectError::Local { path, source }),
-        };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(ObjectError::Locked {
-                name: name.to_owned(),
-                owner: "another vbd process on this host".into(),
-            });
-        }
+        let file = lock_wal_dir(name, wal)?;
         let key = Keys::new(name).lock();
         let me = Owner::me();
         let body = serde_json::to_vec(&me).map_err(|source| ObjectError::Encode {

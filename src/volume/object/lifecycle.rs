@@ -1,18 +1,20 @@
-//! An object volume's life: open (recovery, then the WAL thread and the
-//! uploader start), draining to the store, and close, which releases the
-//! writer lock only once nothing is left locally.
+//! An object volume's life: open (a writer generation taken, recovery,
+//! then the WAL thread and the uploader start), draining to the store, and
+//! close, which releases the volume only once nothing is left locally.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::cache::BlockCache;
 use super::dirty_filter::DirtyFilter;
+use super::fence::{self, Fence};
 use super::fill::Fill;
-use super::layout::{self, Keys, WriterLock};
+use super::generation::{self, TakeOptions, base_id};
+use super::layout::{self, Keys};
 use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
@@ -51,20 +53,36 @@ impl ObjectVolume {
             if self.inner.all_uploaded() {
                 return true;
             }
+            if self.inner.fence.fenced_by().is_some() {
+                return false;
+            }
             self.inner.upload_wake.notify_one();
             std::thread::sleep(Duration::from_millis(20));
         }
         self.inner.all_uploaded()
     }
 
-    /// Flushes, drains the WAL to the store (bounded), checkpoints and
-    /// releases the writer lock when nothing is left locally.
-    pub(super) fn close(&self) {
+    /// Drains the WAL to the store and releases the volume so that another
+    /// host can open it with nothing to recover (`vbd volume release`).
+    /// Writes, FLUSH and FUA fail from the moment this starts.
+    pub fn release(&self) -> CloseOutcome {
+        self.close()
+    }
+
+    /// Refuses new writes, drains the WAL to the store (bounded),
+    /// checkpoints, and releases the volume (`gens/<n>.released`) when
+    /// nothing is left locally. A fenced writer releases nothing: the
+    /// volume is not its own any more.
+    pub(super) fn close(&self) -> CloseOutcome {
         let inner = &self.inner;
         if self.read_only {
-            return;
+            return CloseOutcome::ReadOnly;
         }
-        let drained = self.sync_to_store(inner.opts.drain_timeout);
+        if inner.closing.swap(true, Ordering::AcqRel) {
+            return CloseOutcome::AlreadyClosed;
+        }
+        let drained =
+            inner.fence.fenced_by().is_none() && self.sync_to_store(inner.opts.drain_timeout);
         inner.stopping.store(true, Ordering::Release);
         inner.upload_wake.notify_one();
         if let Some(h) = self.uploader.locked().take() {
@@ -72,21 +90,57 @@ impl ObjectVolume {
                 .block_on(async { tokio::time::timeout(Duration::from_secs(10), h).await });
         }
         stop_wal(inner, &self.wal_thread);
-        let lock = inner.lock.locked().take();
-        if let Some(lock) = lock {
-            if drained {
-                if let Err(e) = runtime().block_on(lock.release(&inner.store)) {
-                    warn!(volume = %inner.name, "cannot release the store lock: {}", Chain(&e));
+        fence::fail_store_waiters(inner);
+        let generation = inner.fence.generation;
+        let outcome = if let Some(by) = inner.fence.fenced_by() {
+            error!(
+                volume = %inner.name,
+                generation,
+                fenced_by = by,
+                backlog = self.backlog(),
+                "closed a fenced writer: the volume belongs to generation {by}; nothing released"
+            );
+            CloseOutcome::Fenced { generation, by }
+        } else if drained {
+            let max_seq = inner.map.read_locked().max_seq;
+            let released = runtime().block_on(async {
+                if !fence::verify(inner).await {
+                    return Ok(false);
                 }
-            } else {
-                warn!(
-                    volume = %inner.name,
-                    backlog = self.backlog(),
-                    "acknowledged writes remain only in the local WAL (the store is unreachable); \
-                     the volume stays locked and they upload when it is next opened on this host"
-                );
+                generation::write_release(&inner.store, &inner.keys, generation, max_seq)
+                    .await
+                    .map(|()| true)
+            });
+            match released {
+                Ok(true) => {
+                    info!(volume = %inner.name, generation, max_seq, "volume released: another host can open it with nothing to recover");
+                    CloseOutcome::Released { generation }
+                }
+                Ok(false) => CloseOutcome::Fenced {
+                    generation,
+                    by: inner.fence.fenced_by().unwrap_or(generation + 1),
+                },
+                Err(e) => {
+                    warn!(volume = %inner.name, "cannot record the release in the store: {}", Chain(&e));
+                    CloseOutcome::Held {
+                        generation,
+                        backlog_bytes: 0,
+                    }
+                }
             }
-        }
+        } else {
+            warn!(
+                volume = %inner.name,
+                backlog = self.backlog(),
+                "acknowledged writes remain only in the local WAL (the store is unreachable); \
+                 the volume stays held and they upload when it is next opened on this host"
+            );
+            CloseOutcome::Held {
+                generation,
+                backlog_bytes: self.backlog(),
+            }
+        };
+        inner.fence.unlock_local();
         let s = inner.cache.stats();
         info!(
             volume = %inner.name,
@@ -96,7 +150,62 @@ impl ObjectVolume {
             chunks_uploaded = inner.stats.chunks_uploaded.load(Ordering::Relaxed),
             "object volume closed"
         );
+        outcome
     }
+
+    /// The writer generation this volume holds (0 when read-only).
+    pub fn generation(&self) -> u64 {
+        self.inner.fence.generation
+    }
+
+    /// How the volume came to this writer: `fresh`, `released`,
+    /// `stale-local` or `take-over` (`None` when read-only).
+    pub fn handover(&self) -> Option<&'static str> {
+        self.inner.fence.taken.as_ref().map(|t| t.handover.name())
+    }
+
+    /// What a take-over may have lost, as far as the store can tell.
+    pub fn loss_report(&self) -> Option<&str> {
+        self.inner.fence.loss_report.as_deref()
+    }
+
+    /// The generation that fenced this writer, if one did.
+    pub fn fenced_by(&self) -> Option<u64> {
+        self.inner.fence.fenced_by()
+    }
+
+    /// The store's URL and the volume's name in it.
+    pub fn identity(&self) -> (&str, &str) {
+        (self.inner.store.url(), &self.inner.name)
+    }
+}
+
+/// How a close ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseOutcome {
+    /// Everything is in the store and the release is recorded.
+    Released {
+        /// The generation that released.
+        generation: u64,
+    },
+    /// Acknowledged writes are still only local: the volume stays held.
+    Held {
+        /// The generation still holding it.
+        generation: u64,
+        /// Bytes not yet uploaded.
+        backlog_bytes: u64,
+    },
+    /// Another writer took the volume over; this one released nothing.
+    Fenced {
+        /// This writer's generation.
+        generation: u64,
+        /// The generation that took over.
+        by: u64,
+    },
+    /// A read-only volume holds nothing to release.
+    ReadOnly,
+    /// Closed before.
+    AlreadyClosed,
 }
 
 /// Tells the WAL thread to stop after one last write-and-sync round, and
@@ -126,8 +235,9 @@ impl Drop for ObjectVolume {
     }
 }
 
-/// Takes the writer lock, recovers the map and the WAL, and starts the
-/// WAL thread and the uploader.
+/// Takes a writer generation (fencing the previous one if this is a
+/// take-over), recovers the map and the WAL, and starts the WAL thread and
+/// the uploader.
 async fn open(
     store: Store,
     name: &str,
@@ -141,10 +251,24 @@ async fn open(
     let mut desc = layout::read_descriptor(&store, volume).await?;
     let keys = Keys::new(volume);
     let wal_dir = layout::wal_dir(&opts.wal_root, store.url(), name);
-    let lock = if opts.read_only {
-        None
+    let (taken, local_lock, fences, wal_is_previous) = if opts.read_only {
+        (
+            None,
+            None,
+            generation::read_fences(&store, &keys).await?,
+            false,
+        )
     } else {
-        Some(WriterLock::take(&store, volume, &wal_dir).await?)
+        let local_lock = layout::lock_wal_dir(volume, &wal_dir)?;
+        let take = TakeOptions {
+            take_over: opts.take_over,
+            durability: opts.durability,
+            wal_dir: wal_dir.display().to_string(),
+        };
+        let taken = generation::take(&store, volume, &take).await?;
+        let wal_is_previous = fence::adopt_wal(&wal_dir, volume, &taken)?;
+        let fences = taken.fences.clone();
+        (Some(taken), Some(local_lock), fences, wal_is_previous)
     };
     let mut snapshots = 0;
     let (mut mapped, layers) = match snap {
@@ -154,7 +278,7 @@ async fn open(
             (m, meta.layers)
         }
         None => {
-            let mut m = load_map(&store, &keys).await?;
+            let mut m = load_map(&store, &keys, &fences).await?;
             let layers = clone::apply_parent(&store, volume, &mut m).await?;
             if !opts.read_only {
                 m.pinned = refs::pinned_chunks(&store, volume).await?;
@@ -168,7 +292,14 @@ async fn open(
     let next_seq = store_seq
         .checked_add(1)
         .ok_or_else(|| ObjectError::SequenceExhausted(name.to_owned()))?;
-    let next_chunk = mapped.chunks.keys().next_back().map_or(1, |k| k + 1);
+    // This generation's chunks sort after every earlier one's.
+    let first_own = taken.as_ref().map_or(1, |t| base_id(t.generation) + 1);
+    let next_chunk = mapped
+        .chunks
+        .keys()
+        .next_back()
+        .map_or(1, |k| k + 1)
+        .max(first_own);
     let mut dirty = Dirty {
         map: Default::default(),
         segments: BTreeMap::new(),
@@ -181,6 +312,18 @@ async fn open(
     };
     if !opts.read_only {
         replay_wal(&wal_dir, store_seq, &mut dirty)?;
+    }
+    let loss_report = taken.as_ref().and_then(|t| {
+        if wal_is_previous {
+            return None;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        generation::loss_report(t, store_seq, now)
+    });
+    if let Some(r) = &loss_report {
+        warn!(volume = name, "{r}");
     }
     // Live counts follow from the map.
     let live: Vec<(u64, u64)> = mapped
@@ -198,6 +341,12 @@ async fn open(
     }
     let budget = opts.cache.budget(name);
     let synced = dirty.appended;
+    // Replayed segments are not in the store yet; nothing else is pending.
+    let uploaded_to = dirty
+        .segments
+        .values()
+        .next()
+        .map_or(dirty.appended, |s| s.base);
     let replayed = dirty.segments.len();
     let stats = ObjectStats::default();
     stats.snapshots.store(snapshots, Ordering::Relaxed);
@@ -213,14 +362,22 @@ async fn open(
         map: RwLock::new(mapped),
         upload_wake: tokio::sync::Notify::new(),
         backlog_waiters: Mutex::new(Vec::new()),
-        next_chunk: AtomicU64::new(next_chunk),
         fill: Fill::new(budget),
         stopping: AtomicBool::new(false),
         abort: AtomicBool::new(false),
         stats,
         read_only: opts.read_only,
+        closing: AtomicBool::new(false),
+        fence: Fence::new(
+            taken,
+            fences,
+            opts.durability,
+            local_lock,
+            uploaded_to,
+            loss_report,
+            next_chunk,
+        ),
         opts,
-        lock: Mutex::new(lock),
         layers: RwLock::new(layers),
         upload_limit: AtomicU64::new(u64::MAX),
         admin: Mutex::new(()),
@@ -244,6 +401,7 @@ async fn open(
             Some(background::runtime().spawn(upload::run(inner.clone()))),
         )
     };
+    let f = &inner.fence;
     info!(
         volume = name,
         size = desc.size,
@@ -251,6 +409,10 @@ async fn open(
         replayed_segments = replayed,
         cache_budget = budget,
         read_only = inner.read_only,
+        generation = f.generation,
+        handover = f.taken.as_ref().map_or("read-only", |t| t.handover.name()),
+        previous_generation = f.taken.as_ref().map_or(0, |t| t.previous),
+        durability = %f.durability,
         "object volume open"
     );
     let read_only = inner.read_only;

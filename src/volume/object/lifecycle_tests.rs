@@ -206,7 +206,7 @@ fn clones_read_through_write_apart_and_refuse_to_orphan() {
     assert_eq!(tags(&a, 32), want_a);
     // Neither the snapshot nor the volume can go while clones need them.
     let e = rt
-        .block_on(snapshot::delete(&store, "base", "gold"))
+        .block_on(snapshot::delete(&store, "base", "gold", 0))
         .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("clone a") && msg.contains("clone b"), "{msg}");

@@ -1,27 +1,33 @@
 //! Where a clone comes from, and how one map points into several volumes'
 //! chunks.
 //!
-//! A map entry names its chunk by a *layer-tagged* id: the low 48 bits are
-//! the chunk's id in its own volume, the high 16 bits the layer, 0 for the
-//! volume itself, 1 for the snapshot it was cloned from, 2 for that
+//! A map entry names its chunk by a *layer-tagged* id: the low 56 bits are
+//! the chunk's id in its own volume (its writer's generation and number,
+//! see `generation`), the high 8 bits the layer, 0 for the volume itself, 1 for the snapshot it was cloned from, 2 for that
 //! snapshot's parent, and so on. A snapshot's map is stored fully resolved
 //! in its volume's numbering, so a clone's map at open is that map with
 //! every layer shifted by one: however deep the chain, a read resolves in
 //! one lookup, and blocks the clone owns never look at a parent.
 //!
 //! A clone's `lineage.json` (written before its descriptor, which commits
-//! it) names the parent snapshot and the layers above it.
+//! it) names the parent snapshot and the layers above it. It is never
+//! rewritten: `flatten` records that the clone stands alone with a mark,
+//! `flattened/<id>`, carrying an id of the writer's sequence (see
+//! `generation`), so that a writer fenced in the middle of a flatten
+//! cannot cut its successor off from the parent: its late mark does not
+//! count.
 
 use serde::{Deserialize, Serialize};
 
-use super::layout::Keys;
-use super::{Inner, ObjectError};
+use super::layout::{Keys, id_of};
+use super::{Inner, ObjectError, generation};
 use crate::lock::RwLockExt;
 use crate::objstore::{Store, StoreError};
 
 /// Bits of a layer-tagged id that hold the chunk's own id.
-pub(super) const LAYER_SHIFT: u32 = 48;
-/// Deepest chain a map can name (layer numbers fit in 16 bits).
+pub(super) const LAYER_SHIFT: u32 = 56;
+/// Deepest chain a map can name (layer numbers fit in 8 bits; flatten a
+/// clone to start a new chain).
 pub const MAX_DEPTH: usize = (1 << (64 - LAYER_SHIFT)) - 1;
 
 /// The layer a tagged chunk id points into (0: the volume itself).
@@ -73,19 +79,41 @@ fn key(name: &str) -> String {
     format!("{}/lineage.json", Keys::new(name).root())
 }
 
-/// A volume's lineage, `None` for a volume that never was a clone.
+/// A volume's lineage, `None` for a volume that never was a clone; a
+/// flattened clone's has no parent and no layers.
 pub async fn read(store: &Store, name: &str) -> Result<Option<Lineage>, ObjectError> {
     let key = key(name);
-    match store.get(&key).await {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|source| ObjectError::Descriptor { key, source }),
-        Err(StoreError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e.into()),
+    let mut l: Lineage = match store.get(&key).await {
+        Ok(b) => {
+            serde_json::from_slice(&b).map_err(|source| ObjectError::Descriptor { key, source })?
+        }
+        Err(StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if l.parent.is_some() && flattened(store, name).await? {
+        l.parent = None;
+        l.layers.clear();
     }
+    Ok(Some(l))
 }
 
-/// Writes (or replaces) a volume's lineage.
+/// Whether a flatten mark of the volume counts.
+async fn flattened(store: &Store, name: &str) -> Result<bool, ObjectError> {
+    let keys = Keys::new(name);
+    let marks: Vec<u64> = store
+        .list(&keys.flattened())
+        .await?
+        .iter()
+        .filter_map(|(k, _)| id_of(k))
+        .collect();
+    if marks.is_empty() {
+        return Ok(false);
+    }
+    let fences = generation::read_fences(store, &keys).await?;
+    Ok(marks.into_iter().any(|id| fences.counts(id)))
+}
+
+/// Writes a new clone's lineage.
 pub(super) async fn write(store: &Store, name: &str, l: &Lineage) -> Result<(), ObjectError> {
     let body = serde_json::to_vec_pretty(l).map_err(|source| ObjectError::Encode {
         what: "lineage",
@@ -122,6 +150,7 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    use super::super::generation::{MAX_GENERATION, base_id, generation_of};
     use super::*;
 
     #[test]
@@ -131,5 +160,10 @@ mod tests {
         let p = shifted(shifted(id));
         assert_eq!((layer_of(p), local_id(p)), (2, 0x1234));
         const { assert!(MAX_DEPTH >= 16) };
+        // A generation's ids never reach into the layer tag.
+        let top = base_id(MAX_GENERATION) + u64::from(u32::MAX);
+        assert_eq!(layer_of(top), 0);
+        assert_eq!(local_id(shifted(top)), top);
+        assert_eq!(generation_of(shifted(top)), MAX_GENERATION);
     }
 }

@@ -2,29 +2,42 @@
 //!
 //! Writes append to a local write-ahead log (`wal`) and are acknowledged
 //! from memory; FLUSH and FUA wait for a group-committed fdatasync. The
-//! uploader (`upload`) packs sealed segments into immutable chunk objects
-//! whose indexes are the map's deltas, with periodic checkpoints. Reads go
-//! cache → write-ahead layer → map → ranged GET. Formats are in `format`,
-//! object names and the writer lock in `layout`.
+//! uploader (`upload`, on a niced runtime of its own: `background`) packs
+//! sealed segments into immutable chunk objects whose indexes are the map's
+//! deltas, with periodic checkpoints. Reads go cache → write-ahead layer
+//! (skipped where `dirty_filter` says it holds nothing) → map → ranged GET. Formats are in `format`,
+//! object names in `layout`.
 //!
 //! The volume's rooms: `write` and `read` (the request paths, `read`
 //! filling the cache through `fill`), `lifecycle`
 //! (open, drain, close) over `recovery` (map and WAL replay at open),
-//! `options`, `stats` and `error`. This module holds the shared state and
-//! turns requests into calls on those paths.
+//! `generation` (who may write: generations taken with conditional writes,
+//! and the fences that decide which objects count) and `fence` (a writer's
+//! generation at run time: checks after each put, fenced leftovers),
+//! `durability` (what FLUSH waits for), the lifecycle of snapshots
+//! (`snapshot`), clones (`clone`, `lineage`), what garbage collection may
+//! take (`refs`, `gc`), chunks made without the WAL (`ingest`), `resize`,
+//! import and export (`transfer`), `options`, `stats` and `error`. This
+//! module holds the shared state and turns requests into calls on those
+//! paths.
 
 pub mod admin;
 mod background;
 pub mod cache;
 pub mod clone;
 mod dirty_filter;
+mod durability;
 mod error;
 mod extent_map;
+mod fence;
 mod fill;
 pub mod format;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
 mod gc;
+pub mod generation;
+#[cfg(test)]
+mod handoff_tests;
 mod ingest;
 pub mod layout;
 mod lifecycle;
@@ -53,14 +66,16 @@ use std::task::Poll;
 
 use self::cache::BlockCache;
 use self::format::BLOCK;
-use self::layout::{Keys, WriterLock};
+use self::layout::Keys;
 use self::state::{Dirty, Mapped};
 use self::wal::Wal;
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::Store;
 use crate::volume::{Caps, Completer, Ctx, Io, Op, UnexpectedWake, Volume, VolumeError, Wake};
 
+pub use self::durability::Durability;
 pub use self::error::{ObjectError, RequestError, WalError};
+pub use self::lifecycle::CloseOutcome;
 pub use self::options::ObjectOptions;
 pub use self::stats::{ObjectCounters, ObjectStats};
 
@@ -85,7 +100,6 @@ pub(crate) struct Inner {
     upload_wake: tokio::sync::Notify,
     /// Writes waiting for the uploader to shrink the backlog.
     backlog_waiters: Mutex<Vec<Completer>>,
-    next_chunk: AtomicU64,
     /// Fetches in flight and read-ahead (see `fill`).
     fill: fill::Fill,
     /// Shutdown asked for: drain and stop.
@@ -94,8 +108,11 @@ pub(crate) struct Inner {
     abort: AtomicBool,
     stats: ObjectStats,
     read_only: bool,
-    /// Held while writable; released by a close that drained everything.
-    lock: Mutex<Option<WriterLock>>,
+    /// Closing: writes, FLUSH and FUA are refused while the WAL drains.
+    closing: AtomicBool,
+    /// The writer's generation, whether it was fenced, and what FLUSH
+    /// waits for.
+    fence: fence::Fence,
     /// The volumes layers 1, 2, ... of the map's chunk ids live in (see `lineage`).
     layers: RwLock<Vec<lineage::Layer>>,
     /// Segments above this id wait: a snapshot is freezing the map as of
@@ -145,7 +162,11 @@ impl ObjectVolume {
     fn check(&self, io: &Io) -> Result<(), VolumeError> {
         let b = BLOCK as u64;
         if io.op == Op::Flush {
-            return Ok(());
+            return if self.read_only {
+                Ok(())
+            } else {
+                self.refuse_if_closed()
+            };
         }
         let size = self.inner.size.load(Ordering::Acquire);
         if io.offset > size || io.len > size - io.offset {
@@ -161,10 +182,29 @@ impl ObjectVolume {
                 block: BLOCK as u32,
             });
         }
-        if self.read_only && matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes) {
+        let changes = matches!(io.op, Op::Write | Op::Trim | Op::WriteZeroes);
+        if self.read_only && changes {
             return Err(VolumeError::ReadOnly);
         }
+        if changes {
+            self.refuse_if_closed()?;
+        }
         Ok(())
+    }
+}
+
+impl ObjectVolume {
+    /// Writes, FLUSH and FUA fail once the volume is closing (its WAL is
+    /// draining for a release) or its writer was fenced.
+    fn refuse_if_closed(&self) -> Result<(), VolumeError> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(VolumeError::Shutdown);
+        }
+        self.inner.fence.check()
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::cache::CacheSize;
+use super::durability::Durability;
 use super::layout;
 
 /// How to open an object volume.
@@ -25,6 +26,11 @@ pub struct ObjectOptions {
     pub gc_threshold: f64,
     /// How long shutdown waits for the uploader to drain the WAL.
     pub drain_timeout: Duration,
+    /// What FLUSH and FUA wait for: the local WAL or the store.
+    pub durability: Durability,
+    /// Open even though another writer holds the volume, fencing it
+    /// (forced take-over: its unuploaded writes are lost).
+    pub take_over: bool,
 }
 
 impl Default for ObjectOptions {
@@ -38,6 +44,8 @@ impl Default for ObjectOptions {
             checkpoint_every: 64,
             gc_threshold: 0.5,
             drain_timeout: Duration::from_secs(30),
+            durability: Durability::Local,
+            take_over: false,
         }
     }
 }

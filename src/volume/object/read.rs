@@ -87,32 +87,39 @@ impl ObjectVolume {
         let inner = &self.inner;
         let lba0 = io.offset / BLOCK as u64;
         let end = lba0 + io.len / BLOCK as u64;
-        let buf = io.buf.as_mut_slice();
+        // Byte offset of block `b` in the request's data.
+        let at = |b: u64| (b - lba0) as usize * BLOCK;
+        let out = &mut io.data;
         let missing = &mut io.aux;
         let (d, m) = inner.layers(lba0, end);
         let d = d.as_deref();
         resolve(d, &m, lba0, end, |s, e, src| {
-            let out = &mut buf[(s - lba0) as usize * BLOCK..(e - lba0) as usize * BLOCK];
+            let len = at(e) - at(s);
             match src {
                 Source::Dirty(DirtyLoc::Data { seg, off }) => {
                     match d
                         .and_then(|d| d.segments.get(&seg))
-                        .and_then(|sg| sg.bytes(off as usize, out.len()))
+                        .and_then(|sg| sg.bytes(off as usize, len))
                     {
-                        Some(src) => out.copy_from_slice(src),
+                        Some(src) => out.write_at(at(s), src),
                         // Unreachable by construction; zeroes beat garbage.
-                        None => out.fill(0),
+                        None => out.fill_at(at(s), len, 0),
                     }
                 }
                 Source::Mapped(Mapping::Chunk { id, block }) => {
-                    let at = (s - lba0) as u32;
-                    inner.cache.read_run(id, block, out, |i| {
-                        push_missing(missing, at + i, id, block + i)
-                    });
+                    let first = at(s);
+                    let first_block = (s - lba0) as u32;
+                    inner.cache.read_run_with(
+                        id,
+                        block,
+                        (e - s) as u32,
+                        |i, src| out.write_at(first + i as usize * BLOCK, src),
+                        |i| push_missing(missing, first_block + i, id, block + i),
+                    );
                 }
                 Source::Dirty(DirtyLoc::Zero | DirtyLoc::Hole)
                 | Source::Mapped(Mapping::Zero | Mapping::Hole)
-                | Source::Nowhere => out.fill(0),
+                | Source::Nowhere => out.fill_at(at(s), len, 0),
             }
         });
     }
@@ -173,7 +180,6 @@ impl ObjectVolume {
 
     pub(super) fn scatter(&self, io: &mut Io, data: &Bytes) -> Result<(), VolumeError> {
         let mut from = 0usize;
-        let buf = io.buf.as_mut_slice();
         for r in io.aux.chunks(3).map(Run::decode) {
             let n = r.blocks as usize * BLOCK;
             let at = r.buf_block as usize * BLOCK;
@@ -184,7 +190,7 @@ impl ObjectVolume {
                     want: from + n,
                 })
             })?;
-            buf[at..at + n].copy_from_slice(src);
+            io.data.write_at(at, src);
             from += n;
         }
         Ok(())

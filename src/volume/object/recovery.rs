@@ -9,27 +9,44 @@ use std::sync::atomic::Ordering;
 use tracing::warn;
 
 use super::format::{self, CHUNK_HEADER, ChunkHeader, IndexEntry, Kind, SEGMENT_HEADER};
+use super::generation::Fences;
 use super::layout::{Keys, id_of};
 use super::segment::Segment;
 use super::state::{ChunkInfo, Dirty, DirtyLoc, Mapped, Mapping};
 use super::wal;
 use super::{ObjectError, WalError};
-use crate::objstore::Store;
+use crate::objstore::{Store, StoreError};
 
-/// The map: newest readable checkpoint, then every newer chunk's index.
-pub(super) async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, ObjectError> {
+/// The map: newest readable checkpoint, then every newer chunk's index;
+/// objects the fences rule out (a fenced writer's late uploads) are not
+/// read. An object that vanishes between the listing and its read was
+/// deleted by a writer's garbage collection after something that counts
+/// superseded it, so it is skipped.
+pub(super) async fn load_map(
+    store: &Store,
+    keys: &Keys,
+    fences: &Fences,
+) -> Result<Mapped, ObjectError> {
     let mut m = Mapped::default();
     let mut ckpts: Vec<u64> = store
         .list(&keys.checkpoints())
         .await?
         .iter()
         .filter_map(|(k, _)| id_of(k))
+        .filter(|&id| fences.counts(id))
         .collect();
     ckpts.sort_unstable();
     let mut base = 0;
     for id in ckpts.iter().rev() {
         let key = keys.checkpoint(*id);
-        let body = store.get(&key).await?;
+        let body = match store.get(&key).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => {
+                warn!(checkpoint = %key, "checkpoint deleted while the volume was opening; skipped");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         match format::decode_checkpoint(&body) {
             Ok(c) => {
                 for r in &c.chunks {
@@ -55,11 +72,18 @@ pub(super) async fn load_map(store: &Store, keys: &Keys) -> Result<Mapped, Objec
         .await?
         .iter()
         .filter_map(|(k, size)| Some((id_of(k)?, *size)))
-        .filter(|&(id, _)| id > base)
+        .filter(|&(id, _)| id > base && fences.counts(id))
         .collect();
     chunks.sort_unstable();
     for (id, size) in chunks {
-        let (h, entries) = read_chunk_index(store, keys.chunk(id), Some(size)).await?;
+        let (h, entries) = match read_chunk_index(store, keys.chunk(id), Some(size)).await {
+            Ok(r) => r,
+            Err(ObjectError::Store(StoreError::NotFound(key))) => {
+                warn!(chunk = %key, "chunk deleted while the volume was opening; skipped");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         m.chunks.insert(
             id,
             ChunkInfo {

@@ -176,6 +176,34 @@ impl Segment {
         Some(at)
     }
 
+    /// Appends `total` bytes that `fill` writes in place (for data that
+    /// must be copied exactly once and checksummed from the copy, such as
+    /// guest memory a guest may still be changing), returning their
+    /// offset, or `None` if they do not fit.
+    ///
+    /// # Safety
+    /// As for [`Segment::append`].
+    pub(super) unsafe fn append_with(
+        &self,
+        total: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Option<usize> {
+        let at = self.len.load(Ordering::Relaxed);
+        if total > self.buf.len() - at {
+            return None;
+        }
+        if total > 0 {
+            // SAFETY: [at, at + total) is inside the buffer and above the
+            // published length, so no reader looks at it, and the single-
+            // appender contract means no other writer does either, so this
+            // is the only reference to it; UnsafeCell<u8> has u8's layout.
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.buf[at].get(), total) };
+            fill(dst);
+        }
+        self.len.store(at + total, Ordering::Release);
+        Some(at)
+    }
+
     /// Published bytes [off, off + len); `None` if not (yet) published.
     pub(super) fn bytes(&self, off: usize, len: usize) -> Option<&[u8]> {
         let end = off.checked_add(len)?;
@@ -272,6 +300,19 @@ mod tests {
         assert_eq!(pool.kept(), POOL_KEEP);
         pool.clear();
         assert_eq!(pool.kept(), 0);
+    }
+
+    #[test]
+    fn filled_appends_publish_what_the_filler_wrote() {
+        let s = Segment::new(1, 0, 16, b"HEAD");
+        // SAFETY: single-threaded test, segment not sealed.
+        let at = unsafe { s.append_with(5, |d| d.copy_from_slice(b"12345")) };
+        assert_eq!(at, Some(4));
+        assert_eq!(s.bytes(4, 5), Some(&b"12345"[..]));
+        // SAFETY: as above.
+        assert_eq!(unsafe { s.append_with(8, |_| unreachable!()) }, None);
+        // SAFETY: as above.
+        assert_eq!(unsafe { s.append_with(0, |_| unreachable!()) }, Some(9));
     }
 
     #[test]

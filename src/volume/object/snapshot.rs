@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::format::{self, BLOCK, Checkpoint, ChunkRecord, Kind, SNAPSHOT_HEADER};
+use super::generation::{self, Fences};
 use super::layout::Keys;
 use super::lineage::{Layer, layer_of};
 use super::state::{ChunkInfo, Mapped};
-use super::{ObjectError, ObjectVolume, refs};
+use super::{ObjectError, ObjectVolume, fence, refs};
 use crate::lock::{MutexExt, RwLockExt};
 use crate::objstore::{Store, StoreError};
 use crate::runtime::runtime;
@@ -40,6 +41,18 @@ pub struct SnapshotMeta {
     pub size: u64,
     /// Layer `k` of the map's chunk ids is `layers[k - 1]` (see `lineage`).
     pub layers: Vec<Layer>,
+    /// Its id in the sequence of the writer that took it (see
+    /// `generation`): a snapshot a fenced writer took after the take-over
+    /// does not count, like its chunks. 0: from before generations.
+    #[serde(default)]
+    pub id: u64,
+}
+
+impl SnapshotMeta {
+    /// Whether the snapshot counts under `fences`.
+    pub(super) fn counts(&self, fences: &Fences) -> bool {
+        self.id == 0 || fences.counts(self.id)
+    }
 }
 
 /// A snapshot as `vbd volume snapshots` lists it.
@@ -94,8 +107,27 @@ fn parse_meta(key: &str, b: &[u8]) -> Result<SnapshotMeta, ObjectError> {
     })
 }
 
-/// A snapshot's description and frozen map.
+/// A snapshot's description and frozen map (one a fenced writer took
+/// after the take-over is not there).
 pub async fn read(
+    store: &Store,
+    volume: &str,
+    snap: &str,
+) -> Result<(SnapshotMeta, Checkpoint), ObjectError> {
+    let (meta, map) = read_any(store, volume, snap).await?;
+    if !meta.counts(&fences_of(store, volume).await?) {
+        return Err(missing(volume, snap));
+    }
+    Ok((meta, map))
+}
+
+/// The fences the volume's snapshots are judged by.
+async fn fences_of(store: &Store, volume: &str) -> Result<Fences, ObjectError> {
+    Ok(generation::read_fences(store, &Keys::new(volume)).await?)
+}
+
+/// A snapshot's description and frozen map, whether it counts or not.
+async fn read_any(
     store: &Store,
     volume: &str,
     snap: &str,
@@ -114,8 +146,21 @@ pub async fn read(
     Ok((parse_meta(&key, meta)?, map))
 }
 
-/// A snapshot's description alone (two small ranged reads).
+/// A snapshot's description alone (two small ranged reads), if it counts.
 pub async fn read_meta(
+    store: &Store,
+    volume: &str,
+    snap: &str,
+) -> Result<SnapshotMeta, ObjectError> {
+    let meta = read_meta_any(store, volume, snap).await?;
+    if !meta.counts(&fences_of(store, volume).await?) {
+        return Err(missing(volume, snap));
+    }
+    Ok(meta)
+}
+
+/// A snapshot's description, whether it counts or not.
+pub(super) async fn read_meta_any(
     store: &Store,
     volume: &str,
     snap: &str,
@@ -144,19 +189,46 @@ pub async fn read_meta(
     parse_meta(&key, &meta)
 }
 
-/// Names of a volume's snapshots, sorted.
+/// Names of a volume's snapshots, sorted (those a fenced writer took
+/// after the take-over left out).
 pub async fn names(store: &Store, volume: &str) -> Result<Vec<String>, ObjectError> {
+    let fences = fences_of(store, volume).await?;
+    let mut out = Vec::new();
+    for (name, meta) in all(store, volume).await? {
+        if meta.counts(&fences) {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// Every snapshot object of a volume with its description, whether it
+/// counts or not, sorted by name.
+pub(super) async fn all(
+    store: &Store,
+    volume: &str,
+) -> Result<Vec<(String, SnapshotMeta)>, ObjectError> {
     if !valid_name(volume) {
         return Err(ObjectError::BadName(volume.to_owned()));
     }
     let p = prefix(volume);
-    Ok(store
+    let names: Vec<String> = store
         .list(&p)
         .await?
         .into_iter()
         .filter_map(|(k, _)| k.strip_prefix(&format!("{p}/")).map(str::to_owned))
         .filter(|n| valid_name(n))
-        .collect())
+        .collect();
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        match read_meta_any(store, volume, &n).await {
+            Ok(meta) => out.push((n, meta)),
+            // Deleted since the listing.
+            Err(ObjectError::NoSuchSnapshot { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// A snapshot's map, ready to serve read-only: its own chunks, its
@@ -195,7 +267,9 @@ pub async fn list(store: &Store, volume: &str) -> Result<Vec<SnapshotInfo>, Obje
         maps.push(refs::own_runs(&map.entries));
         metas.push(meta);
     }
-    let head = super::recovery::load_map(store, &Keys::new(volume)).await?;
+    let keys = Keys::new(volume);
+    let fences = generation::read_fences(store, &keys).await?;
+    let head = super::recovery::load_map(store, &keys, &fences).await?;
     maps.push(refs::own_runs(&head.entries()));
     let unique = refs::exclusive_blocks(&maps);
     Ok(metas
@@ -209,15 +283,27 @@ pub async fn list(store: &Store, volume: &str) -> Result<Vec<SnapshotInfo>, Obje
 }
 
 /// Deletes a snapshot, unless a clone (or a clone's snapshot) still reads
-/// through it. Safe whoever holds the volume: it only makes the set of
-/// pinned chunks smaller, and a writer that still pins them is merely
-/// conservative until it reopens.
-pub async fn delete(store: &Store, volume: &str, snap: &str) -> Result<(), ObjectError> {
+/// through it. Safe whoever holds the volume, even a writer fenced in the
+/// middle of it: it only makes the set of pinned chunks smaller, a writer
+/// that still pins them is merely conservative until it reopens, and the
+/// mark keeps clones and the delete apart. `generation` is the deleter's
+/// (0: not a writer of the volume), recorded in the mark.
+pub async fn delete(
+    store: &Store,
+    volume: &str,
+    snap: &str,
+    generation: u64,
+) -> Result<(), ObjectError> {
     read_meta(store, volume, snap).await?;
     // Marked before the search for dependents: a clone committed after the
     // search finds the mark and undoes itself (see `is_being_deleted`).
     let mark = deleting_key(volume, snap);
-    store.put(&mark, bytes::Bytes::new()).await?;
+    let body =
+        serde_json::to_vec(&DeletingMark { generation }).map_err(|source| ObjectError::Encode {
+            what: "snapshot deleting mark",
+            source,
+        })?;
+    store.put(&mark, bytes::Bytes::from(body)).await?;
     let dependents = match refs::dependents(store, volume, Some(snap)).await {
         Ok(d) => d,
         Err(e) => {
@@ -238,8 +324,64 @@ pub async fn delete(store: &Store, volume: &str, snap: &str) -> Result<(), Objec
     Ok(())
 }
 
+/// `deleting/<snap>`: a delete of the snapshot is under way.
+#[derive(Serialize)]
+struct DeletingMark {
+    /// The deleting writer's generation (0: not a writer of the volume).
+    generation: u64,
+}
+
 fn deleting_key(volume: &str, snap: &str) -> String {
-    format!("{}/deleting/{snap}", Keys::new(volume).root())
+    format!("{}/{snap}", deleting_prefix(volume))
+}
+
+/// Prefix of a volume's deleting marks.
+fn deleting_prefix(volume: &str) -> String {
+    format!("{}/deleting", Keys::new(volume).root())
+}
+
+/// Deletes what fenced writers left of snapshots: snapshot objects whose
+/// id does not count under `fences` (a fenced writer took them after the
+/// take-over) unless something reads through them, and deleting marks of
+/// snapshots that are gone (a deleter stopped between the two deletes).
+/// Only ever called by the holder of the volume, which is not fenced.
+/// Returns how many objects it deleted.
+pub(super) async fn collect_fenced(
+    store: &Store,
+    volume: &str,
+    fences: &Fences,
+) -> Result<usize, ObjectError> {
+    let mut deleted = 0;
+    let snaps = all(store, volume).await?;
+    for (name, meta) in &snaps {
+        if meta.counts(fences) {
+            continue;
+        }
+        let dependents = refs::dependents(store, volume, Some(name)).await?;
+        if !dependents.is_empty() {
+            tracing::warn!(volume, snapshot = %name, ?dependents,
+                "a fenced writer's snapshot has dependents; kept");
+            continue;
+        }
+        store.delete(&key(volume, name)).await?;
+        deleted += 1;
+    }
+    let p = deleting_prefix(volume);
+    for (k, _) in store.list(&p).await? {
+        let Some(name) = k.strip_prefix(&format!("{p}/")) else {
+            continue;
+        };
+        // Read again: the listing above may be older than the mark.
+        let gone = matches!(
+            read_meta_any(store, volume, name).await,
+            Err(ObjectError::NoSuchSnapshot { .. })
+        );
+        if gone {
+            store.delete(&k).await?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
 }
 
 /// Whether a delete of `volume@snap` is under way (or it is gone): a clone
@@ -290,7 +432,7 @@ impl ObjectVolume {
 
     /// Seals the open segment: every write acknowledged so far is in a
     /// segment at or below the returned id, every later one above it.
-    /// With `hold`, segments above it wait until [`Self::release`].
+    /// With `hold`, segments above it wait until [`Self::release_uploads`].
     pub(super) fn cut(&self, hold: bool) -> u64 {
         let mut d = self.inner.dirty.write_locked();
         if let Some(a) = d.active.take() {
@@ -306,7 +448,7 @@ impl ObjectVolume {
     }
 
     /// Lets the uploader take every segment again.
-    pub(super) fn release(&self) {
+    pub(super) fn release_uploads(&self) {
         let _d = self.inner.dirty.write_locked();
         self.inner.upload_limit.store(u64::MAX, Ordering::Release);
         self.inner.upload_wake.notify_one();
@@ -329,6 +471,8 @@ impl ObjectVolume {
             if done {
                 return Ok(());
             }
+            // A fenced writer uploads nothing more.
+            inner.fence.check_admin()?;
             if Instant::now() > deadline {
                 return Err(ObjectError::DrainTimeout(inner.name.clone()));
             }
@@ -346,22 +490,24 @@ impl ObjectVolume {
         if self.read_only {
             return Err(ObjectError::ReadOnly(inner.name.clone()));
         }
+        inner.fence.check_admin()?;
         let _one = inner.admin.locked();
         let key = key(&volume, snap);
-        let exists = runtime().block_on(inner.store.get_range(&key, 0..1));
-        match exists {
-            Ok(_) => {
+        match runtime().block_on(read_meta_any(&inner.store, &volume, snap)) {
+            Ok(m) if m.counts(&inner.fence.fences) => {
                 return Err(ObjectError::SnapshotExists {
                     volume,
                     snapshot: snap.to_owned(),
                 });
             }
-            Err(StoreError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
+            // Taken by a writer fenced since: not a snapshot of this volume.
+            Ok(_) => runtime().block_on(inner.store.delete(&key))?,
+            Err(ObjectError::NoSuchSnapshot { .. }) => {}
+            Err(e) => return Err(e),
         }
         let cut = self.cut(true);
         let frozen = self.wait_uploaded(cut).map(|()| self.freeze());
-        self.release();
+        self.release_uploads();
         let (entries, chunks, max_seq) = frozen?;
         let depth = entries
             .iter()
@@ -369,34 +515,45 @@ impl ObjectVolume {
             .map(|e| layer_of(e.chunk) as usize)
             .max()
             .unwrap_or(0);
-        let layers = inner.layers.read_locked();
-        let meta = SnapshotMeta {
-            name: snap.to_owned(),
-            volume: volume.clone(),
-            created_ms: now_ms(),
-            size: inner.size.load(Ordering::Acquire),
-            layers: layers[..depth.min(layers.len())].to_vec(),
+        let layers = {
+            let l = inner.layers.read_locked();
+            l[..depth.min(l.len())].to_vec()
         };
-        drop(layers);
-        let json = serde_json::to_vec(&meta).map_err(|source| ObjectError::Encode {
-            what: "snapshot description",
-            source,
-        })?;
         let map = format::encode_checkpoint(0, &entries, &chunks, max_seq);
-        let body = format::encode_snapshot(&json, &map);
-        match runtime().block_on(inner.store.put_new(&key, body.clone().into())) {
-            Ok(()) => {}
-            Err(StoreError::NoConditionalPut) => {
-                runtime().block_on(inner.store.put(&key, body.into()))?;
+        let meta = runtime().block_on(async {
+            // The id comes from this writer's sequence and the object lands
+            // before the next id is handed out (see `generation`).
+            let order = inner.fence.put_order().await;
+            let meta = SnapshotMeta {
+                name: snap.to_owned(),
+                volume: volume.clone(),
+                created_ms: now_ms(),
+                size: inner.size.load(Ordering::Acquire),
+                layers,
+                id: inner.fence.next_id(&order)?,
+            };
+            let json = serde_json::to_vec(&meta).map_err(|source| ObjectError::Encode {
+                what: "snapshot description",
+                source,
+            })?;
+            let body = bytes::Bytes::from(format::encode_snapshot(&json, &map));
+            match inner.store.put_new(&key, body.clone()).await {
+                Ok(()) => {}
+                Err(StoreError::NoConditionalPut) => inner.store.put(&key, body).await?,
+                Err(StoreError::AlreadyExists(_)) => {
+                    return Err(ObjectError::SnapshotExists {
+                        volume: volume.clone(),
+                        snapshot: snap.to_owned(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(StoreError::AlreadyExists(_)) => {
-                return Err(ObjectError::SnapshotExists {
-                    volume,
-                    snapshot: snap.to_owned(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
+            drop(order);
+            // Fenced meanwhile: the snapshot does not count, and the holder
+            // deletes it.
+            fence::verified(inner).await?;
+            Ok(meta)
+        })?;
         inner.stats.snapshots.fetch_add(1, Ordering::Relaxed);
         info!(volume = %volume, snapshot = snap, extents = entries.len(), "snapshot taken");
         Ok(meta)
@@ -434,8 +591,9 @@ impl ObjectVolume {
     pub fn delete_snapshot(&self, snap: &str) -> Result<(), ObjectError> {
         let inner = &self.inner;
         let volume = self.volume_name().to_owned();
+        inner.fence.check_admin()?;
         let _one = inner.admin.locked();
-        runtime().block_on(delete(&inner.store, &volume, snap))?;
+        runtime().block_on(delete(&inner.store, &volume, snap, inner.fence.generation))?;
         let pinned = runtime().block_on(refs::pinned_chunks(&inner.store, &volume))?;
         inner.map.write_locked().pinned = pinned;
         let n = runtime().block_on(names(&inner.store, &volume))?.len() as u64;

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::format::BLOCK;
-use super::ingest::{Packer, put_chunk};
+use super::ingest::{Packer, put_import_chunk};
 use super::layout::{self, Descriptor, Keys};
 use super::state::Mapping;
 use super::{ObjectError, ObjectVolume};
@@ -203,7 +203,7 @@ impl ObjectVolume {
                 .map_err(|_| ObjectError::Interrupted)?;
             let inner = self.inner.clone();
             puts.push(runtime().spawn(async move {
-                let r = put_chunk(&inner, &entries, &data).await;
+                let r = put_import_chunk(&inner, &entries, &data).await;
                 drop(permit);
                 r
             }));

@@ -13,10 +13,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::extent_map::ExtentMap;
+use super::fence;
 use super::format::{self, BLOCK, CHUNK_HEADER, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER};
+use super::generation::base_id;
 use super::layout::id_of;
 use super::recovery::read_chunk_index;
 use super::segment::Segment;
@@ -34,6 +36,10 @@ pub(super) async fn run(inner: Arc<Inner>) {
     let mut since_checkpoint = 0u64;
     let mut doomed: Vec<(u64, Instant)> = Vec::new();
     loop {
+        if inner.fence.fenced_by().is_some() {
+            // Fenced: nothing more goes to the store, not even a delete.
+            return;
+        }
         let stopping = inner.stopping.load(Ordering::Acquire);
         match next_segment(&inner) {
             Some(seg) => {
@@ -55,6 +61,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
                     }
                 } else if let Some(d) = collect_garbage(&inner).await {
                     doomed.extend(d);
+                } else {
+                    fence::collect_fenced_orphans(&inner, false).await;
                 }
                 delete_doomed(&inner, &mut doomed).await;
             }
@@ -67,10 +75,16 @@ pub(super) async fn run(inner: Arc<Inner>) {
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
+    if inner.fence.fenced_by().is_some() {
+        return;
+    }
     if inner.all_uploaded() && since_checkpoint > 0 {
         let _ = write_checkpoint(&inner).await;
     }
     delete_doomed(&inner, &mut doomed).await;
+    if inner.all_uploaded() && !inner.abort.load(Ordering::Acquire) {
+        fence::collect_fenced_orphans(&inner, true).await;
+    }
 }
 
 /// The oldest segment, if it is sealed and durable: segments go to the
@@ -144,13 +158,29 @@ fn pack(seg: &Segment, after_seq: u64) -> (Vec<IndexEntry>, Vec<u8>) {
     (entries, data)
 }
 
+/// Puts one segment's chunk, checks this writer was not fenced meanwhile,
+/// and only then publishes it: into the map, out of the write-ahead layer
+/// and the WAL, and past the store frontier FLUSH waits on under
+/// durability=store. Returns false if the volume aborted or was fenced.
 async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
+    if inner.fence.fenced_by().is_some() {
+        return false;
+    }
     let stored_seq = inner.map.read_locked().max_seq;
     let (entries, data) = pack(seg, stored_seq);
     let chunk_id = if entries.is_empty() {
         None
     } else {
-        let id = inner.next_chunk.fetch_add(1, Ordering::AcqRel);
+        // Allocated and put under the put-order lock: this writer's
+        // objects land in id order (see `generation`).
+        let order = inner.fence.put_order().await;
+        let id = match inner.fence.next_id(&order) {
+            Ok(id) => id,
+            Err(e) => {
+                error!(volume = %inner.name, "cannot upload: {}", Chain(&e));
+                return false;
+            }
+        };
         let body = Bytes::from(format::encode_chunk(id, &entries, &data));
         let key = inner.keys.chunk(id);
         let mut delay = Duration::from_millis(50);
@@ -168,12 +198,17 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
                 }
             }
         }
+        drop(order);
+        if !fence::verify(inner).await {
+            return false;
+        }
         Some((
             id,
             (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64,
         ))
     };
-    publish(inner, seg, chunk_id, &entries, (data.len() / BLOCK) as u32);
+    let uploaded_to = publish(inner, seg, chunk_id, &entries, (data.len() / BLOCK) as u32);
+    fence::advance_uploaded(inner, uploaded_to);
     if let Some((id, _)) = chunk_id {
         for e in entries.iter().filter(|e| e.kind == Kind::Data) {
             let at = e.data_block as usize * BLOCK;
@@ -209,14 +244,15 @@ const PUBLISH_BATCH: usize = 64;
 /// segment itself, each in short holds of the locks. Reads stay right in
 /// between: the write-ahead layer wins over the map, and holds the same
 /// blocks until they are in the map; a block a later write changed keeps
-/// that write's (newer) sequence number and is left alone.
+/// that write's (newer) sequence number and is left alone. Returns the
+/// log position below which every record is now in the store.
 fn publish(
     inner: &Inner,
     seg: &Segment,
     chunk: Option<(u64, u64)>,
     entries: &[IndexEntry],
     data_blocks: u32,
-) {
+) -> u64 {
     if let Some((id, data_start)) = chunk {
         inner.map.write_locked().chunks.insert(
             id,
@@ -244,16 +280,19 @@ fn publish(
             d.map.remove(s, e, |_| {});
         }
     }
-    {
+    let uploaded_to = {
         let mut d = inner.dirty.write_locked();
         let mut m = inner.map.write_locked();
         d.segments.remove(&seg.id);
         d.backlog = d.backlog.saturating_sub(seg.len() as u64);
         let seq = seg.last_seq.load(Ordering::Acquire);
         m.max_seq = m.max_seq.max(seq);
-    }
+        // Everything before the oldest segment left is in the store now.
+        d.segments.values().next().map_or(d.appended, |s| s.base)
+    };
     // Last: reads that then skip the write-ahead layer find it all in the map.
     seg.for_each_record(|h| inner.dirty_filter.remove(h.lba, u64::from(h.blocks)));
+    uploaded_to
 }
 
 /// Writes the whole map as a checkpoint and prunes all but the two newest.
@@ -273,9 +312,11 @@ pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
                 data_blocks: c.data_blocks,
             })
             .collect();
+        // Keys carry the writer's generation even before its first chunk.
+        let id = last.max(base_id(inner.fence.generation));
         (
-            last,
-            format::encode_checkpoint(last, &entries, &table, m.max_seq),
+            id,
+            format::encode_checkpoint(id, &entries, &table, m.max_seq),
         )
     };
     inner
@@ -284,11 +325,20 @@ pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
         .await?;
     inner.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
     info!(volume = %inner.name, chunk = id, "checkpoint written");
+    // Older checkpoints go only once this one is known to count, and never
+    // a later generation's (whose ids are above this one's).
+    if !fence::verify(inner).await {
+        return Ok(());
+    }
     let old = inner.store.list(&inner.keys.checkpoints()).await?;
-    let mut ids: Vec<u64> = old.iter().filter_map(|(k, _)| id_of(k)).collect();
+    let mut ids: Vec<u64> = old
+        .iter()
+        .filter_map(|(k, _)| id_of(k))
+        .filter(|&i| i < id)
+        .collect();
     ids.sort_unstable();
-    if ids.len() > 2 {
-        for stale in &ids[..ids.len() - 2] {
+    if ids.len() > 1 {
+        for stale in &ids[..ids.len() - 1] {
             inner.store.delete(&inner.keys.checkpoint(*stale)).await?;
         }
     }
@@ -389,6 +439,9 @@ async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(),
 }
 
 pub(super) async fn delete_doomed(inner: &Inner, doomed: &mut Vec<(u64, Instant)>) {
+    if inner.fence.fenced_by().is_some() {
+        return;
+    }
     let mut keep = Vec::new();
     for (id, since) in doomed.drain(..) {
         if since.elapsed() < GRACE

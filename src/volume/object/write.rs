@@ -10,22 +10,35 @@ use std::task::Poll;
 use super::format::{self, BLOCK, Kind, RecordHeader, SEGMENT_HEADER, WAL_RECORD_HEADER};
 use super::segment::Segment;
 use super::state::{Dirty, DirtyLoc};
-use super::{Inner, ObjectVolume, RequestError, STAGE_BACKLOG, STAGE_DURABLE};
+use super::{Durability, Inner, ObjectVolume, RequestError, STAGE_BACKLOG, STAGE_DURABLE};
 use crate::lock::{MutexExt, RwLockExt};
-use crate::volume::{Ctx, Io, Op, VolumeError};
+use crate::volume::{Ctx, Io, IoData, Op, VolumeError};
 
 impl ObjectVolume {
-    /// Appends a record; returns the log position that makes it durable, or
-    /// `None` when the backlog is full (the caller then waits).
+    /// Appends a record (`payload` is a Data record's bytes); returns the
+    /// log position that makes it durable, or `None` when the backlog is
+    /// full (the caller then waits).
     pub(super) fn append(
         &self,
         kind: Kind,
         lba: u64,
         blocks: u64,
-        data: &[u8],
+        payload: Option<&IoData>,
     ) -> Result<Option<u64>, VolumeError> {
-        // The data's checksum is computed before taking the lock; the
-        // header's (which holds the sequence number) is combined in after.
+        // Guest memory is copied into the record under the lock and
+        // checksummed from that copy: the guest may change its buffer
+        // meanwhile, and a checksum of other bytes would make recovery
+        // drop the record. Our own buffer cannot change, so its checksum
+        // is computed before taking the lock; the header's (which holds
+        // the sequence number) is combined in after.
+        let guest = match payload {
+            Some(IoData::Guest(_)) => payload,
+            _ => None,
+        };
+        let data: &[u8] = match payload {
+            Some(IoData::Owned(b)) => b.as_slice(),
+            _ => &[],
+        };
         let data_crc = crc32c::crc32c(data);
         let inner = &self.inner;
         let mut d = inner.dirty.write_locked();
@@ -49,19 +62,33 @@ impl ObjectVolume {
                 blocks: n,
                 kind,
             };
-            let piece = &data[..take];
-            // Only trims and zeroing (no data) are ever split.
-            let crc = if take == data.len() {
-                data_crc
-            } else {
-                crc32c::crc32c(piece)
-            };
-            let header = format::record_header(&h, crc, piece.len());
             let total = WAL_RECORD_HEADER + take;
             let seg = active_segment(&mut d, inner, total);
-            // SAFETY: appends happen only here, under the dirty write lock,
-            // and `active_segment` never returns a sealed segment.
-            let Some(at) = (unsafe { seg.append(&[&header, piece]) }) else {
+            let appended = match guest {
+                // SAFETY: appends happen only here, under the dirty write
+                // lock, and `active_segment` never returns a sealed segment.
+                Some(g) if take > 0 => unsafe {
+                    seg.append_with(total, |rec| {
+                        let (head, body) = rec.split_at_mut(WAL_RECORD_HEADER);
+                        g.read_at(0, body);
+                        let crc = crc32c::crc32c(body);
+                        head.copy_from_slice(&format::record_header(&h, crc, take));
+                    })
+                },
+                _ => {
+                    let piece = data.get(..take).unwrap_or_default();
+                    // Only trims and zeroing (no data) are ever split.
+                    let crc = if take == data.len() {
+                        data_crc
+                    } else {
+                        crc32c::crc32c(piece)
+                    };
+                    let header = format::record_header(&h, crc, piece.len());
+                    // SAFETY: as above.
+                    unsafe { seg.append(&[&header, piece]) }
+                }
+            };
+            let Some(at) = appended else {
                 return Err(VolumeError::backend(RequestError::RecordTooBig(total)));
             };
             if seg.first_seq.load(Ordering::Relaxed) == 0 {
@@ -83,7 +110,7 @@ impl ObjectVolume {
             d.backlog += total as u64;
             lba += u64::from(n);
             left -= u64::from(n);
-            data = &data[take..];
+            data = data.get(take..).unwrap_or_default();
         }
         d.last_append = std::time::Instant::now();
         Ok(Some(d.appended))
@@ -104,12 +131,13 @@ impl ObjectVolume {
         if blocks == 0 {
             return Poll::Ready(Ok(()));
         }
-        let data: &[u8] = if kind == Kind::Data {
-            io.buf.as_slice()
-        } else {
-            &[]
-        };
-        match self.append(kind, lba, blocks, data) {
+        // Also here, not only in `check`: a write that waited for room
+        // comes back through this path.
+        if let Err(e) = self.refuse_if_closed() {
+            return Poll::Ready(Err(e));
+        }
+        let payload = (kind == Kind::Data).then_some(&io.data);
+        match self.append(kind, lba, blocks, payload) {
             Err(e) => Poll::Ready(Err(e)),
             Ok(None) => {
                 // Too much not yet uploaded: wait for the uploader.
@@ -132,13 +160,17 @@ impl ObjectVolume {
         self.durable(pos, io, ctx)
     }
 
-    /// Completes once log position `pos` is durable.
+    /// Completes once log position `pos` is durable: synced to the local
+    /// WAL, or in the store under durability=store.
     pub(super) fn durable(
         &self,
         pos: u64,
         io: &mut Io,
         ctx: &mut Ctx<'_>,
     ) -> Poll<Result<(), VolumeError>> {
+        if self.inner.fence.durability == Durability::Store {
+            return self.store_durable(pos, io, ctx);
+        }
         if self.inner.wal.synced.load(Ordering::Acquire) >= pos {
             return Poll::Ready(Ok(()));
         }

@@ -18,6 +18,7 @@ impl Bench {
             stored: self.host.stored.clone(),
             static_exports: names(exported),
             exports: Mutex::new(exported.iter().map(|v| (v.to_string(), false)).collect()),
+            vhost_queues: self.host.vhost_queues,
             ..FakeHost::default()
         };
         Bench::on(self.run.clone(), host, PATIENCE)
@@ -276,4 +277,66 @@ async fn a_vm_on_another_nbd_socket_is_left_alone_and_keeps_its_name() {
     );
     assert!(host.exports().is_empty());
     q.exit(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhost_user_disks_are_served_again_on_their_recorded_sockets() {
+    let mut host = FakeHost::stored(&["root", "data"], &[]);
+    host.vhost_queues = Some(16);
+    let a = Bench::on(Arc::new(Scratch::new("supervisor")), host, PATIENCE);
+    let q = a.running("vm1", vec![boot("root")]).await;
+    a.sup.attach("vm1", "data", false).await.unwrap();
+    let sockets = a.host.devices.locked().clone();
+    a.sup.release_all(PATIENCE).await;
+    let record = a.record("vm1").unwrap();
+    assert_eq!(record.paths.vhost["root"].socket, sockets["root"]);
+    assert_eq!(
+        record.hot["data"].vhost.as_ref().map(|v| &v.socket),
+        Some(&sockets["data"])
+    );
+
+    // QEMU reconnects its chardevs to the recorded sockets: the next vbd
+    // must listen on exactly those, and the devices are its own to stop.
+    let b = a.restarted(&[], &[]);
+    b.host.attached.locked().insert("root".into());
+    assert_eq!(b.sup.adopt_all().await, 1);
+    assert_eq!(*b.host.devices.locked(), sockets);
+    eventually("root's reconnect", || {
+        b.disk("vm1", "root")
+            .reconnect
+            .is_some_and(|r| r.after_ms.is_some())
+    })
+    .await;
+    q.monitor.locked().take_log();
+    b.sup.detach("vm1", "data", PATIENCE).await.unwrap();
+    assert_eq!(
+        q.monitor.locked().take_log(),
+        ["device_del disk-data", "chardev-remove chr-data"]
+    );
+    assert_eq!(b.host.devices.locked().keys().collect::<Vec<_>>(), ["root"]);
+    b.sup.stop("vm1", PATIENCE).await.unwrap();
+    assert!(b.host.devices.locked().is_empty());
+
+    // A vbd without vhost-user cannot serve what QEMU waits for: named.
+    let c = Bench::new(&["root"], &[]);
+    let _q = c.running("vm2", vec![boot("root")]).await;
+    c.sup.release_all(PATIENCE).await;
+    let mut rec = c.record("vm2").unwrap();
+    rec.paths.vhost.insert(
+        "root".into(),
+        crate::vm::config::VhostSocket {
+            socket: c.run.0.join("vm2/root.vhost"),
+            queues: 16,
+        },
+    );
+    rec.store(&VmRecord::path(&c.run.0.join("vm2"))).unwrap();
+    let d = c.restarted(&[], &[]);
+    assert_eq!(d.sup.adopt_all().await, 1);
+    let root = d.disk("vm2", "root").reconnect.unwrap();
+    let error = root.error.expect("the missing transport is reported");
+    assert!(error.contains("serves no vhost-user"), "{error}");
+    assert!(
+        d.host.names().is_empty(),
+        "the export started for it went too"
+    );
 }

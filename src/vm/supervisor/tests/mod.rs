@@ -5,16 +5,19 @@
 //! leaves behind (nothing).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::vm::config::VhostSocket;
 use crate::vm::config::{Accel, Disk, Role, VmConfig};
 use crate::vm::hotplug::HotplugError;
 use crate::vm::testing::{BAD_DEVICE, Behaviour, FakeQemu, PATIENCE, Scratch, eventually};
-use crate::vm::volume_host::ExportError;
+use crate::vm::volume_host::{ExportError, VhostServed};
 
 mod adopt;
+mod vhost;
 
 /// Volumes and exports in memory, with the registry's rules: one export
 /// per name, and only volumes that exist can be exported. A volume is
@@ -36,6 +39,10 @@ struct FakeHost {
     refuse: Mutex<BTreeSet<String>>,
     /// Exports a client (QEMU) is attached to.
     attached: Mutex<BTreeSet<String>>,
+    /// Queues its vhost-user devices offer; `None`: it has no vhost-user.
+    vhost_queues: Option<u16>,
+    /// Running vhost-user devices: volume → socket.
+    devices: Mutex<BTreeMap<String, PathBuf>>,
 }
 
 /// How [`FakeHost`] describes a catalogued volume for a restart.
@@ -44,6 +51,18 @@ fn reopen_spec(volume: &str) -> serde_json::Value {
 }
 
 impl FakeHost {
+    /// `volumes` exist (in storage); `exported` are served by the command line.
+    fn stored(volumes: &[&str], exported: &[&str]) -> FakeHost {
+        let names = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|v| v.to_string()).collect() };
+        FakeHost {
+            volumes: Mutex::new(names(volumes)),
+            stored: names(volumes),
+            static_exports: names(exported),
+            exports: Mutex::new(exported.iter().map(|v| (v.to_string(), false)).collect()),
+            ..FakeHost::default()
+        }
+    }
+
     fn exports(&self) -> BTreeMap<String, bool> {
         self.exports.locked().clone()
     }
@@ -99,6 +118,47 @@ impl VolumeHost for FakeHost {
         u64::from(self.attached.locked().contains(volume))
     }
 
+    fn serve_vhost(&self, volume: &str, socket: &Path) -> Result<Option<VhostServed>, ExportError> {
+        let Some(queues) = self.vhost_queues else {
+            return Ok(None);
+        };
+        if let Some(socket) = self.devices.locked().get(volume) {
+            return Ok(Some(VhostServed {
+                socket: VhostSocket {
+                    socket: socket.clone(),
+                    queues,
+                },
+                started: false,
+            }));
+        }
+        if !self.exports.locked().contains_key(volume) {
+            return Err(ExportError::Vhost {
+                volume: volume.to_owned(),
+                source: "not exported".into(),
+            });
+        }
+        self.devices
+            .locked()
+            .insert(volume.to_owned(), socket.to_path_buf());
+        Ok(Some(VhostServed {
+            socket: VhostSocket {
+                socket: socket.to_path_buf(),
+                queues,
+            },
+            started: true,
+        }))
+    }
+
+    fn stop_vhost(&self, volume: &str) -> Result<(), ExportError> {
+        match self.devices.locked().remove(volume) {
+            Some(_) => Ok(()),
+            None => Err(ExportError::Vhost {
+                volume: volume.to_owned(),
+                source: "no device".into(),
+            }),
+        }
+    }
+
     fn unexport(&self, volume: &str) -> Result<(), ExportError> {
         match self.exports.locked().remove(volume) {
             Some(_) => Ok(()),
@@ -127,14 +187,7 @@ impl Bench {
     }
 
     fn with_start_timeout(volumes: &[&str], exported: &[&str], timeout: Duration) -> Bench {
-        let names = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|v| v.to_string()).collect() };
-        let host = FakeHost {
-            volumes: Mutex::new(names(volumes)),
-            stored: names(volumes),
-            static_exports: names(exported),
-            exports: Mutex::new(exported.iter().map(|v| (v.to_string(), false)).collect()),
-            ..FakeHost::default()
-        };
+        let host = FakeHost::stored(volumes, exported);
         Bench::on(Arc::new(Scratch::new("supervisor")), host, timeout)
     }
 
