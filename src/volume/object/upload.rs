@@ -237,7 +237,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
 /// Index entries applied to the map, or taken out of the write-ahead
 /// layer, under one hold of its lock: the reactors wait while it is held,
 /// and the uploader runs at a lower priority than they do.
-const PUBLISH_BATCH: usize = 64;
+pub(super) const PUBLISH_BATCH: usize = 64;
 
 /// Moves an uploaded segment's blocks from the write-ahead layer to the
 /// map: into the map first, then out of the write-ahead layer, then the
