@@ -363,6 +363,7 @@ async fn open(
         upload_wake: tokio::sync::Notify::new(),
         backlog_waiters: Mutex::new(Vec::new()),
         fill: Fill::new(budget),
+        publishing: tokio::sync::Mutex::new(()),
         stopping: AtomicBool::new(false),
         abort: AtomicBool::new(false),
         stats,

@@ -102,6 +102,11 @@ pub(crate) struct Inner {
     backlog_waiters: Mutex<Vec<Completer>>,
     /// Fetches in flight and read-ahead (see `fill`).
     fill: fill::Fill,
+    /// Held by the uploader from a chunk's id until the chunk is wholly in
+    /// the map (it is applied in batches), and by a checkpoint while it
+    /// copies the map: a checkpoint named after chunk `k` must hold every
+    /// chunk up to `k`, as recovery reads only the chunks above it.
+    publishing: tokio::sync::Mutex<()>,
     /// Shutdown asked for: drain and stop.
     stopping: AtomicBool,
     /// Stop at once (the handle was dropped without shutdown).

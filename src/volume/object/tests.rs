@@ -910,3 +910,85 @@ fn reads_wait_for_blocks_in_flight_and_fetch_what_was_abandoned() {
     rig.expect(&r, 12, 4);
     assert_eq!(store_reads(&r).0, gets, "blocks 12..16 come from the cache");
 }
+
+/// Recovery reads the newest checkpoint and then only the chunks above
+/// the one it is named after, so a checkpoint must hold every chunk up to
+/// that one. One written while the uploader has a chunk on its way (its
+/// id taken, its entries going into the map a batch at a time) waits for
+/// it, and then holds all of it.
+#[test]
+fn a_checkpoint_waits_for_the_chunk_on_its_way_and_holds_all_of_it() {
+    use super::format::decode_checkpoint;
+    use super::layout::id_of;
+    use super::upload::{PUBLISH_BATCH, write_checkpoint};
+    let extents = 2 * PUBLISH_BATCH as u64 + 5;
+    let mut rig = Rig::new("ckpt-in-flight", 4 << 20, 2 * extents + 2);
+    let opts = ObjectOptions {
+        segment_size: 4 << 20,
+        checkpoint_every: u64::MAX,
+        ..rig.opts("wal")
+    };
+    let v = rig.open("store", opts);
+    // A first chunk, for a checkpoint to be named after.
+    rig.write(&v, 0, 1, 1, false);
+    v.wait_uploaded(v.cut(false)).expect("first upload");
+    // The uploader will stop with the next chunk's id taken: this test
+    // holds the lock its puts take.
+    let order = runtime().block_on(v.inner.fence.put_order());
+    // One index entry per write: more than two publishing batches.
+    for i in 0..extents {
+        rig.write(&v, 2 + 2 * i, 1, 2, false);
+    }
+    v.cut(false);
+    let deadline = std::time::Instant::now() + DRAIN;
+    while v.inner.publishing.try_lock().is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the uploader never started"
+        );
+        v.inner.wal.kick();
+        v.inner.upload_wake.notify_one();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::scope(|s| {
+        let ckpt = s.spawn(|| runtime().block_on(write_checkpoint(&v.inner)));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !ckpt.is_finished(),
+            "a checkpoint was written while a chunk was on its way"
+        );
+        drop(order);
+        ckpt.join()
+            .expect("checkpoint thread")
+            .unwrap_or_else(|e| panic!("checkpoint: {}", Chain(&e)));
+    });
+    let store = rig.store("store");
+    let keys = Keys::new(NAME);
+    let newest = |prefix: String| {
+        runtime()
+            .block_on(store.list(&prefix))
+            .expect("list")
+            .iter()
+            .filter_map(|(k, _)| id_of(k))
+            .max()
+            .expect("an object")
+    };
+    let chunk = newest(keys.chunks());
+    let id = newest(keys.checkpoints());
+    assert_eq!(id, chunk, "the checkpoint is named after the newest chunk");
+    let body = runtime()
+        .block_on(store.get(&keys.checkpoint(id)))
+        .expect("read the checkpoint");
+    let c = decode_checkpoint(&body).expect("decode the checkpoint");
+    for i in 0..extents {
+        let lba = 2 + 2 * i;
+        assert!(
+            c.entries
+                .iter()
+                .any(|e| e.chunk == chunk && e.lba <= lba && lba < e.lba + u64::from(e.blocks)),
+            "block {lba} is not in the checkpoint"
+        );
+    }
+    let r = rig.store_only_after(v, "store", CacheSize::Default);
+    rig.expect(&r, 0, 2 * extents + 2);
+}

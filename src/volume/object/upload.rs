@@ -168,6 +168,8 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
     }
     let stored_seq = inner.map.read_locked().max_seq;
     let (entries, data) = pack(seg, stored_seq);
+    // From the chunk's id until it is wholly in the map (see `publishing`).
+    let publishing = inner.publishing.lock().await;
     let chunk_id = if entries.is_empty() {
         None
     } else {
@@ -208,6 +210,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
         ))
     };
     let uploaded_to = publish(inner, seg, chunk_id, &entries, (data.len() / BLOCK) as u32);
+    drop(publishing);
     fence::advance_uploaded(inner, uploaded_to);
     if let Some((id, _)) = chunk_id {
         for e in entries.iter().filter(|e| e.kind == Kind::Data) {
@@ -298,6 +301,8 @@ fn publish(
 /// Writes the whole map as a checkpoint and prunes all but the two newest.
 pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
     let (id, body) = {
+        // No chunk half applied, none put but not yet in the map.
+        let _publishing = inner.publishing.lock().await;
         let m = inner.map.read_locked();
         let Some((&last, _)) = m.chunks.iter().next_back() else {
             return Ok(());
