@@ -133,48 +133,16 @@ s3_impl! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    use object_store::aws::AmazonS3Builder;
-
-    use crate::objstore::Store;
-    use crate::objstore::credentials::Credentials;
-    use crate::objstore::server::{ServeConfig, bind};
+    use crate::objstore::server::TestEndpoint;
     use crate::runtime::runtime;
 
     /// Whole objects and ranges of them, through the endpoint and a real S3
     /// client, come back exactly as they were put.
     #[test]
     fn gets_return_the_bytes_asked_for() {
-        let dir = std::env::temp_dir().join(format!("vbd-ranged-reads-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cfg = ServeConfig {
-            dir: dir.clone(),
-            listen: "127.0.0.1:0".parse().expect("address"),
-            credentials: Credentials {
-                access_key_id: "k".into(),
-                secret_access_key: "s".into(),
-                session_token: None,
-            },
-            buckets: vec!["vbd".into()],
-        };
+        let endpoint = TestEndpoint::start("ranged-reads");
+        let store = endpoint.client(false);
         let rt = runtime();
-        let endpoint = rt.block_on(bind(&cfg)).expect("bind the endpoint");
-        let url = format!("http://{}", endpoint.addr);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = rt.spawn(endpoint.serve(async {
-            let _ = stopped.await;
-        }));
-        let s3 = AmazonS3Builder::new()
-            .with_endpoint(&url)
-            .with_allow_http(true)
-            .with_bucket_name("vbd")
-            .with_region("us-east-1")
-            .with_access_key_id("k")
-            .with_secret_access_key("s")
-            .build()
-            .expect("client");
-        let store = Store::from_object_store(Arc::new(s3), "s3://vbd");
         let body: Vec<u8> = (0..(5u32 << 20) + 123).map(|i| (i % 251) as u8).collect();
         rt.block_on(async {
             store
@@ -200,9 +168,6 @@ mod tests {
                 "{missing:?}"
             );
         });
-        let _ = stop.send(());
-        let _ = rt.block_on(server);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
