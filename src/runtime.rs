@@ -1,5 +1,6 @@
 //! The one process-wide background tokio runtime, on which the control API,
-//! QMP, S3 traffic and object-volume uploads run, apart from the reactors.
+//! QMP and S3 traffic run, apart from the reactors (object-volume uploads
+//! have a lower-priority one of their own, `volume::object::background`).
 //! Its own module (not part of `control`) so that the object volume and
 //! the supervisor can use it without importing the layer above them.
 

@@ -371,7 +371,7 @@ impl Sources {
             .filter_map(|(n, v)| v.counters().map(|c| (n, c)))
             .collect();
         type Field = fn(&crate::volume::object::ObjectCounters) -> u64;
-        let families: [(&str, Kind, &str, Field); 23] = [
+        let families: [(&str, Kind, &str, Field); 24] = [
             (
                 "vbd_cache_hits_total",
                 Kind::Counter,
@@ -449,6 +449,12 @@ impl Sources {
                 Kind::Counter,
                 "Ranged reads from the object store (cache misses).",
                 |c| c.fetches,
+            ),
+            (
+                "vbd_store_fetch_bytes_total",
+                Kind::Counter,
+                "Bytes of chunk data fetched from the object store (read-ahead included).",
+                |c| c.fetch_bytes,
             ),
             (
                 "vbd_store_fetch_failures_total",

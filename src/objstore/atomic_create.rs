@@ -113,53 +113,18 @@ s3_impl! {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use bytes::Bytes;
-    use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 
-    use crate::objstore::credentials::Credentials;
-    use crate::objstore::server::{ServeConfig, bind};
+    use crate::objstore::server::TestEndpoint;
     use crate::objstore::{Store, StoreError};
     use crate::runtime::runtime;
 
     /// Eight clients race to create each key: exactly one may win.
     #[test]
     fn racing_creates_have_one_winner() {
-        let dir = std::env::temp_dir().join(format!("vbd-atomic-create-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let credentials = Credentials {
-            access_key_id: "k".into(),
-            secret_access_key: "s".into(),
-            session_token: None,
-        };
-        let cfg = ServeConfig {
-            dir: dir.clone(),
-            listen: "127.0.0.1:0".parse().expect("address"),
-            credentials,
-            buckets: vec!["vbd".into()],
-        };
+        let endpoint = TestEndpoint::start("atomic-create");
+        let clients: Vec<Store> = (0..8).map(|_| endpoint.client(true)).collect();
         let rt = runtime();
-        let endpoint = rt.block_on(bind(&cfg)).expect("bind the endpoint");
-        let url = format!("http://{}", endpoint.addr);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = rt.spawn(endpoint.serve(async {
-            let _ = stopped.await;
-        }));
-        let client = |_| {
-            let s3 = AmazonS3Builder::new()
-                .with_endpoint(&url)
-                .with_allow_http(true)
-                .with_bucket_name("vbd")
-                .with_region("us-east-1")
-                .with_access_key_id("k")
-                .with_secret_access_key("s")
-                .with_conditional_put(S3ConditionalPut::ETagMatch)
-                .build()
-                .expect("client");
-            Store::from_object_store(Arc::new(s3), "s3://vbd")
-        };
-        let clients: Vec<Store> = (0..8).map(client).collect();
         for round in 0..20 {
             let key = format!("race/{round}");
             let wins = rt.block_on(async {
@@ -183,8 +148,5 @@ mod tests {
                 "round {round}: {wins} creates of one key succeeded"
             );
         }
-        let _ = stop.send(());
-        let _ = rt.block_on(server);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

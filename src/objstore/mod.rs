@@ -8,11 +8,14 @@ mod atomic_create;
 pub mod credentials;
 pub mod faults;
 #[cfg(feature = "s3-server")]
+mod ranged_reads;
+#[cfg(feature = "s3-server")]
 pub mod server;
 
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -123,6 +126,24 @@ pub struct Store {
     faults: Option<Arc<Faults>>,
     /// For file:// stores: the directory, so writes can be made durable.
     local: Option<PathBuf>,
+    /// Shared by every clone of this store.
+    reads: Arc<ReadCounters>,
+}
+
+/// What a [`Store`] (and every clone of it) has read.
+#[derive(Debug, Default)]
+struct ReadCounters {
+    gets: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl ReadCounters {
+    fn count(&self, got: &Result<Bytes, StoreError>) {
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        if let Ok(b) = got {
+            self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Store {
@@ -168,6 +189,7 @@ impl Store {
             url: url.to_owned(),
             faults: None,
             local,
+            reads: Arc::default(),
         })
     }
 
@@ -178,6 +200,7 @@ impl Store {
             url: url.to_owned(),
             faults: None,
             local: None,
+            reads: Arc::default(),
         }
     }
 
@@ -199,24 +222,41 @@ impl Store {
         }
     }
 
+    /// GETs made through this store and its clones, and the bytes they
+    /// returned (whole objects and ranges alike, failures counted too).
+    pub fn reads(&self) -> (u64, u64) {
+        (
+            self.reads.gets.load(Ordering::Relaxed),
+            self.reads.bytes.load(Ordering::Relaxed),
+        )
+    }
+
     /// Reads a whole object.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.check(key)?;
-        let r = self
-            .inner
-            .get(&Path::from(key))
-            .await
-            .map_err(|e| StoreError::from_os(key, e))?;
-        r.bytes().await.map_err(|e| StoreError::from_os(key, e))
+        let got = async {
+            let r = self
+                .inner
+                .get(&Path::from(key))
+                .await
+                .map_err(|e| StoreError::from_os(key, e))?;
+            r.bytes().await.map_err(|e| StoreError::from_os(key, e))
+        }
+        .await;
+        self.reads.count(&got);
+        got
     }
 
     /// Reads a byte range of an object.
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         self.check(key)?;
-        self.inner
+        let got = self
+            .inner
             .get_range(&Path::from(key), range)
             .await
-            .map_err(|e| StoreError::from_os(key, e))
+            .map_err(|e| StoreError::from_os(key, e));
+        self.reads.count(&got);
+        got
     }
 
     /// Writes an object, replacing any previous one. Returns once the

@@ -2,7 +2,9 @@
 //! authentication, serving a directory whose subdirectories are buckets.
 //! One node can serve its objects to others, and the tests exercise the
 //! real S3 protocol through it. Create-if-absent PUTs are atomic here
-//! (`atomic_create`), which s3s-fs alone does not make them.
+//! (`atomic_create`), which s3s-fs alone does not make them, and GET bodies
+//! are read in one go (`ranged_reads`), which s3s-fs alone streams 4 KiB at
+//! a time.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use tracing::{debug, info};
 
 use super::atomic_create::AtomicCreate;
 use super::credentials::Credentials;
+use super::ranged_reads::RangedReads;
 
 /// Why the endpoint could not run.
 #[derive(Debug, Error)]
@@ -89,7 +92,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Endpoint, ServerError> {
             .source()
             .map_or_else(|| "unknown error".to_owned(), |s| s.to_string()),
     })?;
-    let mut b = S3ServiceBuilder::new(AtomicCreate::new(fs));
+    let mut b = S3ServiceBuilder::new(RangedReads::new(AtomicCreate::new(fs), root));
     b.set_auth(SimpleAuth::from_single(
         cfg.credentials.access_key_id.clone(),
         cfg.credentials.secret_access_key.clone(),
@@ -140,5 +143,80 @@ impl Endpoint {
             });
         }
         info!("S3 endpoint stopped");
+    }
+}
+
+/// An endpoint on a scratch directory for the wrappers' unit tests, with
+/// real S3 clients of it; stopped and removed when dropped.
+#[cfg(test)]
+pub(super) struct TestEndpoint {
+    url: String,
+    dir: std::path::PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[cfg(test)]
+impl TestEndpoint {
+    /// Serves bucket `vbd` of a fresh directory named after `tag`.
+    pub(super) fn start(tag: &str) -> TestEndpoint {
+        let dir = std::env::temp_dir().join(format!("vbd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = ServeConfig {
+            dir: dir.clone(),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            credentials: Credentials {
+                access_key_id: "k".into(),
+                secret_access_key: "s".into(),
+                session_token: None,
+            },
+            buckets: vec!["vbd".into()],
+        };
+        let rt = crate::runtime::runtime();
+        let endpoint = rt.block_on(bind(&cfg)).expect("bind the endpoint");
+        let url = format!("http://{}", endpoint.addr);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(endpoint.serve(async {
+            let _ = stopped.await;
+        }));
+        TestEndpoint {
+            url,
+            dir,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// A client of bucket `vbd`, sending create-if-absent PUTs when
+    /// `conditional`.
+    pub(super) fn client(&self, conditional: bool) -> super::Store {
+        use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+        let mut b = AmazonS3Builder::new()
+            .with_endpoint(&self.url)
+            .with_allow_http(true)
+            .with_bucket_name("vbd")
+            .with_region("us-east-1")
+            .with_access_key_id("k")
+            .with_secret_access_key("s");
+        if conditional {
+            b = b.with_conditional_put(S3ConditionalPut::ETagMatch);
+        }
+        let s3 = b.build().expect("client");
+        super::Store::from_object_store(std::sync::Arc::new(s3), "s3://vbd")
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestEndpoint {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = crate::runtime::runtime().block_on(server);
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -57,10 +57,14 @@ pub fn available_memory() -> Option<u64> {
 }
 
 /// Blocks per cache entry. A 64 KiB group costs one hash probe where
-/// 4 KiB blocks cost sixteen, which is what bounds a warm sequential read;
-/// misses fetch whole groups so entries stay full.
+/// 4 KiB blocks cost sixteen, which is what bounds a warm sequential read.
+/// A group holds only the blocks that were fetched (a random 4 KiB miss
+/// fetches one block), and the budget counts blocks held, not groups.
 pub const GROUP_BLOCKS: u32 = 16;
+#[cfg(test)]
 const GROUP_BYTES: u64 = GROUP_BLOCKS as u64 * BLOCK as u64;
+/// A group's slot index for a block it does not hold.
+const EMPTY: u8 = u8::MAX;
 
 /// Which group of which chunk an entry holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -108,10 +112,51 @@ fn pieces(chunk: u64, block: u32, n: u32) -> impl Iterator<Item = Piece> {
     })
 }
 
-/// Up to sixteen blocks; `valid` says which are filled.
+/// Up to sixteen blocks of one group, stored in the order they arrived.
 struct Group {
-    data: Box<[u8]>,
-    valid: u16,
+    /// The blocks held, `BLOCK` bytes each.
+    data: Vec<u8>,
+    /// Where in `data` each of the group's blocks is (in blocks), or EMPTY.
+    slot: [u8; GROUP_BLOCKS as usize],
+}
+
+impl Group {
+    fn new() -> Group {
+        Group {
+            data: Vec::new(),
+            slot: [EMPTY; GROUP_BLOCKS as usize],
+        }
+    }
+
+    /// Bytes of block `at` of the group, if held.
+    fn block(&self, at: u32) -> Option<&[u8]> {
+        let s = self.slot[at as usize];
+        (s != EMPTY).then(|| &self.data[s as usize * BLOCK..(s as usize + 1) * BLOCK])
+    }
+
+    /// Blocks held.
+    fn blocks(&self) -> u64 {
+        (self.data.len() / BLOCK) as u64
+    }
+
+    /// Stores blocks `first..first + n` from `src` (n blocks), keeping any
+    /// already held (chunks never change, so they are the same bytes).
+    /// Returns how many blocks were added.
+    fn fill(&mut self, first: u32, src: &[u8]) -> u64 {
+        let n = (src.len() / BLOCK) as u32;
+        let new = (first..first + n)
+            .filter(|&b| self.slot[b as usize] == EMPTY)
+            .count();
+        self.data.reserve_exact(new * BLOCK);
+        for (j, b) in (first..first + n).enumerate() {
+            if self.slot[b as usize] == EMPTY {
+                self.slot[b as usize] = (self.data.len() / BLOCK) as u8;
+                self.data
+                    .extend_from_slice(&src[j * BLOCK..(j + 1) * BLOCK]);
+            }
+        }
+        new as u64
+    }
 }
 
 /// Counters live beside the LRU they describe, updated under the lock the
@@ -151,11 +196,20 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    /// A cache of `budget` bytes with at least four shards per core.
+    /// A cache of `budget` bytes with sixteen shards per core, and at
+    /// least 64: a reactor that finds its shard taken
+    /// sleeps, and on a busy host may not run again for milliseconds, so
+    /// meetings (with the other reactors, and with the uploader filling
+    /// the cache a chunk at a time) must be rare.
+    /// A small budget gets fewer shards, each still holding at least 64
+    /// blocks (a shard evicts on its own share of the budget).
     pub fn new(budget: u64) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let shards = (4 * cores).next_power_of_two().max(8);
-        Self::with_shards(budget, shards)
+        let wanted = (16 * cores).next_power_of_two().max(64) as u64;
+        let fit = (budget / (64 * BLOCK as u64)).max(1);
+        // The largest power of two within both.
+        let shards = 1u64 << (63 - wanted.min(fit).leading_zeros());
+        Self::with_shards(budget, shards as usize)
     }
 
     /// A cache with an explicit shard count (a power of two).
@@ -239,9 +293,8 @@ impl BlockCache {
             match s.lru.get(&k) {
                 Some(g) => {
                     for j in 0..count {
-                        let at = (first + j) as usize;
-                        if g.valid & (1 << at) != 0 {
-                            hit(i + j, &g.data[at * BLOCK..(at + 1) * BLOCK]);
+                        if let Some(src) = g.block(first + j) {
+                            hit(i + j, src);
                             hits += 1;
                         } else {
                             missing(i + j);
@@ -264,10 +317,40 @@ impl BlockCache {
         self.insert_run(k.chunk, k.block, data);
     }
 
+    /// Whether the cache holds anything at all (a zero budget holds nothing).
+    pub fn enabled(&self) -> bool {
+        self.shard_budget >= BLOCK as u64
+    }
+
+    /// Calls `missing(i)` for each block `i` of the `n` blocks of `chunk`
+    /// from `block` on that the cache does not hold; copies nothing and
+    /// counts neither hits nor misses (read-ahead planning).
+    pub fn probe_run(&self, chunk: u64, block: u32, n: u32, mut missing: impl FnMut(u32)) {
+        if !self.enabled() {
+            (0..n).for_each(missing);
+            return;
+        }
+        for Piece {
+            key: k,
+            first,
+            i,
+            count,
+        } in pieces(chunk, block, n)
+        {
+            let s = self.shard(&k).locked();
+            match s.lru.peek(&k) {
+                Some(g) => (0..count)
+                    .filter(|&j| g.block(first + j).is_none())
+                    .for_each(|j| missing(i + j)),
+                None => (i..i + count).for_each(&mut missing),
+            }
+        }
+    }
+
     /// Inserts consecutive blocks of `chunk` from `block` on, evicting
     /// least-recently-used groups of the shard to stay within budget.
     pub fn insert_run(&self, chunk: u64, block: u32, data: &[u8]) {
-        if self.shard_budget < GROUP_BYTES || !data.len().is_multiple_of(BLOCK) {
+        if !self.enabled() || !data.len().is_multiple_of(BLOCK) {
             return;
         }
         let n = (data.len() / BLOCK) as u32;
@@ -280,27 +363,23 @@ impl BlockCache {
         {
             let src = &data[i as usize * BLOCK..(i + count) as usize * BLOCK];
             let mut s = self.shard(&k).locked();
-            if !s.lru.contains_key(&k) {
-                while s.bytes + GROUP_BYTES > self.shard_budget {
-                    let Some((_, old)) = s.lru.remove_lru() else {
-                        break;
-                    };
-                    s.bytes -= GROUP_BYTES;
-                    s.evictions += u64::from(old.valid.count_ones());
+            // Most recently used now, so the evictions below spare it.
+            let added = match s.lru.get_mut(&k) {
+                Some(g) => g.fill(first, src),
+                None => {
+                    let mut g = Group::new();
+                    let added = g.fill(first, src);
+                    s.lru.insert(k, g);
+                    added
                 }
-                s.lru.insert(
-                    k,
-                    Group {
-                        data: vec![0u8; GROUP_BYTES as usize].into_boxed_slice(),
-                        valid: 0,
-                    },
-                );
-                s.bytes += GROUP_BYTES;
-            }
-            if let Some(g) = s.lru.get_mut(&k) {
-                let at = first as usize * BLOCK;
-                g.data[at..at + src.len()].copy_from_slice(src);
-                g.valid |= (((1u32 << count) - 1) << first) as u16;
+            };
+            s.bytes += added * BLOCK as u64;
+            while s.bytes > self.shard_budget && s.lru.len() > 1 {
+                let Some((_, old)) = s.lru.remove_lru() else {
+                    break;
+                };
+                s.bytes -= old.blocks() * BLOCK as u64;
+                s.evictions += old.blocks();
             }
         }
     }
@@ -347,8 +426,8 @@ mod tests {
 
     #[test]
     fn stays_within_budget_and_evicts_least_recent() {
-        // One shard, room for three groups.
-        let c = BlockCache::with_shards(3 * GROUP_BYTES, 1);
+        // One shard, room for three blocks (the budget counts blocks held).
+        let c = BlockCache::with_shards(3 * BLOCK as u64, 1);
         let g = |n: u32| key(n * GROUP_BLOCKS);
         for n in 0..3 {
             c.insert(g(n), &[n as u8; BLOCK]);
@@ -366,7 +445,7 @@ mod tests {
         let s = c.stats();
         assert_eq!(
             (s.hits, s.misses, s.evictions, s.bytes),
-            (4, 1, 1, 3 * GROUP_BYTES)
+            (4, 1, 1, 3 * BLOCK as u64)
         );
     }
 
@@ -390,6 +469,61 @@ mod tests {
         assert_eq!(missing, 1);
         let s = c.stats();
         assert_eq!((s.hits, s.misses), (30, 11));
+    }
+
+    #[test]
+    fn a_group_holds_only_the_blocks_fetched() {
+        // Room for four blocks in one shard: four single blocks from four
+        // groups fit (a group is not charged for the blocks it lacks).
+        let c = BlockCache::with_shards(4 * BLOCK as u64, 1);
+        for g in 0..4u32 {
+            c.insert(key(g * GROUP_BLOCKS + 5), &[g as u8 + 1; BLOCK]);
+        }
+        assert_eq!(
+            (c.stats().bytes, c.stats().evictions),
+            (4 * BLOCK as u64, 0)
+        );
+        // Blocks arriving out of order land where they belong.
+        let c = BlockCache::with_shards(64 * GROUP_BYTES, 1);
+        c.insert_run(3, 9, &[[9u8; BLOCK], [10; BLOCK]].concat());
+        c.insert_run(3, 2, &[2u8; BLOCK]);
+        c.insert_run(3, 8, &[[8u8; BLOCK], [9; BLOCK]].concat());
+        let mut out = vec![0u8; GROUP_BLOCKS as usize * BLOCK];
+        let mut missing = Vec::new();
+        c.read_run(3, 0, &mut out, |i| missing.push(i));
+        let held = [2u32, 8, 9, 10];
+        assert_eq!(
+            missing,
+            (0..GROUP_BLOCKS)
+                .filter(|b| !held.contains(b))
+                .collect::<Vec<_>>()
+        );
+        for b in held {
+            assert_eq!(out[b as usize * BLOCK], b as u8, "block {b}");
+            assert_eq!(out[(b as usize + 1) * BLOCK - 1], b as u8, "block {b}");
+        }
+        assert_eq!(c.stats().bytes, 4 * BLOCK as u64, "block 9 is held once");
+        let mut probed = Vec::new();
+        c.probe_run(3, 6, 6, |i| probed.push(i));
+        assert_eq!(probed, [0, 1, 5], "blocks 6, 7 and 11 are absent");
+    }
+
+    #[test]
+    fn small_budgets_get_fewer_shards_not_an_empty_cache() {
+        for blocks in [16u32, 64, 1000] {
+            let c = BlockCache::new(u64::from(blocks) * BLOCK as u64);
+            assert!(c.shards.len().is_power_of_two());
+            assert!(
+                c.shard_budget >= 16 * BLOCK as u64,
+                "{blocks}: {}",
+                c.shard_budget
+            );
+            c.insert(key(3), &[3; BLOCK]);
+            let mut out = [0u8; BLOCK];
+            assert!(c.get_into(&key(3), &mut out), "{blocks}");
+        }
+        let big = BlockCache::new(DEFAULT_BUDGET);
+        assert!(big.shards.len() >= 64);
     }
 
     #[test]
@@ -430,10 +564,7 @@ mod tests {
             .iter()
             .map(|sh| {
                 let sh = sh.lock().unwrap();
-                sh.lru
-                    .iter()
-                    .map(|(_, g)| u64::from(g.valid.count_ones()))
-                    .sum::<u64>()
+                sh.lru.iter().map(|(_, g)| g.blocks()).sum::<u64>()
             })
             .sum();
         assert_eq!(s.evictions, 20_000 - resident);

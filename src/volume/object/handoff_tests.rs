@@ -275,6 +275,49 @@ fn flush_under_store_durability_means_in_the_store() {
     }
 }
 
+/// A store-durable FLUSH waits for a chunk the uploader publishes in
+/// several batches (see `upload::publish`), and completes with all of it
+/// in the store and out of the write-ahead layer; blocks a later segment
+/// overwrote read as the later write, from the writer and from the store.
+#[test]
+fn a_store_durable_flush_covers_a_chunk_published_in_batches() {
+    let site = Site::new("store-batches");
+    let mut d = SyncDriver::new().expect("driver");
+    let a = site.open(ObjectOptions {
+        durability: Durability::Store,
+        ..site.opts("a")
+    });
+    // One index entry per write: more than two publishing batches.
+    let n = 2 * super::upload::PUBLISH_BATCH as u64 + 5;
+    for i in 0..n {
+        d.write(&a, 2 * i * B, &block(1), false).expect("write");
+    }
+    flush(&mut d, &a).expect("flush");
+    assert!(
+        a.inner.dirty_filter.clean(0, 2 * n),
+        "flushed blocks still counted in the write-ahead layer"
+    );
+    for i in (0..n).step_by(3) {
+        d.write(&a, 2 * i * B, &block(2), false).expect("overwrite");
+    }
+    flush(&mut d, &a).expect("flush");
+    let r = site.open(ObjectOptions {
+        read_only: true,
+        ..site.opts("reader")
+    });
+    for i in 0..n {
+        let want = if i % 3 == 0 { 2 } else { 1 };
+        assert_eq!(read_tag(&mut d, &a, 2 * i), want, "writer, block {}", 2 * i);
+        assert_eq!(read_tag(&mut d, &r, 2 * i), want, "store, block {}", 2 * i);
+        assert_eq!(
+            read_tag(&mut d, &r, 2 * i + 1),
+            0,
+            "store, block {}",
+            2 * i + 1
+        );
+    }
+}
+
 #[test]
 fn a_wal_from_a_generation_taken_over_is_set_aside() {
     let site = Site::new("old-wal");

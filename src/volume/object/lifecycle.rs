@@ -10,14 +10,17 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use super::cache::BlockCache;
+use super::dirty_filter::DirtyFilter;
 use super::fence::{self, Fence};
+use super::fill::Fill;
 use super::generation::{self, TakeOptions, base_id};
 use super::layout::{self, Keys};
 use super::recovery::{load_map, replay_wal};
 use super::state::{Dirty, Mapping};
 use super::wal::{self, Wal};
 use super::{
-    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, clone, refs, snapshot, upload,
+    Inner, ObjectError, ObjectOptions, ObjectStats, ObjectVolume, background, clone, refs,
+    snapshot, upload,
 };
 use crate::error::Chain;
 use crate::lock::{MutexExt, RwLockExt};
@@ -354,11 +357,13 @@ async fn open(
         keys,
         cache: BlockCache::new(budget),
         wal: Wal::new(wal_dir, synced),
+        dirty_filter: DirtyFilter::new(!opts.read_only),
         dirty: RwLock::new(dirty),
         map: RwLock::new(mapped),
         upload_wake: tokio::sync::Notify::new(),
         backlog_waiters: Mutex::new(Vec::new()),
-        last_read_end: AtomicU64::new(u64::MAX),
+        fill: Fill::new(budget),
+        publishing: tokio::sync::Mutex::new(()),
         stopping: AtomicBool::new(false),
         abort: AtomicBool::new(false),
         stats,
@@ -380,6 +385,10 @@ async fn open(
         gc: tokio::sync::Mutex::new(()),
         resize_hooks: Mutex::new(Vec::new()),
     });
+    // Replayed records wait for upload like appended ones.
+    for seg in inner.dirty.read_locked().segments.values() {
+        seg.for_each_record(|h| inner.dirty_filter.add(h.lba, u64::from(h.blocks)));
+    }
     let (wal_thread, uploader) = if inner.read_only {
         (None, None)
     } else {
@@ -388,7 +397,10 @@ async fn open(
             .name(format!("vbd-wal-{name}"))
             .spawn(move || wal::run(w))
             .map_err(ObjectError::WalThread)?;
-        (Some(t), Some(runtime().spawn(upload::run(inner.clone()))))
+        (
+            Some(t),
+            Some(background::runtime().spawn(upload::run(inner.clone()))),
+        )
     };
     let f = &inner.fence;
     info!(

@@ -2,12 +2,14 @@
 //!
 //! Writes append to a local write-ahead log (`wal`) and are acknowledged
 //! from memory; FLUSH and FUA wait for a group-committed fdatasync. The
-//! uploader (`upload`) packs sealed segments into immutable chunk objects
-//! whose indexes are the map's deltas, with periodic checkpoints. Reads go
-//! cache → write-ahead layer → map → ranged GET. Formats are in `format`,
+//! uploader (`upload`, on a niced runtime of its own: `background`) packs
+//! sealed segments into immutable chunk objects whose indexes are the map's
+//! deltas, with periodic checkpoints. Reads go cache → write-ahead layer
+//! (skipped where `dirty_filter` says it holds nothing) → map → ranged GET. Formats are in `format`,
 //! object names in `layout`.
 //!
-//! The volume's rooms: `write` and `read` (the request paths), `lifecycle`
+//! The volume's rooms: `write` and `read` (the request paths, `read`
+//! filling the cache through `fill`), `lifecycle`
 //! (open, drain, close) over `recovery` (map and WAL replay at open),
 //! `generation` (who may write: generations taken with conditional writes,
 //! and the fences that decide which objects count) and `fence` (a writer's
@@ -20,12 +22,15 @@
 //! paths.
 
 pub mod admin;
+mod background;
 pub mod cache;
 pub mod clone;
+mod dirty_filter;
 mod durability;
 mod error;
 mod extent_map;
 mod fence;
+mod fill;
 pub mod format;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
@@ -85,6 +90,8 @@ pub(crate) struct Inner {
     opts: ObjectOptions,
     /// Records not yet in a chunk: what the write path appends to.
     dirty: RwLock<Dirty>,
+    /// Where `dirty` may hold blocks: reads elsewhere skip its lock.
+    dirty_filter: dirty_filter::DirtyFilter,
     /// What the chunks say: where the read path looks after `dirty`.
     map: RwLock<Mapped>,
     cache: BlockCache,
@@ -93,8 +100,13 @@ pub(crate) struct Inner {
     upload_wake: tokio::sync::Notify,
     /// Writes waiting for the uploader to shrink the backlog.
     backlog_waiters: Mutex<Vec<Completer>>,
-    /// Block after the last read, for detecting sequential reads.
-    last_read_end: AtomicU64,
+    /// Fetches in flight and read-ahead (see `fill`).
+    fill: fill::Fill,
+    /// Held by the uploader from a chunk's id until the chunk is wholly in
+    /// the map (it is applied in batches), and by a checkpoint while it
+    /// copies the map: a checkpoint named after chunk `k` must hold every
+    /// chunk up to `k`, as recovery reads only the chunks above it.
+    publishing: tokio::sync::Mutex<()>,
     /// Shutdown asked for: drain and stop.
     stopping: AtomicBool,
     /// Stop at once (the handle was dropped without shutdown).
@@ -286,6 +298,9 @@ impl Volume for ObjectVolume {
                 self.write_like(io, ctx)
             }
             (STAGE_FETCH, Ok(Some(data))) => Poll::Ready(self.scatter(io, &data)),
+            // The blocks arrived in the cache (read-ahead fetched them):
+            // read them from there, once more.
+            (STAGE_FETCH, Ok(None)) => self.read_again(io, ctx),
             _ => Poll::Ready(Err(VolumeError::backend(UnexpectedWake {
                 backend: "object",
                 got: "a completion that does not fit its stage",

@@ -1,26 +1,84 @@
 //! The read path: cache, then the write-ahead layer, then the map; blocks
-//! that are in none of them are fetched from their chunks with one ranged
-//! GET per run, off the reactor, and cached. Also block status and
-//! NBD_CMD_CACHE, which walk the same layers.
+//! that are in none of them are fetched from their chunks off the reactor
+//! (`fill`: exact ranged GETs, read-ahead, fetches in flight shared) and
+//! cached. Also block status and NBD_CMD_CACHE, which walk the same layers.
 
+use std::sync::RwLockReadGuard;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
-use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tracing::warn;
+use bytes::Bytes;
 
-use super::cache::GROUP_BLOCKS;
+use super::fill::{self, Run};
 use super::format::BLOCK;
-use super::state::{DirtyLoc, Mapping};
+use super::state::{Dirty, DirtyLoc, Mapped, Mapping};
 use super::{Inner, ObjectVolume, RequestError, STAGE_FETCH};
-use crate::error::Chain;
 use crate::lock::RwLockExt;
 use crate::runtime::runtime;
-use crate::volume::{Ctx, Extent, Io, MAX_EXTENTS, Op, VolumeError};
+use crate::volume::{Ctx, Extent, Io, MAX_EXTENTS, VolumeError};
 
-/// Blocks read ahead of a sequential miss.
-const READ_AHEAD: u32 = 256;
+impl Inner {
+    /// The layers a read of blocks [lba0, end) looks in, locked for
+    /// reading in the order every reader takes them: the write-ahead layer
+    /// only if records waiting for upload may touch the range.
+    pub(super) fn layers(
+        &self,
+        lba0: u64,
+        end: u64,
+    ) -> (
+        Option<RwLockReadGuard<'_, Dirty>>,
+        RwLockReadGuard<'_, Mapped>,
+    ) {
+        let d = (!self.dirty_filter.clean(lba0, end)).then(|| self.dirty.read_locked());
+        (d, self.map.read_locked())
+    }
+}
+
+/// Which layer answers for a range of blocks.
+pub(super) enum Source {
+    /// The write-ahead layer (records not yet in a chunk).
+    Dirty(DirtyLoc),
+    /// The map the chunks define.
+    Mapped(Mapping),
+    /// Neither: never written.
+    Nowhere,
+}
+
+/// Calls `f(start, end, source)` for consecutive ranges covering blocks
+/// [lba0, end), in order: the write-ahead layer (if given) wins over the
+/// map.
+pub(super) fn resolve(
+    d: Option<&Dirty>,
+    m: &Mapped,
+    lba0: u64,
+    end: u64,
+    mut f: impl FnMut(u64, u64, Source),
+) {
+    let mut b = lba0;
+    while b < end {
+        if let Some(sp) = d.and_then(|d| d.map.get(b)) {
+            let stop = sp.end.min(end);
+            f(b, stop, Source::Dirty(sp.value));
+            b = stop;
+            continue;
+        }
+        let limit = d
+            .and_then(|d| d.map.next_start(b))
+            .map_or(end, |n| n.min(end));
+        let mut cur = b;
+        m.map.for_each_in(b, limit, |sp| {
+            if sp.start > cur {
+                f(cur, sp.start, Source::Nowhere);
+            }
+            f(sp.start, sp.end, Source::Mapped(sp.value));
+            cur = sp.end;
+        });
+        if cur < limit {
+            f(cur, limit, Source::Nowhere);
+        }
+        b = limit;
+    }
+}
 
 impl ObjectVolume {
     /// Fills what it can of a read from memory; leaves the rest in `io.aux`
@@ -33,80 +91,91 @@ impl ObjectVolume {
         let at = |b: u64| (b - lba0) as usize * BLOCK;
         let out = &mut io.data;
         let missing = &mut io.aux;
-        let d = inner.dirty.read_locked();
-        let m = inner.map.read_locked();
-        let mut b = lba0;
-        while b < end {
-            if let Some(sp) = d.map.get(b) {
-                let stop = sp.end.min(end);
-                let len = at(stop) - at(b);
-                match sp.value {
-                    DirtyLoc::Data { seg, off } => {
-                        match d
-                            .segments
-                            .get(&seg)
-                            .and_then(|s| s.bytes(off as usize, len))
-                        {
-                            Some(src) => out.write_at(at(b), src),
-                            // Unreachable by construction; zeroes beat garbage.
-                            None => out.fill_at(at(b), len, 0),
-                        }
+        let (d, m) = inner.layers(lba0, end);
+        let d = d.as_deref();
+        resolve(d, &m, lba0, end, |s, e, src| {
+            let len = at(e) - at(s);
+            match src {
+                Source::Dirty(DirtyLoc::Data { seg, off }) => {
+                    match d
+                        .and_then(|d| d.segments.get(&seg))
+                        .and_then(|sg| sg.bytes(off as usize, len))
+                    {
+                        Some(src) => out.write_at(at(s), src),
+                        // Unreachable by construction; zeroes beat garbage.
+                        None => out.fill_at(at(s), len, 0),
                     }
-                    DirtyLoc::Zero | DirtyLoc::Hole => out.fill_at(at(b), len, 0),
                 }
-                b = stop;
-                continue;
+                Source::Mapped(Mapping::Chunk { id, block }) => {
+                    let first = at(s);
+                    let first_block = (s - lba0) as u32;
+                    inner.cache.read_run_with(
+                        id,
+                        block,
+                        (e - s) as u32,
+                        |i, src| out.write_at(first + i as usize * BLOCK, src),
+                        |i| push_missing(missing, first_block + i, id, block + i),
+                    );
+                }
+                Source::Dirty(DirtyLoc::Zero | DirtyLoc::Hole)
+                | Source::Mapped(Mapping::Zero | Mapping::Hole)
+                | Source::Nowhere => out.fill_at(at(s), len, 0),
             }
-            let limit = d.map.next_start(b).map_or(end, |n| n.min(end));
-            let mut cur = b;
-            m.map.for_each_in(b, limit, |sp| {
-                if sp.start > cur {
-                    out.fill_at(at(cur), at(sp.start) - at(cur), 0);
-                }
-                match sp.value {
-                    Mapping::Zero | Mapping::Hole => {
-                        out.fill_at(at(sp.start), at(sp.end) - at(sp.start), 0)
-                    }
-                    Mapping::Chunk { id, block } => {
-                        let first = at(sp.start);
-                        let first_block = (sp.start - lba0) as u32;
-                        inner.cache.read_run_with(
-                            id,
-                            block,
-                            (sp.end - sp.start) as u32,
-                            |i, src| out.write_at(first + i as usize * BLOCK, src),
-                            |i| push_missing(missing, first_block + i, id, block + i),
-                        );
-                    }
-                }
-                cur = sp.end;
-            });
-            if cur < limit {
-                out.fill_at(at(cur), at(limit) - at(cur), 0);
-            }
-            b = limit;
-        }
+        });
     }
 
     pub(super) fn read(&self, io: &mut Io, ctx: &mut Ctx<'_>) -> Poll<Result<(), VolumeError>> {
+        self.read_with(io, ctx, true)
+    }
+
+    /// A read whose blocks were all on their way when it started: they
+    /// are in the cache now, or, if it lost some, fetched with the data
+    /// handed back this time (so this happens at most once per request).
+    pub(super) fn read_again(
+        &self,
+        io: &mut Io,
+        ctx: &mut Ctx<'_>,
+    ) -> Poll<Result<(), VolumeError>> {
+        self.read_with(io, ctx, false)
+    }
+
+    /// Reads from memory, then fetches what is missing. With `from_cache`,
+    /// a read that only waits for fetches already in flight is told when
+    /// they land and reads the cache itself (no copy of the data off the
+    /// reactor); otherwise the fetched bytes come back for `scatter`.
+    fn read_with(
+        &self,
+        io: &mut Io,
+        ctx: &mut Ctx<'_>,
+        from_cache: bool,
+    ) -> Poll<Result<(), VolumeError>> {
         io.aux.clear();
         self.read_local(io);
+        let inner = &self.inner;
         let lba0 = io.offset / BLOCK as u64;
         let end = lba0 + io.len / BLOCK as u64;
-        let sequential = self.inner.last_read_end.swap(end, Ordering::Relaxed) == lba0;
-        if io.aux.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        io.stage = STAGE_FETCH;
-        let runs: Vec<Run> = io.aux.chunks(3).map(Run::decode).collect();
-        let ahead = if sequential { READ_AHEAD } else { 0 };
-        let inner = self.inner.clone();
-        let done = ctx.completer();
-        runtime().spawn(async move {
-            let r = fetch(&inner, &runs, ahead).await;
-            done.complete(r.map(Some));
+        // Claimed before read-ahead plans, so read-ahead leaves them be.
+        let pieces = (!io.aux.is_empty()).then(|| {
+            let runs: Vec<Run> = io.aux.chunks(3).map(Run::decode).collect();
+            fill::claim(inner, &runs, u32::MAX, true)
         });
-        Poll::Pending
+        if let Some(pieces) = pieces {
+            io.stage = STAGE_FETCH;
+            let done = ctx.completer();
+            let task = fill::fetch(inner.clone(), pieces, from_cache);
+            runtime().spawn(async move { done.complete(task.await) });
+        }
+        if from_cache {
+            let size = inner.size.load(Ordering::Acquire) / BLOCK as u64;
+            if let Some((from, to)) = inner.fill.on_read(lba0, end, size) {
+                fill::read_ahead(inner, from, to);
+            }
+        }
+        if io.aux.is_empty() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
     }
 
     pub(super) fn scatter(&self, io: &mut Io, data: &Bytes) -> Result<(), VolumeError> {
@@ -130,91 +199,41 @@ impl ObjectVolume {
     pub(super) fn block_status(&self, io: &mut Io) {
         let lba0 = io.offset / BLOCK as u64;
         let end = lba0 + io.len / BLOCK as u64;
-        let d = self.inner.dirty.read_locked();
-        let m = self.inner.map.read_locked();
+        let (d, m) = self.inner.layers(lba0, end);
         let ext = &mut io.extents;
-        fn push(ext: &mut Vec<Extent>, blocks: u64, hole: bool, zero: bool) {
-            let len = blocks * BLOCK as u64;
+        resolve(d.as_deref(), &m, lba0, end, |s, e, src| {
+            // Past the limit, what was found is a prefix; clients ask again.
+            if ext.len() >= MAX_EXTENTS {
+                return;
+            }
+            let (hole, zero) = match src {
+                Source::Dirty(DirtyLoc::Data { .. }) | Source::Mapped(Mapping::Chunk { .. }) => {
+                    (false, false)
+                }
+                Source::Dirty(DirtyLoc::Zero) | Source::Mapped(Mapping::Zero) => (false, true),
+                Source::Dirty(DirtyLoc::Hole) | Source::Mapped(Mapping::Hole) | Source::Nowhere => {
+                    (true, true)
+                }
+            };
+            let len = (e - s) * BLOCK as u64;
             match ext.last_mut() {
                 Some(l) if l.hole == hole && l.zero == zero => l.len += len,
                 _ => ext.push(Extent { len, hole, zero }),
             }
-        }
-        let mut b = lba0;
-        while b < end {
-            if let Some(sp) = d.map.get(b) {
-                let stop = sp.end.min(end);
-                match sp.value {
-                    DirtyLoc::Data { .. } => push(ext, stop - b, false, false),
-                    DirtyLoc::Zero => push(ext, stop - b, false, true),
-                    DirtyLoc::Hole => push(ext, stop - b, true, true),
-                }
-                b = stop;
-            } else {
-                let limit = d.map.next_start(b).map_or(end, |n| n.min(end));
-                let mut cur = b;
-                m.map.for_each_in(b, limit, |sp| {
-                    if sp.start > cur {
-                        push(ext, sp.start - cur, true, true);
-                    }
-                    match sp.value {
-                        Mapping::Chunk { .. } => push(ext, sp.end - sp.start, false, false),
-                        Mapping::Zero => push(ext, sp.end - sp.start, false, true),
-                        Mapping::Hole => push(ext, sp.end - sp.start, true, true),
-                    }
-                    cur = sp.end;
-                });
-                if cur < limit {
-                    push(ext, limit - cur, true, true);
-                }
-                b = limit;
-            }
-            if ext.len() >= MAX_EXTENTS {
-                break;
-            }
-        }
+        });
     }
 
     /// Starts fetching blocks into the cache (NBD_CMD_CACHE); does not wait.
     pub(super) fn prefetch(&self, io: &mut Io) {
-        let mut scratch = Io::new();
-        scratch.prepare(Op::Read, io.offset, io.len.min(32 << 20), io.flags);
-        self.read_local(&mut scratch);
-        if scratch.aux.is_empty() {
-            return;
-        }
-        let runs: Vec<Run> = scratch.aux.chunks(3).map(Run::decode).collect();
-        let inner = self.inner.clone();
-        runtime().spawn(async move {
-            let _ = fetch(&inner, &runs, 0).await;
-        });
-    }
-}
-
-/// A run of blocks missing from memory: where in the buffer, and where in
-/// which chunk.
-#[derive(Clone, Copy, Debug)]
-struct Run {
-    buf_block: u32,
-    blocks: u32,
-    chunk: u64,
-    block: u32,
-}
-
-impl Run {
-    fn decode(v: &[u64]) -> Run {
-        Run {
-            buf_block: (v[0] >> 32) as u32,
-            blocks: v[0] as u32,
-            chunk: v[1],
-            block: v[2] as u32,
-        }
+        let lba0 = io.offset / BLOCK as u64;
+        let end = lba0 + io.len.min(32 << 20) / BLOCK as u64;
+        fill::read_ahead(&self.inner, lba0, end);
     }
 }
 
 /// Adds one missing block, extending the last run when it continues it (so
 /// consecutive blocks become one ranged GET).
-fn push_missing(aux: &mut Vec<u64>, buf_block: u32, chunk: u64, block: u32) {
+pub(super) fn push_missing(aux: &mut Vec<u64>, buf_block: u32, chunk: u64, block: u32) {
     let n = aux.len();
     if n >= 3 {
         let last = Run::decode(&aux[n - 3..]);
@@ -227,67 +246,4 @@ fn push_missing(aux: &mut Vec<u64>, buf_block: u32, chunk: u64, block: u32) {
         }
     }
     aux.extend_from_slice(&[(u64::from(buf_block) << 32) | 1, chunk, u64::from(block)]);
-}
-
-/// Fetches runs from their chunks (one ranged GET each, the last extended by
-/// `ahead` blocks of read-ahead), caches every block, and returns the runs'
-/// bytes concatenated.
-async fn fetch(inner: &Inner, runs: &[Run], ahead: u32) -> Result<Bytes, VolumeError> {
-    let mut out = BytesMut::with_capacity(runs.iter().map(|r| r.blocks as usize * BLOCK).sum());
-    for (i, r) in runs.iter().enumerate() {
-        let info = inner.map.read_locked().chunk_info(r.chunk);
-        let Some(info) = info else {
-            return Err(VolumeError::backend(RequestError::UnknownChunk(r.chunk)));
-        };
-        let extra = if i + 1 == runs.len() {
-            ahead.min(info.data_blocks.saturating_sub(r.block + r.blocks))
-        } else {
-            0
-        };
-        // Whole cache groups, so entries stay full and neighbours hit.
-        let lead = r.block % GROUP_BLOCKS;
-        let start = r.block - lead;
-        let end = (r.block + r.blocks + extra)
-            .next_multiple_of(GROUP_BLOCKS)
-            .min(info.data_blocks)
-            .max(r.block + r.blocks);
-        let n = end - start;
-        let from = info.data_start + u64::from(start) * BLOCK as u64;
-        let key = inner.chunk_key(r.chunk);
-        let mut attempt = 0;
-        let bytes = loop {
-            inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
-            match inner
-                .store
-                .get_range(&key, from..from + u64::from(n) * BLOCK as u64)
-                .await
-            {
-                Ok(b) if b.len() == n as usize * BLOCK => break b,
-                Ok(b) => {
-                    return Err(VolumeError::backend(RequestError::ShortFetch {
-                        chunk: r.chunk,
-                        got: b.len(),
-                        want: n as usize * BLOCK,
-                    }));
-                }
-                Err(source) => {
-                    inner.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
-                    attempt += 1;
-                    if attempt >= 4 {
-                        let e = RequestError::Fetch {
-                            chunk: r.chunk,
-                            source,
-                        };
-                        warn!(volume = %inner.name, chunk = r.chunk, "read failed: {}", Chain(&e));
-                        return Err(VolumeError::backend(e));
-                    }
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                }
-            }
-        };
-        inner.cache.insert_run(r.chunk, start, &bytes);
-        let lead = lead as usize * BLOCK;
-        out.extend_from_slice(&bytes[lead..lead + r.blocks as usize * BLOCK]);
-    }
-    Ok(out.freeze())
 }

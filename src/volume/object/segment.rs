@@ -2,16 +2,75 @@
 //! bytes below `len` never change again. Writers append under the volume's
 //! write lock; readers, the WAL thread and the uploader read published
 //! bytes without it, which keeps slow disk and network I/O off that lock.
+//! Buffers of uploaded segments go back to a small pool (`BufPool`).
 
 use std::cell::UnsafeCell;
 use std::fs::File;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::format::{RecordHeader, SEGMENT_HEADER, WAL_RECORD_HEADER, decode_record_header};
+use crate::lock::MutexExt;
+
+/// A segment's bytes.
+type Buf = Box<[UnsafeCell<u8>]>;
+
+/// Buffers of dropped segments, kept for the next ones. A fresh buffer
+/// costs the reactor that appends to it a page fault and a zeroed page
+/// for every 4 KiB it touches, under the write-ahead layer's lock; a
+/// recycled one is mapped already. Its old bytes are never read: only
+/// bytes below a segment's published length are.
+pub(super) struct BufPool {
+    free: Mutex<Vec<Buf>>,
+}
+
+/// Buffers a pool keeps: one for the segment after the active one, one
+/// for the one after that while the uploader catches up.
+const POOL_KEEP: usize = 2;
+
+impl BufPool {
+    pub(super) fn new() -> BufPool {
+        BufPool {
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A buffer of `len` bytes, recycled if one fits.
+    fn take(&self, len: usize) -> Buf {
+        let mut free = self.free.locked();
+        match free.iter().position(|b| b.len() == len) {
+            Some(i) => free.swap_remove(i),
+            None => {
+                drop(free);
+                zeroed(len)
+            }
+        }
+    }
+
+    fn give(&self, buf: Buf) {
+        let mut free = self.free.locked();
+        if free.len() < POOL_KEEP {
+            free.push(buf);
+        }
+    }
+
+    /// Lets the kept buffers go (the volume is idle).
+    pub(super) fn clear(&self) {
+        self.free.locked().clear();
+    }
+
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.free.locked().len()
+    }
+}
 
 /// One segment: the exact image of its `<id>.wal` file.
 pub(super) struct Segment {
     pub(super) id: u64,
-    buf: Box<[UnsafeCell<u8>]>,
+    buf: Buf,
+    /// Where the buffer goes when the segment is dropped.
+    pool: Option<Arc<BufPool>>,
     len: AtomicUsize,
     /// Log position (across all segments) of byte 0 of this segment.
     pub(super) base: u64,
@@ -36,9 +95,33 @@ unsafe impl Sync for Segment {}
 impl Segment {
     /// A segment able to hold `capacity` bytes, starting with `header`.
     pub(super) fn new(id: u64, base: u64, capacity: usize, header: &[u8]) -> Segment {
+        Segment::with_buf(id, base, zeroed(capacity.max(header.len())), header, None)
+    }
+
+    /// Like [`Segment::new`], with a buffer from `pool`, returned to it
+    /// when the segment is dropped.
+    pub(super) fn from_pool(
+        pool: &Arc<BufPool>,
+        id: u64,
+        base: u64,
+        capacity: usize,
+        header: &[u8],
+    ) -> Segment {
+        let buf = pool.take(capacity.max(header.len()));
+        Segment::with_buf(id, base, buf, header, Some(pool.clone()))
+    }
+
+    fn with_buf(
+        id: u64,
+        base: u64,
+        buf: Buf,
+        header: &[u8],
+        pool: Option<Arc<BufPool>>,
+    ) -> Segment {
         let s = Segment {
             id,
-            buf: zeroed(capacity.max(header.len())),
+            buf,
+            pool,
             len: AtomicUsize::new(0),
             base,
             first_seq: AtomicU64::new(0),
@@ -138,11 +221,37 @@ impl Segment {
     pub(super) fn end_pos(&self) -> u64 {
         self.base + self.len() as u64
     }
+
+    /// Calls `f` with the header of each record published so far, in
+    /// order (their checksums were checked when they were appended or
+    /// replayed).
+    pub(super) fn for_each_record(&self, mut f: impl FnMut(&RecordHeader)) {
+        let len = self.len();
+        let mut pos = SEGMENT_HEADER;
+        while pos < len {
+            let Some(h) = self
+                .bytes(pos, WAL_RECORD_HEADER)
+                .and_then(|b| decode_record_header(b).ok())
+            else {
+                break;
+            };
+            f(&h);
+            pos += WAL_RECORD_HEADER + h.data_len();
+        }
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.give(std::mem::take(&mut self.buf));
+        }
+    }
 }
 
 /// A zeroed buffer of cells, allocated in one call (calloc maps fresh pages
 /// lazily, so a new segment costs almost nothing until it is written).
-fn zeroed(len: usize) -> Box<[UnsafeCell<u8>]> {
+fn zeroed(len: usize) -> Buf {
     let b: Box<[u8]> = vec![0u8; len].into_boxed_slice();
     // SAFETY: UnsafeCell<u8> is repr(transparent) over u8, so the slice
     // layouts are identical and ownership transfers unchanged.
@@ -166,6 +275,31 @@ mod tests {
         assert_eq!(unsafe { s.append(&[&[0u8; 100]]) }, None, "too big");
         assert_eq!(s.room(), 64 - 10);
         assert_eq!(s.end_pos(), 110);
+    }
+
+    #[test]
+    fn buffers_are_recycled_and_show_only_what_was_appended() {
+        let pool = Arc::new(BufPool::new());
+        let s = Segment::from_pool(&pool, 1, 0, 64, b"HEAD");
+        // SAFETY: single-threaded test, segment not sealed.
+        unsafe { s.append(&[&[7u8; 40]]) }.unwrap();
+        drop(s);
+        assert_eq!(pool.kept(), 1);
+        let s = Segment::from_pool(&pool, 2, 44, 64, b"HD2!");
+        assert_eq!(pool.kept(), 0, "the buffer was taken again");
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.bytes(0, 4), Some(&b"HD2!"[..]));
+        assert_eq!(s.bytes(4, 1), None, "old bytes are not published");
+        // Another size is not served from the pool, and the pool keeps
+        // only a few buffers.
+        let others: Vec<Segment> = (0..4)
+            .map(|i| Segment::from_pool(&pool, 3 + i, 0, 128, b"HEAD"))
+            .collect();
+        drop(others);
+        drop(s);
+        assert_eq!(pool.kept(), POOL_KEEP);
+        pool.clear();
+        assert_eq!(pool.kept(), 0);
     }
 
     #[test]

@@ -440,7 +440,8 @@ impl ObjectVolume {
         }
         let cut = d.next_seg - 1;
         if hold {
-            // Under the lock the uploader packs under (see upload::pack).
+            // Under the lock the uploader picks its next segment under
+            // (see upload::next_segment).
             self.inner.upload_limit.store(cut, Ordering::Release);
         }
         cut

@@ -20,6 +20,8 @@ pub struct ObjectStats {
     pub chunks_collected: AtomicU64,
     /// Ranged GETs of chunk data (cache misses), retries included.
     pub fetches: AtomicU64,
+    /// Bytes of chunk data those GETs brought back (read-ahead included).
+    pub fetch_bytes: AtomicU64,
     /// Ranged GETs that failed (each is retried).
     pub fetch_failures: AtomicU64,
     /// Garbage-collection passes that found a chunk to rewrite or delete.
@@ -56,6 +58,8 @@ pub struct ObjectCounters {
     pub upload_failures: u64,
     /// Ranged GETs of chunk data (cache misses), retries included.
     pub fetches: u64,
+    /// Bytes of chunk data those GETs brought back (read-ahead included).
+    pub fetch_bytes: u64,
     /// Ranged GETs that failed (each is retried).
     pub fetch_failures: u64,
     /// Garbage-collection passes that found a chunk to rewrite or delete.
@@ -139,6 +143,7 @@ impl ObjectVolume {
             bytes_uploaded: get(&s.bytes_uploaded),
             upload_failures: get(&s.upload_failures),
             fetches: get(&s.fetches),
+            fetch_bytes: get(&s.fetch_bytes),
             fetch_failures: get(&s.fetch_failures),
             gc_runs: get(&s.gc_runs),
             gc_failures: get(&s.gc_failures),

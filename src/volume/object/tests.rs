@@ -16,6 +16,7 @@ use super::format::{BLOCK, Kind, RecordHeader, encode_record, segment_header};
 use super::layout::{Keys, wal_dir};
 use super::{ObjectError, ObjectOptions, ObjectVolume, admin};
 use crate::error::Chain;
+use crate::lock::RwLockExt;
 use crate::objstore::Store;
 use crate::runtime::runtime;
 use crate::volume::sync::SyncDriver;
@@ -752,4 +753,242 @@ fn a_corrupt_chunk_is_named_with_its_cause_once() {
         Chain(&e).to_string(),
         format!("object {key} is corrupt: chunk header: checksum mismatch")
     );
+}
+
+/// GETs and bytes the volume's store has served so far.
+fn store_reads(v: &ObjectVolume) -> (u64, u64) {
+    v.inner.store.reads()
+}
+
+#[test]
+fn a_random_cold_read_is_one_ranged_get_of_its_block() {
+    let mut rig = Rig::new("cold-random", 8 << 20, 1024);
+    let v = rig.open("store", rig.opts("wal"));
+    for b in (0..1024).step_by(64) {
+        rig.write(&v, b, 64, 7, false);
+    }
+    let r = rig.store_only_after(v, "store", CacheSize::Default);
+    // Blocks in the middle of chunks and at their edges, in no order.
+    for block in [517, 33, 1000, 64, 255] {
+        let before = store_reads(&r);
+        let stats = (fetches(&r), r.stats().fetch_bytes.load(Ordering::Relaxed));
+        rig.expect(&r, block, 1);
+        let after = store_reads(&r);
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (1, B),
+            "block {block}: one GET of one block"
+        );
+        assert_eq!(
+            (
+                fetches(&r) - stats.0,
+                r.stats().fetch_bytes.load(Ordering::Relaxed) - stats.1
+            ),
+            (1, B),
+            "block {block}: the volume's counters agree"
+        );
+    }
+    // Read again: from the cache, no GET.
+    let before = store_reads(&r);
+    rig.expect(&r, 517, 1);
+    assert_eq!(store_reads(&r), before);
+    // Its neighbours were not fetched with it (516: 518 would continue
+    // the last read, which starts read-ahead).
+    rig.expect(&r, 516, 1);
+    assert_eq!(store_reads(&r).0, before.0 + 1);
+}
+
+#[test]
+fn sequential_cold_reads_cross_chunk_boundaries_with_read_ahead() {
+    const BLOCKS: u64 = 2048;
+    let mut rig = Rig::new("cold-seq", BLOCKS * B, BLOCKS);
+    // Segments of 256 KiB: chunks of 56 blocks, so reads and read-ahead
+    // windows cross chunk boundaries all the time.
+    let opts = ObjectOptions {
+        segment_size: 256 << 10,
+        ..rig.opts("wal")
+    };
+    let v = rig.open("store", opts);
+    for b in (0..BLOCKS).step_by(8) {
+        rig.write(&v, b, 8, 3, false);
+    }
+    let r = rig.store_only_after(v, "store", CacheSize::Default);
+    let chunks = r.inner.map.read_locked().chunks.len() as u64;
+    assert!(chunks > 30, "{chunks} chunks");
+    let requests = BLOCKS / 32;
+    for b in (0..BLOCKS).step_by(32) {
+        rig.expect(&r, b, 32);
+    }
+    // Read-ahead ran (fewer GETs than requests), and every block came from
+    // the store exactly once: reads that found their blocks on the way
+    // waited for them instead of fetching them again.
+    let gets = fetches(&r);
+    assert!(gets < requests, "{gets} GETs for {requests} requests");
+    assert_eq!(r.stats().fetch_bytes.load(Ordering::Relaxed), BLOCKS * B);
+    // A read may find its blocks cached a moment before their fetch lets
+    // go of its claim.
+    let deadline = std::time::Instant::now() + DRAIN;
+    while r.inner.fill.in_flight() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "claims outlive their fetches"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // All of it is cached now.
+    rig.expect(&r, 0, BLOCKS);
+    assert_eq!(fetches(&r), gets);
+}
+
+#[test]
+fn reads_wait_for_blocks_in_flight_and_fetch_what_was_abandoned() {
+    use super::fill::{self, How, Run};
+    let mut rig = Rig::new("in-flight", 1 << 20, 64);
+    let v = rig.open("store", rig.opts("wal"));
+    rig.write(&v, 0, 16, 5, false);
+    let r = rig.store_only_after(v, "store", CacheSize::Default);
+    let chunk = *r
+        .inner
+        .map
+        .read_locked()
+        .chunks
+        .keys()
+        .next()
+        .expect("a chunk");
+    let run = |block, blocks| Run {
+        buf_block: 0,
+        blocks,
+        chunk,
+        block,
+    };
+    let shape = |pieces: &[fill::Piece]| -> Vec<(u32, u32, bool)> {
+        pieces
+            .iter()
+            .map(|p| (p.block, p.blocks, matches!(p.how, How::Wait(_))))
+            .collect()
+    };
+    // A fetch of blocks 0..10 in pieces of 4 is in flight...
+    let first = fill::claim(&r.inner, &[run(0, 10)], 4, true);
+    assert_eq!(shape(&first), [(0, 4, false), (4, 4, false), (8, 2, false)]);
+    assert_eq!(r.inner.fill.in_flight(), 3);
+    // ...so a read of 6..12 waits for 6..8 and 8..10 and fetches 10..12.
+    let second = fill::claim(&r.inner, &[run(6, 6)], u32::MAX, true);
+    assert_eq!(shape(&second), [(6, 2, true), (8, 2, true), (10, 2, false)]);
+    // Read-ahead skips what is on its way.
+    let ahead = fill::claim(&r.inner, &[run(0, 12)], u32::MAX, false);
+    assert!(ahead.is_empty(), "everything is in flight");
+    // The first fetch is abandoned: its waiters fetch for themselves.
+    drop(first);
+    assert_eq!(r.inner.fill.in_flight(), 1);
+    let got = runtime()
+        .block_on(fill::fetch(r.inner.clone(), second, false))
+        .expect("waiters fetch what was abandoned")
+        .expect("the data, as asked");
+    let want: Vec<u8> = (6..12).flat_map(|b| pattern(5, b)).collect();
+    assert!(got == want, "blocks 6..12");
+    assert_eq!(r.inner.fill.in_flight(), 0);
+    // A read that only waits is told when its blocks are in the cache,
+    // and reads them there: the fetch's bytes are not copied for it.
+    let owner = fill::claim(&r.inner, &[run(12, 4)], u32::MAX, true);
+    let waiter = fill::claim(&r.inner, &[run(12, 4)], u32::MAX, true);
+    assert_eq!(shape(&waiter), [(12, 4, true)]);
+    let waiting = runtime().spawn(fill::fetch(r.inner.clone(), waiter, true));
+    let fetched = runtime()
+        .block_on(fill::fetch(r.inner.clone(), owner, true))
+        .expect("the owner fetches");
+    let want: Vec<u8> = (12..16).flat_map(|b| pattern(5, b)).collect();
+    assert!(
+        fetched.is_some_and(|b| b == want),
+        "the owner gets the data"
+    );
+    let told = runtime().block_on(waiting).expect("the waiter's task");
+    assert!(
+        matches!(told, Ok(None)),
+        "the waiter is told to read the cache"
+    );
+    let gets = store_reads(&r).0;
+    rig.expect(&r, 12, 4);
+    assert_eq!(store_reads(&r).0, gets, "blocks 12..16 come from the cache");
+}
+
+/// Recovery reads the newest checkpoint and then only the chunks above
+/// the one it is named after, so a checkpoint must hold every chunk up to
+/// that one. One written while the uploader has a chunk on its way (its
+/// id taken, its entries going into the map a batch at a time) waits for
+/// it, and then holds all of it.
+#[test]
+fn a_checkpoint_waits_for_the_chunk_on_its_way_and_holds_all_of_it() {
+    use super::format::decode_checkpoint;
+    use super::layout::id_of;
+    use super::upload::{PUBLISH_BATCH, write_checkpoint};
+    let extents = 2 * PUBLISH_BATCH as u64 + 5;
+    let mut rig = Rig::new("ckpt-in-flight", 4 << 20, 2 * extents + 2);
+    let opts = ObjectOptions {
+        segment_size: 4 << 20,
+        checkpoint_every: u64::MAX,
+        ..rig.opts("wal")
+    };
+    let v = rig.open("store", opts);
+    // A first chunk, for a checkpoint to be named after.
+    rig.write(&v, 0, 1, 1, false);
+    v.wait_uploaded(v.cut(false)).expect("first upload");
+    // The uploader will stop with the next chunk's id taken: this test
+    // holds the lock its puts take.
+    let order = runtime().block_on(v.inner.fence.put_order());
+    // One index entry per write: more than two publishing batches.
+    for i in 0..extents {
+        rig.write(&v, 2 + 2 * i, 1, 2, false);
+    }
+    v.cut(false);
+    let deadline = std::time::Instant::now() + DRAIN;
+    while v.inner.publishing.try_lock().is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the uploader never started"
+        );
+        v.inner.wal.kick();
+        v.inner.upload_wake.notify_one();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::scope(|s| {
+        let ckpt = s.spawn(|| runtime().block_on(write_checkpoint(&v.inner)));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !ckpt.is_finished(),
+            "a checkpoint was written while a chunk was on its way"
+        );
+        drop(order);
+        ckpt.join()
+            .expect("checkpoint thread")
+            .unwrap_or_else(|e| panic!("checkpoint: {}", Chain(&e)));
+    });
+    let store = rig.store("store");
+    let keys = Keys::new(NAME);
+    let newest = |prefix: String| {
+        runtime()
+            .block_on(store.list(&prefix))
+            .expect("list")
+            .iter()
+            .filter_map(|(k, _)| id_of(k))
+            .max()
+            .expect("an object")
+    };
+    let chunk = newest(keys.chunks());
+    let id = newest(keys.checkpoints());
+    assert_eq!(id, chunk, "the checkpoint is named after the newest chunk");
+    let body = runtime()
+        .block_on(store.get(&keys.checkpoint(id)))
+        .expect("read the checkpoint");
+    let c = decode_checkpoint(&body).expect("decode the checkpoint");
+    for i in 0..extents {
+        let lba = 2 + 2 * i;
+        assert!(
+            c.entries
+                .iter()
+                .any(|e| e.chunk == chunk && e.lba <= lba && lba < e.lba + u64::from(e.blocks)),
+            "block {lba} is not in the checkpoint"
+        );
+    }
+    let r = rig.store_only_after(v, "store", CacheSize::Default);
+    rig.expect(&r, 0, 2 * extents + 2);
 }

@@ -2,7 +2,10 @@
 //! (newest version of each block winning), puts it, moves its blocks from
 //! the write-ahead layer into the map and only then deletes the segment.
 //! It also writes checkpoints and garbage-collects sparse chunks. Runs on
-//! the control runtime; store failures are retried until they succeed.
+//! the uploaders' lower-priority runtime (`background`), so it holds the
+//! locks the reactors need only briefly: packing reads the segment alone,
+//! and publishing goes in batches. Store failures are retried until they
+//! succeed.
 
 use crate::lock::RwLockExt;
 use std::sync::Arc;
@@ -165,6 +168,8 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
     }
     let stored_seq = inner.map.read_locked().max_seq;
     let (entries, data) = pack(seg, stored_seq);
+    // From the chunk's id until it is wholly in the map (see `publishing`).
+    let publishing = inner.publishing.lock().await;
     let chunk_id = if entries.is_empty() {
         None
     } else {
@@ -204,38 +209,8 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
             (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64,
         ))
     };
-    let uploaded_to = {
-        let mut d = inner.dirty.write_locked();
-        let mut m = inner.map.write_locked();
-        if let Some((id, data_start)) = chunk_id {
-            m.chunks.insert(
-                id,
-                ChunkInfo {
-                    data_start,
-                    data_blocks: (data.len() / BLOCK) as u32,
-                    live: 0,
-                },
-            );
-            m.apply_chunk(id, &entries);
-        }
-        let mut gone = Vec::new();
-        for e in &entries {
-            d.map.for_each_in(e.lba, e.lba + u64::from(e.blocks), |sp| {
-                if sp.seq == e.seq {
-                    gone.push((sp.start, sp.end));
-                }
-            });
-        }
-        for (s, e) in gone {
-            d.map.remove(s, e, |_| {});
-        }
-        d.segments.remove(&seg.id);
-        d.backlog = d.backlog.saturating_sub(seg.len() as u64);
-        let seq = seg.last_seq.load(Ordering::Acquire);
-        m.max_seq = m.max_seq.max(seq);
-        // Everything before the oldest segment left is in the store now.
-        d.segments.values().next().map_or(d.appended, |s| s.base)
-    };
+    let uploaded_to = publish(inner, seg, chunk_id, &entries, (data.len() / BLOCK) as u32);
+    drop(publishing);
     fence::advance_uploaded(inner, uploaded_to);
     if let Some((id, _)) = chunk_id {
         for e in entries.iter().filter(|e| e.kind == Kind::Data) {
@@ -262,9 +237,72 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
     true
 }
 
+/// Index entries applied to the map, or taken out of the write-ahead
+/// layer, under one hold of its lock: the reactors wait while it is held,
+/// and the uploader runs at a lower priority than they do.
+pub(super) const PUBLISH_BATCH: usize = 64;
+
+/// Moves an uploaded segment's blocks from the write-ahead layer to the
+/// map: into the map first, then out of the write-ahead layer, then the
+/// segment itself, each in short holds of the locks. Reads stay right in
+/// between: the write-ahead layer wins over the map, and holds the same
+/// blocks until they are in the map; a block a later write changed keeps
+/// that write's (newer) sequence number and is left alone. Returns the
+/// log position below which every record is now in the store.
+fn publish(
+    inner: &Inner,
+    seg: &Segment,
+    chunk: Option<(u64, u64)>,
+    entries: &[IndexEntry],
+    data_blocks: u32,
+) -> u64 {
+    if let Some((id, data_start)) = chunk {
+        inner.map.write_locked().chunks.insert(
+            id,
+            ChunkInfo {
+                data_start,
+                data_blocks,
+                live: 0,
+            },
+        );
+        for batch in entries.chunks(PUBLISH_BATCH) {
+            inner.map.write_locked().apply_chunk(id, batch);
+        }
+    }
+    let mut gone = Vec::new();
+    for batch in entries.chunks(PUBLISH_BATCH) {
+        let mut d = inner.dirty.write_locked();
+        for e in batch {
+            d.map.for_each_in(e.lba, e.lba + u64::from(e.blocks), |sp| {
+                if sp.seq == e.seq {
+                    gone.push((sp.start, sp.end));
+                }
+            });
+        }
+        for (s, e) in gone.drain(..) {
+            d.map.remove(s, e, |_| {});
+        }
+    }
+    let uploaded_to = {
+        let mut d = inner.dirty.write_locked();
+        let mut m = inner.map.write_locked();
+        d.segments.remove(&seg.id);
+        d.backlog = d.backlog.saturating_sub(seg.len() as u64);
+        let seq = seg.last_seq.load(Ordering::Acquire);
+        m.max_seq = m.max_seq.max(seq);
+        // Everything before the oldest segment left is in the store now.
+        d.segments.values().next().map_or(d.appended, |s| s.base)
+    };
+    // Last: reads that then skip the write-ahead layer find it all in the map.
+    seg.for_each_record(|h| inner.dirty_filter.remove(h.lba, u64::from(h.blocks)));
+    uploaded_to
+}
+
 /// Writes the whole map as a checkpoint and prunes all but the two newest.
 pub(super) async fn write_checkpoint(inner: &Inner) -> Result<(), StoreError> {
     let (id, body) = {
+        // No chunk half applied, none put but not yet in the map.
+        let _publishing = inner.publishing.lock().await;
         let m = inner.map.read_locked();
         let Some((&last, _)) = m.chunks.iter().next_back() else {
             return Ok(());

@@ -15,7 +15,8 @@ use std::time::Duration;
 use tracing::{debug, error, warn};
 
 use super::format::{self, RecordHeader, SEGMENT_HEADER};
-use super::segment::Segment;
+use super::segment::{BufPool, Segment};
+use super::state::Dirty;
 use super::{Inner, RequestError, WalError};
 use crate::volume::{Completer, VolumeError};
 
@@ -40,6 +41,8 @@ pub(super) struct Wal {
     pub(super) cv: Condvar,
     /// Log position up to which everything is durable.
     pub(super) synced: std::sync::atomic::AtomicU64,
+    /// Buffers for new segments (see `segment::BufPool`).
+    pub(super) bufs: Arc<BufPool>,
 }
 
 impl Wal {
@@ -49,6 +52,7 @@ impl Wal {
             ctl: Mutex::new(WalCtl::default()),
             cv: Condvar::new(),
             synced: std::sync::atomic::AtomicU64::new(synced),
+            bufs: Arc::new(BufPool::new()),
         }
     }
 
@@ -126,18 +130,30 @@ fn sealed_unsynced(inner: &Inner) -> bool {
 }
 
 /// Seals the active segment if it has sat idle or open too long, so its
-/// data moves on to the store.
+/// data moves on to the store. Looks under the read lock first: this runs
+/// on every wake of the WAL thread, and the write lock stalls the reactors.
 fn seal_if_idle(inner: &Inner) {
-    let mut d = inner.dirty.write_locked();
-    let Some(active) = d.active.as_ref() else {
-        return;
+    let due = |d: &Dirty| {
+        let idle = d.last_append.elapsed() > IDLE_SEAL;
+        let seal = d
+            .active
+            .as_ref()
+            .is_some_and(|a| a.len() > SEGMENT_HEADER && (idle || a.created.elapsed() > MAX_AGE));
+        (idle, seal)
     };
-    let has_records = active.len() > SEGMENT_HEADER;
-    let idle = d.last_append.elapsed() > IDLE_SEAL;
-    let old = active.created.elapsed() > MAX_AGE;
-    if has_records && (idle || old) {
-        active.sealed.store(true, Ordering::Release);
-        d.active = None;
+    let (idle, seal) = due(&inner.dirty.read_locked());
+    if seal {
+        let mut d = inner.dirty.write_locked();
+        // Appends may have come since the look.
+        if due(&d).1
+            && let Some(active) = d.active.take()
+        {
+            active.sealed.store(true, Ordering::Release);
+        }
+    }
+    if idle {
+        // Nothing is being written: the spare buffers can go.
+        inner.wal.bufs.clear();
     }
 }
 

@@ -103,6 +103,7 @@ impl ObjectVolume {
                 Kind::Zero => DirtyLoc::Zero,
                 Kind::Hole => DirtyLoc::Hole,
             };
+            inner.dirty_filter.add(lba, u64::from(n));
             d.map.insert(lba, lba + u64::from(n), h.seq, loc, |_| {});
             d.next_seq += 1;
             d.appended = seg.end_pos();
@@ -193,7 +194,8 @@ fn active_segment(d: &mut Dirty, inner: &Inner, need: usize) -> Arc<Segment> {
     let id = d.next_seg;
     d.next_seg += 1;
     let cap = inner.opts.segment_size.max(need + SEGMENT_HEADER);
-    let seg = Arc::new(Segment::new(
+    let seg = Arc::new(Segment::from_pool(
+        &inner.wal.bufs,
         id,
         d.appended,
         cap,

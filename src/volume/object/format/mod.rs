@@ -28,10 +28,12 @@
 //! description length u32 | description (JSON) | the map as a checkpoint`.
 //!
 //! Each kind has its own module: `wal` (records and segment files),
-//! `chunk`, `checkpoint` and `snapshot`; this one holds what they share.
+//! `chunk`, `checkpoint` and `snapshot`, with `crc` (combining checksums)
+//! for the WAL; this one holds what they share.
 
 mod checkpoint;
 mod chunk;
+mod crc;
 mod snapshot;
 mod wal;
 

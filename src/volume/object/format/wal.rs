@@ -56,7 +56,8 @@ pub fn record_crc(header_tail: &[u8], data: &[u8]) -> u32 {
 }
 
 /// A record header whose CRC covers data with checksum `data_crc` and
-/// length `data_len` (so callers can checksum data before taking a lock).
+/// length `data_len` (so callers can checksum data before taking a lock;
+/// the combination costs tens of nanoseconds, see `crc`).
 pub fn record_header(h: &RecordHeader, data_crc: u32, data_len: usize) -> [u8; WAL_RECORD_HEADER] {
     let mut b = [0u8; WAL_RECORD_HEADER];
     b[..4].copy_from_slice(&WAL_MAGIC.to_le_bytes());
@@ -68,7 +69,7 @@ pub fn record_header(h: &RecordHeader, data_crc: u32, data_len: usize) -> [u8; W
     let crc = if data_len == 0 {
         head
     } else {
-        crc32c::crc32c_combine(head, data_crc, data_len)
+        super::crc::combine(head, data_crc, data_len)
     };
     b[4..8].copy_from_slice(&crc.to_le_bytes());
     b
