@@ -17,7 +17,7 @@ pub mod sync;
 
 use std::task::Poll;
 
-pub use buf::AlignedBuf;
+pub use buf::{AlignedBuf, use_pool_on_this_thread};
 pub use data::IoData;
 pub use error::{UnexpectedWake, VolumeError};
 

@@ -15,8 +15,6 @@ pub struct ConnConfig {
     pub max_inflight: usize,
     /// Bytes of request data held at once before reading stops.
     pub max_buffered: u64,
-    /// Buffer capacity kept for reuse after requests finish.
-    pub retain: u64,
     /// Receive buffer size.
     pub rbuf: usize,
     /// Handshake limits and TLS policy.
@@ -35,7 +33,6 @@ impl Default for ConnConfig {
         ConnConfig {
             max_inflight: 512,
             max_buffered: 256 << 20,
-            retain: 64 << 20,
             rbuf: 256 << 10,
             handshake: HandshakeConfig::default(),
             handshake_timeout: Duration::from_secs(10),

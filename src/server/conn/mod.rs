@@ -120,7 +120,7 @@ impl Conn {
             phase: Phase::Handshake(hs),
             rbuf: RecvBuf::new(cfg.rbuf),
             out: SendQueue::new(greeting),
-            slots: Slots::new(gauge, cfg.retain),
+            slots: Slots::new(gauge),
             cancel_pending: false,
             stop_reading: false,
             broken: false,

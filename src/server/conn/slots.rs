@@ -1,5 +1,5 @@
-//! Request slots: one per request in flight, each with its reusable
-//! buffers, and the accounting of the bytes they hold against the
+//! Request slots: one per request in flight, each with a buffer from the
+//! core's pool while its request runs, and the accounting of the bytes they hold against the
 //! per-connection and server-wide limits.
 
 use std::sync::Arc;
@@ -94,6 +94,8 @@ impl Slot {
 /// pointers into a slot (its reply header, for a send in flight) while the
 /// vector grows.
 pub(super) struct Slots {
+    // Boxed on purpose (see above): a Slot must not move while it grows.
+    #[allow(clippy::vec_box)]
     slots: Vec<Box<Slot>>,
     /// Slots made so far that are free, by index.
     free: Vec<u16>,
@@ -110,15 +112,11 @@ pub(super) struct Slots {
     gauge: Arc<CoreBytes>,
     /// Input is paused by a buffering limit (logged once per pause).
     throttled: bool,
-    /// Buffer capacity held across requests.
-    retained: u64,
-    /// How much capacity may be held before buffers are let go.
-    retain: u64,
 }
 
 impl Slots {
-    /// No slots yet; `retain` bytes of buffer capacity may be kept for reuse.
-    pub(super) fn new(gauge: Arc<CoreBytes>, retain: u64) -> Self {
+    /// No slots yet.
+    pub(super) fn new(gauge: Arc<CoreBytes>) -> Self {
         Slots {
             slots: Vec::new(),
             free: Vec::new(),
@@ -128,8 +126,6 @@ impl Slots {
             buffered: 0,
             gauge,
             throttled: false,
-            retained: 0,
-            retain,
         }
     }
 
@@ -175,9 +171,7 @@ impl Slots {
     /// Sets slot `s` up for `op` and counts the buffer it now holds.
     pub(super) fn prepare(&mut self, s: u16, op: Op, offset: u64, len: u64, flags: IoFlags) {
         let slot = &mut self.slots[s as usize];
-        let before = slot.io.buf().capacity() as u64;
         slot.io.prepare(op, offset, len, flags);
-        self.retained += (slot.io.buf().capacity() as u64).saturating_sub(before);
         self.buffered += slot.io.buf().len() as u64;
         self.gauge.add(slot.io.buf().len() as u64);
     }
@@ -188,13 +182,9 @@ impl Slots {
         let held = (slot.io.buf().len() as u64).min(self.buffered);
         self.buffered -= held;
         self.gauge.sub(held);
-        if self.retained > self.retain {
-            // Over budget: let this buffer go rather than pin memory.
-            self.retained = self
-                .retained
-                .saturating_sub(slot.io.buf().capacity() as u64);
-            slot.io.buf_mut().shrink_above(0);
-        }
+        // Back to the core's pool: a connection holds buffers only for
+        // requests in flight.
+        slot.io.buf_mut().recycle();
         slot.state = SlotState::Free;
         slot.tail = Tail::None;
         self.free.push(s);

@@ -166,6 +166,8 @@ struct Reactor {
 /// Runs a core until it is told to stop and its connections are closed.
 pub fn run(setup: CoreSetup) -> std::io::Result<()> {
     let ring = Ring::for_core(setup.ring_entries)?;
+    // Requests take their buffers from the core's pool and give them back.
+    crate::volume::use_pool_on_this_thread();
     let mut r = Reactor {
         ring,
         index: setup.index,
