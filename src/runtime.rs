@@ -57,3 +57,34 @@ impl StoppableTask {
         let _ = runtime().block_on(&mut self.task);
     }
 }
+
+/// Lowers the calling thread's priority by `by` (Linux keeps a nice value
+/// per thread), for background work that must yield to the reactors;
+/// `what` names the thread in the warning. Failing to is harmless: the
+/// thread just competes as before.
+pub fn lower_thread_priority(by: libc::c_int, what: &str) {
+    let Some(now) = thread_nice() else { return };
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, (now + by).min(19)) };
+    if r != 0 {
+        tracing::warn!(
+            "cannot lower the priority of a {what} thread: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The calling thread's nice value.
+pub fn thread_nice() -> Option<libc::c_int> {
+    // SAFETY: gettid has no preconditions; getpriority takes plain
+    // integers. -1 is a valid nice value, so errno is cleared first and
+    // read after to tell it from a failure.
+    unsafe {
+        let tid = libc::gettid();
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        (n != -1 || *libc::__errno_location() == 0).then_some(n)
+    }
+}

@@ -7,7 +7,8 @@
 //! a rewrite's speed), so this thread has the kernel back (with
 //! MADV_POPULATE_WRITE) the extents a sequential writer is about to reach.
 //! Nothing waits for it: a writer that outruns it faults its pages in on
-//! its core, as before.
+//! its core, as before. It runs niced, so that on a small host its
+//! zeroing takes the CPU between the reactors' turns, not in the middle.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use super::Groups;
 /// Extents populated ahead of a sequential writer (8 MiB).
 pub(super) const AHEAD: u64 = 4;
 
+/// How much lower than the reactors the thread runs.
+const NICE: libc::c_int = 5;
 /// Runs of extents queued for the thread; more are dropped (the writer
 /// that gets there faults them in itself).
 const QUEUED: usize = 64;
@@ -36,8 +39,10 @@ impl Populator {
         let (tx, rx) = bounded(QUEUED);
         match std::thread::Builder::new()
             .name("vbd-mem-fault".into())
-            .spawn(move || run(&groups, &rx))
-        {
+            .spawn(move || {
+                crate::runtime::lower_thread_priority(NICE, "memory populator");
+                run(&groups, &rx)
+            }) {
             Ok(_) => Some(Populator { tx }),
             Err(e) => {
                 warn!(

@@ -25,7 +25,7 @@ pub(super) fn runtime() -> &'static Runtime {
         match Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("vbd-upload")
-            .on_thread_start(lower_priority)
+            .on_thread_start(|| crate::runtime::lower_thread_priority(NICE, "upload"))
             .enable_all()
             .build()
         {
@@ -39,37 +39,6 @@ pub(super) fn runtime() -> &'static Runtime {
     own.as_ref().unwrap_or_else(crate::runtime::runtime)
 }
 
-/// Lowers the calling thread's priority by `NICE` (Linux keeps a nice
-/// value per thread). Failing to is harmless: the thread just competes as
-/// before.
-fn lower_priority() {
-    let Some(now) = thread_nice() else { return };
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    // SAFETY: setpriority takes plain integers and touches no memory of ours.
-    let r =
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, (now + NICE).min(19)) };
-    if r != 0 {
-        warn!(
-            "cannot lower an upload thread's priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// The calling thread's nice value.
-fn thread_nice() -> Option<libc::c_int> {
-    // SAFETY: gettid has no preconditions; getpriority takes plain
-    // integers. -1 is a valid nice value, so errno is cleared first and
-    // read after to tell it from a failure.
-    unsafe {
-        let tid = libc::gettid();
-        *libc::__errno_location() = 0;
-        let n = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
-        (n != -1 || *libc::__errno_location() == 0).then_some(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,11 +46,11 @@ mod tests {
     #[test]
     fn uploads_run_at_a_lower_priority() {
         let theirs = runtime()
-            .block_on(async { tokio::task::spawn_blocking(thread_nice).await })
+            .block_on(async { tokio::task::spawn_blocking(crate::runtime::thread_nice).await })
             .expect("the blocking task ran");
         // Test threads inherit the process's nice value, as the runtime's
         // threads do before they lower theirs.
-        let ours = thread_nice().expect("our nice value");
+        let ours = crate::runtime::thread_nice().expect("our nice value");
         assert_eq!(theirs, Some((ours + NICE).min(19)));
     }
 }
