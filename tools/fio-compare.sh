@@ -13,8 +13,9 @@
 # and, on request, `untuned` (the vbd NBD volume with QEMU's defaults).
 # `--variant NAME='SERVE FLAGS'` adds a column NAME: vbd over vhost-user as
 # in the vhost column, from a second vbd started with those extra `vbd
-# serve` flags (e.g. --variant nopoll='--busy-poll 0'), so that a tuning
-# is compared with the default in the same interleaved rounds.
+# serve` flags (e.g. --variant nopoll='--busy-poll 0') on an image of its
+# own, so that a tuning is compared with the default in the same
+# interleaved rounds.
 # Each diagnostic is --rw=randrw --rwmixread=70 --bs=4k --direct=1
 # --ioengine=libaio at numjobs x iodepth 1x1, 1x32 and 4x32. The columns
 # run in interleaved rounds (round 1: every column, round 2: every column,
@@ -93,29 +94,33 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# One image for every column, served by vbd throughout (vbd takes no file
-# lock, so QEMU and qemu-storage-daemon can open it in their turns).
+# One image for every column, served by vbd throughout (vbd's flock does
+# not conflict with the byte-range locks QEMU and qemu-storage-daemon take
+# when they open it in their turns).
 DISK_BYTES=$(( $(numfmt --from=iec "$SIZE") + (64 << 20) ))
 IMG=$WORK/disk.img
 truncate -s "$DISK_BYTES" "$IMG"
 declare -A SERVER_PID=()
-start_vbd() { # start_vbd DIR [serve flags...]: a vbd serving IMG, its control socket in DIR
-	local dir=$1; shift
+start_vbd() { # start_vbd DIR IMAGE [serve flags...]: a vbd serving IMAGE, its control socket in DIR
+	local dir=$1 img=$2; shift 2
 	local threads=(--threads "$THREADS")
 	[[ " $* " == *" --threads "* ]] && threads=()
 	mkdir -p "$dir"
 	"$VBD" serve --unix "$dir/nbd.sock" "${threads[@]}" "$@" \
-		--export "name=bench,backend=file,path=$IMG,size=$DISK_BYTES" \
+		--export "name=bench,backend=file,path=$img,size=$DISK_BYTES" \
 		>"$dir/serve.out" 2>"$dir/serve.log" &
 	SERVER_PID[$dir]=$!
 	SERVE_PIDS+=($!)
 	for _ in $(seq 100); do [ -S "$dir/control.sock" ] && break; sleep 0.1; done
 	[ -S "$dir/control.sock" ] || { echo "fio-compare: vbd in $dir did not start; see $dir/serve.log" >&2; exit 1; }
 }
-start_vbd "$WORK"
+start_vbd "$WORK" "$IMG"
+# A file export is locked by the vbd serving it, so each variant's vbd has
+# an image of its own, made the same way on the same filesystem.
 for name in "${!VARIANT_FLAGS[@]}"; do
+	truncate -s "$DISK_BYTES" "$WORK/disk-$name.img"
 	# shellcheck disable=SC2086 # the flags are words on purpose
-	start_vbd "$WORK/v-$name" ${VARIANT_FLAGS[$name]}
+	start_vbd "$WORK/v-$name" "$WORK/disk-$name.img" ${VARIANT_FLAGS[$name]}
 done
 APPEND="console=ttyS0 quiet panic=-1 vbd.mode=fio vbd.fio_size=$SIZE vbd.fio_runtime=$RUNTIME"
 MEM_MIB=$(( $(numfmt --from=iec "$MEM") >> 20 ))
