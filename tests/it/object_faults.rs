@@ -10,6 +10,7 @@ use object_store::memory::InMemory;
 use vbd::objstore::{Faults, Store};
 use vbd::runtime::runtime;
 use vbd::test_support::TempDir;
+use vbd::volume::object::cache::CacheSize;
 use vbd::volume::object::{ObjectOptions, ObjectVolume, admin};
 use vbd::volume::sync::SyncDriver;
 use vbd::volume::{IoFlags, Op, Volume};
@@ -91,8 +92,20 @@ fn writes_stay_safe_while_uploads_fail_then_catch_up() {
     vol.shutdown();
 }
 
+/// Garbage collection takes live blocks from the cache when it holds them
+/// (uploads fill it) ...
 #[test]
 fn garbage_collection_rewrites_sparse_chunks_and_keeps_data() {
+    gc_rewrites_and_keeps_data(CacheSize::Default);
+}
+
+/// ... and from the store with ranged GETs when it does not.
+#[test]
+fn garbage_collection_without_a_cache_reads_the_store() {
+    gc_rewrites_and_keeps_data(CacheSize::Bytes(0));
+}
+
+fn gc_rewrites_and_keeps_data(cache: CacheSize) {
     let dir = TempDir::new("gc");
     let store = Store::from_object_store(Arc::new(InMemory::new()), "memory://gc");
     runtime()
@@ -102,6 +115,7 @@ fn garbage_collection_rewrites_sparse_chunks_and_keeps_data() {
         wal_root: dir.join(wal),
         segment_size: 128 << 10,
         checkpoint_every: 1000,
+        cache,
         ..ObjectOptions::default()
     };
     let vol = ObjectVolume::open(store.clone(), "g", opts("w1")).unwrap();

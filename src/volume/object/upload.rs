@@ -415,27 +415,46 @@ async fn rewrite(inner: &Arc<Inner>, victim: u64, info: ChunkInfo) -> Result<(),
             });
         }
     }
+    // Live data comes from the cache when it holds the whole run (it is
+    // the victim's, immutable), else with a ranged GET; runs that were
+    // cached are cached again under the new chunk, so that reads of a hot
+    // block do not miss because garbage collection moved it.
     let mut data = Vec::new();
+    let mut cached: Vec<(u32, u32)> = Vec::new();
     for e in live.iter_mut().filter(|e| e.kind == Kind::Data) {
-        let from = info.data_start + u64::from(e.data_block) * BLOCK as u64;
-        let bytes = inner
-            .store
-            .get_range(&key, from..from + u64::from(e.blocks) * BLOCK as u64)
-            .await?;
-        // A range past the object's end comes back clipped, not refused;
-        // packing it would shift every later block of the new chunk.
         let want = e.blocks as usize * BLOCK;
-        if bytes.len() != want {
-            return Err(ObjectError::ShortRead {
-                key,
-                got: bytes.len(),
-                want,
-            });
+        let at = data.len();
+        data.resize(at + want, 0);
+        let mut whole = true;
+        inner
+            .cache
+            .read_run(victim, e.data_block, &mut data[at..], |_| whole = false);
+        if whole {
+            cached.push(((at / BLOCK) as u32, e.blocks));
+        } else {
+            let from = info.data_start + u64::from(e.data_block) * BLOCK as u64;
+            let bytes = inner
+                .store
+                .get_range(&key, from..from + want as u64)
+                .await?;
+            // A range past the object's end comes back clipped, not refused;
+            // packing it would shift every later block of the new chunk.
+            if bytes.len() != want {
+                return Err(ObjectError::ShortRead {
+                    key,
+                    got: bytes.len(),
+                    want,
+                });
+            }
+            data[at..].copy_from_slice(&bytes);
         }
-        e.data_block = (data.len() / BLOCK) as u32;
-        data.extend_from_slice(&bytes);
+        e.data_block = (at / BLOCK) as u32;
     }
     let id = super::ingest::put_chunk(inner, &live, &data).await?;
+    for (block, n) in cached {
+        let (a, b) = (block as usize * BLOCK, (block + n) as usize * BLOCK);
+        inner.cache.insert_run(id, block, &data[a..b]);
+    }
     let mut m = inner.map.write_locked();
     m.retire(victim);
     inner.stats.chunks_collected.fetch_add(1, Ordering::Relaxed);
