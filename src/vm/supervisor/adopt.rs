@@ -301,8 +301,6 @@ impl Supervisor {
         let name = record.config.name.clone();
         error!(vm = %name, pid = record.pid, "{reason}");
         self.remove_run_files(&name, &record.paths);
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.events.crashes.fetch_add(1, Ordering::Relaxed);
         let (_, cleaned) = watch::channel(true);
         let vm = Vm {
             config: record.config,
@@ -323,6 +321,9 @@ impl Supervisor {
             reconnects: Mutex::new(BTreeMap::new()),
         };
         self.vms().insert(name, Arc::new(vm));
+        // Counted once listed, so that a scrape that sees the count sees the VM.
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.events.crashes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Notes, for each disk of `vm` still waiting, when QEMU is attached to

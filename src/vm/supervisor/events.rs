@@ -128,13 +128,16 @@ impl Supervisor {
         let requested = vm.stopping.load(Ordering::SeqCst);
         let e = &self.events;
         let unknown = exit == Exit::unknown();
+        // Counted once the state is set, so that a scrape that sees the
+        // count also sees the VM in that state.
+        let mut count: Option<&AtomicU64> = None;
         let state = if requested {
             VmState::Stopped {
                 reason: format!("stopped on request ({exit})"),
             }
         } else if exit.clean() || (unknown && shutdown.as_deref() == Some("guest-shutdown")) {
             info!(vm = %vm.config.name, pid = vm.process.pid, "guest shut down");
-            e.guest_shutdowns.fetch_add(1, Ordering::Relaxed);
+            count = Some(&e.guest_shutdowns);
             VmState::Stopped {
                 reason: "guest shut down".into(),
             }
@@ -145,13 +148,13 @@ impl Supervisor {
             }
         } else if unknown {
             error!(vm = %vm.config.name, pid = vm.process.pid, "QEMU exited without a shutdown event");
-            e.crashes.fetch_add(1, Ordering::Relaxed);
+            count = Some(&e.crashes);
             VmState::Crashed {
                 reason: format!("QEMU exited without shutting down; {UNKNOWN_STATUS}"),
             }
         } else {
             error!(vm = %vm.config.name, pid = vm.process.pid, %exit, "QEMU crashed");
-            e.crashes.fetch_add(1, Ordering::Relaxed);
+            count = Some(&e.crashes);
             VmState::Crashed {
                 reason: format!("QEMU {exit}"),
             }
@@ -168,6 +171,9 @@ impl Supervisor {
         }
         self.remove_run_files(&vm.config.name, &vm.paths);
         vm.set_state(state);
+        if let Some(c) = count {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
