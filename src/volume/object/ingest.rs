@@ -19,6 +19,12 @@ pub(super) async fn put_chunk(
     entries: &[IndexEntry],
     data: &[u8],
 ) -> Result<u64, ObjectError> {
+    // From the id until the chunk is in the map, as the uploader does: a
+    // checkpoint written meanwhile (the uploader's, beside a flatten; or
+    // flatten's, beside garbage collection) would be named after a newer
+    // chunk without this one, and recovery, which reads only the chunks
+    // above a checkpoint, would never see it.
+    let _publishing = inner.publishing.lock().await;
     let order = inner.fence.put_order().await;
     let id = inner.fence.next_id(&order)?;
     put(inner, id, entries, data).await?;

@@ -992,3 +992,35 @@ fn a_checkpoint_waits_for_the_chunk_on_its_way_and_holds_all_of_it() {
     let r = rig.store_only_after(v, "store", CacheSize::Default);
     rig.expect(&r, 0, 2 * extents + 2);
 }
+
+/// Garbage collection's and flatten's chunks (`ingest::put_chunk`) wait
+/// for a checkpoint copying the map, and a checkpoint waits for them, as
+/// the uploader's do: a checkpoint named after a newer chunk without an
+/// older one would hide it from recovery.
+#[test]
+fn chunks_put_beside_the_uploader_are_never_missing_from_a_checkpoint() {
+    use super::ingest::{Packer, put_chunk};
+    let mut rig = Rig::new("ingest-publishing", 4 << 20, 16);
+    let v = rig.open("store", rig.opts("wal"));
+    rig.write(&v, 0, 1, 1, false);
+    v.wait_uploaded(v.cut(false)).expect("first upload");
+    let chunks = || v.inner.map.read_locked().chunks.len();
+    let before = chunks();
+    let mut pack = Packer::default();
+    pack.data(8, u64::MAX / 2, &pattern(7, 8));
+    let (entries, data) = pack.take();
+    let held = runtime().block_on(v.inner.publishing.lock());
+    std::thread::scope(|s| {
+        let put = s.spawn(|| runtime().block_on(put_chunk(&v.inner, &entries, &data)));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!put.is_finished(), "put_chunk went ahead of a checkpoint");
+        assert_eq!(chunks(), before, "the chunk reached the map meanwhile");
+        drop(held);
+        put.join()
+            .expect("put thread")
+            .unwrap_or_else(|e| panic!("put_chunk: {}", Chain(&e)));
+    });
+    assert_eq!(chunks(), before + 1);
+    rig.note(8, 1, Block::Data(7));
+    rig.expect(&v, 0, 16);
+}
