@@ -113,21 +113,26 @@ impl AlignedBuf {
     pub fn set_len(&mut self, len: usize) {
         if len > self.cap {
             self.release();
-            let cap = capacity_for(len);
+            let mut cap = capacity_for(len);
+            // The smallest free buffer of this class or a larger one: the
+            // pool then holds about the bytes of the most requests in
+            // flight at once, not that peak for every size class apart.
             let pooled = class_of(cap).and_then(|class| {
                 POOL.try_with(|p| {
                     let mut p = p.borrow_mut();
-                    let got = p.free[class].pop();
-                    if got.is_some() {
-                        p.bytes -= cap;
-                    }
-                    got
+                    let c = (class..CLASSES).find(|&c| !p.free[c].is_empty())?;
+                    let got = p.free[c].pop()?;
+                    p.bytes -= ALIGN << c;
+                    Some((got, ALIGN << c))
                 })
                 .ok()
                 .flatten()
             });
             self.ptr = match pooled {
-                Some(ptr) => ptr,
+                Some((ptr, pooled_cap)) => {
+                    cap = pooled_cap;
+                    ptr
+                }
                 None => {
                     let Ok(layout) = Layout::from_size_align(cap, ALIGN) else {
                         panic!("request buffer of {len} bytes overflows the address space");
@@ -273,10 +278,17 @@ mod tests {
         b.set_len(6000);
         assert_eq!(b.as_mut_ptr(), first, "taken from the pool");
         assert_eq!(b.as_mut_ptr() as usize % ALIGN, 0);
-        // Another class is not served from it.
+        // A smaller request takes a larger free buffer rather than a new one.
+        b.recycle();
         let mut c = AlignedBuf::new();
         c.set_len(ALIGN);
-        assert_ne!(c.as_mut_ptr(), first);
+        assert_eq!(c.as_mut_ptr(), first);
+        assert_eq!(c.capacity(), 2 * ALIGN);
+        // A larger one does not fit in it.
+        c.recycle();
+        let mut d = AlignedBuf::new();
+        d.set_len(3 * ALIGN);
+        assert_ne!(d.as_mut_ptr(), first);
         // The pool keeps at most POOL_BYTES; the rest is freed.
         let mut many: Vec<AlignedBuf> = (0..POOL_BYTES / POOL_MAX + 4)
             .map(|_| {
