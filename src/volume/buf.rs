@@ -156,14 +156,6 @@ impl AlignedBuf {
         self.release();
     }
 
-    /// Frees the memory if capacity is above `keep`, so that one huge request
-    /// does not pin its buffer for the connection's lifetime.
-    pub fn shrink_above(&mut self, keep: usize) {
-        if self.cap > keep {
-            self.release();
-        }
-    }
-
     fn release(&mut self) {
         if self.cap > 0 {
             let (ptr, cap) = (self.ptr, self.cap);
@@ -253,7 +245,7 @@ mod tests {
         assert_eq!(b.as_slice(), b"01234");
         b.set_len(3 * ALIGN + 1);
         assert_eq!(b.capacity(), 4 * ALIGN);
-        b.shrink_above(ALIGN);
+        b.recycle();
         assert_eq!(b.capacity(), 0);
         assert!(b.is_empty());
         b.set_len(POOL_MAX + 1);

@@ -584,16 +584,7 @@ impl Volume for FileVolume {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            cache: true,
-            multi_conn: true,
-            read_only: self.read_only,
-        }
+        Caps::full(self.read_only)
     }
 
     fn describe(&self) -> String {

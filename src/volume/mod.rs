@@ -254,6 +254,23 @@ pub struct Caps {
     pub read_only: bool,
 }
 
+impl Caps {
+    /// Everything NBD can ask of a volume, which vbd's own backends
+    /// (memory, file, object) all support; `read_only` as configured.
+    pub const fn full(read_only: bool) -> Self {
+        Caps {
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+            read_only,
+        }
+    }
+}
+
 /// A block store the server can export.
 ///
 /// `start` begins an operation; it either completes at once or returns

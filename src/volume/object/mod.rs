@@ -219,16 +219,7 @@ impl Volume for ObjectVolume {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            cache: true,
-            multi_conn: true,
-            read_only: self.read_only,
-        }
+        Caps::full(self.read_only)
     }
 
     fn describe(&self) -> String {
