@@ -56,10 +56,10 @@ thread_local! {
     };
 }
 
-/// The capacity a buffer of `len` bytes gets: a size class up to
-/// [`POOL_MAX`], whole pages above.
-fn capacity_for(len: usize) -> usize {
-    if len <= POOL_MAX {
+/// The capacity a buffer of `len` bytes gets: on a pooling thread a size
+/// class up to [`POOL_MAX`], elsewhere (and above it) whole pages.
+fn capacity_for(len: usize, pooled: bool) -> usize {
+    if pooled && len <= POOL_MAX {
         len.max(ALIGN).next_power_of_two()
     } else {
         len.next_multiple_of(ALIGN)
@@ -113,11 +113,12 @@ impl AlignedBuf {
     pub fn set_len(&mut self, len: usize) {
         if len > self.cap {
             self.release();
-            let mut cap = capacity_for(len);
+            let on = POOL.try_with(|p| p.borrow().on).unwrap_or(false);
+            let mut cap = capacity_for(len, on);
             // The smallest free buffer of this class or a larger one: the
             // pool then holds about the bytes of the most requests in
             // flight at once, not that peak for every size class apart.
-            let pooled = class_of(cap).and_then(|class| {
+            let pooled = class_of(cap).filter(|_| on).and_then(|class| {
                 POOL.try_with(|p| {
                     let mut p = p.borrow_mut();
                     let c = (class..CLASSES).find(|&c| !p.free[c].is_empty())?;
@@ -245,6 +246,9 @@ mod tests {
         assert_eq!(b.as_slice(), b"01234");
         b.set_len(3 * ALIGN + 1);
         assert_eq!(b.capacity(), 4 * ALIGN);
+        // Off the pool, whole pages rather than a power of two.
+        b.set_len(5 * ALIGN + 1);
+        assert_eq!(b.capacity(), 6 * ALIGN);
         b.recycle();
         assert_eq!(b.capacity(), 0);
         assert!(b.is_empty());
