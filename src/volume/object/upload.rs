@@ -35,6 +35,9 @@ pub(super) const GRACE: Duration = Duration::from_secs(30);
 pub(super) async fn run(inner: Arc<Inner>) {
     let mut since_checkpoint = 0u64;
     let mut doomed: Vec<(u64, Instant)> = Vec::new();
+    // The last chunk's packing buffer, kept while segments keep coming.
+    let mut scratch = Vec::new();
+    let mut last_upload = Instant::now();
     loop {
         if inner.fence.fenced_by().is_some() {
             // Fenced: nothing more goes to the store, not even a delete.
@@ -43,8 +46,9 @@ pub(super) async fn run(inner: Arc<Inner>) {
         let stopping = inner.stopping.load(Ordering::Acquire);
         match next_segment(&inner) {
             Some(seg) => {
-                if upload_segment(&inner, &seg).await {
+                if upload_segment(&inner, &seg, &mut scratch).await {
                     since_checkpoint += 1;
+                    last_upload = Instant::now();
                     inner.release_backlog_waiters();
                     continue;
                 }
@@ -55,6 +59,10 @@ pub(super) async fn run(inner: Arc<Inner>) {
             }
             None if stopping && inner.all_uploaded() => break,
             None => {
+                // A volume that is not being written holds no buffer.
+                if last_upload.elapsed() > KEEP_BODY_IDLE {
+                    scratch = Vec::new();
+                }
                 if since_checkpoint >= inner.opts.checkpoint_every {
                     if write_checkpoint(&inner).await.is_ok() {
                         since_checkpoint = 0;
@@ -99,24 +107,33 @@ fn next_segment(inner: &Inner) -> Option<Arc<Segment>> {
     ready.then(|| s.clone())
 }
 
-/// Entries and data of the chunk for one segment: every block its records
-/// wrote, the newest version within the segment winning. Blocks that a
-/// later segment overwrote stay in: a FLUSH may have been acknowledged
-/// between the two writes, and until the later segment is in the store
-/// (durability=store) or synced (durability=local: its WAL file may not
-/// be), this chunk is what keeps the flushed version. Records at or below
-/// `after_seq` are in the store already (a replayed segment's head).
-fn pack(seg: &Segment, after_seq: u64) -> (Vec<IndexEntry>, Vec<u8>) {
+/// Packs the chunk for one segment into `body` (with id 0: see
+/// [`format::set_chunk_id`]) and returns its entries and data blocks:
+/// every block its records wrote, the newest version within the segment
+/// winning. Blocks that a later segment overwrote stay in: a FLUSH may
+/// have been acknowledged between the two writes, and until the later
+/// segment is in the store (durability=store) or synced (durability=local:
+/// its WAL file may not be), this chunk is what keeps the flushed version.
+/// Records at or below `after_seq` are in the store already (a replayed
+/// segment's head). The data goes straight from the segment into its
+/// place in the chunk. Records are not checked against their CRCs again:
+/// a segment in memory holds what this process appended, or what replay
+/// checked.
+fn pack(seg: &Segment, after_seq: u64, body: &mut Vec<u8>) -> (Vec<IndexEntry>, u32) {
     let mut newest: ExtentMap<DirtyLoc> = ExtentMap::default();
     let mut pos = SEGMENT_HEADER;
     let len = seg.len();
     while pos < len {
-        let Some((h, rec_len)) = seg
-            .bytes(pos, len - pos)
-            .and_then(|b| format::decode_record(b).ok())
+        let Some(h) = seg
+            .bytes(pos, (len - pos).min(format::WAL_RECORD_HEADER))
+            .and_then(|b| format::decode_record_header(b).ok())
         else {
             break;
         };
+        let rec_len = format::WAL_RECORD_HEADER + h.data_len();
+        if pos + rec_len > len {
+            break;
+        }
         let loc = match h.kind {
             Kind::Data => DirtyLoc::Data {
                 seg: seg.id,
@@ -132,17 +149,16 @@ fn pack(seg: &Segment, after_seq: u64) -> (Vec<IndexEntry>, Vec<u8>) {
         pos += rec_len;
     }
     let mut entries = Vec::with_capacity(newest.len());
-    let mut data = Vec::new();
+    // Where each data entry's blocks are in the segment, in chunk order.
+    let mut runs = Vec::new();
+    let mut data_blocks = 0u32;
     for sp in newest.iter() {
         let blocks = (sp.end - sp.start) as u32;
         let (kind, data_block) = match sp.value {
             DirtyLoc::Data { off, .. } => {
-                let at = (data.len() / BLOCK) as u32;
-                data.extend_from_slice(
-                    seg.bytes(off as usize, blocks as usize * BLOCK)
-                        .unwrap_or_default(),
-                );
-                (Kind::Data, at)
+                runs.push((off as usize, blocks as usize * BLOCK));
+                data_blocks += blocks;
+                (Kind::Data, data_blocks - blocks)
             }
             DirtyLoc::Zero => (Kind::Zero, 0),
             DirtyLoc::Hole => (Kind::Hole, 0),
@@ -155,22 +171,45 @@ fn pack(seg: &Segment, after_seq: u64) -> (Vec<IndexEntry>, Vec<u8>) {
             kind,
         });
     }
-    (entries, data)
+    format::encode_chunk_with(body, 0, &entries, data_blocks, |data| {
+        let mut at = 0;
+        for (off, n) in runs {
+            let dst = &mut data[at..at + n];
+            match seg.bytes(off, n) {
+                Some(src) => dst.copy_from_slice(src),
+                // Unreachable: the record was whole above.
+                None => dst.fill(0),
+            }
+            at += n;
+        }
+    });
+    (entries, data_blocks)
 }
+
+/// A packing buffer bigger than this is not kept for the next chunk.
+const KEEP_BODY: usize = 16 << 20;
+/// Nor one that no segment has needed for this long.
+const KEEP_BODY_IDLE: Duration = Duration::from_secs(2);
 
 /// Puts one segment's chunk, checks this writer was not fenced meanwhile,
 /// and only then publishes it: into the map, out of the write-ahead layer
 /// and the WAL, and past the store frontier FLUSH waits on under
 /// durability=store. Returns false if the volume aborted or was fenced.
-async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
+/// `scratch` is the buffer the last chunk was packed in, handed back for
+/// the next when the store let go of it.
+async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>, scratch: &mut Vec<u8>) -> bool {
     if inner.fence.fenced_by().is_some() {
         return false;
     }
     let stored_seq = inner.map.read_locked().max_seq;
-    let (entries, data) = pack(seg, stored_seq);
+    let mut body = std::mem::take(scratch);
+    let (entries, data_blocks) = pack(seg, stored_seq, &mut body);
+    let data_start =
+        (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY) as u64 + u64::from(data_blocks) * 4;
     // From the chunk's id until it is wholly in the map (see `publishing`).
     let publishing = inner.publishing.lock().await;
     let chunk_id = if entries.is_empty() {
+        *scratch = body;
         None
     } else {
         // Allocated and put under the put-order lock: this writer's
@@ -183,7 +222,8 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
                 return false;
             }
         };
-        let body = Bytes::from(format::encode_chunk(id, &entries, &data));
+        format::set_chunk_id(&mut body, id);
+        let body = Bytes::from(body);
         let key = inner.keys.chunk(id);
         let mut delay = Duration::from_millis(50);
         loop {
@@ -204,28 +244,34 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>) -> bool {
         if !fence::verify(inner).await {
             return false;
         }
-        Some((
-            id,
-            (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64,
-        ))
+        Some((id, body))
     };
-    let uploaded_to = publish(inner, seg, chunk_id, &entries, (data.len() / BLOCK) as u32);
+    let uploaded_to = publish(
+        inner,
+        seg,
+        chunk_id.as_ref().map(|(id, _)| (*id, data_start)),
+        &entries,
+        data_blocks,
+    );
     drop(publishing);
     fence::advance_uploaded(inner, uploaded_to);
-    if let Some((id, _)) = chunk_id {
-        for e in entries.iter().filter(|e| e.kind == Kind::Data) {
-            let at = e.data_block as usize * BLOCK;
-            let len = e.blocks as usize * BLOCK;
-            inner
-                .cache
-                .insert_run(id, e.data_block, &data[at..at + len]);
-        }
+    if let Some((id, body)) = chunk_id {
+        // The data entries' blocks are the chunk's data, in order: one
+        // run fills each cache group in one go (a run per entry grew a
+        // group a block at a time, reallocating it for every block).
+        let data = &body[data_start as usize..];
+        inner.cache.insert_run(id, 0, data);
         inner.stats.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
         inner
             .stats
             .bytes_uploaded
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        debug!(volume = %inner.name, chunk = id, entries = entries.len(), blocks = data.len() / BLOCK, "chunk uploaded");
+        debug!(volume = %inner.name, chunk = id, entries = entries.len(), blocks = data_blocks, "chunk uploaded");
+        if let Ok(b) = body.try_into_mut()
+            && b.capacity() <= KEEP_BODY
+        {
+            *scratch = Vec::from(b);
+        }
     }
     // Only now, with its data safely in the store, may the segment go.
     let path = inner.wal.segment_path(seg.id);

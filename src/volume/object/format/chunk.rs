@@ -67,36 +67,68 @@ impl ChunkHeader {
 
 /// Builds a chunk object from index entries and their data blocks.
 pub fn encode_chunk(id: u64, entries: &[IndexEntry], data: &[u8]) -> Vec<u8> {
-    let data_blocks = (data.len() / BLOCK) as u32;
-    let mut index = Vec::with_capacity(entries.len() * INDEX_ENTRY + data_blocks as usize * 4);
-    for e in entries {
-        index.extend_from_slice(&e.lba.to_le_bytes());
-        index.extend_from_slice(&e.seq.to_le_bytes());
-        index.extend_from_slice(&e.blocks.to_le_bytes());
-        index.extend_from_slice(&e.data_block.to_le_bytes());
-        index.extend_from_slice(&[e.kind as u8, 0, 0, 0, 0, 0, 0, 0]);
+    let mut out = Vec::new();
+    encode_chunk_with(&mut out, id, entries, (data.len() / BLOCK) as u32, |d| {
+        d.copy_from_slice(&data[..d.len()])
+    });
+    out
+}
+
+/// Lays a chunk object out in `out`, overwriting what it held: header,
+/// index and block CRCs, then `data_blocks` blocks of data, which `fill`
+/// writes into the space it is handed (all of it: the space may hold an
+/// older chunk's bytes). Writing the data in place saves the uploader a
+/// copy of every block, and a reused `out` saves faulting in fresh memory
+/// for every chunk.
+pub fn encode_chunk_with(
+    out: &mut Vec<u8>,
+    id: u64,
+    entries: &[IndexEntry],
+    data_blocks: u32,
+    fill: impl FnOnce(&mut [u8]),
+) {
+    let crcs_at = CHUNK_HEADER + entries.len() * INDEX_ENTRY;
+    let data_at = crcs_at + data_blocks as usize * 4;
+    let total = data_at + data_blocks as usize * BLOCK;
+    out.truncate(total);
+    out.resize(total, 0);
+    let (head, data) = out.split_at_mut(data_at);
+    fill(data);
+    for (e, b) in entries
+        .iter()
+        .zip(head[CHUNK_HEADER..crcs_at].chunks_exact_mut(INDEX_ENTRY))
+    {
+        b[..8].copy_from_slice(&e.lba.to_le_bytes());
+        b[8..16].copy_from_slice(&e.seq.to_le_bytes());
+        b[16..20].copy_from_slice(&e.blocks.to_le_bytes());
+        b[20..24].copy_from_slice(&e.data_block.to_le_bytes());
+        b[24..].copy_from_slice(&[e.kind as u8, 0, 0, 0, 0, 0, 0, 0]);
     }
-    for block in data.chunks(BLOCK) {
-        index.extend_from_slice(&crc32c::crc32c(block).to_le_bytes());
+    for (block, c) in data.chunks(BLOCK).zip(head[crcs_at..].chunks_exact_mut(4)) {
+        c.copy_from_slice(&crc32c::crc32c(block).to_le_bytes());
     }
+    let index_crc = crc32c::crc32c(&head[CHUNK_HEADER..]);
     let min_seq = entries.iter().map(|e| e.seq).min().unwrap_or(0);
     let max_seq = entries.iter().map(|e| e.seq).max().unwrap_or(0);
-    let mut out = Vec::with_capacity(CHUNK_HEADER + index.len() + data.len());
-    out.extend_from_slice(CHUNK_MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&id.to_le_bytes());
-    out.extend_from_slice(&min_seq.to_le_bytes());
-    out.extend_from_slice(&max_seq.to_le_bytes());
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    out.extend_from_slice(&data_blocks.to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&index).to_le_bytes());
-    out.extend_from_slice(&(BLOCK as u32).to_le_bytes());
-    out.resize(CHUNK_HEADER, 0);
-    seal_chunk_header(&mut out);
-    out.extend_from_slice(&index);
-    out.extend_from_slice(data);
-    out
+    let h = &mut head[..CHUNK_HEADER];
+    h.fill(0);
+    h[..8].copy_from_slice(CHUNK_MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&id.to_le_bytes());
+    h[24..32].copy_from_slice(&min_seq.to_le_bytes());
+    h[32..40].copy_from_slice(&max_seq.to_le_bytes());
+    h[40..44].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    h[44..48].copy_from_slice(&data_blocks.to_le_bytes());
+    h[INDEX_CRC_AT..INDEX_CRC_AT + 4].copy_from_slice(&index_crc.to_le_bytes());
+    h[52..56].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+    seal_chunk_header(h);
+}
+
+/// Sets the id of a chunk object built with another (the uploader packs a
+/// chunk before it takes the lock its id is allocated under).
+pub fn set_chunk_id(b: &mut [u8], id: u64) {
+    b[16..24].copy_from_slice(&id.to_le_bytes());
+    seal_chunk_header(b);
 }
 
 /// Where a chunk header keeps the CRC of the index.

@@ -45,7 +45,7 @@ pub use checkpoint::{
 };
 pub use chunk::{
     CHUNK_HEADER, CHUNK_MAGIC, ChunkHeader, INDEX_ENTRY, IndexEntry, decode_chunk_header,
-    decode_chunk_index, encode_chunk,
+    decode_chunk_index, encode_chunk, encode_chunk_with, set_chunk_id,
 };
 #[cfg(feature = "fuzzing")]
 pub(super) use chunk::{INDEX_CRC_AT, seal_chunk_header};
