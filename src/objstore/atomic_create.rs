@@ -2,31 +2,17 @@
 //! create-if-absent PUTs (`If-None-Match: *`) racing for one key can both
 //! succeed (docs/object-stores.md measured up to 4 of 8). vbd's writer
 //! generations rest on exactly one of them winning, so the embedded
-//! endpoint serves s3s-fs through this wrapper, which lets one conditional
-//! create at a time run; every other request goes straight through. (One
+//! endpoint's backend (`fs_backend`) lets one conditional create at a time
+//! run, with the helpers here; every other request goes straight through. (One
 //! endpoint process per directory: two processes serving the same
 //! directory would not see each other's creates.)
 
 use s3s::dto::*;
-use s3s::{S3, S3Request, S3Response, S3Result};
+use s3s::{S3Request, S3Result};
 
-/// s3s-fs with create-if-absent made atomic.
-pub(super) struct AtomicCreate {
-    inner: s3s_fs::FileSystem,
-    /// Held across a conditional create's check and write.
-    creates: tokio::sync::Mutex<()>,
-}
-
-impl AtomicCreate {
-    pub(super) fn new(inner: s3s_fs::FileSystem) -> Self {
-        AtomicCreate {
-            inner,
-            creates: tokio::sync::Mutex::new(()),
-        }
-    }
-}
-
-fn create_only(c: Option<&IfNoneMatch>) -> bool {
+/// Whether a request is a create-if-absent one (`If-None-Match: *`), which
+/// [`super::fs_backend::FsBackend`] lets run one at a time.
+pub(super) fn create_only(c: Option<&IfNoneMatch>) -> bool {
     c.is_some_and(ETagCondition::is_any)
 }
 
@@ -38,7 +24,9 @@ const MAX_CREATE_BODY: usize = 1 << 30;
 /// losing create (412) without reading the body, and hyper then closes the
 /// connection under a client still sending it, which sees "error sending
 /// request" instead of the 412 (one in a few hundred racing creates here).
-async fn with_body_read(mut req: S3Request<PutObjectInput>) -> S3Result<S3Request<PutObjectInput>> {
+pub(super) async fn with_body_read(
+    mut req: S3Request<PutObjectInput>,
+) -> S3Result<S3Request<PutObjectInput>> {
     if let Some(blob) = req.input.body.take() {
         let mut body = s3s::Body::from(blob);
         let bytes = body.store_all_limited(MAX_CREATE_BODY).await.map_err(|e| {
@@ -50,65 +38,6 @@ async fn with_body_read(mut req: S3Request<PutObjectInput>) -> S3Result<S3Reques
         req.input.body = Some(StreamingBlob::from(s3s::Body::from(bytes)));
     }
     Ok(req)
-}
-
-/// The S3 impl: the two calls that can carry `If-None-Match: *` are
-/// serialised when they do; the rest are the operations s3s-fs implements,
-/// passed through.
-macro_rules! s3_impl {
-    ($($op:ident($input:ty) -> $output:ty;)*) => {
-        #[async_trait::async_trait]
-        impl S3 for AtomicCreate {
-            async fn put_object(
-                &self,
-                req: S3Request<PutObjectInput>,
-            ) -> S3Result<S3Response<PutObjectOutput>> {
-                if create_only(req.input.if_none_match.as_ref()) {
-                    let req = with_body_read(req).await?;
-                    let _one = self.creates.lock().await;
-                    return self.inner.put_object(req).await;
-                }
-                self.inner.put_object(req).await
-            }
-
-            async fn complete_multipart_upload(
-                &self,
-                req: S3Request<CompleteMultipartUploadInput>,
-            ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-                if create_only(req.input.if_none_match.as_ref()) {
-                    let _one = self.creates.lock().await;
-                    return self.inner.complete_multipart_upload(req).await;
-                }
-                self.inner.complete_multipart_upload(req).await
-            }
-
-            $(
-                async fn $op(&self, req: S3Request<$input>) -> S3Result<S3Response<$output>> {
-                    self.inner.$op(req).await
-                }
-            )*
-        }
-    };
-}
-
-s3_impl! {
-    abort_multipart_upload(AbortMultipartUploadInput) -> AbortMultipartUploadOutput;
-    copy_object(CopyObjectInput) -> CopyObjectOutput;
-    create_bucket(CreateBucketInput) -> CreateBucketOutput;
-    create_multipart_upload(CreateMultipartUploadInput) -> CreateMultipartUploadOutput;
-    delete_bucket(DeleteBucketInput) -> DeleteBucketOutput;
-    delete_object(DeleteObjectInput) -> DeleteObjectOutput;
-    delete_objects(DeleteObjectsInput) -> DeleteObjectsOutput;
-    get_bucket_location(GetBucketLocationInput) -> GetBucketLocationOutput;
-    get_object(GetObjectInput) -> GetObjectOutput;
-    head_bucket(HeadBucketInput) -> HeadBucketOutput;
-    head_object(HeadObjectInput) -> HeadObjectOutput;
-    list_buckets(ListBucketsInput) -> ListBucketsOutput;
-    list_objects(ListObjectsInput) -> ListObjectsOutput;
-    list_objects_v2(ListObjectsV2Input) -> ListObjectsV2Output;
-    list_parts(ListPartsInput) -> ListPartsOutput;
-    upload_part(UploadPartInput) -> UploadPartOutput;
-    upload_part_copy(UploadPartCopyInput) -> UploadPartCopyOutput;
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ mod atomic_create;
 pub mod credentials;
 pub mod faults;
 #[cfg(feature = "s3-server")]
+mod fs_backend;
+#[cfg(feature = "s3-server")]
 mod ranged_reads;
 #[cfg(feature = "s3-server")]
 pub mod server;

@@ -4,45 +4,32 @@
 //! so every 4 KiB of a GET is one trip to the blocking pool: a ranged GET
 //! of a 1 MiB piece of a chunk took a quarter of a second on a busy
 //! machine, and cold reads of an object volume crawled at under 100 MiB/s.
-//! This wrapper lets s3s-fs answer every GET as before (key checks,
-//! conditions, ranges, ETag, metadata), then swaps the body for the same
-//! bytes read with one `pread` on the blocking pool. Every other operation
-//! goes straight through.
+//! The endpoint's backend (`fs_backend`) lets s3s-fs answer every GET as
+//! before (key checks, conditions, ranges, ETag, metadata), then swaps the
+//! body for the same bytes read with one `pread` on the blocking pool, with
+//! the helpers here.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
 use s3s::dto::*;
-use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
+use s3s::{S3Error, S3ErrorCode, S3Result};
 
 /// Bodies up to this size are read whole; a larger one (which no object
 /// volume asks for: chunks are ~4 MiB) keeps s3s-fs's stream.
 const MAX_WHOLE: u64 = 16 << 20;
 
-/// An S3 implementation whose GET bodies are read in one go.
-pub(super) struct RangedReads<T> {
-    inner: T,
-    /// The directory whose subdirectories are the buckets.
-    root: PathBuf,
-}
-
-impl<T> RangedReads<T> {
-    pub(super) fn new(inner: T, root: PathBuf) -> Self {
-        RangedReads { inner, root }
-    }
-
-    /// The file behind `bucket`/`key`, for keys made only of plain path
-    /// components (anything else keeps s3s-fs's own handling).
-    fn path(&self, bucket: &str, key: &str) -> Option<PathBuf> {
-        let plain = |s: &str| {
-            !s.is_empty()
-                && Path::new(s)
-                    .components()
-                    .all(|c| matches!(c, Component::Normal(_)))
-        };
-        (plain(bucket) && plain(key)).then(|| self.root.join(bucket).join(key))
-    }
+/// The file behind `bucket`/`key` under `root`, for keys made only of
+/// plain path components (anything else keeps s3s-fs's own handling).
+pub(super) fn object_path(root: &Path, bucket: &str, key: &str) -> Option<PathBuf> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && Path::new(s)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+    };
+    (plain(bucket) && plain(key)).then(|| root.join(bucket).join(key))
 }
 
 /// Where the body starts: the first byte of `Content-Range`
@@ -72,62 +59,26 @@ async fn read_range(path: PathBuf, start: u64, len: usize) -> std::io::Result<By
     .map_err(std::io::Error::other)?
 }
 
-/// The S3 impl: GET as described above, every other operation s3s-fs
-/// implements passed through.
-macro_rules! s3_impl {
-    ($($op:ident($input:ty) -> $output:ty;)*) => {
-        #[async_trait::async_trait]
-        impl<T: S3> S3 for RangedReads<T> {
-            async fn get_object(
-                &self,
-                req: S3Request<GetObjectInput>,
-            ) -> S3Result<S3Response<GetObjectOutput>> {
-                let path = self.path(&req.input.bucket, &req.input.key);
-                let mut resp = self.inner.get_object(req).await?;
-                let out = &mut resp.output;
-                let len = out.content_length.and_then(|l| u64::try_from(l).ok());
-                let start = body_start(out.content_range.as_deref());
-                if let (Some(path), Some(len), Some(start)) = (path, len, start)
-                    && len <= MAX_WHOLE
-                {
-                    // The object changed or vanished between s3s-fs's open
-                    // and ours: an error, as a torn stream would have been.
-                    let bytes = read_range(path, start, len as usize).await.map_err(|e| {
-                        S3Error::with_source(S3ErrorCode::InternalError, Box::new(e))
-                    })?;
-                    out.body = Some(StreamingBlob::from(s3s::Body::from(bytes)));
-                }
-                Ok(resp)
-            }
-
-            $(
-                async fn $op(&self, req: S3Request<$input>) -> S3Result<S3Response<$output>> {
-                    self.inner.$op(req).await
-                }
-            )*
-        }
-    };
-}
-
-s3_impl! {
-    abort_multipart_upload(AbortMultipartUploadInput) -> AbortMultipartUploadOutput;
-    complete_multipart_upload(CompleteMultipartUploadInput) -> CompleteMultipartUploadOutput;
-    copy_object(CopyObjectInput) -> CopyObjectOutput;
-    create_bucket(CreateBucketInput) -> CreateBucketOutput;
-    create_multipart_upload(CreateMultipartUploadInput) -> CreateMultipartUploadOutput;
-    delete_bucket(DeleteBucketInput) -> DeleteBucketOutput;
-    delete_object(DeleteObjectInput) -> DeleteObjectOutput;
-    delete_objects(DeleteObjectsInput) -> DeleteObjectsOutput;
-    get_bucket_location(GetBucketLocationInput) -> GetBucketLocationOutput;
-    head_bucket(HeadBucketInput) -> HeadBucketOutput;
-    head_object(HeadObjectInput) -> HeadObjectOutput;
-    list_buckets(ListBucketsInput) -> ListBucketsOutput;
-    list_objects(ListObjectsInput) -> ListObjectsOutput;
-    list_objects_v2(ListObjectsV2Input) -> ListObjectsV2Output;
-    list_parts(ListPartsInput) -> ListPartsOutput;
-    put_object(PutObjectInput) -> PutObjectOutput;
-    upload_part(UploadPartInput) -> UploadPartOutput;
-    upload_part_copy(UploadPartCopyInput) -> UploadPartCopyOutput;
+/// Replaces the body of `out`, s3s-fs's answer to a GET of the file at
+/// `path`, with the same bytes read in one go; leaves it be when the key
+/// was not a plain one (no `path`) or the body is over [`MAX_WHOLE`].
+pub(super) async fn read_body_whole(
+    path: Option<PathBuf>,
+    out: &mut GetObjectOutput,
+) -> S3Result<()> {
+    let len = out.content_length.and_then(|l| u64::try_from(l).ok());
+    let start = body_start(out.content_range.as_deref());
+    if let (Some(path), Some(len), Some(start)) = (path, len, start)
+        && len <= MAX_WHOLE
+    {
+        // The object changed or vanished between s3s-fs's open and ours:
+        // an error, as a torn stream would have been.
+        let bytes = read_range(path, start, len as usize)
+            .await
+            .map_err(|e| S3Error::with_source(S3ErrorCode::InternalError, Box::new(e)))?;
+        out.body = Some(StreamingBlob::from(s3s::Body::from(bytes)));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -181,15 +132,16 @@ mod tests {
 
     #[test]
     fn only_plain_keys_get_a_path() {
-        let r = RangedReads::new((), PathBuf::from("/srv/s3"));
+        let root = Path::new("/srv/s3");
+        let r = |bucket, key| object_path(root, bucket, key);
         assert_eq!(
-            r.path("vbd", "volumes/a/chunks/0001"),
+            r("vbd", "volumes/a/chunks/0001"),
             Some(PathBuf::from("/srv/s3/vbd/volumes/a/chunks/0001"))
         );
-        assert_eq!(r.path("vbd", "volumes/../../etc/passwd"), None);
-        assert_eq!(r.path("vbd", "/etc/passwd"), None);
-        assert_eq!(r.path("vbd", "./a"), None);
-        assert_eq!(r.path("..", "a"), None);
-        assert_eq!(r.path("vbd", ""), None);
+        assert_eq!(r("vbd", "volumes/../../etc/passwd"), None);
+        assert_eq!(r("vbd", "/etc/passwd"), None);
+        assert_eq!(r("vbd", "./a"), None);
+        assert_eq!(r("..", "a"), None);
+        assert_eq!(r("vbd", ""), None);
     }
 }

@@ -1,10 +1,10 @@
 //! The embedded S3-compatible endpoint: `s3s` over `s3s-fs`, with SigV4
 //! authentication, serving a directory whose subdirectories are buckets.
 //! One node can serve its objects to others, and the tests exercise the
-//! real S3 protocol through it. Create-if-absent PUTs are atomic here
-//! (`atomic_create`), which s3s-fs alone does not make them, and GET bodies
-//! are read in one go (`ranged_reads`), which s3s-fs alone streams 4 KiB at
-//! a time.
+//! real S3 protocol through it. s3s-fs is served through `fs_backend`:
+//! create-if-absent PUTs are atomic there (`atomic_create`), which s3s-fs
+//! alone does not make them, and GET bodies are read in one go
+//! (`ranged_reads`), which s3s-fs alone streams 4 KiB at a time.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,9 +18,8 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use super::atomic_create::AtomicCreate;
 use super::credentials::Credentials;
-use super::ranged_reads::RangedReads;
+use super::fs_backend::FsBackend;
 
 /// Why the endpoint could not run.
 #[derive(Debug, Error)]
@@ -92,7 +91,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Endpoint, ServerError> {
             .source()
             .map_or_else(|| "unknown error".to_owned(), |s| s.to_string()),
     })?;
-    let mut b = S3ServiceBuilder::new(RangedReads::new(AtomicCreate::new(fs), root));
+    let mut b = S3ServiceBuilder::new(FsBackend::new(fs, root));
     b.set_auth(SimpleAuth::from_single(
         cfg.credentials.access_key_id.clone(),
         cfg.credentials.secret_access_key.clone(),
@@ -146,7 +145,7 @@ impl Endpoint {
     }
 }
 
-/// An endpoint on a scratch directory for the wrappers' unit tests, with
+/// An endpoint on a scratch directory for the backend's unit tests, with
 /// real S3 clients of it; stopped and removed when dropped.
 #[cfg(test)]
 pub(super) struct TestEndpoint {

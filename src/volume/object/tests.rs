@@ -1024,3 +1024,71 @@ fn chunks_put_beside_the_uploader_are_never_missing_from_a_checkpoint() {
     rig.note(8, 1, Block::Data(7));
     rig.expect(&v, 0, 16);
 }
+
+#[test]
+fn garbage_collection_fetches_a_fragmented_chunk_in_one_get() {
+    use super::upload::{GRACE, delete_doomed, rewrite};
+    const N: u64 = 48;
+    let mut rig = Rig::new("gc-spans", 1 << 20, N);
+    let opts = ObjectOptions {
+        segment_size: 256 << 10,
+        ..rig.opts("wal")
+    };
+    let v = rig.open("store", opts.clone());
+    // One record per block, all in one segment: a chunk of N entries.
+    for b in 0..N {
+        rig.write(&v, b, 1, 1, false);
+    }
+    assert!(v.sync_to_store(DRAIN));
+    // Every other block written again: the chunk keeps N/2 live one-block
+    // entries, each between two dead blocks.
+    for b in (1..N).step_by(2) {
+        rig.write(&v, b, 1, 2, false);
+    }
+    assert!(v.sync_to_store(DRAIN));
+    v.shutdown();
+    drop(v);
+    // A writer with a cold cache, but for two live blocks read since.
+    let v = rig.open("store", opts);
+    rig.expect(&v, 10, 1);
+    rig.expect(&v, 30, 1);
+    let (victim, info) = {
+        let m = v.inner.map.read_locked();
+        let (&id, &c) = m.chunks.iter().next().expect("the first chunk");
+        (id, c)
+    };
+    assert_eq!(
+        (info.data_blocks, info.live),
+        (N as u32, N / 2),
+        "chunk {victim} is half garbage"
+    );
+    let before = store_reads(&v);
+    runtime()
+        .block_on(rewrite(&v.inner, victim, info))
+        .unwrap_or_else(|e| panic!("rewrite: {}", Chain(&e)));
+    let after = store_reads(&v);
+    // The header, the index, and one span over the 22 uncached live
+    // blocks (0 to 46, the two cached ones among them), not a GET each.
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (3, info.data_start + (N - 1) * B),
+        "GETs and bytes of the rewrite"
+    );
+    assert!(!v.inner.map.read_locked().chunks.contains_key(&victim));
+    rig.expect(&v, 0, N);
+    // Without the victim, the store alone holds every block.
+    let past = std::time::Instant::now()
+        .checked_sub(GRACE)
+        .expect("a past instant");
+    runtime().block_on(delete_doomed(&v.inner, &mut vec![(victim, past)]));
+    let r = rig.store_only_after(v, "store", CacheSize::Bytes(0));
+    rig.expect(&r, 0, N);
+    let live = r
+        .inner
+        .map
+        .read_locked()
+        .chunks
+        .get(&victim)
+        .map(|c| c.live);
+    assert!(matches!(live, None | Some(0)), "chunk {victim}: {live:?}");
+}
