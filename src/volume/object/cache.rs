@@ -1,4 +1,5 @@
-//! Sharded LRU cache of chunk blocks, budgeted in bytes. Chunks are
+//! Sharded cache of chunk blocks, budgeted in bytes, evicting the least
+//! recently used with a second chance for blocks read since. Chunks are
 //! immutable, so a (chunk, block) key never goes stale; each shard has its
 //! own lock so cores rarely meet.
 
@@ -118,6 +119,8 @@ struct Group {
     data: Vec<u8>,
     /// Where in `data` each of the group's blocks is (in blocks), or EMPTY.
     slot: [u8; GROUP_BLOCKS as usize],
+    /// Read since eviction last passed it: spared once (second chance).
+    referenced: bool,
 }
 
 impl Group {
@@ -125,6 +128,7 @@ impl Group {
         Group {
             data: Vec::new(),
             slot: [EMPTY; GROUP_BLOCKS as usize],
+            referenced: false,
         }
     }
 
@@ -290,8 +294,12 @@ impl BlockCache {
         {
             let mut s = self.shard(&k).locked();
             let (mut hits, mut misses) = (0, 0);
-            match s.lru.get(&k) {
+            // A hit marks the group instead of moving it to the back of
+            // the LRU list: relinking touches the neighbours' memory on
+            // every read, marking only the group's own.
+            match s.lru.peek_mut(&k) {
                 Some(g) => {
+                    g.referenced = true;
                     for j in 0..count {
                         if let Some(src) = g.block(first + j) {
                             hit(i + j, src);
@@ -375,9 +383,17 @@ impl BlockCache {
             };
             s.bytes += added * BLOCK as u64;
             while s.bytes > self.shard_budget && s.lru.len() > 1 {
-                let Some((_, old)) = s.lru.remove_lru() else {
+                let Some((old_key, mut old)) = s.lru.remove_lru() else {
                     break;
                 };
+                // Read since it last came up, or the group just filled:
+                // back of the list, unmarked. A group is spared at most
+                // once before every other has come up, so this ends.
+                if old.referenced || old_key == k {
+                    old.referenced = false;
+                    s.lru.insert(old_key, old);
+                    continue;
+                }
                 s.bytes -= old.blocks() * BLOCK as u64;
                 s.evictions += old.blocks();
             }

@@ -218,6 +218,39 @@ impl<V: Piece> ExtentMap<V> {
         if start >= end {
             return;
         }
+        // A small read overlaps a few pieces: walking back from `end` finds
+        // them with one descent of the tree, where looking for the piece
+        // before `start` and then the pieces after it takes two (on every
+        // read, in a map that random writes cut into many pieces).
+        const FEW: usize = 4;
+        let mut few: [Option<(u64, &Entry<V>)>; FEW] = [None; FEW];
+        let mut n = 0;
+        for (&s, e) in self.map.range(..end).rev() {
+            if e.end <= start {
+                break;
+            }
+            if n == FEW {
+                return self.for_each_in_many(start, end, f);
+            }
+            few[n] = Some((s, e));
+            n += 1;
+        }
+        for &(s, e) in few[..n].iter().rev().flatten() {
+            f(Span {
+                start: s.max(start),
+                end: e.end.min(end),
+                seq: e.seq,
+                value: if s < start {
+                    e.value.advance(start - s)
+                } else {
+                    e.value.clone()
+                },
+            });
+        }
+    }
+
+    /// [`ExtentMap::for_each_in`] for a range over many pieces.
+    fn for_each_in_many(&self, start: u64, end: u64, mut f: impl FnMut(Span<V>)) {
         if let Some((&s, e)) = self.map.range(..start).next_back()
             && e.end > start
         {
@@ -249,11 +282,9 @@ impl<V: Piece> ExtentMap<V> {
         })
     }
 
-    /// The first block at or after `block` that has a value.
-    pub(super) fn next_start(&self, block: u64) -> Option<u64> {
-        if self.get(block).is_some() {
-            return Some(block);
-        }
+    /// Where the first piece starting at or after `block` starts (for a
+    /// caller that knows `block` itself has no value).
+    pub(super) fn next_piece_from(&self, block: u64) -> Option<u64> {
         self.map.range(block..).next().map(|(&k, _)| k)
     }
 
@@ -312,8 +343,47 @@ mod tests {
         assert_eq!(got, [(3, 5, 1003), (5, 25, 7000), (25, 27, 1025)]);
         m.remove(0, 50, |_| {});
         assert_eq!(spans(&m), [(50, 100, 1, 1050)]);
-        assert_eq!(m.next_start(0), Some(50));
-        assert_eq!(m.next_start(60), Some(60));
+        assert_eq!(m.next_piece_from(0), Some(50));
+        assert_eq!(m.next_piece_from(50), Some(50));
+        assert_eq!(m.next_piece_from(60), None);
+    }
+
+    #[test]
+    fn for_each_in_clips_few_and_many_pieces_alike() {
+        // Pieces of 3 blocks every 5 blocks: [0,3) [5,8) [10,13) ...
+        let mut m = ExtentMap::default();
+        for i in 0..40u64 {
+            m.insert(i * 5, i * 5 + 3, i, At(1000 * i), |_| {});
+        }
+        // What every query must see: the pieces, clipped, block by block.
+        let oracle = |start: u64, end: u64| {
+            let mut want: Vec<(u64, u64, u64)> = Vec::new();
+            for b in start..end {
+                if let Some(sp) = m.get(b) {
+                    match want.last_mut() {
+                        Some(l) if l.1 == b && sp.start == b && m.get(b - 1).is_some() => {
+                            l.1 = b + 1
+                        }
+                        _ => want.push((b, b + 1, sp.value.0)),
+                    }
+                }
+            }
+            want
+        };
+        for (start, end) in [
+            (0, 1),
+            (1, 2),
+            (3, 5),
+            (2, 11),
+            (6, 27),
+            (1, 200),
+            (0, 400),
+            (7, 8),
+        ] {
+            let mut got = Vec::new();
+            m.for_each_in(start, end, |s| got.push((s.start, s.end, s.value.0)));
+            assert_eq!(got, oracle(start, end), "[{start}, {end})");
+        }
     }
 
     #[test]

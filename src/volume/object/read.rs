@@ -63,7 +63,7 @@ pub(super) fn resolve(
             continue;
         }
         let limit = d
-            .and_then(|d| d.map.next_start(b))
+            .and_then(|d| d.map.next_piece_from(b))
             .map_or(end, |n| n.min(end));
         let mut cur = b;
         m.map.for_each_in(b, limit, |sp| {

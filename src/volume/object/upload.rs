@@ -485,7 +485,13 @@ pub(super) async fn rewrite(
             .cache
             .read_run(victim, e.data_block, &mut data[at..], |_| whole = false);
         if whole {
-            cached.push(((at / BLOCK) as u32, e.blocks));
+            let block = (at / BLOCK) as u32;
+            // Runs that follow each other go back in as one: a cache group
+            // filled a run at a time is reallocated for every run.
+            match cached.last_mut() {
+                Some((b, n)) if *b + *n == block => *n += e.blocks,
+                _ => cached.push((block, e.blocks)),
+            }
         } else {
             missing.push(Missing {
                 from: e.data_block,
