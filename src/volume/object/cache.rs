@@ -143,6 +143,35 @@ impl Group {
         (self.data.len() / BLOCK) as u64
     }
 
+    /// Drops blocks `first..first + n` it holds: the group's last block
+    /// moves into each freed place, so `data` holds no dead bytes (and
+    /// gives back memory once half of it is spare). Returns how many
+    /// blocks it dropped.
+    fn remove(&mut self, first: u32, n: u32) -> u64 {
+        let mut removed = 0;
+        for b in first..first + n {
+            let at = self.slot[b as usize];
+            if at == EMPTY {
+                continue;
+            }
+            let last = (self.blocks() - 1) as u8;
+            if at != last {
+                let (from, to) = (last as usize * BLOCK, at as usize * BLOCK);
+                self.data.copy_within(from..from + BLOCK, to);
+                if let Some(s) = self.slot.iter_mut().find(|s| **s == last) {
+                    *s = at;
+                }
+            }
+            self.data.truncate(last as usize * BLOCK);
+            self.slot[b as usize] = EMPTY;
+            removed += 1;
+        }
+        if self.data.len() <= self.data.capacity() / 2 {
+            self.data.shrink_to_fit();
+        }
+        removed
+    }
+
     /// Stores blocks `first..first + n` from `src` (n blocks), keeping any
     /// already held (chunks never change, so they are the same bytes).
     /// Returns how many blocks were added.
@@ -400,6 +429,33 @@ impl BlockCache {
         }
     }
 
+    /// Drops the `n` blocks of `chunk` from `block` on (blocks nothing
+    /// will read again), so they do not take the place of blocks that
+    /// will be.
+    pub fn remove_run(&self, chunk: u64, block: u32, n: u32) {
+        if !self.enabled() {
+            return;
+        }
+        for Piece {
+            key: k,
+            first,
+            count,
+            ..
+        } in pieces(chunk, block, n)
+        {
+            let mut s = self.shard(&k).locked();
+            let Some(g) = s.lru.peek_mut(&k) else {
+                continue;
+            };
+            let removed = g.remove(first, count);
+            let empty = g.blocks() == 0;
+            s.bytes -= removed * BLOCK as u64;
+            if empty {
+                s.lru.remove(&k);
+            }
+        }
+    }
+
     /// Current counters.
     pub fn stats(&self) -> CacheStats {
         let mut t = CacheStats {
@@ -522,6 +578,38 @@ mod tests {
         let mut probed = Vec::new();
         c.probe_run(3, 6, 6, |i| probed.push(i));
         assert_eq!(probed, [0, 1, 5], "blocks 6, 7 and 11 are absent");
+    }
+
+    #[test]
+    fn removed_blocks_free_their_place_and_the_rest_stay_readable() {
+        let c = BlockCache::with_shards(64 * GROUP_BYTES, 1);
+        let data: Vec<u8> = (0..GROUP_BLOCKS).flat_map(|b| [b as u8; BLOCK]).collect();
+        c.insert_run(5, 0, &data);
+        // Blocks 3..6 and 15 go; the others stay.
+        c.remove_run(5, 3, 3);
+        c.remove_run(5, 15, 1);
+        c.remove_run(5, 15, 1); // gone already: nothing happens
+        c.remove_run(6, 0, 16); // another chunk: nothing happens
+        assert_eq!(c.stats().bytes, 12 * BLOCK as u64);
+        let mut out = vec![0xeeu8; GROUP_BLOCKS as usize * BLOCK];
+        let mut missing = Vec::new();
+        c.read_run(5, 0, &mut out, |i| missing.push(i));
+        assert_eq!(missing, [3, 4, 5, 15]);
+        for b in (0..GROUP_BLOCKS).filter(|b| !missing.contains(b)) {
+            let at = b as usize * BLOCK;
+            assert!(
+                out[at..at + BLOCK].iter().all(|&x| x == b as u8),
+                "block {b}"
+            );
+        }
+        // A block put back after its removal lands where it belongs.
+        c.insert_run(5, 4, &[44u8; BLOCK]);
+        c.read_run(5, 4, &mut out[..BLOCK], |_| panic!("block 4 is back"));
+        assert_eq!(out[0], 44);
+        // Removing every block removes the group.
+        c.remove_run(5, 0, GROUP_BLOCKS);
+        assert_eq!(c.stats().bytes, 0);
+        assert_eq!(c.shards[0].lock().unwrap().lru.len(), 0);
     }
 
     #[test]

@@ -80,7 +80,10 @@ async fn publish(
             live: 0,
         },
     );
-    m.apply_chunk(id, entries);
+    let mut superseded = Vec::new();
+    m.apply_chunk(id, entries, &mut superseded);
+    drop(m);
+    inner.drop_superseded(&superseded);
     Ok(id)
 }
 

@@ -137,6 +137,13 @@ impl Inner {
         self.dirty.read_locked().segments.is_empty()
     }
 
+    /// Drops blocks the map no longer points at from the cache.
+    fn drop_superseded(&self, superseded: &[state::Superseded]) {
+        for s in superseded {
+            self.cache.remove_run(s.chunk, s.block, s.blocks);
+        }
+    }
+
     /// Lets writes that waited for the backlog try again.
     fn release_backlog_waiters(&self) {
         let waiters = std::mem::take(&mut *self.backlog_waiters.locked());

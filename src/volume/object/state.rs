@@ -196,16 +196,29 @@ impl Mapped {
         }
     }
 
-    /// Merges one range into the map, keeping per-chunk live counts.
-    pub(super) fn merge(&mut self, lba: u64, blocks: u64, seq: u64, m: Mapping) {
+    /// Merges one range into the map, keeping per-chunk live counts; adds
+    /// the chunk blocks it supersedes to `superseded`.
+    fn merge(
+        &mut self,
+        lba: u64,
+        blocks: u64,
+        seq: u64,
+        m: Mapping,
+        superseded: &mut Vec<Superseded>,
+    ) {
         let chunks = &mut self.chunks;
         let landed = self
             .map
             .merge(lba, lba + blocks, seq, m, newer, |lost: &Span<Mapping>| {
-                if let Mapping::Chunk { id, .. } = lost.value
-                    && let Some(c) = chunks.get_mut(&id)
-                {
-                    c.live = c.live.saturating_sub(lost.end - lost.start);
+                if let Mapping::Chunk { id, block } = lost.value {
+                    superseded.push(Superseded {
+                        chunk: id,
+                        block,
+                        blocks: (lost.end - lost.start) as u32,
+                    });
+                    if let Some(c) = chunks.get_mut(&id) {
+                        c.live = c.live.saturating_sub(lost.end - lost.start);
+                    }
                 }
             });
         if let Mapping::Chunk { id, .. } = m
@@ -216,10 +229,35 @@ impl Mapped {
         self.max_seq = self.max_seq.max(seq);
     }
 
-    /// Applies a chunk's index (its info must be registered first).
-    pub(super) fn apply_chunk(&mut self, id: u64, entries: &[IndexEntry]) {
+    /// Applies a chunk's index (its info must be registered first); adds
+    /// the chunk blocks it supersedes to `superseded`, for the cache to
+    /// drop (see [`Superseded`]).
+    pub(super) fn apply_chunk(
+        &mut self,
+        id: u64,
+        entries: &[IndexEntry],
+        superseded: &mut Vec<Superseded>,
+    ) {
         for e in entries {
-            self.merge(e.lba, u64::from(e.blocks), e.seq, Mapping::of(id, e));
+            self.merge(
+                e.lba,
+                u64::from(e.blocks),
+                e.seq,
+                Mapping::of(id, e),
+                superseded,
+            );
         }
     }
+}
+
+/// Blocks of a chunk the map no longer points at. Nothing reads them
+/// again (a read that resolved to them before fetches them from the
+/// chunk, which stays in the store for a grace period), so the cache drops
+/// them: under overwrites, old versions would otherwise fill the cache and
+/// evict the blocks that are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Superseded {
+    pub(super) chunk: u64,
+    pub(super) block: u32,
+    pub(super) blocks: u32,
 }

@@ -394,6 +394,30 @@ fn reads_come_from_the_wal_the_cache_and_the_store() {
 }
 
 #[test]
+fn overwritten_blocks_leave_the_cache() {
+    let mut rig = Rig::new("supersede", 4 << 20, 40);
+    let v = rig.open("store", rig.opts("wal"));
+    // Twenty versions of blocks 0..8, each in its own chunk (64 KiB
+    // segments), and one version of 8..16 that stays.
+    rig.write(&v, 8, 8, 99, false);
+    for tag in 0..20 {
+        rig.write(&v, 0, 8, tag, false);
+    }
+    assert!(v.sync_to_store(DRAIN), "uploads finished");
+    assert!(v.counters().chunks_uploaded >= 20);
+    // Only the versions the map points at are cached: sixteen blocks, not
+    // the 168 the uploads put there (the cache has room for all of them).
+    assert_eq!(v.cache_stats().bytes, 16 * BLOCK as u64);
+    let fetched = fetches(&v);
+    rig.expect(&v, 0, 40);
+    assert_eq!(
+        fetches(&v),
+        fetched,
+        "every block read comes from the cache"
+    );
+}
+
+#[test]
 fn partial_overwrites_split_extents_across_chunks() {
     let mut rig = Rig::new("split", 1 << 20, 40);
     let opts = ObjectOptions {

@@ -312,9 +312,14 @@ fn publish(
                 live: 0,
             },
         );
+        let mut superseded = Vec::new();
         for batch in entries.chunks(PUBLISH_BATCH) {
-            inner.map.write_locked().apply_chunk(id, batch);
+            inner
+                .map
+                .write_locked()
+                .apply_chunk(id, batch, &mut superseded);
         }
+        inner.drop_superseded(&superseded);
     }
     let mut gone = Vec::new();
     for batch in entries.chunks(PUBLISH_BATCH) {
