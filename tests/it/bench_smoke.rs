@@ -147,3 +147,52 @@ fn bench_peers_smoke_measures_idle_connections() {
         assert!(m["per_conn_kib"].is_number(), "{target}: {m}");
     }
 }
+
+/// `tools/object-cpu` (where an object volume's time goes) runs end to end
+/// and reports every field for each run.
+#[test]
+fn object_cpu_reports_iops_threads_and_cache() {
+    require("fio", "fio");
+    require("curl", "curl");
+    let dir = TempDir::new("object-cpu");
+    let out = run(
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/object-cpu"))
+            .args(["--vbd", env!("CARGO_BIN_EXE_vbd")])
+            .args(["--runtime", "1", "--jobs", "1 2"])
+            .env("BENCH_DIR", dir.path()),
+    );
+    let text = &out.stdout;
+    for jobs in ["1x32:", "2x32:"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(jobs))
+            .unwrap_or_else(|| panic!("no {jobs} line in:\n{text}"));
+        let fields: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(fields.len(), 6, "{line}");
+        let iops: f64 = fields[0]
+            .trim_start_matches(jobs)
+            .trim()
+            .trim_end_matches("IOPS")
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(iops > 0.0, "{line}");
+        assert!(
+            fields[3].contains("vbd-core-"),
+            "the reactors worked: {line}"
+        );
+        // The warm-up wrote and read 512 MiB (two jobs' regions) through a
+        // 2 GiB cache, and overwrites replace blocks rather than add them.
+        let cached: u64 = fields[5]
+            .trim_start_matches("cached")
+            .trim_end_matches("MiB")
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!((400..=600).contains(&cached), "{line}");
+    }
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "the tool removes its scratch directory"
+    );
+}
