@@ -4,13 +4,17 @@
 //! blocks a clone still reads from its parents, after which it stands
 //! alone and they may be deleted.
 
+use std::collections::BTreeMap;
+
 use tracing::info;
 
 use super::format::BLOCK;
+use super::format::{IndexEntry, Kind};
 use super::generation;
-use super::ingest::{Packer, put_chunk};
+use super::ingest::put_chunk;
 use super::layout::{self, Descriptor, Keys};
 use super::lineage::{self, Layer, Lineage, MAX_DEPTH, layer_of, shifted};
+use super::span_fetch::{Missing, fetch_missing};
 use super::state::{ChunkInfo, Mapped, Mapping};
 use super::{ObjectError, ObjectVolume, fence, snapshot};
 use crate::lock::{MutexExt, RwLockExt};
@@ -120,6 +124,50 @@ pub(super) async fn apply_parent(
     Ok(l.layers)
 }
 
+/// The blocks one chunk of a flatten copies: their index entries, room
+/// for their data, and per parent chunk the runs to fetch into it, so
+/// that runs of one chunk close together share a GET (a clone whose
+/// writes cut its parent's extents into pieces made a GET per piece).
+#[derive(Default)]
+struct Batch {
+    entries: Vec<IndexEntry>,
+    data: Vec<u8>,
+    /// Per parent chunk: where its data starts, and the runs to fetch.
+    runs: BTreeMap<u64, (u64, Vec<Missing>)>,
+}
+
+impl Batch {
+    /// Adds `blocks` blocks from `lba` (sequence `seq`), which read
+    /// chunk `chunk`'s data (from byte `data_start`) from block `from`.
+    fn add(&mut self, lba: u64, blocks: u32, seq: u64, chunk: u64, data_start: u64, from: u32) {
+        let to = self.data.len();
+        self.data.resize(to + blocks as usize * BLOCK, 0);
+        self.entries.push(IndexEntry {
+            lba,
+            seq,
+            blocks,
+            data_block: (to / BLOCK) as u32,
+            kind: Kind::Data,
+        });
+        self.runs
+            .entry(chunk)
+            .or_insert_with(|| (data_start, Vec::new()))
+            .1
+            .push(Missing { from, blocks, to });
+    }
+
+    /// Fetches the batch's data and puts it as one chunk; empties it.
+    async fn put(&mut self, inner: &super::Inner) -> Result<(), ObjectError> {
+        for (chunk, (data_start, missing)) in &mut self.runs {
+            let key = inner.chunk_key(*chunk);
+            fetch_missing(inner, &key, *data_start, missing, &mut self.data).await?;
+        }
+        put_chunk(inner, &self.entries, &self.data).await?;
+        *self = Batch::default();
+        Ok(())
+    }
+}
+
 impl ObjectVolume {
     /// Copies into this clone every block it still reads from a parent
     /// (keeping each block's sequence number, so a write that lands
@@ -154,7 +202,7 @@ impl ObjectVolume {
                 .collect()
         };
         let mut copied = 0u64;
-        let mut pack = Packer::default();
+        let mut batch = Batch::default();
         for (start, end, seq, id, block) in spans {
             let info = inner.map.read_locked().chunk_info(id);
             let Some(info) = info else {
@@ -166,33 +214,27 @@ impl ObjectVolume {
                     },
                 });
             };
-            let key = inner.chunk_key(id);
             let mut lba = start;
             while lba < end {
-                let room = (FLATTEN_CHUNK - pack.len()) / BLOCK;
+                let room = (FLATTEN_CHUNK - batch.data.len()) / BLOCK;
                 let n = (end - lba).min(room as u64);
-                let from = info.data_start + (u64::from(block) + (lba - start)) * BLOCK as u64;
-                let want = n as usize * BLOCK;
-                let bytes = runtime().block_on(store.get_range(&key, from..from + want as u64))?;
-                if bytes.len() != want {
-                    return Err(ObjectError::ShortRead {
-                        key,
-                        got: bytes.len(),
-                        want,
-                    });
-                }
-                pack.data(lba, seq, &bytes);
-                copied += want as u64;
+                batch.add(
+                    lba,
+                    n as u32,
+                    seq,
+                    id,
+                    info.data_start,
+                    block + (lba - start) as u32,
+                );
+                copied += n * BLOCK as u64;
                 lba += n;
-                if pack.len() >= FLATTEN_CHUNK {
-                    let (entries, data) = pack.take();
-                    runtime().block_on(put_chunk(inner, &entries, &data))?;
+                if batch.data.len() >= FLATTEN_CHUNK {
+                    runtime().block_on(batch.put(inner))?;
                 }
             }
         }
-        if pack.len() > 0 {
-            let (entries, data) = pack.take();
-            runtime().block_on(put_chunk(inner, &entries, &data))?;
+        if !batch.data.is_empty() {
+            runtime().block_on(batch.put(inner))?;
         }
         let left = {
             let m = inner.map.read_locked();

@@ -51,6 +51,7 @@ pub mod refs;
 mod resize;
 mod segment;
 pub mod snapshot;
+mod span_fetch;
 mod state;
 mod stats;
 #[cfg(test)]
