@@ -68,6 +68,24 @@ pub struct Features {
 }
 
 impl Features {
+    /// Every optional request a non-rotating export can take, for the
+    /// protocol core's own tests and fuzz catalogue (the server derives
+    /// its features from each volume's capabilities).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn all(read_only: bool) -> Self {
+        Features {
+            read_only,
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+            rotational: false,
+        }
+    }
+
     /// The transmission flags that advertise these features.
     pub fn flags(&self) -> u16 {
         let mut f = FLAG_HAS_FLAGS;

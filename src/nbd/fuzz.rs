@@ -15,17 +15,7 @@ use super::wire::*;
 struct Catalogue;
 
 fn info(id: usize, name: &str, read_only: bool) -> ExportInfo {
-    let features = Features {
-        read_only,
-        flush: true,
-        fua: true,
-        trim: true,
-        write_zeroes: true,
-        fast_zero: true,
-        cache: true,
-        multi_conn: true,
-        rotational: false,
-    };
+    let features = Features::all(read_only);
     ExportInfo {
         id,
         name: name.into(),

@@ -363,17 +363,7 @@ mod tests {
     use crate::nbd::session::BASE_ALLOCATION_ID;
 
     fn session(mode: ReplyMode, read_only: bool) -> Session {
-        let f = Features {
-            read_only,
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            cache: true,
-            multi_conn: true,
-            rotational: false,
-        };
+        let f = Features::all(read_only);
         let mut flags = f.flags();
         if mode != ReplyMode::Simple {
             flags |= FLAG_SEND_DF;
