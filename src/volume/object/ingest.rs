@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 
-use super::format::{self, BLOCK, CHUNK_HEADER, IndexEntry};
+use super::format::{self, BLOCK, IndexEntry};
 use super::state::ChunkInfo;
 use super::{Inner, ObjectError, fence};
 use crate::lock::RwLockExt;
@@ -69,14 +69,14 @@ async fn publish(
     data: &[u8],
 ) -> Result<u64, ObjectError> {
     fence::verified(inner).await?;
-    let data_start =
-        (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY + data.len() / BLOCK * 4) as u64;
+    let data_blocks = (data.len() / BLOCK) as u32;
+    let data_start = format::chunk_data_start(entries.len(), data_blocks) as u64;
     let mut m = inner.map.write_locked();
     m.chunks.insert(
         id,
         ChunkInfo {
             data_start,
-            data_blocks: (data.len() / BLOCK) as u32,
+            data_blocks,
             live: 0,
         },
     );

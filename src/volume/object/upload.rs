@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::extent_map::ExtentMap;
 use super::fence;
-use super::format::{self, BLOCK, CHUNK_HEADER, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER};
+use super::format::{self, BLOCK, ChunkRecord, IndexEntry, Kind, SEGMENT_HEADER};
 use super::generation::base_id;
 use super::layout::id_of;
 use super::recovery::read_chunk_index;
@@ -205,8 +205,7 @@ async fn upload_segment(inner: &Arc<Inner>, seg: &Arc<Segment>, scratch: &mut Ve
     let stored_seq = inner.map.read_locked().max_seq;
     let mut body = std::mem::take(scratch);
     let (entries, data_blocks) = pack(seg, stored_seq, &mut body);
-    let data_start =
-        (CHUNK_HEADER + entries.len() * format::INDEX_ENTRY) as u64 + u64::from(data_blocks) * 4;
+    let data_start = format::chunk_data_start(entries.len(), data_blocks) as u64;
     // From the chunk's id until it is wholly in the map (see `publishing`).
     let publishing = inner.publishing.lock().await;
     let chunk_id = if entries.is_empty() {
@@ -438,7 +437,7 @@ pub(super) async fn collect_garbage(inner: &Arc<Inner>) -> Option<Vec<(u64, Inst
 
 /// Copies a chunk's live entries (data and zeroes alike, with their
 /// original sequence numbers) into a new chunk that supersedes it. Live
-/// data the cache lacks comes in a few ranged GETs ([`plan_spans`]), not
+/// data the cache lacks comes in a few ranged GETs (`span_fetch`), not
 /// one per live run. `pub(super)` for the tests, which rewrite a chosen
 /// chunk while background collection is off.
 pub(super) async fn rewrite(

@@ -42,6 +42,13 @@ pub struct ChunkHeader {
     pub index_crc: u32,
 }
 
+/// Where the data of a chunk with `entries` index entries and
+/// `data_blocks` data blocks starts: after the header, the entries and one
+/// CRC per data block.
+pub fn chunk_data_start(entries: usize, data_blocks: u32) -> usize {
+    CHUNK_HEADER + entries * INDEX_ENTRY + data_blocks as usize * 4
+}
+
 impl ChunkHeader {
     /// Bytes of index (entries and block CRCs) after the header.
     pub fn index_len(&self) -> usize {
@@ -61,7 +68,8 @@ impl ChunkHeader {
 
     /// Where data block `n` starts in the object.
     pub fn data_offset(&self, n: u32) -> u64 {
-        (CHUNK_HEADER + self.index_len()) as u64 + u64::from(n) * BLOCK as u64
+        chunk_data_start(self.entries as usize, self.data_blocks) as u64
+            + u64::from(n) * BLOCK as u64
     }
 }
 
@@ -88,7 +96,7 @@ pub fn encode_chunk_with(
     fill: impl FnOnce(&mut [u8]),
 ) {
     let crcs_at = CHUNK_HEADER + entries.len() * INDEX_ENTRY;
-    let data_at = crcs_at + data_blocks as usize * 4;
+    let data_at = chunk_data_start(entries.len(), data_blocks);
     let total = data_at + data_blocks as usize * BLOCK;
     out.truncate(total);
     out.resize(total, 0);

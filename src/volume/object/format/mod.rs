@@ -44,8 +44,8 @@ pub use checkpoint::{
     CheckpointEntry, ChunkRecord, decode_checkpoint, encode_checkpoint,
 };
 pub use chunk::{
-    CHUNK_HEADER, CHUNK_MAGIC, ChunkHeader, INDEX_ENTRY, IndexEntry, decode_chunk_header,
-    decode_chunk_index, encode_chunk, encode_chunk_with, set_chunk_id,
+    CHUNK_HEADER, CHUNK_MAGIC, ChunkHeader, INDEX_ENTRY, IndexEntry, chunk_data_start,
+    decode_chunk_header, decode_chunk_index, encode_chunk, encode_chunk_with, set_chunk_id,
 };
 #[cfg(feature = "fuzzing")]
 pub(super) use chunk::{INDEX_CRC_AT, seal_chunk_header};
