@@ -274,6 +274,14 @@ impl BlockCache {
         &self.shards[i]
     }
 
+    /// Calls `f` with each part of the `n` blocks of `chunk` from `block`
+    /// that falls in one group, and that group's shard, locked.
+    fn each_group(&self, chunk: u64, block: u32, n: u32, mut f: impl FnMut(&mut Shard, Piece)) {
+        for p in pieces(chunk, block, n) {
+            f(&mut self.shard(&p.key).locked(), p);
+        }
+    }
+
     /// Copies a cached block into `out` (which must be one block long).
     pub fn get_into(&self, k: &BlockKey, out: &mut [u8]) -> bool {
         let mut hit = true;
@@ -314,39 +322,43 @@ impl BlockCache {
             (0..n).for_each(missing);
             return;
         }
-        for Piece {
-            key: k,
-            first,
-            i,
-            count,
-        } in pieces(chunk, block, n)
-        {
-            let mut s = self.shard(&k).locked();
-            let (mut hits, mut misses) = (0, 0);
-            // A hit marks the group instead of moving it to the back of
-            // the LRU list: relinking touches the neighbours' memory on
-            // every read, marking only the group's own.
-            match s.lru.peek_mut(&k) {
-                Some(g) => {
-                    g.referenced = true;
-                    for j in 0..count {
-                        if let Some(src) = g.block(first + j) {
-                            hit(i + j, src);
-                            hits += 1;
-                        } else {
-                            missing(i + j);
-                            misses += 1;
+        self.each_group(
+            chunk,
+            block,
+            n,
+            |s,
+             Piece {
+                 key: k,
+                 first,
+                 i,
+                 count,
+             }| {
+                let (mut hits, mut misses) = (0, 0);
+                // A hit marks the group instead of moving it to the back of
+                // the LRU list: relinking touches the neighbours' memory on
+                // every read, marking only the group's own.
+                match s.lru.peek_mut(&k) {
+                    Some(g) => {
+                        g.referenced = true;
+                        for j in 0..count {
+                            if let Some(src) = g.block(first + j) {
+                                hit(i + j, src);
+                                hits += 1;
+                            } else {
+                                missing(i + j);
+                                misses += 1;
+                            }
                         }
                     }
+                    None => {
+                        (i..i + count).for_each(&mut missing);
+                        misses = u64::from(count);
+                    }
                 }
-                None => {
-                    (i..i + count).for_each(&mut missing);
-                    misses = u64::from(count);
-                }
-            }
-            s.hits += hits;
-            s.misses += misses;
-        }
+                s.hits += hits;
+                s.misses += misses;
+            },
+        );
     }
 
     /// Inserts one block.
@@ -367,21 +379,25 @@ impl BlockCache {
             (0..n).for_each(missing);
             return;
         }
-        for Piece {
-            key: k,
-            first,
-            i,
-            count,
-        } in pieces(chunk, block, n)
-        {
-            let s = self.shard(&k).locked();
-            match s.lru.peek(&k) {
-                Some(g) => (0..count)
-                    .filter(|&j| g.block(first + j).is_none())
-                    .for_each(|j| missing(i + j)),
-                None => (i..i + count).for_each(&mut missing),
-            }
-        }
+        self.each_group(
+            chunk,
+            block,
+            n,
+            |s,
+             Piece {
+                 key: k,
+                 first,
+                 i,
+                 count,
+             }| {
+                match s.lru.peek(&k) {
+                    Some(g) => (0..count)
+                        .filter(|&j| g.block(first + j).is_none())
+                        .for_each(|j| missing(i + j)),
+                    None => (i..i + count).for_each(&mut missing),
+                }
+            },
+        );
     }
 
     /// Inserts consecutive blocks of `chunk` from `block` on, evicting
@@ -391,42 +407,46 @@ impl BlockCache {
             return;
         }
         let n = (data.len() / BLOCK) as u32;
-        for Piece {
-            key: k,
-            first,
-            i,
-            count,
-        } in pieces(chunk, block, n)
-        {
-            let src = &data[i as usize * BLOCK..(i + count) as usize * BLOCK];
-            let mut s = self.shard(&k).locked();
-            // Most recently used now, so the evictions below spare it.
-            let added = match s.lru.get_mut(&k) {
-                Some(g) => g.fill(first, src),
-                None => {
-                    let mut g = Group::new();
-                    let added = g.fill(first, src);
-                    s.lru.insert(k, g);
-                    added
-                }
-            };
-            s.bytes += added * BLOCK as u64;
-            while s.bytes > self.shard_budget && s.lru.len() > 1 {
-                let Some((old_key, mut old)) = s.lru.remove_lru() else {
-                    break;
+        self.each_group(
+            chunk,
+            block,
+            n,
+            |s,
+             Piece {
+                 key: k,
+                 first,
+                 i,
+                 count,
+             }| {
+                let src = &data[i as usize * BLOCK..(i + count) as usize * BLOCK];
+                // Most recently used now, so the evictions below spare it.
+                let added = match s.lru.get_mut(&k) {
+                    Some(g) => g.fill(first, src),
+                    None => {
+                        let mut g = Group::new();
+                        let added = g.fill(first, src);
+                        s.lru.insert(k, g);
+                        added
+                    }
                 };
-                // Read since it last came up, or the group just filled:
-                // back of the list, unmarked. A group is spared at most
-                // once before every other has come up, so this ends.
-                if old.referenced || old_key == k {
-                    old.referenced = false;
-                    s.lru.insert(old_key, old);
-                    continue;
+                s.bytes += added * BLOCK as u64;
+                while s.bytes > self.shard_budget && s.lru.len() > 1 {
+                    let Some((old_key, mut old)) = s.lru.remove_lru() else {
+                        break;
+                    };
+                    // Read since it last came up, or the group just filled:
+                    // back of the list, unmarked. A group is spared at most
+                    // once before every other has come up, so this ends.
+                    if old.referenced || old_key == k {
+                        old.referenced = false;
+                        s.lru.insert(old_key, old);
+                        continue;
+                    }
+                    s.bytes -= old.blocks() * BLOCK as u64;
+                    s.evictions += old.blocks();
                 }
-                s.bytes -= old.blocks() * BLOCK as u64;
-                s.evictions += old.blocks();
-            }
-        }
+            },
+        );
     }
 
     /// Drops the `n` blocks of `chunk` from `block` on (blocks nothing
@@ -436,24 +456,28 @@ impl BlockCache {
         if !self.enabled() {
             return;
         }
-        for Piece {
-            key: k,
-            first,
-            count,
-            ..
-        } in pieces(chunk, block, n)
-        {
-            let mut s = self.shard(&k).locked();
-            let Some(g) = s.lru.peek_mut(&k) else {
-                continue;
-            };
-            let removed = g.remove(first, count);
-            let empty = g.blocks() == 0;
-            s.bytes -= removed * BLOCK as u64;
-            if empty {
-                s.lru.remove(&k);
-            }
-        }
+        self.each_group(
+            chunk,
+            block,
+            n,
+            |s,
+             Piece {
+                 key: k,
+                 first,
+                 count,
+                 ..
+             }| {
+                let Some(g) = s.lru.peek_mut(&k) else {
+                    return;
+                };
+                let removed = g.remove(first, count);
+                let empty = g.blocks() == 0;
+                s.bytes -= removed * BLOCK as u64;
+                if empty {
+                    s.lru.remove(&k);
+                }
+            },
+        );
     }
 
     /// Current counters.
